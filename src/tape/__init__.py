@@ -1,0 +1,48 @@
+"""TAPE: place, score, evolve and show expert placements for Mixture-of-Experts serving.
+
+Glossary:
+    layer (L)        an MoE layer; every array is batched over layers.
+    logical expert   one of the E experts of a layer (ids 0..E-1), in `num_groups` equal groups
+                     of consecutive ids.
+    slot / physical expert
+                     one of the S = `num_replicas` places that hold an expert's weights;
+                     slot s lives on GPU s // k, with k = S / G slots per GPU.
+    replica          a slot holding a given logical expert; the first in `log2phy` is the primary.
+    GPU (G), node (N)
+                     GPU g lives on node g // (G / N).
+    phy2log[L, S]    the logical expert of each slot.
+    log2phy[L, E, X] the slots of each logical expert, padded with -1 (X = max replica count).
+    logcnt[L, E]     replicas of each logical expert (>= 1).
+    weight / load[L, E]
+                     tokens routed to each logical expert in a window of forward steps.
+    window           `interval` consecutive forward steps of a trace, summed.
+    policy           a function from a window's load (and optionally the previous placement and
+                     earlier windows) to a placement.
+"""
+
+from __future__ import annotations
+
+from tape.errors import (
+    ConfigError,
+    LayoutError,
+    PlacementError,
+    ProgramError,
+    TapeError,
+    TraceError,
+)
+from tape.layout import Layout
+from tape.placement import Placement
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Layout",
+    "LayoutError",
+    "Placement",
+    "PlacementError",
+    "ProgramError",
+    "TapeError",
+    "TraceError",
+    "__version__",
+]

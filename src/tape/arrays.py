@@ -1,0 +1,35 @@
+"""Conversion between numpy arrays and torch tensors, without importing torch.
+
+vLLM and SGLang hand torch tensors in; TAPE computes in numpy and hands back the kind it got.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+__all__ = ["is_torch_tensor", "to_numpy", "like_input"]
+
+
+def is_torch_tensor(value: Any) -> bool:
+    """True when `value` is a torch tensor (checked without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy view or copy of an array-like, a torch tensor on any device included."""
+    if is_torch_tensor(value):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def like_input(array: np.ndarray, template: Any) -> Any:
+    """`array` as the same kind as `template`: a torch tensor on its device, else numpy."""
+    if is_torch_tensor(template):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array)).to(template.device)
+    return array

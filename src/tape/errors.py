@@ -1,0 +1,29 @@
+"""The package's errors: every user mistake raises a subclass of `TapeError` (a `ValueError`)."""
+
+from __future__ import annotations
+
+__all__ = ["TapeError", "LayoutError", "PlacementError", "TraceError", "ConfigError", "ProgramError"]
+
+
+class TapeError(ValueError):
+    """Base of TAPE's errors; the message says what was wrong and what was expected."""
+
+
+class LayoutError(TapeError):
+    """Cluster or layout arguments that cannot work together (for example S % G != 0)."""
+
+
+class PlacementError(TapeError):
+    """A placement (`phy2log`, `log2phy`, `logcnt`) that is malformed or inconsistent."""
+
+
+class TraceError(TapeError):
+    """A trace file or load array that cannot be read or used."""
+
+
+class ConfigError(TapeError):
+    """A config file or preset that is missing, malformed or has unknown keys."""
+
+
+class ProgramError(TapeError):
+    """A user program (a file defining `rebalance_experts`) that cannot be loaded or run."""

@@ -1,0 +1,188 @@
+"""The `Placement` type: which logical expert each physical slot holds, for every layer.
+
+Glossary (see the package docstring): `phy2log[L, S]` is the expert of each slot,
+`logcnt[L, E]` the replica count of each expert, `log2phy[L, E, X]` the slots of each expert
+padded with -1 (X = the largest replica count). The first slot of an expert in `log2phy` is its
+primary replica.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tape.arrays import to_numpy
+from tape.errors import PlacementError
+from tape.layout import Layout
+
+__all__ = ["Placement"]
+
+
+def _integer_array(value: Any, name: str, ndim: int) -> np.ndarray:
+    array = to_numpy(value)
+    if array.ndim != ndim:
+        raise PlacementError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise PlacementError(f"{name} holds NaN or infinite values")
+        if np.any(array != np.round(array)):
+            raise PlacementError(f"{name} holds non-integer values")
+    elif array.dtype.kind not in "iub":
+        raise PlacementError(f"{name} must hold integers, got dtype {array.dtype}")
+    return array.astype(np.int64)
+
+
+class Placement:
+    """A validated placement of E experts on S slots, for L layers.
+
+    Build it with `Placement(phy2log, num_experts)` (log2phy in slot order) or
+    `Placement.from_maps(phy2log, log2phy, logcnt)` to keep a policy's own replica order.
+    """
+
+    __slots__ = ("phy2log", "logcnt", "log2phy")
+
+    def __init__(self, phy2log: Any, num_experts: int, log2phy: Any | None = None) -> None:
+        phy2log = _integer_array(phy2log, "phy2log", 2)
+        num_layers, num_slots = phy2log.shape
+        if num_layers < 1 or num_slots < 1:
+            raise PlacementError(f"phy2log is empty (shape {phy2log.shape})")
+        if num_experts < 1:
+            raise PlacementError(f"num_experts must be positive, got {num_experts}")
+        low, high = int(phy2log.min()), int(phy2log.max())
+        if low < 0 or high >= num_experts:
+            raise PlacementError(
+                f"phy2log holds expert ids in [{low}, {high}], expected [0, {num_experts - 1}]"
+            )
+        logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
+        np.add.at(logcnt, (np.arange(num_layers)[:, None], phy2log), 1)
+        missing = np.argwhere(logcnt == 0)
+        if len(missing):
+            layer, expert = missing[0]
+            raise PlacementError(
+                f"expert {expert} of layer {layer} has no replica "
+                f"({len(missing)} experts without a replica in all)"
+            )
+        self.phy2log = phy2log
+        self.logcnt = logcnt
+        self.log2phy = self._slot_order_log2phy() if log2phy is None else self._check_log2phy(log2phy)
+
+    @classmethod
+    def from_maps(cls, phy2log: Any, log2phy: Any, logcnt: Any) -> "Placement":
+        """A placement from a policy's three outputs, rejecting any disagreement between them."""
+        logcnt_array = _integer_array(logcnt, "logcnt", 2)
+        placement = cls(phy2log, logcnt_array.shape[1], log2phy=log2phy)
+        if logcnt_array.shape != placement.logcnt.shape:
+            raise PlacementError(
+                f"logcnt has shape {logcnt_array.shape}, expected {placement.logcnt.shape}"
+            )
+        wrong = np.argwhere(logcnt_array != placement.logcnt)
+        if len(wrong):
+            layer, expert = wrong[0]
+            raise PlacementError(
+                f"logcnt[{layer}, {expert}] = {logcnt_array[layer, expert]} but phy2log holds "
+                f"{placement.logcnt[layer, expert]} replicas of expert {expert} in layer {layer}"
+            )
+        return placement
+
+    @property
+    def num_layers(self) -> int:
+        return self.phy2log.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.phy2log.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logcnt.shape[1]
+
+    def _slot_order_log2phy(self) -> np.ndarray:
+        num_layers, num_slots = self.phy2log.shape
+        width = int(self.logcnt.max())
+        order = np.argsort(self.phy2log, axis=1, kind="stable")
+        sorted_experts = np.take_along_axis(self.phy2log, order, axis=1)
+        starts = np.cumsum(self.logcnt, axis=1) - self.logcnt
+        rank = np.arange(num_slots)[None, :] - np.take_along_axis(starts, sorted_experts, axis=1)
+        log2phy = np.full((num_layers, self.num_experts, width), -1, dtype=np.int64)
+        layers = np.broadcast_to(np.arange(num_layers)[:, None], order.shape)
+        log2phy[layers, sorted_experts, rank] = order
+        return log2phy
+
+    def _check_log2phy(self, log2phy: Any) -> np.ndarray:
+        log2phy = _integer_array(log2phy, "log2phy", 3)
+        num_layers, num_slots = self.phy2log.shape
+        if log2phy.shape[:2] != (num_layers, self.num_experts) or log2phy.shape[2] < 1:
+            raise PlacementError(
+                f"log2phy has shape {log2phy.shape}, expected ({num_layers}, "
+                f"{self.num_experts}, X) with X >= {int(self.logcnt.max())}"
+            )
+        if log2phy.min() < -1 or log2phy.max() >= num_slots:
+            raise PlacementError(f"log2phy holds slot ids outside [-1, {num_slots - 1}]")
+        valid = log2phy >= 0
+        counts = valid.sum(axis=2)
+        if np.any(counts != self.logcnt):
+            layer, expert = np.argwhere(counts != self.logcnt)[0]
+            raise PlacementError(
+                f"log2phy lists {counts[layer, expert]} slots for expert {expert} of layer "
+                f"{layer} but phy2log holds {self.logcnt[layer, expert]}"
+            )
+        layers, experts, _ = np.nonzero(valid)
+        slots = log2phy[valid]
+        if np.any(self.phy2log[layers, slots] != experts):
+            index = int(np.argmax(self.phy2log[layers, slots] != experts))
+            raise PlacementError(
+                f"log2phy puts expert {experts[index]} of layer {layers[index]} in slot "
+                f"{slots[index]}, which phy2log gives to expert "
+                f"{self.phy2log[layers[index], slots[index]]}"
+            )
+        first_pad = np.where(valid, 0, 1).cumsum(axis=2) > 0
+        if np.any(first_pad & valid):
+            raise PlacementError("log2phy must list each expert's slots before its -1 padding")
+        return log2phy
+
+    def validate(self, layout: Layout, num_layers: int | None = None) -> "Placement":
+        """Check that this placement fits `layout` (and `num_layers`, if given); return it."""
+        if self.num_slots != layout.num_replicas:
+            raise PlacementError(
+                f"phy2log has {self.num_slots} slots per layer, expected num_replicas = "
+                f"{layout.num_replicas}"
+            )
+        if num_layers is not None and self.num_layers != num_layers:
+            raise PlacementError(f"phy2log has {self.num_layers} layers, expected {num_layers}")
+        return self
+
+    def primary_slots(self) -> np.ndarray:
+        """[L, E] int64: the primary slot of each expert (its first slot in `log2phy`)."""
+        return self.log2phy[:, :, 0]
+
+    def slot_loads(self, weight: np.ndarray) -> np.ndarray:
+        """[L, S] float64: each slot's load, `weight[l, e] / logcnt[l, e]` for its expert e."""
+        per_replica = np.asarray(weight, dtype=np.float64) / self.logcnt
+        return np.take_along_axis(per_replica, self.phy2log, axis=1)
+
+    def gpu_loads(self, weight: np.ndarray, num_gpus: int) -> np.ndarray:
+        """[L, G] float64: each GPU's load, the sum of its slots' loads."""
+        slots = self.slot_loads(weight)
+        return slots.reshape(self.num_layers, num_gpus, -1).sum(axis=2)
+
+    def replicas_per_gpu(self, num_gpus: int) -> np.ndarray:
+        """[L, G, E] int64: how many replicas of each expert each GPU holds."""
+        slots_per_gpu = self.num_slots // num_gpus
+        counts = np.zeros((self.num_layers, num_gpus, self.num_experts), dtype=np.int64)
+        gpus = np.arange(self.num_slots) // slots_per_gpu
+        np.add.at(counts, (np.arange(self.num_layers)[:, None], gpus[None, :], self.phy2log), 1)
+        return counts
+
+    def as_tuple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(phy2log, log2phy, logcnt)`, the outputs of `rebalance_experts`."""
+        return self.phy2log, self.log2phy, self.logcnt
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Placement) and np.array_equal(self.phy2log, other.phy2log)
+
+    def __repr__(self) -> str:
+        return (
+            f"Placement(layers={self.num_layers}, experts={self.num_experts}, "
+            f"slots={self.num_slots}, max_replicas={int(self.logcnt.max())})"
+        )

@@ -1,0 +1,74 @@
+"""Placement policies, in a registry keyed by name.
+
+A policy is a pure function, batched over layers:
+
+    policy(weight, layout, *, previous=None, history=None, **params) -> Placement
+
+`weight[L, E]` (float64) is the load of the window to balance, `layout` the cluster, `previous`
+the placement in force (or None), `history[W, L, E]` the loads of earlier windows, oldest first
+(or None). Policies do no I/O and use seeded randomness only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from tape.errors import TapeError
+from tape.layout import Layout
+from tape.placement import Placement
+
+__all__ = ["Policy", "register", "get_policy", "policy_names", "PolicyError"]
+
+
+class PolicyError(TapeError):
+    """An unknown policy name, a name registered twice, or bad policy parameters."""
+
+
+class Policy(Protocol):
+    def __call__(
+        self,
+        weight: np.ndarray,
+        layout: Layout,
+        *,
+        previous: Placement | None = None,
+        history: np.ndarray | None = None,
+        **params: object,
+    ) -> Placement: ...
+
+
+_REGISTRY: dict[str, Policy] = {}
+
+
+def register(name: str) -> Callable[[Policy], Policy]:
+    """Decorator: register a policy under `name`; a name registered twice is an error."""
+
+    def decorate(function: Policy) -> Policy:
+        if name in _REGISTRY:
+            raise PolicyError(f"policy {name!r} is already registered")
+        _REGISTRY[name] = function
+        return function
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their policies.
+    from tape.policies import builtin  # noqa: F401
+
+
+def get_policy(name: str) -> Policy:
+    """The policy registered under `name`; `PolicyError` naming the known ones otherwise."""
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise PolicyError(f"unknown policy {name!r}; known policies: {known}") from None
+
+
+def policy_names() -> list[str]:
+    """Names of all registered policies, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)

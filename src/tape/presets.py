@@ -1,0 +1,193 @@
+"""Model and cluster presets, typed, read from `data/presets.yaml` or a user's config file.
+
+A config file is YAML (or JSON) with optional `model:` and `cluster:` sections; each names a
+preset to start from (`preset: h800`) and overrides any of its fields. Unknown keys, missing files
+and wrong types are errors, never silent defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tape.errors import ConfigError
+
+__all__ = ["ModelSpec", "ClusterSpec", "model_preset", "cluster_preset", "load_config",
+           "MODEL_NAMES", "CLUSTER_NAMES"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An MoE model's shape and sizes.
+
+    Attributes:
+        name: preset name.
+        num_layers: L, MoE layers.
+        num_experts: E, routed experts per layer.
+        num_groups: expert groups of consecutive ids.
+        top_k: experts each token is routed to.
+        topk_groups: groups a token's experts may come from.
+        hidden_size: model width (values per token).
+        moe_intermediate_size: an expert's inner width.
+        bytes_per_parameter: bytes per expert weight (1 for FP8).
+        dispatch_bytes_per_token: bytes sent per token to an expert (FP8 values + scales).
+        combine_bytes_per_token: bytes sent back per token from an expert (BF16).
+    """
+
+    name: str
+    num_layers: int
+    num_experts: int
+    num_groups: int
+    top_k: int
+    topk_groups: int
+    hidden_size: int
+    moe_intermediate_size: int
+    bytes_per_parameter: float
+    dispatch_bytes_per_token: float
+    combine_bytes_per_token: float
+
+    @property
+    def bytes_per_expert(self) -> float:
+        """Bytes of one expert's weights: 3 matrices of hidden x moe_intermediate."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * self.bytes_per_parameter
+
+    @property
+    def flops_per_token(self) -> float:
+        """FLOPs one expert spends on one token: 3 matrix products, 2 FLOPs per weight."""
+        return 2 * 3 * self.hidden_size * self.moe_intermediate_size
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A cluster's per-GPU bandwidths and compute.
+
+    Attributes:
+        name: preset name.
+        gpus_per_node: GPUs that share NVLink.
+        nvlink_bandwidth: bytes/s each GPU sends (and receives) over NVLink.
+        ib_bandwidth: bytes/s each GPU sends (and receives) over InfiniBand.
+        flops: FLOP/s a GPU achieves in the experts' grouped GEMM.
+        expert_overhead: seconds each active expert adds to a GPU's layer (launch, weight read).
+    """
+
+    name: str
+    gpus_per_node: int
+    nvlink_bandwidth: float
+    ib_bandwidth: float
+    flops: float
+    expert_overhead: float
+
+
+@lru_cache(maxsize=1)
+def _builtin() -> dict[str, dict[str, dict[str, Any]]]:
+    text = resources.files("tape").joinpath("data/presets.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+MODEL_NAMES = ("deepseek-v3",)
+CLUSTER_NAMES = ("h800", "h100")
+
+
+def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
+    known = {field.name: field for field in dataclasses.fields(kind) if field.name != "name"}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    missing = sorted(set(known) - set(fields))
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
+    values: dict[str, Any] = {"name": name}
+    for key, value in fields.items():
+        expected = known[key].type
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        if value <= 0:
+            raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
+        if expected == "int":
+            if value != int(value):
+                raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+            value = int(value)
+        values[key] = float(value) if expected == "float" else value
+    return kind(**values)
+
+
+def _preset(section: str, kind: type, name: str) -> Any:
+    presets = _builtin()[section]
+    if name not in presets:
+        raise ConfigError(
+            f"unknown {section[:-1]} preset {name!r}; known: {', '.join(sorted(presets))}"
+        )
+    return _build(kind, name, dict(presets[name]), f"preset {name!r}")
+
+
+def model_preset(name: str = "deepseek-v3") -> ModelSpec:
+    """The built-in model preset `name`."""
+    return _preset("models", ModelSpec, name)
+
+
+def cluster_preset(name: str = "h800") -> ClusterSpec:
+    """The built-in cluster preset `name`."""
+    return _preset("clusters", ClusterSpec, name)
+
+
+def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "name"}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}"
+        )
+    fields.update(overrides)
+    return _build(type(base), base.name, fields, where)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    model: str | None = None,
+    cluster: str | None = None,
+) -> tuple[ModelSpec, ClusterSpec]:
+    """The model and cluster to use: presets, then the config file's overrides.
+
+    `model` / `cluster` (flags) choose the presets and win over a `preset:` in the file.
+    """
+    sections: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            text = path.read_text()
+            sections = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} is not valid YAML/JSON: {error}") from None
+        sections = sections or {}
+        if not isinstance(sections, dict):
+            raise ConfigError(f"config file {path} must hold a mapping with model:/cluster:")
+        unknown = sorted(set(sections) - {"model", "cluster"})
+        if unknown:
+            raise ConfigError(
+                f"config file {path}: unknown section(s) {', '.join(unknown)}; "
+                "known: model, cluster"
+            )
+    specs = []
+    for section, choice, default, build in (
+        ("model", model, "deepseek-v3", model_preset),
+        ("cluster", cluster, "h800", cluster_preset),
+    ):
+        overrides = dict(sections.get(section) or {})
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        preset_name = choice or overrides.pop("preset", None) or default
+        overrides.pop("preset", None)
+        specs.append(_override(build(preset_name), overrides, f"{path or 'flags'} [{section}]"))
+    return specs[0], specs[1]
