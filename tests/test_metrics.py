@@ -1,0 +1,396 @@
+"""tape.metrics: cases worked by hand, random cross-checks against tests/plainloop.py, and the
+two SPEC findings (communication blind to replica location; v4 weight copy rewards stacking)."""
+
+import numpy as np
+import plainloop
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tape import Layout, Placement, PlacementError, TapeError, TraceError
+from tape.metrics import (
+    SEED_VERSIONS,
+    Timeline,
+    balancedness_score,
+    combined_score,
+    communication_cost,
+    communication_score,
+    gpu_balancedness,
+    speed_score,
+    timeline,
+    weight_copy_cost,
+    weight_copy_score,
+)
+
+# The worked example: 2 layers, 4 experts, 6 slots, 2 GPUs (k = 3 slots per GPU).
+#   layer 0: phy2log = [0 1 0 | 2 3 0], logcnt = [3 1 1 1], weight = [6 3 2 1]
+#            slot loads = [6/3, 3, 6/3 | 2, 1, 6/3] = [2 3 2 | 2 1 2]  (sum 12, mean 2, max 3)
+#            GPU loads  = [7, 5]                                         (mean 6, max 7)
+#   layer 1: phy2log = [1 2 3 | 0 1 2], logcnt = [1 2 2 1], weight = [4 8 2 5]
+#            slot loads = [8/2, 2/2, 5 | 4, 8/2, 2/2] = [4 1 5 | 4 4 1] (sum 19, mean 19/6, max 5)
+#            GPU loads  = [10, 9]                                        (mean 9.5, max 10)
+PHY2LOG = np.array([[0, 1, 0, 2, 3, 0], [1, 2, 3, 0, 1, 2]])
+WEIGHT = np.array([[6.0, 3.0, 2.0, 1.0], [4.0, 8.0, 2.0, 5.0]])
+ONE_NODE = Layout(num_replicas=6, num_groups=1, num_nodes=1, num_gpus=2)
+TWO_NODES = Layout(num_replicas=6, num_groups=1, num_nodes=2, num_gpus=2)
+
+
+@pytest.fixture
+def placement():
+    return Placement(PHY2LOG, 4)
+
+
+def test_balancedness_by_hand(placement):
+    # (2 + 19/6) / (3 + 5) = (31/6) / 8 = 31/48
+    assert balancedness_score(placement, WEIGHT) == pytest.approx(31 / 48, rel=1e-12)
+
+
+def test_gpu_balancedness_by_hand(placement):
+    # (6 + 9.5) / (7 + 10) = 15.5 / 17 = 31/34, whatever the nodes
+    for layout in (ONE_NODE, TWO_NODES):
+        assert gpu_balancedness(placement, WEIGHT, layout) == pytest.approx(31 / 34, rel=1e-12)
+
+
+def test_communication_one_node_by_hand(placement):
+    # G = 2 on one node: cost 0 on the same GPU, 1 to the other.
+    # Layer 0: e0 (6 tokens, 3 replicas: GPU0, GPU0, GPU1): t = 6/(2*3) = 1 per replica and
+    #   source; GPU0 -> GPU1 replica: 1, GPU1 -> two GPU0 replicas: 2; cost 3.
+    #   e1 (3 tokens on GPU0): GPU1 sends 3/2 -> 1.5. e2 (2 on GPU1): 1. e3 (1 on GPU1): 0.5.
+    #   Layer 0 = 3 + 1.5 + 1 + 0.5 = 6.
+    # Layer 1: e0 (4 on GPU1): 2. e1 (8, GPU0 and GPU1): t = 2, one crossing each way: 4.
+    #   e2 (2, GPU0 and GPU1): t = 0.5, 2 crossings: 1. e3 (5 on GPU0): 2.5. Layer 1 = 9.5.
+    # actual = 15.5. minimum (G/N = 2): tokens * (min(r, 2) - 1) / r summed over sources:
+    #   e0 of layer 0: 6 * 1/3 = 2; e1 of layer 1: 8 * 1/2 = 4; e2 of layer 1: 2 * 1/2 = 1 -> 7.
+    # total = 12 + 19 = 31.
+    assert communication_cost(placement, WEIGHT, ONE_NODE) == pytest.approx((15.5, 7.0, 31.0))
+    # exposed(actual) = 15.5 - 3.1 = 12.4; exposed(minimum) = 7 - 3.1 = 3.9; 10 * 3.9 / 12.4
+    assert communication_score(placement, WEIGHT, ONE_NODE) == pytest.approx(39 / 12.4)
+
+
+def test_communication_two_nodes_by_hand(placement):
+    # One GPU a node: every crossing costs 18, so actual = 18 * 15.5 = 279. G/N = 1, so
+    # min(r, 1) - 1 = 0 and minimum = 0; exposed(minimum) = 0 and the score is 0.
+    assert communication_cost(placement, WEIGHT, TWO_NODES) == pytest.approx((279.0, 0.0, 31.0))
+    assert communication_score(placement, WEIGHT, TWO_NODES) == 0.0
+
+
+def test_communication_score_is_zero_when_nothing_is_exposed():
+    # One GPU: nothing crosses, actual = 0 = exposed(actual) -> score 0 by definition.
+    one_gpu = Layout(num_replicas=3, num_groups=1, num_nodes=1, num_gpus=1)
+    placement = Placement([[0, 1, 0]], 2)
+    assert communication_cost(placement, [[4.0, 2.0]], one_gpu) == (0.0, 0.0, 6.0)
+    assert communication_score(placement, [[4.0, 2.0]], one_gpu) == 0.0
+
+
+def test_weight_copy_slot_order_by_hand(placement):
+    # Primaries in slot order. Layer 0: e0 primary slot 0 (GPU0); copies slot 2 (GPU0): 0 and
+    # slot 5 (GPU1): 1. Layer 1: e1 primary slot 0 (GPU0), copy slot 4 (GPU1): 1; e2 primary
+    # slot 1 (GPU0), copy slot 5 (GPU1): 1. actual = 3 on one node, 3 * 18 = 54 on two.
+    # minimum: no expert has more than k = 3 replicas, so every copy fits on its primary's GPU: 0.
+    assert weight_copy_cost(placement, ONE_NODE) == (3.0, 0.0)
+    assert weight_copy_cost(placement, TWO_NODES) == (54.0, 0.0)
+    assert weight_copy_score(placement, ONE_NODE) == 0.0  # min(0 / 3, 1)
+
+
+def test_weight_copy_keeps_the_policy_order():
+    # Same slots, but layer 0 lists e0 as [5, 0, 2]: primary slot 5 (GPU1), copies on GPU0 cost
+    # 1 + 1 = 2; layer 1 unchanged (1 + 1). actual = 4 on one node, 72 on two.
+    log2phy = np.array(
+        [
+            [[5, 0, 2], [1, -1, -1], [3, -1, -1], [4, -1, -1]],
+            [[3, -1, -1], [0, 4, -1], [1, 5, -1], [2, -1, -1]],
+        ]
+    )
+    placement = Placement.from_maps(PHY2LOG, log2phy, [[3, 1, 1, 1], [1, 2, 2, 1]])
+    assert weight_copy_cost(placement, ONE_NODE) == (4.0, 0.0)
+    assert weight_copy_cost(placement, TWO_NODES) == (72.0, 0.0)
+
+
+def test_weight_copy_minimum_when_replicas_exceed_a_gpu():
+    # 4 slots, 2 GPUs, k = 2: expert 0 in slots 0, 1 (GPU0) and 2 (GPU1), expert 1 in slot 3.
+    # actual: slot 1 copies on GPU0 (0), slot 2 copies to GPU1 (1 in one node, 18 across).
+    # minimum: 2 copies, k - 1 = 1 on the primary's GPU (0), the other in its node (1) -> 1.
+    placement = Placement([[0, 0, 0, 1]], 2)
+    one_node = Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=2)
+    two_nodes = Layout(num_replicas=4, num_groups=1, num_nodes=2, num_gpus=2)
+    assert weight_copy_cost(placement, one_node) == (1.0, 1.0)
+    assert weight_copy_score(placement, one_node) == 1.0
+    assert weight_copy_cost(placement, two_nodes) == (18.0, 1.0)
+    assert weight_copy_score(placement, two_nodes) == pytest.approx(1 / 18)
+
+
+def test_weight_copy_score_is_one_when_nothing_is_copied():
+    placement = Placement([[0, 1, 2, 3, 4, 5]], 6)
+    assert weight_copy_cost(placement, ONE_NODE) == (0.0, 0.0)
+    assert weight_copy_score(placement, ONE_NODE) == 1.0
+
+
+def test_speed_score():
+    assert speed_score(0.01) == pytest.approx(2.0)
+    assert speed_score(0.5) == pytest.approx(0.04)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(TapeError, match="positive finite"):
+            speed_score(bad)
+
+
+def test_combined_score_every_version_by_hand():
+    parts = {"balancedness": 0.8, "speed": 0.4, "communication": 0.3, "weight_copy": 0.1}
+    assert SEED_VERSIONS == (0, 2, 3, 4)
+    assert combined_score(0, **parts) == pytest.approx((0.8 + 0.4) / 2)  # 0.6
+    assert combined_score(2, **parts) == pytest.approx((0.8 + 0.3) / 2)  # 0.55
+    assert combined_score(3, **parts) == pytest.approx((0.8 + 0.4 + 0.3) / 3)  # 0.5
+    assert combined_score(4, **parts) == pytest.approx((0.8 + 0.4 + 0.3 + 0.1) / 4)  # 0.4
+    assert combined_score(2, balancedness=0.8, communication=0.3) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize(
+    "version, parts, message",
+    [
+        (1, {"balancedness": 1.0, "speed": 1.0}, "unknown TAPE version 1"),
+        (0, {"balancedness": 1.0}, "missing: speed"),
+        (3, {"balancedness": 1.0, "speed": 1.0}, "missing: communication"),
+        (4, {"balancedness": 1.0, "speed": 1.0, "communication": 1.0}, "missing: weight_copy"),
+    ],
+)
+def test_combined_score_rejects(version, parts, message):
+    with pytest.raises(TapeError, match=message):
+        combined_score(version, **parts)
+
+
+def test_timeline_two_gpus_by_hand(placement):
+    # Traffic a -> b = GPU b's load / G. Layer 0 (loads 7, 5): GPU0 -> GPU1 2.5 tokens,
+    # GPU1 -> GPU0 3.5. Layer 1 (loads 10, 9): GPU0 -> GPU1 4.5, GPU1 -> GPU0 5.
+    # One node (cost 1): comm = max(send, receive) = [3.5, 3.5] and [5, 5]; compute wins
+    # everywhere: work = compute = [7, 5] + [10, 9] = [17, 14] -> all three = 15.5 / 17.
+    one = timeline(placement, WEIGHT, ONE_NODE)
+    assert isinstance(one, Timeline)
+    np.testing.assert_allclose(one.compute, [[7, 5], [10, 9]])
+    np.testing.assert_allclose(one.comm, [[3.5, 3.5], [5, 5]])
+    assert one.overall_balancedness == pytest.approx(31 / 34)
+    assert one.compute_balancedness == pytest.approx(31 / 34)
+    assert one.efficiency == pytest.approx(31 / 34)
+    # Two nodes (cost 18): comm = [63, 63] and [90, 90] beat compute; summed work [153, 153]:
+    # overall 1, compute 15.5 / 17, efficiency 15.5 / 153.
+    two = timeline(placement, WEIGHT, TWO_NODES)
+    np.testing.assert_allclose(two.comm, [[63, 63], [90, 90]])
+    assert two.summary() == pytest.approx(
+        {"overall_balancedness": 1.0, "compute_balancedness": 31 / 34, "efficiency": 15.5 / 153}
+    )
+
+
+def test_timeline_send_and_receive_by_hand():
+    # 4 GPUs, 2 nodes (GPUs 0, 1 | 2, 3), one slot each, loads [8, 4, 4, 0].
+    # tokens a -> b = load_b / 4 = [2, 1, 1, 0] from every a. Cost matrix rows a, columns b:
+    #   a0: [0, 1*1, 1*18, 0] = [0, 1, 18, 0]    send 18
+    #   a1: [2*1, 0, 18, 0]   = [2, 0, 18, 0]    send 18
+    #   a2: [2*18, 18, 0, 0]  = [36, 18, 0, 0]   send 36
+    #   a3: [36, 18, 1*1, 0]  = [36, 18, 1, 0]   send 36
+    # receive (column max): [36, 18, 18, 0]; comm = max(send, receive) = [36, 18, 36, 36],
+    # above compute [8, 4, 4, 0] everywhere, so work = comm.
+    # overall = mean 31.5 / max 36 = 0.875; compute = mean 4 / max 8; efficiency = 4 / 36.
+    layout = Layout(num_replicas=4, num_groups=1, num_nodes=2, num_gpus=4)
+    placement = Placement([[0, 1, 2, 3]], 4)
+    result = timeline(placement, [[8.0, 4.0, 4.0, 0.0]], layout)
+    np.testing.assert_allclose(result.comm, [[36, 18, 36, 36]])
+    np.testing.assert_allclose(result.work, [[36, 18, 36, 36]])
+    assert result.summary() == pytest.approx(
+        {"overall_balancedness": 0.875, "compute_balancedness": 0.5, "efficiency": 1 / 9}
+    )
+    # The pair costs above sum to 19 + 20 + 54 + 55 = 148 = communication `actual`.
+    assert communication_cost(placement, [[8.0, 4.0, 4.0, 0.0]], layout)[0] == 148.0
+
+
+def test_all_zero_load_is_balanced(placement):
+    zero = np.zeros_like(WEIGHT)
+    assert balancedness_score(placement, zero) == 1.0
+    assert gpu_balancedness(placement, zero, ONE_NODE) == 1.0
+    assert communication_cost(placement, zero, ONE_NODE) == (0.0, 0.0, 0.0)
+    assert communication_score(placement, zero, ONE_NODE) == 0.0
+    assert timeline(placement, zero, TWO_NODES).summary() == {
+        "overall_balancedness": 1.0,
+        "compute_balancedness": 1.0,
+        "efficiency": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "weight, error, message",
+    [
+        (np.ones((2, 5)), TraceError, r"shape \(2, 5\), expected .* \(2, 4\)"),
+        (np.ones(4), TraceError, r"shape \(4,\)"),
+        (np.array([[1.0, np.nan, 1, 1], [1, 1, 1, 1]]), TraceError, "NaN or infinite"),
+        (np.array([[1.0, -1, 1, 1], [1, 1, 1, 1]]), TraceError, "negative"),
+        (np.array([["a"] * 4] * 2), TraceError, "must hold numbers"),
+    ],
+)
+def test_bad_weight_is_rejected(placement, weight, error, message):
+    for call in (
+        lambda: balancedness_score(placement, weight),
+        lambda: gpu_balancedness(placement, weight, ONE_NODE),
+        lambda: communication_cost(placement, weight, ONE_NODE),
+        lambda: timeline(placement, weight, ONE_NODE),
+    ):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_placement_must_fit_the_layout(placement):
+    wrong = Layout(num_replicas=8, num_groups=1, num_nodes=1, num_gpus=2)
+    for call in (
+        lambda: gpu_balancedness(placement, WEIGHT, wrong),
+        lambda: communication_score(placement, WEIGHT, wrong),
+        lambda: weight_copy_score(placement, wrong),
+        lambda: timeline(placement, WEIGHT, wrong),
+    ):
+        with pytest.raises(PlacementError, match="num_replicas = 8"):
+            call()
+
+
+# ---- random cross-checks against the plain-loop readings -------------------------------------
+
+
+def random_placement(rng, num_layers, num_experts, num_slots):
+    """Every expert present in every layer, extra slots random, log2phy in a random order."""
+    phy2log = np.stack(
+        [
+            rng.permutation(
+                np.concatenate(
+                    [np.arange(num_experts), rng.integers(0, num_experts, num_slots - num_experts)]
+                )
+            )
+            for _ in range(num_layers)
+        ]
+    )
+    logcnt = np.stack([np.bincount(row, minlength=num_experts) for row in phy2log])
+    log2phy = np.full((num_layers, num_experts, int(logcnt.max())), -1)
+    for layer in range(num_layers):
+        for expert in range(num_experts):
+            slots = rng.permutation(np.flatnonzero(phy2log[layer] == expert))
+            log2phy[layer, expert, : len(slots)] = slots
+    return Placement.from_maps(phy2log, log2phy, logcnt)
+
+
+def random_weight(rng, kind, num_layers, num_experts):
+    if kind == "zero":
+        return np.zeros((num_layers, num_experts))
+    if kind == "one_hot":
+        weight = np.zeros((num_layers, num_experts))
+        weight[np.arange(num_layers), rng.integers(0, num_experts, num_layers)] = rng.uniform(
+            1, 1e4
+        )
+        return weight
+    if kind == "integer":
+        return rng.integers(0, 50, (num_layers, num_experts)).astype(float)
+    return rng.pareto(1.5, (num_layers, num_experts)) * 1000  # skewed
+
+
+def assert_matches_plain_loop(placement, weight, layout):
+    def close(value, reference):
+        assert np.allclose(value, reference, rtol=1e-9, atol=1e-12), (value, reference)
+
+    close(balancedness_score(placement, weight), plainloop.balancedness_score(placement, weight))
+    close(
+        gpu_balancedness(placement, weight, layout),
+        plainloop.gpu_balancedness(placement, weight, layout),
+    )
+    close(
+        communication_cost(placement, weight, layout),
+        plainloop.communication_cost(placement, weight, layout),
+    )
+    close(
+        communication_score(placement, weight, layout),
+        plainloop.communication_score(placement, weight, layout),
+    )
+    close(weight_copy_cost(placement, layout), plainloop.weight_copy_cost(placement, layout))
+    close(weight_copy_score(placement, layout), plainloop.weight_copy_score(placement, layout))
+    reference = plainloop.timeline(placement, weight, layout)
+    summary = timeline(placement, weight, layout).summary()
+    assert summary.keys() == reference.keys()
+    for name in reference:
+        close(summary[name], reference[name])
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    num_nodes=st.integers(1, 3),
+    gpus_per_node=st.integers(1, 3),
+    slots_per_gpu=st.integers(1, 4),
+    num_layers=st.integers(1, 3),
+    expert_fraction=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["skewed", "integer", "zero", "one_hot"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_matches_plain_loop_on_random_placements(
+    num_nodes, gpus_per_node, slots_per_gpu, num_layers, expert_fraction, kind, seed
+):
+    num_gpus = num_nodes * gpus_per_node
+    num_slots = num_gpus * slots_per_gpu
+    num_experts = max(1, round(expert_fraction * num_slots))
+    layout = Layout(num_slots, 1, num_nodes, num_gpus)
+    rng = np.random.default_rng(seed)
+    placement = random_placement(rng, num_layers, num_experts, num_slots)
+    assert_matches_plain_loop(placement, random_weight(rng, kind, num_layers, num_experts), layout)
+
+
+@pytest.mark.parametrize("kind", ["skewed", "one_hot"])
+def test_matches_plain_loop_at_deepseek_scale(kind):
+    layout = Layout()  # 288 slots, 8 groups, 4 nodes, 32 GPUs
+    rng = np.random.default_rng(7)
+    placement = random_placement(rng, 2, 256, layout.num_replicas)
+    assert_matches_plain_loop(placement, random_weight(rng, kind, 2, 256), layout)
+
+
+# ---- the two SPEC findings -------------------------------------------------------------------
+
+# 8 slots on 4 GPUs (k = 2) in 2 nodes (GPUs 0, 1 | 2, 3); experts 0 and 1 are hot (8 tokens
+# each, 2 replicas of 4 tokens), experts 2..5 carry 1 token each.
+FINDING_LAYOUT = Layout(num_replicas=8, num_groups=1, num_nodes=2, num_gpus=4)
+FINDING_WEIGHT = np.array([[8.0, 8.0, 1.0, 1.0, 1.0, 1.0]])
+HOT_IN_ONE_NODE = Placement([[0, 0, 1, 1, 2, 3, 4, 5]], 6)  # GPU loads [8, 8, 2, 2]
+HOT_SPREAD = Placement([[0, 2, 1, 3, 0, 4, 1, 5]], 6)  # GPU loads [5, 5, 5, 5]
+
+
+def test_finding_uniform_dispatch_is_blind_to_replica_location():
+    # Each GPU b receives load_b / G from every GPU, and every column of the cost matrix sums
+    # to the same C = (G/N - 1) * 1 + (G - G/N) * 18 = 1 + 36 = 37; so
+    # actual = C / G * total = 37 / 4 * 20 = 185 for ANY placement.
+    costs = [
+        communication_cost(p, FINDING_WEIGHT, FINDING_LAYOUT) for p in (HOT_IN_ONE_NODE, HOT_SPREAD)
+    ]
+    assert costs[0] == costs[1] == (185.0, 8.0, 20.0)  # minimum: 8 * 1/2 + 8 * 1/2 = 8
+    assert communication_score(HOT_IN_ONE_NODE, FINDING_WEIGHT, FINDING_LAYOUT) == (
+        communication_score(HOT_SPREAD, FINDING_WEIGHT, FINDING_LAYOUT)
+    )
+    # ...although the two placements are very different (balancedness 5/8 against 1).
+    assert gpu_balancedness(HOT_IN_ONE_NODE, FINDING_WEIGHT, FINDING_LAYOUT) == 5 / 8
+    assert gpu_balancedness(HOT_SPREAD, FINDING_WEIGHT, FINDING_LAYOUT) == 1.0
+
+
+def test_finding_actual_is_the_same_when_gpus_are_permuted():
+    layout = Layout()
+    rng = np.random.default_rng(3)
+    placement = random_placement(rng, 4, 256, layout.num_replicas)
+    weight = random_weight(rng, "skewed", 4, 256)
+    by_gpu = placement.phy2log.reshape(4, layout.num_gpus, layout.slots_per_gpu)
+    permuted = Placement(by_gpu[:, rng.permutation(layout.num_gpus)].reshape(4, -1), 256)
+    actual, minimum, total = communication_cost(placement, weight, layout)
+    assert communication_cost(permuted, weight, layout) == pytest.approx(
+        (actual, minimum, total), rel=1e-12
+    )
+    assert actual == pytest.approx(total * (7 + 18 * 24) / 32, rel=1e-12)
+
+
+def test_finding_v4_weight_copy_rewards_stacking():
+    # No expert has more than k = 2 replicas, so minimum = 0 (the one copy fits on the primary's
+    # GPU) and the score is 0 / actual = 0 as soon as one copy leaves its primary's GPU.
+    stacked = HOT_IN_ONE_NODE  # copies on the primary's GPU: actual 0 -> score 1
+    node_local = Placement([[0, 1, 0, 1, 2, 3, 4, 5]], 6)  # copies 1 GPU away: actual 2
+    assert weight_copy_cost(stacked, FINDING_LAYOUT) == (0.0, 0.0)
+    assert weight_copy_score(stacked, FINDING_LAYOUT) == 1.0
+    assert weight_copy_cost(node_local, FINDING_LAYOUT) == (2.0, 0.0)
+    assert weight_copy_score(node_local, FINDING_LAYOUT) == 0.0
+    assert weight_copy_cost(HOT_SPREAD, FINDING_LAYOUT) == (36.0, 0.0)  # copies across nodes
+    assert weight_copy_score(HOT_SPREAD, FINDING_LAYOUT) == 0.0
+    # ...yet stacking is the worst for balance: each hot expert sits on one GPU.
+    assert gpu_balancedness(stacked, FINDING_WEIGHT, FINDING_LAYOUT) == 5 / 8
+    assert gpu_balancedness(HOT_SPREAD, FINDING_WEIGHT, FINDING_LAYOUT) == 1.0
