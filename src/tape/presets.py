@@ -19,8 +19,15 @@ import yaml
 
 from tape.errors import ConfigError
 
-__all__ = ["ModelSpec", "ClusterSpec", "model_preset", "cluster_preset", "load_config",
-           "MODEL_NAMES", "CLUSTER_NAMES"]
+__all__ = [
+    "CLUSTER_NAMES",
+    "MODEL_NAMES",
+    "ClusterSpec",
+    "ModelSpec",
+    "cluster_preset",
+    "load_config",
+    "model_preset",
+]
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,13 @@ class ClusterSpec:
 
     Attributes:
         name: preset name.
-        gpus_per_node: GPUs that share NVLink.
-        nvlink_bandwidth: bytes/s each GPU sends (and receives) over NVLink.
-        ib_bandwidth: bytes/s each GPU sends (and receives) over InfiniBand.
+        gpus_per_node: GPUs that share NVLink in this hardware (the node size its bandwidths
+            were measured on); the cost model takes the node size from the `Layout`.
+        nvlink_bandwidth: bytes/s each GPU sends (and, at once, receives) over NVLink.
+        ib_bandwidth: bytes/s each GPU sends (and, at once, receives) over InfiniBand.
         flops: FLOP/s a GPU achieves in the experts' grouped GEMM.
-        expert_overhead: seconds each active expert adds to a GPU's layer (launch, weight read).
+        memory_bandwidth: bytes/s a GPU reads from its HBM; each active expert's weights are
+            read once per layer.
     """
 
     name: str
@@ -82,7 +91,7 @@ class ClusterSpec:
     nvlink_bandwidth: float
     ib_bandwidth: float
     flops: float
-    expert_overhead: float
+    memory_bandwidth: float
 
 
 @lru_cache(maxsize=1)
