@@ -1,0 +1,152 @@
+"""`tape compare`: every policy on the same trace, one table (and files with --out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tape import __version__
+from tape.cli.common import (
+    ClusterOption, ConfigOption, DispatchOption, GpusOption, GroupsOption, IntervalOption,
+    JsonOption, ModelOption, NodesOption, ReplicasOption, SeedOption, SyntheticOption,
+    TraceOption, VersionOption, console, handles_errors, load_specs, load_windows, make_layout,
+    progress_bar,
+)
+from tape.cli.evaluate import format_value
+from tape.files import to_json_text
+from tape.policies import PolicyError, get_policy, policy_names
+from tape.protocol import parse_version
+from tape.report import compare_policies, runtime_stats, write_comparison
+
+__all__ = ["register", "DEFAULT_POLICIES"]
+
+DEFAULT_POLICIES = ("vanilla", "deepseek", "bldm", "replicate-hot", "min-moves", "tape")
+
+_BALANCE_COLUMNS = (
+    ("balancedness_score", "slot bal."),
+    ("gpu_balancedness", "GPU bal."),
+    ("overall_balancedness", "overall bal."),
+    ("combined_score_v0", "v0"),
+    ("combined_score_v2", "v2"),
+    ("combined_score_v3", "v3"),
+    ("combined_score_v4", "v4"),
+    ("combined_score_realistic", "realistic"),
+)
+_COST_COLUMNS = (
+    ("moved_experts", "moved experts"),
+    ("changed_slots", "changed slots"),
+    ("ib_copies", "IB copies"),
+    ("ib_tokens", "inter-node tokens"),
+    ("nvlink_tokens", "intra-node tokens"),
+    ("step_time_s", "step time (s)"),
+)
+
+
+def _parse_policies(text: str | None) -> list[str]:
+    if text is None:
+        available = set(policy_names())
+        return [name for name in DEFAULT_POLICIES if name in available]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise PolicyError("--policies is empty; give names separated by commas")
+    for name in names:
+        get_policy(name)  # raises PolicyError naming the known policies
+    return list(dict.fromkeys(names))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `compare` to `app`."""
+
+    @app.command()
+    @handles_errors
+    def compare(
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        policies: Annotated[
+            Optional[str],
+            typer.Option("--policies", help="Comma-separated policy names (default: all "
+                         "built-in policies)."),
+        ] = None,
+        out: Annotated[
+            Optional[Path],
+            typer.Option("--out", help="Write GPU-load CSVs, heatmaps, box plots, timelines "
+                         "and a JSON of everything here."),
+        ] = None,
+        version: VersionOption = "0",
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = 4,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        model: ModelOption = None,
+        dispatch: DispatchOption = "locality",
+        config: ConfigOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Compare placement policies under the protocol (the default: all of them on the
+        built-in synthetic DeepSeek-V3 trace)."""
+        names = _parse_policies(policies)
+        version_value = parse_version(version)
+        layout = make_layout(replicas, groups, nodes, gpus)
+        model_spec, cluster_spec = load_specs(config, model, cluster, dispatch)
+        windows, described = load_windows(trace, synthetic, interval, seed, layout)
+        pairs = windows.shape[0] - 1
+        with progress_bar("policies x window pairs", len(names) * (pairs + 1),
+                          not as_json) as advance:
+            results = compare_policies(
+                names, windows, layout, version=version_value, model=model_spec,
+                cluster=cluster_spec, dispatch=dispatch, steps_per_window=interval,
+                progress=advance,
+            )
+        summary = {
+            name: {**score.metrics, **runtime_stats(score.seconds), "error": score.error}
+            for name, score in results.items()
+        }
+        if out is not None:
+            manifest = {
+                "command": "compare", "tape_version": __version__, "trace": described,
+                "interval": interval, "seed": seed, "version": version_value,
+                "policies": names, "dispatch": dispatch,
+                "layout": {"replicas": replicas, "groups": groups, "nodes": nodes, "gpus": gpus},
+                "model": model_spec.__dict__, "cluster": cluster_spec.__dict__,
+            }
+            written = write_comparison(
+                out, results, windows, layout, model=model_spec, cluster=cluster_spec,
+                dispatch=dispatch, steps_per_window=interval, manifest=manifest,
+            )
+        if as_json:
+            typer.echo(to_json_text({"trace": described, "version": version_value,
+                                     "policies": summary}))
+            return
+        console.print(f"[dim]{described}; {layout.num_gpus} GPUs on {layout.num_nodes} nodes, "
+                      f"{layout.num_replicas} slots; {dispatch} dispatch on {cluster_spec.name}"
+                      "[/]", highlight=False)
+        console.print(_table("Balance (next window) and the seed's combined scores",
+                             summary, _BALANCE_COLUMNS))
+        console.print(_table("Cost model per rebalance and step, and policy runtime",
+                             summary, _COST_COLUMNS, runtime=True))
+        if out is not None:
+            console.print(f"wrote {len(written)} files to {out}")
+
+
+def _table(title, summary, columns, runtime=False) -> Table:
+    table = Table(title=title)
+    table.add_column("policy")
+    for _, header in columns:
+        table.add_column(header, justify="right")
+    if runtime:
+        table.add_column("runtime ms: mean ± std [min, max]", justify="right")
+    for name, values in summary.items():
+        cells = [format_value(values[key]) if key in values else "-" for key, _ in columns]
+        if runtime:
+            cells.append(
+                f"{values['runtime_mean_ms']:.2f} ± {values['runtime_std_ms']:.2f} "
+                f"[{values['runtime_min_ms']:.2f}, {values['runtime_max_ms']:.2f}]"
+            )
+        table.add_row(name, *cells)
+    return table

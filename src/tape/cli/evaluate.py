@@ -1,0 +1,195 @@
+"""`tape evaluate` and `tape evaluate-dir`: score user programs under the protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from tape.cli.common import (
+    ClusterOption, ConfigOption, DispatchOption, GpusOption, GroupsOption, IntervalOption,
+    JsonOption, ModelOption, NodesOption, ReplicasOption, SeedOption, SyntheticOption,
+    TraceOption, VersionOption, console, error_console, handles_errors, load_specs, load_windows,
+    make_layout, progress_bar, write_json_atomic,
+)
+from tape.errors import ProgramError
+from tape.files import to_json_text
+from tape.protocol import ProgramScore, parse_version, score_program
+
+__all__ = ["register", "METRIC_SECTIONS", "format_value"]
+
+# Rows of the metric table, in sections; other keys follow under "other".
+METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
+    "seed (tape) metrics": (
+        "combined_score", "balancedness_score", "speed_score", "communication_score",
+        "weight_copy_score", "avg_raw_time",
+    ),
+    "timeline": ("overall_balancedness", "compute_balancedness", "efficiency"),
+    "realistic model": (
+        "gpu_balancedness", "locality_score", "nvlink_tokens", "ib_tokens", "nvlink_bytes",
+        "ib_bytes", "step_time_s", "compute_time_s", "comm_time_s",
+    ),
+    "migration per rebalance": (
+        "changed_slots", "local_copies", "nvlink_copies", "ib_copies", "moved_experts",
+        "migration_nvlink_bytes", "migration_ib_bytes", "migration_seconds", "migration_score",
+    ),
+}
+
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds a program's call may take.")
+]
+MemoryOption = Annotated[int, typer.Option("--memory-mb", min=64, help="Memory limit, MB.")]
+
+
+def format_value(value: float) -> str:
+    """A metric for a table: counts as integers, small values with 4 significant digits."""
+    if value != value:  # NaN
+        return "nan"
+    if abs(value) >= 1e4 or (value == int(value) and abs(value) >= 10):
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _metric_table(title: str, score: ProgramScore) -> Table:
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    shown: set[str] = set()
+    for section, names in METRIC_SECTIONS.items():
+        rows = [name for name in names if name in score.metrics]
+        if rows:
+            table.add_row(f"[bold]{section}[/]", "")
+        for name in rows:
+            table.add_row(f"  {name}", format_value(score.metrics[name]))
+            shown.add(name)
+    rest = sorted(set(score.metrics) - shown)
+    if rest:
+        table.add_row("[bold]other[/]", "")
+        for name in rest:
+            table.add_row(f"  {name}", format_value(score.metrics[name]))
+    return table
+
+
+def _score(program: Path, windows, layout, version, timeout, memory_mb, specs, dispatch,
+           interval, show_progress: bool) -> ProgramScore:
+    model, cluster = specs
+    with progress_bar(f"{program.name}", windows.shape[0] - 1, show_progress) as advance:
+        return score_program(
+            program, windows, layout, version=version, timeout_s=timeout, memory_mb=memory_mb,
+            model=model, cluster=cluster, dispatch=dispatch, steps_per_window=interval,
+            progress=advance,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `evaluate` and `evaluate-dir` to `app`."""
+
+    @app.command()
+    @handles_errors
+    def evaluate(
+        program: Annotated[Path, typer.Argument(help="Python file defining rebalance_experts.")],
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        version: VersionOption = "0",
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = 4,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        model: ModelOption = None,
+        dispatch: DispatchOption = "locality",
+        config: ConfigOption = None,
+        timeout: TimeoutOption = 60.0,
+        memory_mb: MemoryOption = 4096,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Score one program: rebalance on each window, score on the next, average the pairs."""
+        if not program.is_file():
+            raise ProgramError(f"program {program} does not exist")
+        version_value = parse_version(version)
+        layout = make_layout(replicas, groups, nodes, gpus)
+        specs = load_specs(config, model, cluster, dispatch)
+        windows, described = load_windows(trace, synthetic, interval, seed, layout)
+        score = _score(program, windows, layout, version_value, timeout, memory_mb, specs,
+                       dispatch, interval, not as_json)
+        if as_json:
+            payload = {"program": str(program), "version": version_value, "trace": described,
+                       **score.to_json()}
+            typer.echo(to_json_text(payload))
+        else:
+            console.print(f"[dim]{described}[/]", highlight=False)
+            console.print(_metric_table(f"{program.name} (version {version_value})", score))
+            if score.error:
+                error_console.print(f"[bold red]program failed:[/] {score.error}", highlight=False)
+        if score.error:
+            raise typer.Exit(1)
+
+    @app.command("evaluate-dir")
+    @handles_errors
+    def evaluate_dir(
+        directory: Annotated[Path, typer.Argument(help="Folder of .py programs.")],
+        out: Annotated[
+            Optional[Path], typer.Option("--out", help="Write one JSON result per program here.")
+        ] = None,
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        version: VersionOption = "0",
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = 4,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        model: ModelOption = None,
+        dispatch: DispatchOption = "locality",
+        config: ConfigOption = None,
+        timeout: TimeoutOption = 60.0,
+        memory_mb: MemoryOption = 4096,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Score every .py program in a folder and print a summary table."""
+        if not directory.is_dir():
+            raise ProgramError(f"{directory} is not a folder")
+        programs = sorted(path for path in directory.glob("*.py") if path.is_file())
+        if not programs:
+            raise ProgramError(f"no .py programs in {directory}")
+        version_value = parse_version(version)
+        layout = make_layout(replicas, groups, nodes, gpus)
+        specs = load_specs(config, model, cluster, dispatch)
+        windows, described = load_windows(trace, synthetic, interval, seed, layout)
+        results: dict[str, dict[str, Any]] = {}
+        for program in programs:
+            score = _score(program, windows, layout, version_value, timeout, memory_mb, specs,
+                           dispatch, interval, not as_json)
+            results[program.name] = {"program": str(program), "version": version_value,
+                                     "trace": described, **score.to_json()}
+            if out is not None:
+                write_json_atomic(out / f"{program.stem}_result.json", results[program.name])
+        if out is not None:
+            write_json_atomic(out / "manifest.json", {
+                "command": "evaluate-dir", "directory": str(directory), "version": version_value,
+                "trace": described, "interval": interval, "seed": seed,
+                "layout": {"replicas": replicas, "groups": groups, "nodes": nodes, "gpus": gpus},
+                "dispatch": dispatch, "model": specs[0].name, "cluster": specs[1].name,
+                "programs": sorted(results),
+            })
+        if as_json:
+            typer.echo(to_json_text(results))
+            return
+        console.print(f"[dim]{described}[/]", highlight=False)
+        table = Table(title=f"programs in {directory} (version {version_value})")
+        columns = ("combined_score", "balancedness_score", "overall_balancedness",
+                   "compute_balancedness", "efficiency", "gpu_balancedness")
+        table.add_column("program")
+        for column in columns:
+            table.add_column(column, justify="right")
+        table.add_column("error")
+        for name, result in results.items():
+            table.add_row(name, *(format_value(result[c]) if c in result else "-" for c in columns),
+                          result["error"] or "")
+        console.print(table)

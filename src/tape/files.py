@@ -1,0 +1,61 @@
+"""Writing results: every file appears whole or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+__all__ = ["atomic_output", "to_json_text", "write_json_atomic", "write_table_csv"]
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
+    )
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def to_json_text(data: Any) -> str:
+    """`data` as JSON text, numpy values included."""
+    return json.dumps(data, default=_json_default)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON, never leaving a half-written file."""
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def write_table_csv(path: Path, rows: np.ndarray, columns: Sequence[str], index_name: str) -> None:
+    """Write a 2-D array as CSV with a header and a leading index column."""
+    rows = np.asarray(rows)
+    lines = [",".join([index_name, *columns])]
+    lines += [",".join([str(i), *(repr(float(v)) for v in row)]) for i, row in enumerate(rows)]
+    with atomic_output(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n")

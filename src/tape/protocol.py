@@ -1,0 +1,304 @@
+"""The evaluation protocol: rebalance on window i, score on window i + 1, average over pairs.
+
+A run replays a trace's windows through a placement source (a registered policy, or a user's
+program in a sandbox) and scores every pair with the seed's TAPE metrics and the realistic cost
+model. The policy sees only window i (and, for registered policies, the placement it produced at
+the previous pair and the windows before i); it never sees window i + 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tape import metrics
+from tape.costmodel import migration_metrics, realistic_metrics
+from tape.errors import ProgramError, TapeError, TraceError
+from tape.layout import Layout
+from tape.placement import Placement
+from tape.presets import ClusterSpec, ModelSpec, cluster_preset, model_preset
+
+__all__ = [
+    "VERSIONS",
+    "ProgramScore",
+    "Replay",
+    "replay",
+    "score_replay",
+    "score_program",
+    "score_policy",
+    "parse_version",
+    "combined_key",
+    "check_windows",
+]
+
+VERSIONS: tuple[int | str, ...] = (0, 2, 3, 4, "realistic")
+
+# A placement source: (window index, window load [L, E], previous placement or None,
+# earlier windows [i, L, E]) -> (placement, seconds the policy itself took).
+PlacementSource = Callable[[int, np.ndarray, "Placement | None", np.ndarray], tuple[Placement, float]]
+
+
+def combined_key(version: int | str) -> str:
+    """The metric name of a version's combined score: `combined_score_v0` .. `_realistic`."""
+    return "combined_score_realistic" if version == "realistic" else f"combined_score_v{version}"
+
+
+def parse_version(value: int | str) -> int | str:
+    """`value` as one of VERSIONS ("0" -> 0); TapeError naming the versions otherwise."""
+    text = str(value).strip().lower()
+    for version in VERSIONS:
+        if text == str(version):
+            return version
+    raise TapeError(f"unknown version {value!r}; expected one of {', '.join(map(str, VERSIONS))}")
+
+
+def check_windows(windows: np.ndarray, layout: Layout) -> np.ndarray:
+    """Validate windowed loads [W, L, E] against `layout`; return them as float64."""
+    windows = np.asarray(windows, dtype=np.float64)
+    if windows.ndim != 3:
+        raise TraceError(f"windowed loads must be [windows, layers, experts], got {windows.shape}")
+    if windows.shape[0] < 2:
+        raise TraceError(
+            f"the protocol needs at least 2 windows (rebalance on one, score on the next), got "
+            f"{windows.shape[0]}: use a longer trace or a smaller --interval"
+        )
+    if not np.all(np.isfinite(windows)) or np.any(windows < 0):
+        raise TraceError("loads must be finite and non-negative")
+    layout.check_experts(windows.shape[2])
+    return windows
+
+
+@dataclass
+class Replay:
+    """The placements a source produced: `placements[i]` was computed from window i."""
+
+    placements: list[Placement]
+    seconds: list[float]
+
+
+def replay(
+    source: PlacementSource,
+    windows: np.ndarray,
+    *,
+    progress: Callable[[], None] | None = None,
+) -> Replay:
+    """Run `source` on windows 0..W-2, passing each call the placement of the call before."""
+    placements: list[Placement] = []
+    seconds: list[float] = []
+    previous: Placement | None = None
+    for index in range(windows.shape[0] - 1):
+        placement, elapsed = source(index, windows[index], previous, windows[:index])
+        placements.append(placement)
+        seconds.append(elapsed)
+        previous = placement
+        if progress is not None:
+            progress()
+    return Replay(placements, seconds)
+
+
+@dataclass
+class ProgramScore:
+    """Scores of one run of the protocol.
+
+    Attributes:
+        metrics: mean over window pairs of every metric, plus `combined_score` for the version
+            and `avg_raw_time` (mean seconds per policy call). JSON-friendly floats.
+        per_pair: each metric's value for every pair, in pair order (migration metrics start at
+            the second pair: the first placement has nothing to migrate from).
+        error: why the program failed (then `combined_score` is 0), else None.
+        placements: the placements the source produced (not serialized).
+        seconds: each policy call's runtime in seconds.
+    """
+
+    metrics: dict[str, float]
+    per_pair: dict[str, list[float]] = field(default_factory=dict)
+    error: str | None = None
+    placements: list[Placement] = field(default_factory=list, repr=False)
+    seconds: list[float] = field(default_factory=list)
+
+    @classmethod
+    def failed(cls, reason: str) -> "ProgramScore":
+        return cls(metrics={"combined_score": 0.0}, error=reason)
+
+    def to_json(self) -> dict[str, Any]:
+        """One JSON object: the metric names as keys, `per_pair` lists, and `error`."""
+        return {**self.metrics, "per_pair": self.per_pair, "error": self.error}
+
+
+def _pair_metrics(
+    placement: Placement,
+    weight: np.ndarray,
+    layout: Layout,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    dispatch: str,
+    steps: int,
+) -> dict[str, float]:
+    communication = metrics.communication_score(placement, weight, layout)
+    timeline = metrics.timeline(placement, weight, layout)
+    values = {
+        "balancedness_score": metrics.balancedness_score(placement, weight),
+        "communication_score": communication,
+        "weight_copy_score": metrics.weight_copy_score(placement, layout),
+        "overall_balancedness": timeline.overall_balancedness,
+        "compute_balancedness": timeline.compute_balancedness,
+        "efficiency": timeline.efficiency,
+    }
+    for key, value in realistic_metrics(
+        placement, weight, layout, model, cluster, dispatch, steps=steps
+    ).items():
+        values[key] = float(value)
+    total = float(weight.sum())
+    values["locality_score"] = 1.0 - values["ib_tokens"] / total if total > 0 else 1.0
+    return values
+
+
+def _realistic_combined(means: dict[str, float], speed: float) -> float:
+    """The `realistic` version: balance, locality, migration and speed, equally weighted."""
+    return float(
+        np.mean(
+            [
+                means["gpu_balancedness"],
+                means["locality_score"],
+                means.get("migration_score", 1.0),
+                min(speed, 1.0),
+            ]
+        )
+    )
+
+
+def score_replay(
+    run: Replay,
+    windows: np.ndarray,
+    layout: Layout,
+    *,
+    version: int | str = 0,
+    model: ModelSpec | None = None,
+    cluster: ClusterSpec | None = None,
+    dispatch: str = "locality",
+    steps_per_window: int = 1,
+) -> ProgramScore:
+    """Score `run`'s placement i on window i + 1 for every pair; average over pairs."""
+    version = parse_version(version)
+    model = model or model_preset()
+    cluster = cluster or cluster_preset()
+    per_pair: dict[str, list[float]] = {}
+    for index, placement in enumerate(run.placements):
+        values = _pair_metrics(
+            placement, windows[index + 1], layout, model, cluster, dispatch, steps_per_window
+        )
+        if index > 0:
+            moved = migration_metrics(run.placements[index - 1], placement, layout, model, cluster)
+            values.update({key: float(value) for key, value in moved.items()})
+            values["migration_score"] = 1.0 - values["moved_experts"] / placement.phy2log.size
+        for key, value in values.items():
+            per_pair.setdefault(key, []).append(value)
+    means = {key: float(np.mean(series)) for key, series in per_pair.items()}
+    mean_seconds = float(np.mean(run.seconds))
+    means["avg_raw_time"] = mean_seconds
+    means["speed_score"] = metrics.speed_score(mean_seconds)
+    for each in VERSIONS:
+        if each == "realistic":
+            combined = _realistic_combined(means, means["speed_score"])
+        else:
+            combined = metrics.combined_score(
+                each,
+                balancedness=means["balancedness_score"],
+                speed=means["speed_score"],
+                communication=means["communication_score"],
+                weight_copy=means["weight_copy_score"],
+            )
+        means[combined_key(each)] = combined
+    means["combined_score"] = means[combined_key(version)]
+    per_pair["policy_seconds"] = list(run.seconds)
+    return ProgramScore(means, per_pair, None, run.placements, list(run.seconds))
+
+
+def score_program(
+    program_path: str | Path,
+    windows: np.ndarray,
+    layout: Layout,
+    *,
+    version: int | str = 0,
+    timeout_s: float = 60.0,
+    memory_mb: int = 4096,
+    model: ModelSpec | None = None,
+    cluster: ClusterSpec | None = None,
+    dispatch: str = "locality",
+    steps_per_window: int = 1,
+    progress: Callable[[], None] | None = None,
+) -> ProgramScore:
+    """Run a user's program (a file defining `rebalance_experts`) through the protocol.
+
+    The program runs in a sandboxed child process that sees one window per call. A program that
+    cannot be loaded, raises, times out or returns a bad placement scores 0 with the reason in
+    `error`; bad trace or layout arguments raise `TapeError`.
+    """
+    from tape.sandbox import SandboxedProgram
+
+    version = parse_version(version)
+    windows = check_windows(windows, layout)
+    path = Path(program_path)
+    if not path.is_file():
+        raise ProgramError(f"program {path} does not exist")
+    try:
+        with SandboxedProgram(path, timeout_s=timeout_s, memory_mb=memory_mb) as program:
+
+            def source(index, weight, previous, history):
+                return program.call(weight, layout)
+
+            run = replay(source, windows, progress=progress)
+    except ProgramError as error:
+        return ProgramScore.failed(str(error))
+    return score_replay(
+        run, windows, layout, version=version, model=model, cluster=cluster,
+        dispatch=dispatch, steps_per_window=steps_per_window,
+    )
+
+
+def policy_source(
+    policy: str, layout: Layout, params: dict[str, Any] | None = None
+) -> PlacementSource:
+    """A placement source for a registered policy, timing each call."""
+    from tape.api import place
+
+    params = dict(params or {})
+
+    def source(index, weight, previous, history):
+        start = time.perf_counter()
+        placement = place(
+            weight, layout, policy=policy, previous=previous,
+            history=history if len(history) else None, **params,
+        )
+        return placement, time.perf_counter() - start
+
+    return source
+
+
+def score_policy(
+    policy: str,
+    windows: np.ndarray,
+    layout: Layout,
+    *,
+    version: int | str = 0,
+    params: dict[str, Any] | None = None,
+    model: ModelSpec | None = None,
+    cluster: ClusterSpec | None = None,
+    dispatch: str = "locality",
+    steps_per_window: int = 1,
+    progress: Callable[[], None] | None = None,
+) -> ProgramScore:
+    """Run a registered policy through the protocol (with the previous placement passed on)."""
+    version = parse_version(version)
+    windows = check_windows(windows, layout)
+    source = policy_source(policy, layout, params)
+    source(0, windows[0], None, windows[:0])  # warm-up: caches, imports, first-call costs
+    run = replay(source, windows, progress=progress)
+    return score_replay(
+        run, windows, layout, version=version, model=model, cluster=cluster,
+        dispatch=dispatch, steps_per_window=steps_per_window,
+    )

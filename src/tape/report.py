@@ -1,0 +1,109 @@
+"""Comparing policies under the protocol, and writing the comparison's files.
+
+`compare_policies` scores each registered policy on the same windows; `write_comparison` writes
+per-policy GPU-load CSVs, heatmaps, box plots and timelines, and one JSON of everything, into the
+output folder it is given (with a manifest).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tape.files import write_json_atomic, write_table_csv
+from tape.layout import Layout
+from tape.protocol import ProgramScore, score_policy
+from tape.presets import ClusterSpec, ModelSpec
+
+__all__ = ["compare_policies", "runtime_stats", "evaluated_gpu_loads", "write_comparison"]
+
+
+def compare_policies(
+    policies: Sequence[str],
+    windows: np.ndarray,
+    layout: Layout,
+    *,
+    version: int | str,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    dispatch: str,
+    steps_per_window: int = 1,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, ProgramScore]:
+    """Score every policy in `policies` on `windows` (same windows, same layout, same run)."""
+    return {
+        name: score_policy(
+            name, windows, layout, version=version, model=model, cluster=cluster,
+            dispatch=dispatch, steps_per_window=steps_per_window, progress=progress,
+        )
+        for name in policies
+    }
+
+
+def runtime_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """Mean, standard deviation, min and max of a policy's call times, in milliseconds."""
+    milliseconds = np.asarray(seconds, dtype=np.float64) * 1e3
+    return {
+        "runtime_mean_ms": float(milliseconds.mean()),
+        "runtime_std_ms": float(milliseconds.std(ddof=1)) if len(milliseconds) > 1 else 0.0,
+        "runtime_min_ms": float(milliseconds.min()),
+        "runtime_max_ms": float(milliseconds.max()),
+    }
+
+
+def evaluated_gpu_loads(score: ProgramScore, windows: np.ndarray, layout: Layout) -> np.ndarray:
+    """[L, G] GPU loads of each pair's placement on its evaluation window, summed over pairs."""
+    return sum(
+        placement.gpu_loads(windows[index + 1], layout.num_gpus)
+        for index, placement in enumerate(score.placements)
+    )
+
+
+def write_comparison(
+    out: Path,
+    results: dict[str, ProgramScore],
+    windows: np.ndarray,
+    layout: Layout,
+    *,
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    dispatch: str,
+    steps_per_window: int,
+    manifest: dict[str, Any],
+) -> list[Path]:
+    """Write the comparison's CSVs, plots and JSON into `out`; return the paths written."""
+    from tape.costmodel import layer_times, traffic
+    from tape.plots import plot_boxplot, plot_heatmap, plot_timeline
+
+    written: list[Path] = []
+    columns = [f"GPU{gpu}" for gpu in range(layout.num_gpus)]
+    for name, score in results.items():
+        loads = evaluated_gpu_loads(score, windows, layout)
+        csv_path = out / f"{name}_gpu_loads.csv"
+        write_table_csv(csv_path, loads, columns, "layer")
+        written.append(csv_path)
+        written.append(plot_heatmap(loads, out / f"{name}_gpu_loads_heatmap.png",
+                                    f"{name}: normalized GPU loads per layer"))
+        written.append(plot_boxplot(loads, out / f"{name}_gpu_loads_boxplot.png",
+                                    f"{name}: GPU load distribution across layers"))
+        last = len(score.placements) - 1
+        times = layer_times(
+            traffic(score.placements[last], windows[last + 1], layout, dispatch),
+            model, cluster, steps=steps_per_window,
+        )
+        written.append(plot_timeline(
+            times.compute, times.comm, out / f"{name}_timeline.png",
+            f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
+        ))
+    summary = {
+        name: {**score.to_json(), **runtime_stats(score.seconds)} for name, score in results.items()
+    }
+    json_path = out / "comparison.json"
+    write_json_atomic(json_path, summary)
+    written.append(json_path)
+    manifest_path = out / "manifest.json"
+    write_json_atomic(manifest_path, {**manifest, "files": [p.name for p in written]})
+    written.append(manifest_path)
+    return written

@@ -1,0 +1,156 @@
+"""End-to-end tests of the `tape` command line on small traces."""
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tape.cli import app
+
+runner = CliRunner()
+SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]
+
+GOOD_PROGRAM = '''
+import numpy as np
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    weight = np.asarray(weight, dtype=float)
+    layers, experts = weight.shape
+    phy2log = np.zeros((layers, num_replicas), dtype=np.int64)
+    for layer in range(layers):
+        counts = np.ones(experts)
+        for _ in range(num_replicas - experts):
+            counts[np.argmax(weight[layer] / counts)] += 1
+        phy2log[layer] = np.repeat(np.arange(experts), counts.astype(int))
+    width = int(max(np.bincount(row).max() for row in phy2log))
+    log2phy = -np.ones((layers, experts, width), dtype=np.int64)
+    logcnt = np.zeros((layers, experts), dtype=np.int64)
+    for layer in range(layers):
+        for slot, expert in enumerate(phy2log[layer]):
+            log2phy[layer, expert, logcnt[layer, expert]] = slot
+            logcnt[layer, expert] += 1
+    return phy2log, log2phy, logcnt
+'''
+
+
+@pytest.fixture()
+def small_trace(tmp_path):
+    rng = np.random.default_rng(0)
+    popularity = rng.pareto(1.5, size=(3, 8)) + 0.1
+    steps = rng.poisson(popularity * 20, size=(40, 3, 8)).astype(float)
+    path = tmp_path / "trace.npy"
+    np.save(path, steps)
+    return path
+
+
+@pytest.fixture()
+def good_program(tmp_path):
+    path = tmp_path / "good.py"
+    path.write_text(textwrap.dedent(GOOD_PROGRAM))
+    return path
+
+
+def _json(result):
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+def test_evaluate_json_has_every_metric_and_per_pair_lists(small_trace, good_program):
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
+                                 "--interval", "10", "--version", "3", "--json", *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    data = _json(result)
+    for key in ("balancedness_score", "speed_score", "communication_score",
+                "weight_copy_score", "combined_score", "avg_raw_time",
+                "overall_balancedness", "compute_balancedness", "efficiency",
+                "gpu_balancedness"):
+        assert key in data, key
+    assert data["error"] is None
+    assert len(data["per_pair"]["balancedness_score"]) == 3  # 4 windows -> 3 pairs
+    expected = (data["balancedness_score"] + data["speed_score"]
+                + data["communication_score"]) / 3
+    assert data["combined_score"] == pytest.approx(expected)
+
+
+def test_evaluate_prints_a_table(small_trace, good_program):
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
+                                 "--interval", "10", *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    assert "balancedness_score" in result.stdout
+    assert "combined_score" in result.stdout
+
+
+def test_program_without_rebalance_experts_scores_zero_with_reason(tmp_path, small_trace):
+    program = tmp_path / "empty.py"
+    program.write_text("x = 1\n")
+    result = runner.invoke(app, ["evaluate", str(program), "--trace", str(small_trace),
+                                 "--interval", "10", "--json", *SMALL_LAYOUT])
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["combined_score"] == 0.0
+    assert "rebalance_experts" in data["error"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--trace", "/no/such/trace.json"], "does not exist"),
+        (["--replicas", "10"], "multiple of num_gpus"),
+        (["--replicas", "4", "--gpus", "4"], "at least the number of experts"),
+        (["--version", "7"], "unknown version"),
+        (["--dispatch", "nearest"], "unknown dispatch"),
+    ],
+)
+def test_user_mistakes_get_one_line_errors(small_trace, good_program, arguments, message):
+    base = {"--trace": str(small_trace), "--replicas": "12", "--groups": "2", "--nodes": "2",
+            "--gpus": "4", "--interval": "10"}
+    for flag, value in zip(arguments[::2], arguments[1::2]):
+        base[flag] = value
+    flat = [item for pair in base.items() for item in pair]
+    result = runner.invoke(app, ["evaluate", str(good_program), *flat])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_dir_writes_one_result_per_program(tmp_path, small_trace, good_program):
+    folder = tmp_path / "programs"
+    folder.mkdir()
+    (folder / "good.py").write_text(good_program.read_text())
+    (folder / "broken.py").write_text("def rebalance_experts(*args):\n    raise RuntimeError('x')\n")
+    out = tmp_path / "results"
+    result = runner.invoke(app, ["evaluate-dir", str(folder), "--trace", str(small_trace),
+                                 "--interval", "10", "--out", str(out), *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    good = json.loads((out / "good_result.json").read_text())
+    broken = json.loads((out / "broken_result.json").read_text())
+    assert good["combined_score"] > 0 and good["error"] is None
+    assert broken["combined_score"] == 0.0 and "RuntimeError" in broken["error"]
+    assert json.loads((out / "manifest.json").read_text())["programs"] == [
+        "broken.py", "good.py"]
+
+
+def test_compare_writes_the_notebook_outputs(tmp_path, small_trace):
+    out = tmp_path / "compare"
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", "vanilla,deepseek", "--out", str(out),
+                                 *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    for policy in ("vanilla", "deepseek"):
+        for suffix in ("_gpu_loads.csv", "_gpu_loads_heatmap.png", "_gpu_loads_boxplot.png",
+                       "_timeline.png"):
+            assert (out / f"{policy}{suffix}").stat().st_size > 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison) == {"vanilla", "deepseek"}
+    assert comparison["deepseek"]["gpu_balancedness"] >= comparison["vanilla"]["gpu_balancedness"]
+    csv_rows = (out / "deepseek_gpu_loads.csv").read_text().splitlines()
+    assert csv_rows[0] == "layer,GPU0,GPU1,GPU2,GPU3" and len(csv_rows) == 1 + 3
+
+
+def test_compare_rejects_unknown_policy(small_trace):
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", "deepseek,nope", *SMALL_LAYOUT])
+    assert result.exit_code == 2
+    assert "unknown policy 'nope'" in result.output

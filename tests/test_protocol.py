@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from tape import Layout, Placement, TapeError, TraceError
+from tape import metrics
+from tape.protocol import (
+    VERSIONS, Replay, check_windows, combined_key, parse_version, replay, score_replay,
+)
+
+LAYOUT = Layout(num_replicas=6, num_groups=2, num_nodes=2, num_gpus=2)
+
+
+def _windows(seed=0, count=4):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 50, size=(count, 2, 4)).astype(float)
+
+
+def test_replay_passes_only_earlier_windows_and_the_previous_placement():
+    windows = _windows()
+    seen = []
+
+    def source(index, weight, previous, history):
+        seen.append((index, weight.copy(), previous, history.copy()))
+        return Placement(np.tile([0, 1, 2, 3, 0, 1], (2, 1)), 4), 0.001
+
+    run = replay(source, windows)
+    assert len(run.placements) == windows.shape[0] - 1
+    for index, weight, previous, history in seen:
+        np.testing.assert_array_equal(weight, windows[index])
+        np.testing.assert_array_equal(history, windows[:index])
+        assert (previous is None) == (index == 0)
+    # The last window is only ever scored on, never handed to the policy.
+    assert all(not np.array_equal(weight, windows[-1]) for _, weight, _, _ in seen)
+
+
+def test_score_replay_scores_placement_i_on_window_i_plus_one():
+    windows = _windows(1)
+    placements = [
+        Placement(np.tile([0, 1, 2, 3, 0, 1], (2, 1)), 4),
+        Placement(np.tile([3, 2, 1, 0, 3, 2], (2, 1)), 4),
+        Placement(np.tile([0, 2, 1, 3, 1, 0], (2, 1)), 4),
+    ]
+    run = Replay(placements, [0.01, 0.02, 0.03])
+    score = score_replay(run, windows, LAYOUT, version=0)
+    expected = [metrics.balancedness_score(p, windows[i + 1]) for i, p in enumerate(placements)]
+    assert score.per_pair["balancedness_score"] == pytest.approx(expected)
+    assert score.metrics["balancedness_score"] == pytest.approx(np.mean(expected))
+    assert score.metrics["avg_raw_time"] == pytest.approx(0.02)
+    assert score.metrics["speed_score"] == pytest.approx(0.02 / 0.02)
+    assert score.metrics["combined_score"] == pytest.approx(
+        (score.metrics["balancedness_score"] + score.metrics["speed_score"]) / 2
+    )
+    # Migration is counted between consecutive placements only: one value per later pair.
+    assert len(score.per_pair["moved_experts"]) == len(placements) - 1
+    for version in VERSIONS:
+        assert combined_key(version) in score.metrics
+
+
+def test_versions_parse_and_reject():
+    assert parse_version("4") == 4
+    assert parse_version("Realistic") == "realistic"
+    with pytest.raises(TapeError, match="unknown version"):
+        parse_version("1")
+
+
+def test_check_windows_rejects_unusable_traces():
+    with pytest.raises(TraceError, match="at least 2 windows"):
+        check_windows(np.ones((1, 2, 4)), LAYOUT)
+    with pytest.raises(TraceError, match="non-negative"):
+        check_windows(-np.ones((3, 2, 4)), LAYOUT)
+    with pytest.raises(TapeError, match="at least the number of experts"):
+        check_windows(np.ones((3, 2, 8)), LAYOUT)
