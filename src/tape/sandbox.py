@@ -1,0 +1,394 @@
+"""Run a user's `rebalance_experts` program in a child process it cannot escape.
+
+A program (a Python file that defines `rebalance_experts(weight, num_replicas, num_groups,
+num_nodes, num_gpus) -> (phy2log, log2phy, logcnt)`, DeepSeek EPLB's entry point) may hang, eat
+memory, crash, return garbage or look through its caller's stack for data it should not see.
+`SandboxedProgram` contains all of that:
+
+- the program is imported and called in one long-lived child process started with the `spawn`
+  method (a fresh interpreter: none of the caller's memory), reused across calls and restarted
+  after it is killed;
+- each call sends the child only the window being balanced, so nothing in the child (stack
+  frames, globals, the garbage collector) holds another window;
+- each call has a hard timeout: past it the child is killed, not merely abandoned;
+- the child's address space is capped (`RLIMIT_AS`, on Linux) at its size after start-up plus
+  `memory_mb`, so a program that eats memory fails with a MemoryError or dies alone;
+- API keys and other secrets are removed from the child's environment, and SIGINT is left to the
+  parent;
+- outputs are checked in the child (a 3-tuple of integer arrays of the right shapes) and again in
+  the parent (`Placement.from_maps(...).validate(...)`: consistent maps, every expert replicated);
+- the seconds reported are measured in the child around the call alone, with a clock bound
+  before the program was imported.
+
+Every failure raises `tape.errors.ProgramError` with a one-line reason. The sandbox contains
+faults and hides data; it is not a security boundary against code written to attack TAPE itself
+(such code could, for example, forge its own timing from inside the child).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+from tape.arrays import to_numpy
+from tape.errors import PlacementError, ProgramError
+from tape.layout import Layout
+from tape.placement import Placement
+
+__all__ = ["ENTRY_POINT", "SandboxedProgram"]
+
+ENTRY_POINT = "rebalance_experts"
+"""The function a program must define."""
+
+STARTUP_SECONDS = 120.0
+"""How long a fresh child may take to start its interpreter (before the program is imported)."""
+
+_SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+_OUTPUT_TAIL_CHARS = 300
+_TORCH_HINT = "program needs torch: pip install torch==2.13.0"
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# The child process.
+
+
+class _TailBuffer:
+    """A write-only text stream that keeps the last few hundred characters written to it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text = (self.text + text)[-_OUTPUT_TAIL_CHARS:]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _address_space_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _limit_memory(memory_mb: int) -> None:
+    """Cap the address space at its current size plus `memory_mb` (Linux only)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    current = _address_space_bytes()
+    if current is None:
+        return
+    limit = current + int(memory_mb) * 2**20
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ValueError, OSError):
+        pass
+
+
+def _remove_secrets() -> None:
+    for name in list(os.environ):
+        if any(marker in name.upper() for marker in _SECRET_MARKERS):
+            del os.environ[name]
+
+
+def _describe_exception(error: BaseException, program_path: str, memory_mb: int) -> str:
+    if isinstance(error, MemoryError):
+        return f"exceeded the memory limit of {memory_mb} MB (MemoryError)"
+    where = ""
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename == program_path:
+            where = f" (line {frame.lineno} of the program)"
+            break
+    message = f": {error}" if str(error) else ""
+    return f"{type(error).__name__}{message}{where}"
+
+
+def _load_program(program_path: str, memory_mb: int) -> tuple[Any, bool]:
+    """Import the program; return its entry point and whether it uses torch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sandboxed_program", program_path)
+    if spec is None or spec.loader is None:
+        raise ProgramError(f"cannot load {program_path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ProgramError(f"syntax error in the program, line {error.lineno}: {error.msg}")
+    except ModuleNotFoundError as error:
+        if error.name == "torch":
+            raise ProgramError(_TORCH_HINT) from None
+        raise ProgramError(f"the program imports a missing module: {error.name}") from None
+    except BaseException as error:  # noqa: BLE001 - any failure of foreign code is reported
+        reason = _describe_exception(error, program_path, memory_mb)
+        raise ProgramError(f"importing the program failed: {reason}") from None
+    function = getattr(module, ENTRY_POINT, None)
+    if not callable(function):
+        raise ProgramError(f"the program defines no function `{ENTRY_POINT}`")
+    return function, "torch" in sys.modules
+
+
+def _check_outputs(result: Any, num_layers: int, num_experts: int, num_replicas: int) -> tuple:
+    """The three outputs as int64 numpy arrays, with their shapes checked."""
+    if not isinstance(result, (tuple, list)) or len(result) != 3:
+        kind = f"a {type(result).__name__}"
+        if isinstance(result, (tuple, list)):
+            kind += f" of length {len(result)}"
+        raise ProgramError(
+            f"{ENTRY_POINT} returned {kind}, expected a tuple (phy2log, log2phy, logcnt)"
+        )
+    expected = {
+        "phy2log": (num_layers, num_replicas),
+        "log2phy": (num_layers, num_experts, None),
+        "logcnt": (num_layers, num_experts),
+    }
+    arrays = []
+    for (name, shape), value in zip(expected.items(), result):
+        try:
+            array = to_numpy(value)
+        except Exception as error:  # noqa: BLE001 - foreign objects may fail in any way
+            raise ProgramError(f"{name} is not an array ({type(value).__name__}): {error}")
+        whole_floats = array.dtype.kind == "f" and bool(
+            np.all(np.isfinite(array)) and np.all(array == np.round(array))
+        )
+        if array.dtype.kind not in "iub" and not whole_floats:
+            raise ProgramError(f"{name} must hold integers, got dtype {array.dtype}")
+        if array.ndim != len(shape) or any(
+            size is not None and actual != size for actual, size in zip(array.shape, shape)
+        ):
+            wanted = "(" + ", ".join("X" if size is None else str(size) for size in shape) + ")"
+            raise ProgramError(f"{name} has shape {array.shape}, expected {wanted}")
+        if name == "log2phy" and not 1 <= array.shape[2] <= num_replicas:
+            raise ProgramError(
+                f"log2phy has {array.shape[2]} columns, expected 1 to num_replicas ({num_replicas})"
+            )
+        arrays.append(np.ascontiguousarray(array, dtype=np.int64))
+    return tuple(arrays)
+
+
+def _run_call(
+    function: Any,
+    weight: np.ndarray,
+    arguments: tuple[int, int, int, int],
+    uses_torch: bool,
+    clock: Any,
+    program_path: str,
+    memory_mb: int,
+) -> tuple:
+    """One call of the program, as the message to send back."""
+    num_layers, num_experts = weight.shape
+    try:
+        if uses_torch:
+            import torch
+
+            argument = torch.from_numpy(weight)
+        else:
+            argument = weight
+        start = clock()
+        result = function(argument, *arguments)
+        seconds = clock() - start
+        outputs = _check_outputs(result, num_layers, num_experts, arguments[0])
+    except ProgramError as error:
+        return ("error", str(error))
+    except BaseException as error:  # noqa: BLE001 - any failure of foreign code is reported
+        reason = _describe_exception(error, program_path, memory_mb)
+        return ("error", f"{ENTRY_POINT} raised {reason}")
+    return ("ok", *outputs, float(seconds))
+
+
+def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
+    """The child's whole life: start, import the program, then answer calls until told to exit.
+
+    Messages in: ("call", weight [L, E] float64, (num_replicas, num_groups, num_nodes, num_gpus))
+    or ("exit",). Messages out: ("started",), then ("ready",) or ("error", reason), then one
+    ("ok", phy2log, log2phy, logcnt, seconds) or ("error", reason) per call.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _remove_secrets()
+    output = _TailBuffer()
+    sys.stdout = sys.stderr = output
+    connection.send(("started",))
+    _limit_memory(memory_mb)
+    try:
+        function, uses_torch = _load_program(program_path, memory_mb)
+    except ProgramError as error:
+        connection.send(("error", str(error)))
+        return
+    connection.send(("ready",))
+    clock = perf_counter
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return
+        if message[0] == "exit":
+            return
+        _, weight, arguments = message
+        del message
+        reply = _run_call(function, weight, arguments, uses_torch, clock, program_path, memory_mb)
+        if reply[0] == "error" and reply[1].startswith(f"{ENTRY_POINT} raised") and output.text:
+            reply = ("error", f"{reply[1]}; its last output: {_one_line(output.text, 200)}")
+        del weight
+        connection.send(reply)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent side.
+
+
+class SandboxedProgram:
+    """A program file whose `rebalance_experts` runs in a sandboxed child process.
+
+    Use as a context manager (or call `close()`):
+
+        with SandboxedProgram("best_program.py", timeout_s=30) as program:
+            placement, seconds = program.call(weight, layout)
+
+    Args:
+        path: the program file.
+        timeout_s: seconds one call (or the program's import) may take before the child is
+            killed.
+        memory_mb: megabytes of address space the program may add to the child's start-up size.
+    """
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 60.0, memory_mb: int = 4096):
+        if not timeout_s > 0:
+            raise ProgramError(f"timeout_s must be positive, got {timeout_s}")
+        if not memory_mb > 0:
+            raise ProgramError(f"memory_mb must be positive, got {memory_mb}")
+        self.path = Path(path).resolve()
+        self.timeout_s = float(timeout_s)
+        self.memory_mb = int(memory_mb)
+        self._process: Any = None
+        self._connection: Any = None
+
+    def __enter__(self) -> SandboxedProgram:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, or None when no child is running."""
+        return self._process.pid if self._process is not None else None
+
+    def call(self, weight: np.ndarray, layout: Layout) -> tuple[Placement, float]:
+        """Run `rebalance_experts(weight, S, num_groups, N, G)` in the child.
+
+        Args:
+            weight: [L, E] float64, the load of the window to balance (the only data sent).
+            layout: the cluster layout whose arguments are passed on.
+
+        Returns:
+            The validated placement and the seconds the call itself took (measured in the child).
+
+        Raises:
+            ProgramError: the program could not be loaded, raised, timed out (its process is
+                killed), exceeded its memory, died, or returned an invalid placement.
+        """
+        weight = np.ascontiguousarray(weight, dtype=np.float64)
+        if weight.ndim != 2:
+            raise ProgramError(f"weight must be [layers, experts], got shape {weight.shape}")
+        self._ensure_started()
+        arguments = (layout.num_replicas, layout.num_groups, layout.num_nodes, layout.num_gpus)
+        self._connection.send(("call", weight, arguments))
+        reply = self._receive(self.timeout_s, f"{ENTRY_POINT} timed out after {self.timeout_s:g} s")
+        if reply[0] == "error":
+            raise ProgramError(reply[1])
+        _, phy2log, log2phy, logcnt, seconds = reply
+        try:
+            placement = Placement.from_maps(phy2log, log2phy, logcnt).validate(
+                layout, weight.shape[0]
+            )
+        except PlacementError as error:
+            raise ProgramError(f"{ENTRY_POINT} returned an invalid placement: {error}") from None
+        if not (isinstance(seconds, float) and np.isfinite(seconds) and seconds >= 0):
+            raise ProgramError(f"the child reported an invalid runtime {seconds!r}")
+        return placement, seconds
+
+    def close(self) -> None:
+        """Ask the child to exit; kill it if it does not. Safe to call twice."""
+        if self._process is None:
+            return
+        try:
+            self._connection.send(("exit",))
+        except (OSError, ValueError):
+            pass
+        self._process.join(timeout=2.0)
+        self._stop()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            return
+        self._stop()
+        if not self.path.is_file():
+            raise ProgramError(f"program {self.path} does not exist")
+        context = multiprocessing.get_context("spawn")
+        parent_end, child_end = context.Pipe(duplex=True)
+        process = context.Process(
+            target=_child_main,
+            args=(child_end, str(self.path), self.memory_mb),
+            name=f"tape-sandbox:{self.path.name}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        self._process, self._connection = process, parent_end
+        self._receive(STARTUP_SECONDS, f"the sandbox did not start within {STARTUP_SECONDS:g} s")
+        reply = self._receive(
+            self.timeout_s, f"importing the program timed out after {self.timeout_s:g} s"
+        )
+        if reply[0] == "error":
+            self._stop()
+            raise ProgramError(reply[1])
+
+    def _receive(self, timeout: float, timeout_reason: str) -> tuple:
+        """The child's next message; kill it and raise ProgramError on timeout or death."""
+        try:
+            ready = self._connection.poll(timeout)
+            if ready:
+                return self._connection.recv()
+        except (EOFError, OSError):
+            raise ProgramError(self._death_reason()) from None
+        self._stop()
+        raise ProgramError(f"{timeout_reason}; its process was killed")
+
+    def _death_reason(self) -> str:
+        self._process.join(timeout=5.0)
+        code = self._process.exitcode
+        self._stop()
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            hint = " (out of memory?)" if name in ("SIGKILL", "SIGSEGV", "SIGABRT") else ""
+            return f"the program's process died from signal {name}{hint}"
+        return f"the program's process exited unexpectedly (exit code {code})"
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+            self._process.join(timeout=5.0)
+        if self._connection is not None:
+            self._connection.close()
+        self._process = self._connection = None

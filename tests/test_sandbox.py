@@ -1,0 +1,288 @@
+"""The sandbox contains programs that hang, eat memory, raise, return garbage or snoop."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from tape.errors import ProgramError
+from tape.layout import Layout
+from tape.sandbox import SandboxedProgram
+
+LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
+NUM_LAYERS, NUM_EXPERTS = 3, 8
+
+# A correct program: expert e in slot e, then the hottest experts copied into the spare slots.
+GOOD = """
+import numpy as np
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    weight = np.asarray(weight, dtype=float)
+    layers, experts = weight.shape
+    spare = num_replicas - experts
+    hottest = np.argsort(-weight, axis=1, kind="stable")[:, :spare]
+    phy2log = np.concatenate([np.tile(np.arange(experts), (layers, 1)), hottest], axis=1)
+    logcnt = np.ones((layers, experts), dtype=np.int64)
+    log2phy = np.full((layers, experts, 2), -1, dtype=np.int64)
+    log2phy[:, :, 0] = np.arange(experts)
+    for layer in range(layers):
+        for offset, expert in enumerate(hottest[layer]):
+            logcnt[layer, expert] += 1
+            log2phy[layer, expert, 1] = experts + offset
+    return phy2log, log2phy, logcnt
+"""
+
+
+def write(tmp_path, body: str, name: str = "program.py") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def window(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((NUM_LAYERS, NUM_EXPERTS)) * 100
+
+
+def assert_fails(program: SandboxedProgram, weight: np.ndarray, reason: str) -> None:
+    """`program.call(weight)` raises ProgramError matching `reason`; the child is then stopped."""
+    with program, pytest.raises(ProgramError, match=reason):
+        program.call(weight, LAYOUT)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def expected_good_phy2log(weight: np.ndarray) -> np.ndarray:
+    """The GOOD program's phy2log worked out directly: identity, then the 4 hottest experts."""
+    rows = []
+    for layer in range(NUM_LAYERS):
+        order = sorted(range(NUM_EXPERTS), key=lambda expert: (-weight[layer, expert], expert))
+        rows.append(list(range(NUM_EXPERTS)) + order[:4])
+    return np.array(rows)
+
+
+def test_a_correct_program_runs_and_reuses_one_child(tmp_path):
+    path = write(tmp_path, GOOD)
+    with SandboxedProgram(path, timeout_s=20) as program:
+        first, seconds = program.call(window(0), LAYOUT)
+        pid = program.pid
+        second, _ = program.call(window(1), LAYOUT)
+        assert program.pid == pid
+    assert program.pid is None and process_gone(pid)
+    np.testing.assert_array_equal(first.phy2log, expected_good_phy2log(window(0)))
+    np.testing.assert_array_equal(second.phy2log, expected_good_phy2log(window(1)))
+    assert first.logcnt.sum(axis=1).tolist() == [12] * NUM_LAYERS
+    assert 0 <= seconds < 5
+
+
+def test_a_program_that_sleeps_forever_is_killed_within_the_timeout(tmp_path):
+    path = write(
+        tmp_path,
+        GOOD.replace(
+            "    weight = np.asarray(weight, dtype=float)\n",
+            "    weight = np.asarray(weight, dtype=float)\n"
+            "    if weight[0, 0] < 0:\n"
+            "        import time\n"
+            "        while True:\n"
+            "            time.sleep(1)\n",
+        ),
+    )
+    stuck = window(0)
+    stuck[0, 0] = -1
+    with SandboxedProgram(path, timeout_s=1.0) as program:
+        program.call(window(0), LAYOUT)
+        pid = program.pid
+        start = time.monotonic()
+        with pytest.raises(ProgramError, match=r"timed out after 1 s; its process was killed"):
+            program.call(stuck, LAYOUT)
+        assert time.monotonic() - start < 4
+        assert process_gone(pid)
+        placement, _ = program.call(window(1), LAYOUT)  # a fresh child takes over
+        assert program.pid != pid
+        np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(window(1)))
+
+
+def test_a_program_that_hangs_at_import_is_killed(tmp_path):
+    path = write(tmp_path, "while True:\n    pass\n" + GOOD)
+    start = time.monotonic()
+    assert_fails(
+        SandboxedProgram(path, timeout_s=1.0), window(), "importing the program timed out after 1 s"
+    )
+    assert time.monotonic() - start < 30
+
+
+def test_a_program_that_eats_memory_is_contained(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        import numpy as np
+
+        def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+            hoard = []
+            while True:
+                hoard.append(np.ones(2**24))  # 128 MiB at a time, touched
+        """,
+    )
+    program = SandboxedProgram(path, timeout_s=30, memory_mb=300)
+    assert_fails(program, window(), "exceeded the memory limit of 300 MB")
+
+
+def test_a_program_that_raises_reports_the_error_and_its_line(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+            print("about to fail")
+            raise ValueError("no placement for you")
+        """,
+    )
+    with SandboxedProgram(path, timeout_s=20) as program, pytest.raises(ProgramError) as caught:
+        program.call(window(), LAYOUT)
+    message = str(caught.value)
+    assert "rebalance_experts raised ValueError: no placement for you (line 4 of the program)" in (
+        message
+    )
+    assert "about to fail" in message and "\n" not in message
+
+
+IDENTITY_MAPS = """
+import numpy as np
+
+def maps(layers, experts, num_replicas):
+    phy2log = np.tile(np.arange(num_replicas) % experts, (layers, 1))
+    logcnt = np.zeros((layers, experts), dtype=np.int64)
+    log2phy = np.full((layers, experts, 2), -1, dtype=np.int64)
+    for slot in range(num_replicas):
+        expert = slot % experts
+        log2phy[:, expert, logcnt[0, expert]] = slot
+        logcnt[:, expert] += 1
+    return phy2log, log2phy, logcnt
+"""
+
+
+@pytest.mark.parametrize(
+    ("returned", "reason"),
+    [
+        ("None", "returned a NoneType, expected a tuple"),
+        ("(phy2log, logcnt)", "returned a tuple of length 2"),
+        (
+            "(phy2log[:, :-1], log2phy, logcnt)",
+            r"phy2log has shape \(3, 11\), expected \(3, 12\)",
+        ),
+        ("(phy2log, log2phy, logcnt[:, :4])", r"logcnt has shape \(3, 4\), expected \(3, 8\)"),
+        ("(phy2log + 0.5, log2phy, logcnt)", "phy2log must hold integers"),
+        ("(phy2log, log2phy, 'many')", "logcnt must hold integers"),
+        ("(phy2log, log2phy, logcnt + 1)", r"invalid placement: logcnt\[0, 0\] = 3"),
+        (
+            "(np.zeros_like(phy2log), log2phy, logcnt)",
+            "invalid placement: expert 1 of layer 0 has no replica",
+        ),
+        (
+            "(phy2log, log2phy[:, [1, 0, 2, 3, 4, 5, 6, 7]], logcnt)",
+            "invalid placement: log2phy puts expert 0 of layer 0 in slot 1",
+        ),
+    ],
+)
+def test_garbage_outputs_are_rejected_with_the_reason(tmp_path, returned, reason):
+    path = write(
+        tmp_path,
+        IDENTITY_MAPS
+        + "\ndef rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
+        + "    phy2log, log2phy, logcnt = maps(*weight.shape, num_replicas)\n"
+        + f"    return {returned}\n",
+    )
+    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+
+
+SNOOP = """
+import gc
+import sys
+
+import numpy as np
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    seen = []
+    frame = sys._getframe()
+    while frame is not None:
+        seen.extend(frame.f_locals.values())
+        seen.extend(frame.f_globals.values())
+        frame = frame.f_back
+    seen.extend(gc.get_objects())
+    arrays = [value for value in seen if isinstance(value, np.ndarray)]
+    if any(array.dtype.kind == "f" and np.any(array == 7777.0) for array in arrays):
+        raise RuntimeError("found a later window")
+    print("searched", len(arrays), "arrays")
+    return good(weight, num_replicas, num_groups, num_nodes, num_gpus)
+"""
+
+
+def test_a_program_that_inspects_its_callers_finds_no_other_window(tmp_path):
+    path = write(tmp_path, GOOD.replace("def rebalance_experts", "def good") + SNOOP)
+    windows = np.stack([window(0), np.full((NUM_LAYERS, NUM_EXPERTS), 7777.0)])
+    with SandboxedProgram(path, timeout_s=20) as program:
+        placement, _ = program.call(windows[0], LAYOUT)
+    np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(windows[0]))
+    # The same search does find the marked window when it is the one passed in: the probe works.
+    assert_fails(SandboxedProgram(path, timeout_s=20), windows[1], "found a later window")
+
+
+def test_secrets_are_removed_from_the_childs_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("TAPE_VISIBLE", "yes")
+    path = write(
+        tmp_path,
+        "import os\n"
+        "assert 'OPENAI_API_KEY' not in os.environ, 'key leaked'\n"
+        "assert os.environ.get('TAPE_VISIBLE') == 'yes', 'ordinary variables must pass'\n" + GOOD,
+    )
+    with SandboxedProgram(path, timeout_s=20) as program:
+        program.call(window(), LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("def rebalance_experts(:\n    pass\n", "syntax error in the program, line 1"),
+        ("def something_else():\n    pass\n", "defines no function `rebalance_experts`"),
+        ("import torch\n", "program needs torch: pip install torch==2.13.0"),
+        ("import no_such_module_here\n", "imports a missing module: no_such_module_here"),
+        ("raise KeyError('at import')\n", "importing the program failed: KeyError: 'at import'"),
+    ],
+)
+def test_programs_that_cannot_load_are_rejected(tmp_path, body, reason):
+    if body.startswith("import torch") and importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here")
+    path = write(tmp_path, body)
+    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+
+
+def test_a_missing_file_is_rejected(tmp_path):
+    with pytest.raises(ProgramError, match="does not exist"):
+        SandboxedProgram(tmp_path / "absent.py").call(window(), LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("exit_line", "reason"),
+    [
+        ("import sys; sys.exit(3)", "rebalance_experts raised SystemExit: 3"),
+        ("import os; os._exit(3)", r"exited unexpectedly \(exit code 3\)"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "died from signal SIGKILL"),
+    ],
+)
+def test_a_program_that_exits_or_dies_is_reported(tmp_path, exit_line, reason):
+    path = write(
+        tmp_path,
+        f"def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
+        f"    {exit_line}\n",
+    )
+    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
