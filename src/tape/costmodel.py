@@ -78,11 +78,13 @@ def link_bytes(flows: Traffic, model: ModelSpec) -> LinkBytes:
     `combine_bytes_per_token` for each result it returns (one per token it received).
     """
     dispatch, combine = model.dispatch_bytes_per_token, model.combine_bytes_per_token
+    nvlink_sent, nvlink_received = flows.nvlink_sent_tokens, flows.nvlink_received_tokens
+    ib_sent, ib_received = flows.ib_sent_tokens, flows.ib_received_tokens
     return LinkBytes(
-        nvlink_sent=flows.nvlink_sent_tokens * dispatch + flows.nvlink_received_tokens * combine,
-        nvlink_received=flows.nvlink_received_tokens * dispatch + flows.nvlink_sent_tokens * combine,
-        ib_sent=flows.ib_sent_tokens * dispatch + flows.ib_received_tokens * combine,
-        ib_received=flows.ib_received_tokens * dispatch + flows.ib_sent_tokens * combine,
+        nvlink_sent=nvlink_sent * dispatch + nvlink_received * combine,
+        nvlink_received=nvlink_received * dispatch + nvlink_sent * combine,
+        ib_sent=ib_sent * dispatch + ib_received * combine,
+        ib_received=ib_received * dispatch + ib_sent * combine,
     )
 
 
@@ -107,6 +109,11 @@ class LayerTimes:
     start: np.ndarray
 
     @property
+    def comm(self) -> np.ndarray:
+        """float64 [L, G]: dispatch + combine."""
+        return self.dispatch + self.combine
+
+    @property
     def busy(self) -> np.ndarray:
         """float64 [L, G]: dispatch + compute + combine."""
         return self.dispatch + self.compute + self.combine
@@ -125,8 +132,11 @@ def _checked_steps(steps: float) -> float:
     return float(steps)
 
 
-def _link_seconds(sent: np.ndarray, received: np.ndarray, bandwidth: float, size: float) -> np.ndarray:
-    return np.maximum(sent, received) * (size / bandwidth)
+def _link_seconds(
+    sent: np.ndarray, received: np.ndarray, bandwidth: float, bytes_per_token: float
+) -> np.ndarray:
+    """[L, G] seconds to send and receive (at once, full duplex) tokens over one link."""
+    return np.maximum(sent, received) * (bytes_per_token / bandwidth)
 
 
 def layer_times(
@@ -148,11 +158,16 @@ def layer_times(
     compute = flows.computed_tokens * (model.flops_per_token / cluster.flops / steps)
     compute = compute + flows.active_slots * (model.bytes_per_expert / cluster.memory_bandwidth)
 
-    def phase(size: float) -> np.ndarray:
+    def phase(bytes_per_token: float) -> np.ndarray:
         nvlink = _link_seconds(
-            flows.nvlink_sent_tokens, flows.nvlink_received_tokens, cluster.nvlink_bandwidth, size
+            flows.nvlink_sent_tokens,
+            flows.nvlink_received_tokens,
+            cluster.nvlink_bandwidth,
+            bytes_per_token,
         )
-        ib = _link_seconds(flows.ib_sent_tokens, flows.ib_received_tokens, cluster.ib_bandwidth, size)
+        ib = _link_seconds(
+            flows.ib_sent_tokens, flows.ib_received_tokens, cluster.ib_bandwidth, bytes_per_token
+        )
         return np.maximum(nvlink, ib) / steps
 
     dispatch = phase(model.dispatch_bytes_per_token)
@@ -227,7 +242,7 @@ def migration_metrics(
     layout: Layout,
     model: ModelSpec,
     cluster: ClusterSpec,
-) -> dict[str, float]:
+) -> dict[str, int | float]:
     """The realistic model's summary of one rebalance, from `previous` to `current`.
 
     Returns:

@@ -118,7 +118,10 @@ def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
     for key, value in fields.items():
         expected = known[key].type
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and "e" in value.lower():
+                hint = " (YAML reads an exponent as a number only with a dot and a sign: 50.0e+9)"
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}{hint}")
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
         if expected == "int":
