@@ -1,0 +1,281 @@
+"""Trace loading, validation, windowing and JSON writing (tape.trace)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tape.errors import TraceError
+from tape.trace import (
+    STEPS_PER_BLOCK,
+    check_loads,
+    describe,
+    load_trace,
+    window_loads,
+    write_expert_load_json,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# The hand-written contents of fixtures/expert-load-tiny.json.
+TINY_JSON_STEPS = [
+    [[1, 0, 2, 5], [3, 3, 0, 1]],
+    [[0, 4, 1, 1], [2, 2, 2, 2]],
+    [[7, 0, 0.5, 1], [0, 1, 5, 0]],
+]
+
+
+def test_json_fixture_loads_every_step_and_ignores_extra_keys():
+    loads = load_trace(FIXTURES / "expert-load-tiny.json")
+    assert loads.dtype == np.float64
+    assert loads.shape == (3, 2, 4)
+    assert loads.tolist() == TINY_JSON_STEPS
+    # Column sums worked by hand: layer 0 = [8, 4, 3.5, 7], layer 1 = [5, 6, 7, 3].
+    assert loads.sum(axis=0).tolist() == [[8, 4, 3.5, 7], [5, 6, 7, 3]]
+
+
+def test_csv_folder_uses_natural_order_and_rows_as_steps():
+    loads = load_trace(FIXTURES / "moe_token_dist")
+    # Layers in the order layer_1, layer_2, layer_10 (not layer_1, layer_10, layer_2).
+    assert loads.shape == (2, 3, 4)
+    assert loads[0].tolist() == [[1, 2, 3, 4], [5, 0, 0, 5], [0, 0, 9, 0]]
+    assert loads[1].tolist() == [[0, 1, 0, 1], [1, 1, 1, 1], [2, 0, 0, 2]]
+
+
+def test_csv_folder_with_unequal_rows_sums_columns_into_one_step(tmp_path):
+    (tmp_path / "layer0.csv").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "layer1.csv").write_text("1,0,1\n1,0,1\n1,0,1\n")
+    loads = load_trace(tmp_path)
+    assert loads.shape == (1, 2, 3)
+    assert loads[0].tolist() == [[5, 7, 9], [3, 0, 3]]
+
+
+def test_csv_folder_with_one_row_per_file(tmp_path):
+    (tmp_path / "a.csv").write_text("1,2\n")
+    (tmp_path / "b.csv").write_text("3,4\n")
+    assert load_trace(tmp_path).tolist() == [[[1, 2], [3, 4]]]
+
+
+def test_numpy_files(tmp_path):
+    loads = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    np.save(tmp_path / "trace.npy", loads)
+    np.savez(tmp_path / "one.npz", anything=loads)
+    np.savez(tmp_path / "named.npz", loads=loads, other=np.zeros(3))
+    np.save(tmp_path / "single.npy", loads[0])
+    for name in ("trace.npy", "one.npz", "named.npz"):
+        result = load_trace(tmp_path / name)
+        assert result.dtype == np.float64
+        assert np.array_equal(result, loads)
+    assert load_trace(tmp_path / "single.npy").shape == (1, 3, 4)
+
+
+def test_sglang_dump_needs_torch(tmp_path, monkeypatch):
+    dump = tmp_path / "expert_distribution.pt"
+    dump.write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(TraceError, match=r"expert_distribution\.pt: .*pip install torch"):
+        load_trace(dump)
+
+
+def test_sglang_dump_with_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    counts = torch.arange(2 * 3 * 4, dtype=torch.int32).reshape(2, 3, 4)
+    torch.save({"rank": 0, "logical_count": counts}, tmp_path / "dict.pt")
+    torch.save(counts, tmp_path / "bare.pt")
+    torch.save({"physical_count": counts}, tmp_path / "wrong_key.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    expected = np.arange(24, dtype=np.float64).reshape(2, 3, 4)
+    assert np.array_equal(load_trace(tmp_path / "dict.pt"), expected)
+    assert np.array_equal(load_trace(tmp_path / "bare.pt"), expected)
+    with pytest.raises(TraceError, match=r"wrong_key\.pt: no 'logical_count'.*physical_count"):
+        load_trace(tmp_path / "wrong_key.pt")
+    with pytest.raises(TraceError, match=r"garbage\.pt: torch\.load cannot read it"):
+        load_trace(tmp_path / "garbage.pt")
+
+
+def _steps_json(*steps: object) -> str:
+    return json.dumps({"load_history": [{"logical_expert_load": step} for step in steps]})
+
+
+BAD_JSON = [
+    ('{"load_history": [{"logical_expert_load": [[1, 2]]}', "malformed JSON.*premature EOF"),
+    ('{"load_history": [{"logical_expert_load": [[1, 2]]},]}', "malformed JSON"),
+    ('{"load_history": [{"logical_expert_load": [[NaN, 2]]}]}', "JSON has no NaN or Infinity"),
+    ("", "malformed JSON"),
+    ('{"steps": [[1, 2]]}', "no 'load_history' key"),
+    ('{"load_history": []}', "'load_history' is empty"),
+    ('{"load_history": {"a": 1}}', "'load_history' must be a list of steps, got a JSON object"),
+    ("[[1, 2]]", "expected a JSON object with a 'load_history' list, got a JSON list"),
+    ('{"load_history": [{"load": [[1]]}]}', r"load_history\[0\] has no 'logical_expert_load'"),
+    ('{"load_history": [[[1]]]}', r"load_history\[0\] has no 'logical_expert_load'"),
+    (_steps_json([[1, 2], [3]]), "ragged load at step 0: layer 1 has 1 experts, layer 0 has 2"),
+    (
+        _steps_json([[1, 2], [3, 4]], [[1, 2], [3, 4], [5, 6]]),
+        "ragged load at step 1: 3 layers x 2 experts, step 0 has 2 x 2",
+    ),
+    (
+        _steps_json([[1, 2]], [[1, 2]], [[1, 2, 3]]),
+        "ragged load at step 2: 1 layers x 3 experts, step 0 has 1 x 2",
+    ),
+    (_steps_json([]), "step 0: logical_expert_load has no layers"),
+    (_steps_json([[1, 2], []]), "step 0: logical_expert_load must be a list of per-layer lists"),
+    (_steps_json([1, 2]), "step 0: logical_expert_load must be a list of per-layer lists"),
+    (_steps_json([[1, 2]], [[1, "2"]]), "step 1 holds non-numeric"),
+    (_steps_json([[1, None]]), "step 0 holds non-numeric"),
+    (_steps_json([[1, [2]]]), "step 0 holds non-numeric"),
+    (_steps_json([[1, 2]], [[3, -4]]), "expert 1 in layer 0 at step 1 is negative"),
+    ('{"load_history": [{"logical_expert_load": [[1e999]]}]}', "malformed JSON.*overflow"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_JSON)
+def test_bad_json_raises_trace_error_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "expert-load.json"
+    path.write_text(text)
+    with pytest.raises(TraceError, match=message) as caught:
+        load_trace(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "\n" not in str(caught.value)
+
+
+BAD_CSV = [
+    ({}, "no .csv files in this folder"),
+    (
+        {"l0.csv": "1,2\n", "l1.csv": "1,2,3\n"},
+        r"l1\.csv: 3 experts \(columns\), but l0\.csv has 2",
+    ),
+    ({"l0.csv": "e0,e1\n1,2\n"}, r"l0\.csv: not a CSV of numbers without a header"),
+    ({"l0.csv": "1,2\n3\n"}, r"l0\.csv: not a CSV of numbers"),
+    ({"l0.csv": ""}, r"l0\.csv: empty CSV file"),
+    ({"l0.csv": "1,-2\n"}, "expert 1 in layer 0 at step 0 is negative"),
+    ({"l0.csv": "1,nan\n"}, r"expert 1 in layer 0 at step 0 is nan"),
+    ({"l0.csv": "1,inf\n"}, r"expert 1 in layer 0 at step 0 is inf"),
+]
+
+
+@pytest.mark.parametrize("files, message", BAD_CSV)
+def test_bad_csv_folder_raises_trace_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(TraceError, match=message) as caught:
+        load_trace(tmp_path)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_other_bad_files(tmp_path):
+    with pytest.raises(TraceError, match=r"missing\.json: no such trace file or folder"):
+        load_trace(tmp_path / "missing.json")
+    (tmp_path / "trace.txt").write_text("1,2")
+    with pytest.raises(TraceError, match=r"trace\.txt: unknown trace format '\.txt'"):
+        load_trace(tmp_path / "trace.txt")
+    np.savez(tmp_path / "two.npz", a=np.ones((1, 1, 1)), b=np.ones((1, 1, 1)))
+    with pytest.raises(TraceError, match=r"two\.npz: expected one array .* found a, b"):
+        load_trace(tmp_path / "two.npz")
+    np.save(tmp_path / "four.npy", np.ones((1, 2, 3, 4)))
+    with pytest.raises(TraceError, match=r"four\.npy: .*shape \[steps, layers, experts\]"):
+        load_trace(tmp_path / "four.npy")
+    np.save(tmp_path / "nan.npy", np.array([[[1.0, np.nan]]]))
+    with pytest.raises(TraceError, match=r"nan\.npy: load of expert 1 in layer 0 at step 0 is nan"):
+        load_trace(tmp_path / "nan.npy")
+    (tmp_path / "broken.npy").write_bytes(b"not numpy")
+    with pytest.raises(TraceError, match=r"broken\.npy: numpy cannot read it"):
+        load_trace(tmp_path / "broken.npy")
+
+
+def test_check_loads_checks_shape_against_the_model():
+    loads = np.ones((5, 3, 8))
+    assert check_loads(loads, num_layers=3, num_experts=8) is loads
+    with pytest.raises(TraceError, match="trace has 8 experts, expected 16 .5 steps x 3 layers"):
+        check_loads(loads, num_experts=16)
+    with pytest.raises(TraceError, match="my.json: trace has 3 layers, expected 58"):
+        check_loads(loads, num_layers=58, source="my.json")
+    with pytest.raises(TraceError, match="must be numbers"):
+        check_loads(np.array([[["a"]]]))
+    with pytest.raises(TraceError, match="all non-empty"):
+        check_loads(np.ones((0, 3, 8)))
+
+
+def test_describe():
+    assert describe(np.zeros((1170, 58, 256))) == "1170 steps x 58 layers x 256 experts"
+    assert describe(np.zeros((1, 1, 2))) == "1 step x 1 layer x 2 experts"
+
+
+def test_window_loads_by_hand():
+    loads = np.arange(5 * 1 * 2, dtype=np.float64).reshape(5, 1, 2)
+    # steps: [0,1] [2,3] [4,5] [6,7] [8,9]; interval 2 -> [0+2, 1+3], [4+6, 5+7]; step 4 dropped.
+    assert window_loads(loads, 2).tolist() == [[[2, 4]], [[10, 12]]]
+    assert window_loads(loads, 5).tolist() == [[[20, 25]]]
+    assert window_loads(loads, 1).tolist() == loads.tolist()
+    with pytest.raises(TraceError, match="5 steps, fewer than one window of 6 steps"):
+        window_loads(loads, 6)
+
+
+@pytest.mark.parametrize("interval", [0, -100, 2.5, True, "100", None])
+def test_window_loads_rejects_bad_interval(interval):
+    with pytest.raises(TraceError, match="interval must be a positive integer"):
+        window_loads(np.ones((10, 1, 2)), interval)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.integers(1, 30),
+    interval=st.integers(1, 12),
+    seed=st.integers(0, 2**31),
+)
+def test_window_loads_matches_a_plain_loop(steps, interval, seed):
+    loads = np.random.default_rng(seed).integers(0, 50, size=(steps, 2, 3)).astype(float)
+    if steps < interval:
+        with pytest.raises(TraceError):
+            window_loads(loads, interval)
+        return
+    expected = []
+    for start in range(0, steps - interval + 1, interval):
+        total = np.zeros((2, 3))
+        for step in range(start, start + interval):
+            total += loads[step]
+        expected.append(total)
+    assert np.array_equal(window_loads(loads, interval), np.array(expected))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    loads=hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=3, max_dims=3, max_side=4),
+        elements=st.one_of(
+            st.integers(0, 10**6).map(float),
+            st.floats(0, 1e9, allow_nan=False, allow_infinity=False),
+        ),
+    ),
+    indent=st.sampled_from([None, 1, 2]),
+)
+def test_write_then_load_round_trip(tmp_path_factory, loads, indent):
+    path = tmp_path_factory.mktemp("round_trip") / "expert-load.json"
+    write_expert_load_json(loads, path, indent=indent)
+    assert np.array_equal(load_trace(path), loads)
+
+
+def test_written_json_is_laid_out_as_json_dump(tmp_path):
+    steps = [[[1, 2, 3], [4, 5, 6]], [[0, 0, 7], [8, 0, 9]]]
+    loads = np.array(steps, dtype=np.float64)
+    reference = {"load_history": [{"logical_expert_load": step} for step in steps]}
+    for indent in (None, 2):
+        path = tmp_path / f"indent-{indent}.json"
+        write_expert_load_json(loads, path, indent=indent)
+        text = path.read_text()
+        assert json.loads(text) == json.loads(json.dumps(reference))
+        assert "1.0" not in text  # whole numbers are written as integers
+    assert (tmp_path / "indent-2.json").read_text() == json.dumps(reference, indent=2) + "\n"
+
+
+def test_json_longer_than_one_block(tmp_path):
+    steps = 2 * STEPS_PER_BLOCK + 5
+    loads = np.random.default_rng(0).integers(0, 1000, size=(steps, 2, 3)).astype(float)
+    write_expert_load_json(loads, tmp_path / "long.json")
+    assert np.array_equal(load_trace(tmp_path / "long.json"), loads)
+    assert np.array_equal(window_loads(loads, 100)[0], loads[:100].sum(axis=0))
