@@ -1,0 +1,261 @@
+"""A seeded synthetic expert-load trace in DeepSeek-V3's shape, for an offline default and tests.
+
+The model, step by step (all randomness from `np.random.default_rng(seed)`):
+
+1. Tokens per forward step: a decode step (probability 1 - `PREFILL_FRACTION`) carries tens to
+   hundreds of tokens, a prefill step thousands; both log-uniform in their range.
+2. Popularity: expert e of layer l has log-popularity `group offset + drift`. The group offset
+   (sd `GROUP_SKEW`) makes some of the `num_groups` groups hotter than others. The drift is an
+   Ornstein-Uhlenbeck process per expert, stationary with a per-layer sd drawn from
+   `LAYER_SKEW` (so skew differs between layers but does not grow over time) and a correlation
+   time of `DRIFT_STEPS` steps (so a window of 100 steps looks like the next one, but not
+   exactly). On top, about `SWAP_RATE` times per layer and step a hot expert (one of the
+   `SWAP_FROM_TOP` hottest) swaps its popularity with a random expert from then on: a sudden
+   shift that a placement balanced on the previous window cannot foresee. Popularity is updated
+   every `POPULARITY_UPDATE_STEPS` steps and held in between.
+3. Routing (group-limited top-k, as DeepSeek-V3): each token picks `topk_groups` distinct groups,
+   a set S with probability proportional to the product of the groups' popularities, then makes
+   `top_k` picks among the experts of S, each expert with probability popularity / popularity of
+   S. `group_limited_shares` gives the exact expected share of each expert under this model.
+   Two simplifications keep it vectorized: a token's picks are drawn with replacement (with 128
+   candidate experts and 8 picks a repeat is rare), and tokens are not sampled one by one.
+4. Counts: each step's `tokens * top_k` picks per layer are spread over the experts as their
+   expected shares plus counting noise (Poisson-like, sd sqrt(mean)) and request-mix noise
+   (relative sd `STEP_NOISE`), clipped to [0, tokens] (a token picks an expert at most once) and
+   rounded to integers that sum exactly to `tokens * top_k` (systematic rounding: every count is
+   its real value rounded down or up).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from math import comb
+
+import numpy as np
+from scipy.signal import lfilter
+
+from tape.errors import TraceError
+
+__all__ = [
+    "DECODE_TOKENS",
+    "DRIFT_STEPS",
+    "GROUP_SKEW",
+    "LAYER_SKEW",
+    "POPULARITY_UPDATE_STEPS",
+    "PREFILL_FRACTION",
+    "PREFILL_TOKENS",
+    "STEP_NOISE",
+    "SWAP_FROM_TOP",
+    "SWAP_RATE",
+    "group_limited_shares",
+    "synthetic_trace",
+]
+
+DECODE_TOKENS = (16, 512)
+"""Range of tokens in a decode step (log-uniform)."""
+PREFILL_TOKENS = (1024, 16384)
+"""Range of tokens in a prefill step (log-uniform)."""
+PREFILL_FRACTION = 0.2
+"""Probability that a step is a prefill step."""
+LAYER_SKEW = (0.45, 0.75)
+"""Range of the per-layer sd of an expert's log-popularity (uniform)."""
+GROUP_SKEW = 0.25
+"""Sd of a group's log-popularity offset."""
+DRIFT_STEPS = 1000.0
+"""Correlation time of the log-popularity drift, in steps."""
+SWAP_RATE = 1 / 150
+"""Hot-expert swaps per layer and step."""
+SWAP_FROM_TOP = 8
+"""A swap takes its hot expert from this many hottest experts of the layer."""
+STEP_NOISE = 0.25
+"""Relative sd of an expert's count in one step beyond counting noise (request-mix noise)."""
+POPULARITY_UPDATE_STEPS = 10
+"""Popularity is updated every this many steps (far faster than the drift's correlation time)."""
+SAMPLING_BLOCK_STEPS = 50
+"""Steps whose counts are sampled together (bounds the working memory)."""
+
+MAX_GROUP_SETS = 5000
+"""Largest number of group sets C(num_groups, topk_groups) the routing model enumerates."""
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise TraceError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _group_sets(num_groups: int, topk_groups: int) -> np.ndarray:
+    """[C, num_groups] float64: 1 where group j belongs to set c, for the C possible sets."""
+    count = comb(num_groups, topk_groups)
+    if count > MAX_GROUP_SETS:
+        raise TraceError(
+            f"choosing {topk_groups} of {num_groups} groups gives {count} group sets; the "
+            f"synthetic routing model enumerates at most {MAX_GROUP_SETS}"
+        )
+    members = np.zeros((count, num_groups))
+    for index, chosen in enumerate(combinations(range(num_groups), topk_groups)):
+        members[index, list(chosen)] = 1.0
+    return members
+
+
+def group_limited_shares(popularity: np.ndarray, num_groups: int, topk_groups: int) -> np.ndarray:
+    """Expected share of each expert in a token's picks under group-limited routing.
+
+    A token picks a set S of `topk_groups` distinct groups with probability proportional to the
+    product of their popularities (a group's popularity is the sum of its experts'), then each
+    of its picks takes expert e of S with probability popularity[e] / popularity(S). So
+    `share[e] = popularity[e] * sum over sets S holding e's group of P(S) / popularity(S)`.
+
+    Args:
+        popularity: [..., E] positive float, any leading dimensions (for example [steps, L]).
+        num_groups: groups of consecutive expert ids; divides E.
+        topk_groups: groups each token may use (`topk_groups == num_groups`: no limit).
+
+    Returns:
+        [..., E] float64 shares, summing to 1 over the last axis.
+    """
+    popularity = np.asarray(popularity, dtype=np.float64)
+    num_experts = popularity.shape[-1]
+    if num_experts % num_groups or not 1 <= topk_groups <= num_groups:
+        raise TraceError(
+            f"need num_groups dividing {num_experts} experts and 1 <= topk_groups <= "
+            f"num_groups, got num_groups={num_groups}, topk_groups={topk_groups}"
+        )
+    if not np.all(popularity > 0):
+        raise TraceError("expert popularities must be positive")
+    members = _group_sets(num_groups, topk_groups)
+    group_popularity = popularity.reshape(*popularity.shape[:-1], num_groups, -1).sum(axis=-1)
+    log_set_weight = np.log(group_popularity) @ members.T
+    set_probability = np.exp(log_set_weight - log_set_weight.max(axis=-1, keepdims=True))
+    set_probability /= set_probability.sum(axis=-1, keepdims=True)
+    set_popularity = group_popularity @ members.T
+    per_group = (set_probability / set_popularity) @ members
+    return popularity * np.repeat(per_group, num_experts // num_groups, axis=-1)
+
+
+def _tokens_per_step(num_steps: int, rng: np.random.Generator) -> np.ndarray:
+    """[steps] int64: tokens in each forward step, a mix of decode and prefill steps."""
+    prefill = rng.random(num_steps) < PREFILL_FRACTION
+    low = np.where(prefill, PREFILL_TOKENS[0], DECODE_TOKENS[0])
+    high = np.where(prefill, PREFILL_TOKENS[1], DECODE_TOKENS[1])
+    log_tokens = np.log(low) + rng.random(num_steps) * (np.log(high) - np.log(low))
+    return np.round(np.exp(log_tokens)).astype(np.int64)
+
+
+def _log_popularity(
+    num_updates: int, num_layers: int, num_experts: int, num_groups: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[updates, L, E] float64: log-popularity of every expert at each popularity update.
+
+    Updates are `POPULARITY_UPDATE_STEPS` steps apart (see the module doc for the model).
+    """
+    layer_skew = rng.uniform(*LAYER_SKEW, size=(num_layers, 1))
+    group_offset = rng.normal(0.0, GROUP_SKEW, size=(num_layers, num_groups))
+    keep = np.exp(-POPULARITY_UPDATE_STEPS / DRIFT_STEPS)
+    innovations = rng.standard_normal((num_updates, num_layers, num_experts))
+    innovations[1:] *= np.sqrt(1.0 - keep**2)
+    drift = lfilter([1.0], [1.0, -keep], innovations, axis=0)
+    log_popularity = drift * layer_skew + np.repeat(group_offset, num_experts // num_groups, axis=1)
+
+    num_swaps = rng.poisson(SWAP_RATE * POPULARITY_UPDATE_STEPS * num_updates * num_layers)
+    swap_updates = rng.integers(0, num_updates, size=num_swaps)
+    swap_layers = rng.integers(0, num_layers, size=num_swaps)
+    swap_ranks = rng.integers(0, min(SWAP_FROM_TOP, num_experts), size=num_swaps)
+    swap_partners = rng.integers(0, num_experts, size=num_swaps)
+    for index in np.argsort(swap_updates, kind="stable"):
+        update, layer = swap_updates[index], swap_layers[index]
+        hottest = np.argsort(-log_popularity[update, layer], kind="stable")
+        pair = [hottest[swap_ranks[index]], swap_partners[index]]
+        log_popularity[update:, layer, pair] = log_popularity[update:, layer, pair[::-1]]
+    return log_popularity
+
+
+def _sample_counts(
+    shares: np.ndarray, tokens: np.ndarray, top_k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[B, L, E] float64 whole counts for B steps, from expected shares [B, L, E] (module doc).
+
+    Each row sums to `tokens * top_k` and each count lies in [0, tokens].
+    """
+    picks = (tokens * top_k).astype(np.float64)[:, None]
+    cap = tokens.astype(np.float64)[:, None, None]
+    counts = shares * picks[..., None]
+    noise_sd = counts * STEP_NOISE
+    noise_sd *= noise_sd
+    noise_sd += counts
+    np.sqrt(noise_sd, out=noise_sd)
+    noise_sd *= rng.standard_normal(counts.shape)
+    counts += noise_sd
+    np.clip(counts, 0.0, cap, out=counts)
+
+    # Rows short of their picks grow in proportion to their room below the cap; rows over
+    # them shrink in proportion; both keep every value in [0, cap].
+    room = np.subtract(cap, counts, out=noise_sd)
+    short = picks - counts.sum(axis=-1)
+    room_sum = room.sum(axis=-1)
+    room *= (np.maximum(short, 0.0) / np.maximum(room_sum, 1e-300))[..., None]
+    counts += room
+    counts *= (picks / np.maximum(counts.sum(axis=-1), 1e-300))[..., None]
+
+    # Systematic rounding: with one uniform offset u per row, count[e] = floor(run[e] + u) -
+    # floor(run[e - 1] + u), where run is the running sum (its last value is exactly picks).
+    running = np.cumsum(counts, axis=-1, out=counts)
+    np.minimum(running, picks[..., None], out=running)
+    running[..., -1] = picks
+    running += rng.random(picks.shape)[..., None]
+    np.floor(running, out=running)
+    running[..., 1:] -= running[..., :-1].copy()
+    return running
+
+
+def synthetic_trace(
+    num_steps: int = 1200,
+    num_layers: int = 58,
+    num_experts: int = 256,
+    num_groups: int = 8,
+    top_k: int = 8,
+    topk_groups: int = 4,
+    seed: int = 0,
+) -> np.ndarray:
+    """A synthetic expert-load trace: token counts per step, layer and expert (model: module doc).
+
+    Args:
+        num_steps: forward steps.
+        num_layers: L, MoE layers (DeepSeek-V3: 58).
+        num_experts: E, logical experts per layer (DeepSeek-V3: 256).
+        num_groups: expert groups of consecutive ids (DeepSeek-V3: 8); divides E.
+        top_k: experts each token picks (DeepSeek-V3: 8).
+        topk_groups: groups each token may pick from (DeepSeek-V3: 4).
+        seed: seed of `np.random.default_rng`; the same arguments give the same trace.
+
+    Returns:
+        [steps, L, E] float64 whole token counts. In every step, each layer's counts sum to
+        `tokens * top_k` (the same tokens for every layer) and no count exceeds `tokens`.
+    """
+    num_steps = _positive_int(num_steps, "num_steps")
+    num_layers = _positive_int(num_layers, "num_layers")
+    num_experts = _positive_int(num_experts, "num_experts")
+    num_groups = _positive_int(num_groups, "num_groups")
+    top_k = _positive_int(top_k, "top_k")
+    topk_groups = _positive_int(topk_groups, "topk_groups")
+    if num_experts % num_groups:
+        raise TraceError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
+    if topk_groups > num_groups:
+        raise TraceError(f"topk_groups ({topk_groups}) must be at most num_groups ({num_groups})")
+    candidates = topk_groups * (num_experts // num_groups)
+    if top_k > candidates:
+        raise TraceError(
+            f"top_k ({top_k}) must be at most the {candidates} experts of {topk_groups} groups"
+        )
+    rng = np.random.default_rng(seed)
+    tokens = _tokens_per_step(num_steps, rng)
+    num_updates = -(-num_steps // POPULARITY_UPDATE_STEPS)
+    log_popularity = _log_popularity(num_updates, num_layers, num_experts, num_groups, rng)
+    shares = group_limited_shares(np.exp(log_popularity), num_groups, topk_groups)
+
+    loads = np.empty((num_steps, num_layers, num_experts))
+    for start in range(0, num_steps, SAMPLING_BLOCK_STEPS):
+        steps = np.arange(start, min(start + SAMPLING_BLOCK_STEPS, num_steps))
+        step_shares = shares[steps // POPULARITY_UPDATE_STEPS]
+        loads[steps] = _sample_counts(step_shares, tokens[steps], top_k, rng)
+    return loads
