@@ -14,15 +14,22 @@ to another node crosses InfiniBand. Counts are token-expert assignments, as in t
 token routed to 8 experts counts 8 times, once per expert (no deduplication of a token sent to
 several experts on one GPU or node).
 
-Computation: per source GPU a, expert e and destination class, the policy gives a *density*,
-the tokens a sends to each replica of that class:
+Computation, with s = weight[l, e] / G (a source GPU's share), c[g, e] the replicas of e on GPU
+g, r[e] all replicas of e, h[n, e] the GPUs of node n holding e, m[n, e] the replicas on node n,
+k[e] the nodes holding e, and P = G / N GPUs a node. Every sum over experts is a batched
+matrix-vector product over layers: no loop, no [G, G] matrix.
 
-    own     tokens per replica on GPU a itself,
-    node    tokens per replica on the other GPUs of a's node,
-    remote  tokens per replica on the GPUs of other nodes.
+    uniform   each source sends s * c[g, e] / r[e] to GPU g. So a GPU keeps sum_e c s / r,
+              sends (m - c) s / r over NVLink and (r - m) s / r over InfiniBand; it receives
+              (P - 1) c s / r over NVLink and (G - P) c s / r over InfiniBand.
+    locality  a source keeps s if it holds e; else sends s over NVLink if its node holds e;
+              else s over InfiniBand. Received, on a GPU holding e (so in a node holding e):
+              from the P - h[n, e] GPUs of its node that do not hold e, c / m[n, e] of their s
+              each (NVLink); from the P (N - k[e]) GPUs of nodes without e, c / r of their s
+              each (InfiniBand).
 
-With `replicas[l, g, e]` (replicas of e on GPU g) and `node_replicas` (replicas of e on g's
-node), every sum below is over [L, G, E] arrays: no loop, no [G, G] matrix.
+Under both policies every replica of an expert with tokens gets some: a GPU holding the expert
+sends it a share of its own s. So a slot computes tokens exactly when its expert has load.
 """
 
 from __future__ import annotations
@@ -109,48 +116,53 @@ def checked_load(placement: Placement, weight: Any) -> np.ndarray:
     return array
 
 
-def _node_sums(per_gpu: np.ndarray, layout: Layout) -> np.ndarray:
-    """[L, G, E] -> [L, G, E]: for each GPU, the sum over the GPUs of its node."""
-    num_layers, _, num_experts = per_gpu.shape
-    grouped = per_gpu.reshape(num_layers, layout.num_nodes, layout.gpus_per_node, num_experts)
-    return np.repeat(grouped.sum(axis=2), layout.gpus_per_node, axis=1)
+def _per_gpu(per_expert_on_gpu: np.ndarray, per_expert: np.ndarray) -> np.ndarray:
+    """sum_e per_expert_on_gpu[l, g, e] * per_expert[l, e]: [L, G, E] x [L, E] -> [L, G]."""
+    return np.matmul(per_expert_on_gpu, per_expert[:, :, None])[:, :, 0]
 
 
-def _safe_divide(numerator: np.ndarray, denominator: np.ndarray, where: np.ndarray) -> np.ndarray:
-    """numerator / denominator where `where`, else 0 (no division by zero is evaluated)."""
-    out = np.zeros(np.broadcast_shapes(numerator.shape, denominator.shape, where.shape))
-    np.divide(numerator, denominator, out=out, where=where)
-    return out
-
-
-def _densities(
-    share: np.ndarray,
-    replicas: np.ndarray,
-    node_replicas: np.ndarray,
+def _uniform(
+    share: np.ndarray, replicas: np.ndarray, node_replicas: np.ndarray, layout: Layout,
     replica_count: np.ndarray,
-    dispatch: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokens each source GPU sends to each replica on itself, its node, and other nodes.
+) -> dict[str, np.ndarray]:
+    per_replica = share / replica_count
+    kept = _per_gpu(replicas, per_replica)
+    within_node = np.repeat(_per_gpu(node_replicas, per_replica), layout.gpus_per_node, axis=1)
+    return {
+        "local_tokens": kept,
+        "nvlink_sent_tokens": within_node - kept,
+        "ib_sent_tokens": share.sum(axis=1, keepdims=True) - within_node,
+        "nvlink_received_tokens": (layout.gpus_per_node - 1) * kept,
+        "ib_received_tokens": (layout.num_gpus - layout.gpus_per_node) * kept,
+    }
 
-    Args:
-        share: [L, 1, E] tokens of each expert every GPU starts with.
-        replicas: [L, G, E] replicas of each expert on each GPU.
-        node_replicas: [L, G, E] replicas of each expert on each GPU's node.
-        replica_count: [L, 1, E] replicas of each expert in all.
-        dispatch: a name in DISPATCH_POLICIES.
 
-    Returns:
-        (own, node, remote), each [L, G, E] float64 tokens per replica.
-    """
-    if dispatch == "uniform":
-        per_replica = np.broadcast_to(share / replica_count, replicas.shape)
-        return per_replica, per_replica, per_replica
-    has_own = replicas > 0
-    node_has = node_replicas > 0
-    own = _safe_divide(share, replicas, has_own)
-    node = _safe_divide(share, node_replicas, node_has & ~has_own)
-    remote = np.where(node_has, 0.0, share / replica_count)
-    return own, node, remote
+def _locality(
+    share: np.ndarray, replicas: np.ndarray, node_replicas: np.ndarray, layout: Layout,
+    replica_count: np.ndarray,
+) -> dict[str, np.ndarray]:
+    num_layers, num_gpus, num_experts = replicas.shape
+    by_node = (num_layers, layout.num_nodes, layout.gpus_per_node, num_experts)
+    holds = np.minimum(replicas, 1.0)  # 1.0 where the GPU holds the expert, else 0.0
+    node_holds = node_replicas > 0
+    kept = _per_gpu(holds, share)
+    # A GPU that holds the expert is in a node that holds it: NVLink = node's experts - kept.
+    node_has = np.repeat(_per_gpu(node_holds.astype(np.float64), share), layout.gpus_per_node,
+                         axis=1)
+    gpus_holding = holds.reshape(by_node).sum(axis=2)
+    from_node = np.zeros(node_replicas.shape)
+    np.divide(share[:, None, :] * (layout.gpus_per_node - gpus_holding), node_replicas,
+              out=from_node, where=node_holds)
+    nodes_without = layout.num_nodes - node_holds.sum(axis=1)
+    from_remote = share * (layout.gpus_per_node * nodes_without) / replica_count
+    node_received = np.matmul(replicas.reshape(by_node), from_node[:, :, :, None])
+    return {
+        "local_tokens": kept,
+        "nvlink_sent_tokens": node_has - kept,
+        "ib_sent_tokens": share.sum(axis=1, keepdims=True) - node_has,
+        "nvlink_received_tokens": node_received.reshape(num_layers, num_gpus),
+        "ib_received_tokens": _per_gpu(replicas, from_remote),
+    }
 
 
 def traffic(placement: Placement, weight: Any, layout: Layout, dispatch: str) -> Traffic:
@@ -168,25 +180,21 @@ def traffic(placement: Placement, weight: Any, layout: Layout, dispatch: str) ->
     placement.validate(layout)
     check_dispatch(dispatch)
     weight = checked_load(placement, weight)
+    num_layers, num_experts = weight.shape
     replicas = placement.replicas_per_gpu(layout.num_gpus).astype(np.float64)
-    node_replicas = _node_sums(replicas, layout)
-    replica_count = placement.logcnt[:, None, :].astype(np.float64)
-    share = weight[:, None, :] / layout.num_gpus
-    own, node, remote = _densities(share, replicas, node_replicas, replica_count, dispatch)
-
-    node_sent = node * (node_replicas - replicas)
-    remote_sent = remote * (replica_count - node_replicas)
-    own_kept = replicas * own
-    node_received = replicas * (_node_sums(node, layout) - node)
-    remote_received = replicas * (remote.sum(axis=1, keepdims=True) - _node_sums(remote, layout))
-    expert_tokens = own_kept + node_received + remote_received
+    node_replicas = replicas.reshape(
+        num_layers, layout.num_nodes, layout.gpus_per_node, num_experts
+    ).sum(axis=2)
+    flows = (_uniform if dispatch == "uniform" else _locality)(
+        weight / layout.num_gpus, replicas, node_replicas, layout, placement.logcnt
+    )
+    computed = (
+        flows["local_tokens"] + flows["nvlink_received_tokens"] + flows["ib_received_tokens"]
+    )
+    active = _per_gpu(replicas, (weight > 0).astype(np.float64))
     return Traffic(
         dispatch=dispatch,
-        computed_tokens=expert_tokens.sum(axis=2),
-        active_slots=np.where(expert_tokens > 0, replicas, 0).sum(axis=2).astype(np.int64),
-        local_tokens=own_kept.sum(axis=2),
-        nvlink_sent_tokens=node_sent.sum(axis=2),
-        nvlink_received_tokens=node_received.sum(axis=2),
-        ib_sent_tokens=remote_sent.sum(axis=2),
-        ib_received_tokens=remote_received.sum(axis=2),
+        computed_tokens=computed,
+        active_slots=np.rint(active).astype(np.int64),
+        **flows,
     )
