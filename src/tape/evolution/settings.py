@@ -1,0 +1,235 @@
+"""What a candidate program is scored on: version, windows, layout, limits and cost-model presets.
+
+`tape evolve`, `tape tune` and the OpenEvolve evaluator share one `EvaluationSettings`. OpenEvolve
+loads the evaluator file afresh in every worker process, so the settings travel as environment
+variables (`TAPE_VERSION`, `TAPE_TRACE`, ...: see `ENVIRONMENT`); `to_environment()` and
+`from_environment()` convert both ways. An unknown `TAPE_*` variable is an error, so a typo
+cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from tape.errors import ConfigError, TraceError
+from tape.layout import Layout
+from tape.presets import ClusterSpec, ModelSpec, load_config
+
+__all__ = ["ENVIRONMENT", "EvaluationSettings", "SMALL_SYNTHETIC"]
+
+ENVIRONMENT: dict[str, str] = {
+    "version": "TAPE_VERSION",
+    "trace": "TAPE_TRACE",
+    "windows_file": "TAPE_WINDOWS",
+    "interval": "TAPE_INTERVAL",
+    "seed": "TAPE_SEED",
+    "synthetic_steps": "TAPE_SYNTHETIC_STEPS",
+    "synthetic_layers": "TAPE_SYNTHETIC_LAYERS",
+    "synthetic_experts": "TAPE_SYNTHETIC_EXPERTS",
+    "replicas": "TAPE_REPLICAS",
+    "groups": "TAPE_GROUPS",
+    "nodes": "TAPE_NODES",
+    "gpus": "TAPE_GPUS",
+    "timeout_s": "TAPE_TIMEOUT",
+    "memory_mb": "TAPE_MEMORY_MB",
+    "moe_model": "TAPE_MOE_MODEL",
+    "cluster": "TAPE_CLUSTER",
+    "presets": "TAPE_PRESETS",
+    "dispatch": "TAPE_DISPATCH",
+}
+"""Each setting's environment variable."""
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How candidate programs are scored. Every field has an environment variable (ENVIRONMENT).
+
+    Attributes:
+        version: scoring version: 0, 2, 3, 4 (the seed's) or "realistic".
+        trace: expert-load trace file or folder; None with no `windows_file` means the built-in
+            synthetic trace.
+        windows_file: a `.npy` of windowed loads [W, L, E] (what `tape evolve` writes once so
+            that every worker reads the same windows without parsing the trace again); excludes
+            `trace`.
+        interval: forward steps per window.
+        seed: seed of the synthetic trace.
+        synthetic_steps, synthetic_layers, synthetic_experts: the synthetic trace's shape.
+        replicas, groups, nodes, gpus: the layout (S, expert groups, N, G).
+        timeout_s: seconds one call of the program may take before its process is killed.
+        memory_mb: megabytes the program may allocate.
+        moe_model, cluster: model and cluster presets of the realistic cost model (None: the
+            defaults, deepseek-v3 and h800).
+        presets: a YAML/JSON file overriding preset fields (`model:` / `cluster:` sections).
+        dispatch: token dispatch of the realistic cost model: locality or uniform.
+    """
+
+    version: int | str = 0
+    trace: Path | None = None
+    windows_file: Path | None = None
+    interval: int = 100
+    seed: int = 0
+    synthetic_steps: int = 1200
+    synthetic_layers: int = 58
+    synthetic_experts: int = 256
+    replicas: int = 288
+    groups: int = 8
+    nodes: int = 4
+    gpus: int = 32
+    timeout_s: float = 10.0
+    memory_mb: int = 4096
+    moe_model: str | None = None
+    cluster: str | None = None
+    presets: Path | None = None
+    dispatch: str = "locality"
+
+    def __post_init__(self) -> None:
+        from tape.dispatch import DISPATCH_POLICIES
+        from tape.protocol import parse_version
+
+        object.__setattr__(self, "version", parse_version(self.version))
+        for name in ("trace", "windows_file", "presets"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.trace is not None and self.windows_file is not None:
+            raise ConfigError("give either a trace or a windows file, not both")
+        for name in ("interval", "synthetic_steps", "synthetic_layers", "synthetic_experts",
+                     "memory_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
+        if self.dispatch not in DISPATCH_POLICIES:
+            raise ConfigError(
+                f"unknown dispatch {self.dispatch!r}; expected one of {', '.join(DISPATCH_POLICIES)}"
+            )
+        self.layout()  # raises LayoutError naming the broken constraint
+
+    # -- conversions ------------------------------------------------------------------------
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> EvaluationSettings:
+        """Settings from `TAPE_*` variables (defaults for those unset); ConfigError on typos."""
+        environ = os.environ if environ is None else environ
+        known = set(ENVIRONMENT.values())
+        unknown = sorted(name for name in environ if name.startswith("TAPE_") and name not in known)
+        if unknown:
+            raise ConfigError(
+                f"unknown evaluation variable(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        values = {
+            name: _parse(name, environ[variable], variable)
+            for name, variable in ENVIRONMENT.items()
+            if variable in environ
+        }
+        return cls(**values)
+
+    def to_environment(self) -> dict[str, str]:
+        """The `TAPE_*` variables that reproduce these settings (unset fields left out)."""
+        return {
+            ENVIRONMENT[name]: str(value)
+            for name, value in dataclasses.asdict(self).items()
+            if value is not None
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON-friendly dict (paths as strings)."""
+        return {
+            name: str(value) if isinstance(value, Path) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
+
+    # -- what the settings describe ---------------------------------------------------------
+
+    def layout(self) -> Layout:
+        return Layout(
+            num_replicas=self.replicas, num_groups=self.groups, num_nodes=self.nodes,
+            num_gpus=self.gpus,
+        )
+
+    def specs(self) -> tuple[ModelSpec, ClusterSpec]:
+        """Model and cluster of the realistic cost model."""
+        return load_config(self.presets, model=self.moe_model, cluster=self.cluster)
+
+    def windows(self) -> np.ndarray:
+        """The windowed loads [W, L, E] float64, validated against the layout (cached)."""
+        return _windows(self)
+
+    def describe_source(self) -> str:
+        """One line naming where the windows come from."""
+        if self.windows_file is not None:
+            return f"windows file {self.windows_file}"
+        if self.trace is not None:
+            return f"trace {self.trace}, windows of {self.interval} steps"
+        return (
+            f"synthetic trace (seed {self.seed}, {self.synthetic_steps} steps x "
+            f"{self.synthetic_layers} layers x {self.synthetic_experts} experts), windows of "
+            f"{self.interval} steps"
+        )
+
+
+SMALL_SYNTHETIC: dict[str, int] = {
+    "synthetic_steps": 600,
+    "synthetic_layers": 4,
+    "synthetic_experts": 32,
+    "replicas": 48,
+    "groups": 4,
+    "nodes": 2,
+    "gpus": 8,
+}
+"""A small synthetic problem (6 windows of 100 steps) for quick runs and tests."""
+
+
+_INTEGER_FIELDS = frozenset(
+    {"interval", "seed", "synthetic_steps", "synthetic_layers", "synthetic_experts", "replicas",
+     "groups", "nodes", "gpus", "memory_mb"}
+)
+
+
+def _parse(name: str, text: str, variable: str) -> Any:
+    """An environment variable's text as the setting's type (the dataclass checks the rest)."""
+    try:
+        if name in _INTEGER_FIELDS:
+            return int(text)
+        if name == "timeout_s":
+            return float(text)
+    except ValueError:
+        kind = "an integer" if name in _INTEGER_FIELDS else "a number"
+        raise ConfigError(f"{variable}={text!r} is not {kind}") from None
+    return text
+
+
+@lru_cache(maxsize=4)
+def _windows(settings: EvaluationSettings) -> np.ndarray:
+    from tape.protocol import check_windows
+    from tape.trace import load_trace, window_loads
+
+    if settings.windows_file is not None:
+        try:
+            windows = np.load(settings.windows_file, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise TraceError(f"cannot read windows file {settings.windows_file}: {error}") from None
+    else:
+        if settings.trace is not None:
+            loads = load_trace(settings.trace)
+        else:
+            from tape.synthetic import synthetic_trace
+
+            loads = synthetic_trace(
+                num_steps=settings.synthetic_steps, num_layers=settings.synthetic_layers,
+                num_experts=settings.synthetic_experts, num_groups=settings.groups,
+                seed=settings.seed,
+            )
+        windows = window_loads(loads, settings.interval)
+    windows = check_windows(windows, settings.layout())
+    windows.setflags(write=False)
+    return windows
