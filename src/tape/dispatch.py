@@ -125,6 +125,15 @@ def _uniform(
     share: np.ndarray, replicas: np.ndarray, node_replicas: np.ndarray, layout: Layout,
     replica_count: np.ndarray,
 ) -> dict[str, np.ndarray]:
+    """Uniform dispatch (module docstring): the `Traffic` token arrays by name, each [L, G].
+
+    Args:
+        share: [L, E] tokens of each expert every GPU starts with (s).
+        replicas: [L, G, E] float64 replicas of each expert on each GPU (c).
+        node_replicas: [L, N, E] float64 replicas of each expert on each node (m).
+        layout: the cluster.
+        replica_count: [L, E] replicas of each expert (r).
+    """
     per_replica = share / replica_count
     kept = _per_gpu(replicas, per_replica)
     within_node = np.repeat(_per_gpu(node_replicas, per_replica), layout.gpus_per_node, axis=1)
@@ -141,14 +150,16 @@ def _locality(
     share: np.ndarray, replicas: np.ndarray, node_replicas: np.ndarray, layout: Layout,
     replica_count: np.ndarray,
 ) -> dict[str, np.ndarray]:
+    """Locality dispatch (module docstring): as `_uniform`, same arguments."""
     num_layers, num_gpus, num_experts = replicas.shape
     by_node = (num_layers, layout.num_nodes, layout.gpus_per_node, num_experts)
     holds = np.minimum(replicas, 1.0)  # 1.0 where the GPU holds the expert, else 0.0
     node_holds = node_replicas > 0
     kept = _per_gpu(holds, share)
-    # A GPU that holds the expert is in a node that holds it: NVLink = node's experts - kept.
-    node_has = np.repeat(_per_gpu(node_holds.astype(np.float64), share), layout.gpus_per_node,
-                         axis=1)
+    # A source's tokens for experts its node holds, kept or sent over NVLink (a GPU that holds
+    # the expert is in a node that holds it); the rest cross InfiniBand.
+    within_node = np.repeat(_per_gpu(node_holds.astype(np.float64), share),
+                            layout.gpus_per_node, axis=1)
     gpus_holding = holds.reshape(by_node).sum(axis=2)
     from_node = np.zeros(node_replicas.shape)
     np.divide(share[:, None, :] * (layout.gpus_per_node - gpus_holding), node_replicas,
@@ -158,8 +169,8 @@ def _locality(
     node_received = np.matmul(replicas.reshape(by_node), from_node[:, :, :, None])
     return {
         "local_tokens": kept,
-        "nvlink_sent_tokens": node_has - kept,
-        "ib_sent_tokens": share.sum(axis=1, keepdims=True) - node_has,
+        "nvlink_sent_tokens": within_node - kept,
+        "ib_sent_tokens": share.sum(axis=1, keepdims=True) - within_node,
         "nvlink_received_tokens": node_received.reshape(num_layers, num_gpus),
         "ib_received_tokens": _per_gpu(replicas, from_remote),
     }
