@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from tape.arrays import to_numpy
-from tape.errors import ConfigError, TraceError
+from tape.errors import ConfigError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["DISPATCH_POLICIES", "Traffic", "check_dispatch", "checked_load", "traffic"]
+__all__ = ["DISPATCH_POLICIES", "Traffic", "check_dispatch", "traffic"]
 
 DISPATCH_POLICIES = ("uniform", "locality")
 """The dispatch policies `traffic` knows."""
@@ -95,25 +94,6 @@ def check_dispatch(dispatch: str) -> str:
             f"unknown dispatch policy {dispatch!r}; expected one of {', '.join(DISPATCH_POLICIES)}"
         )
     return dispatch
-
-
-def checked_load(placement: Placement, weight: Any) -> np.ndarray:
-    """`weight` as float64 [L, E] matching `placement`: finite and >= 0; `TraceError` otherwise."""
-    array = to_numpy(weight)
-    if array.dtype.kind not in "iuf":
-        raise TraceError(f"weight must hold numbers, got dtype {array.dtype}")
-    expected = (placement.num_layers, placement.num_experts)
-    if array.shape != expected:
-        raise TraceError(
-            f"weight has shape {array.shape}, expected (layers, experts) = {expected} to match "
-            "the placement"
-        )
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise TraceError("weight holds NaN or infinite values; expected finite token counts")
-    if np.any(array < 0):
-        raise TraceError(f"weight holds negative values (min {array.min()}); expected >= 0")
-    return array
 
 
 def _per_gpu(per_expert_on_gpu: np.ndarray, per_expert: np.ndarray) -> np.ndarray:
@@ -190,7 +170,7 @@ def traffic(placement: Placement, weight: Any, layout: Layout, dispatch: str) ->
     """
     placement.validate(layout)
     check_dispatch(dispatch)
-    weight = checked_load(placement, weight)
+    weight = placement.checked_load(weight)
     num_layers, num_experts = weight.shape
     replicas = placement.replicas_per_gpu(layout.num_gpus).astype(np.float64)
     node_replicas = replicas.reshape(

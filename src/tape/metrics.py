@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tape.arrays import to_numpy
-from tape.errors import TapeError, TraceError
+from tape.errors import TapeError
 from tape.layout import Layout
 from tape.placement import Placement
 
@@ -69,25 +68,6 @@ SEED_VERSIONS: tuple[int, ...] = tuple(_VERSION_PARTS)
 """The seed evaluator's versions that `combined_score` knows: (0, 2, 3, 4)."""
 
 
-def _checked_weight(placement: Placement, weight: Any) -> np.ndarray:
-    """`weight` as a float64 [L, E] array matching `placement`; `TraceError` otherwise."""
-    array = to_numpy(weight)
-    if array.dtype.kind not in "iuf":
-        raise TraceError(f"weight must hold numbers, got dtype {array.dtype}")
-    expected = (placement.num_layers, placement.num_experts)
-    if array.shape != expected:
-        raise TraceError(
-            f"weight has shape {array.shape}, expected (layers, experts) = {expected} to match "
-            "the placement"
-        )
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise TraceError("weight holds NaN or infinite values; expected finite token counts")
-    if np.any(array < 0):
-        raise TraceError(f"weight holds negative values (min {array.min()}); expected >= 0")
-    return array
-
-
 def _mean_over_max(numerator: float, denominator: float) -> float:
     """`numerator / denominator`, or 1.0 when both are 0 (an all-zero load is balanced)."""
     return 1.0 if denominator == 0 else float(numerator / denominator)
@@ -127,7 +107,7 @@ def balancedness_score(placement: Placement, weight: Any) -> float:
     Returns:
         A float in (0, 1]; 1.0 for an all-zero load.
     """
-    return _layer_balancedness(placement.slot_loads(_checked_weight(placement, weight)))
+    return _layer_balancedness(placement.slot_loads(placement.checked_load(weight)))
 
 
 def gpu_balancedness(placement: Placement, weight: Any, layout: Layout) -> float:
@@ -142,7 +122,7 @@ def gpu_balancedness(placement: Placement, weight: Any, layout: Layout) -> float
         A float in (0, 1]; 1.0 for an all-zero load.
     """
     placement.validate(layout)
-    weight = _checked_weight(placement, weight)
+    weight = placement.checked_load(weight)
     return _layer_balancedness(placement.gpu_loads(weight, layout.num_gpus))
 
 
@@ -168,7 +148,7 @@ def communication_cost(
         total: all tokens of the window, summed over layers and experts.
     """
     placement.validate(layout)
-    weight = _checked_weight(placement, weight)
+    weight = placement.checked_load(weight)
     num_gpus = layout.num_gpus
     tokens = _uniform_dispatch_tokens(placement.gpu_loads(weight, num_gpus))
     actual = float(np.einsum("lab,ab->", tokens, _gpu_cost_matrix(layout)))
@@ -349,7 +329,7 @@ def timeline(placement: Placement, weight: Any, layout: Layout) -> Timeline:
         `compute_balancedness` and `efficiency` are the seed's three numbers.
     """
     placement.validate(layout)
-    weight = _checked_weight(placement, weight)
+    weight = placement.checked_load(weight)
     compute = placement.gpu_loads(weight, layout.num_gpus)
     pair_cost = _uniform_dispatch_tokens(compute) * _gpu_cost_matrix(layout)
     comm = np.maximum(pair_cost.max(axis=2), pair_cost.max(axis=1))

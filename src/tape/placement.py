@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tape.arrays import to_numpy
-from tape.errors import PlacementError
+from tape.errors import PlacementError, TraceError
 from tape.layout import Layout
 
 __all__ = ["Placement"]
@@ -40,7 +40,7 @@ class Placement:
     `Placement.from_maps(phy2log, log2phy, logcnt)` to keep a policy's own replica order.
     """
 
-    __slots__ = ("phy2log", "logcnt", "log2phy")
+    __slots__ = ("log2phy", "logcnt", "phy2log")
 
     def __init__(self, phy2log: Any, num_experts: int, log2phy: Any | None = None) -> None:
         phy2log = _integer_array(phy2log, "phy2log", 2)
@@ -68,7 +68,7 @@ class Placement:
         self.log2phy = self._slot_order_log2phy() if log2phy is None else self._check_log2phy(log2phy)
 
     @classmethod
-    def from_maps(cls, phy2log: Any, log2phy: Any, logcnt: Any) -> "Placement":
+    def from_maps(cls, phy2log: Any, log2phy: Any, logcnt: Any) -> Placement:
         """A placement from a policy's three outputs, rejecting any disagreement between them."""
         logcnt_array = _integer_array(logcnt, "logcnt", 2)
         placement = cls(phy2log, logcnt_array.shape[1], log2phy=log2phy)
@@ -141,7 +141,7 @@ class Placement:
             raise PlacementError("log2phy must list each expert's slots before its -1 padding")
         return log2phy
 
-    def validate(self, layout: Layout, num_layers: int | None = None) -> "Placement":
+    def validate(self, layout: Layout, num_layers: int | None = None) -> Placement:
         """Check that this placement fits `layout` (and `num_layers`, if given); return it."""
         if self.num_slots != layout.num_replicas:
             raise PlacementError(
@@ -151,6 +151,27 @@ class Placement:
         if num_layers is not None and self.num_layers != num_layers:
             raise PlacementError(f"phy2log has {self.num_layers} layers, expected {num_layers}")
         return self
+
+    def checked_load(self, weight: Any) -> np.ndarray:
+        """`weight` as float64 [L, E] matching this placement, finite and >= 0.
+
+        Raises `TraceError` saying what is wrong otherwise.
+        """
+        array = to_numpy(weight)
+        if array.dtype.kind not in "iuf":
+            raise TraceError(f"weight must hold numbers, got dtype {array.dtype}")
+        expected = (self.num_layers, self.num_experts)
+        if array.shape != expected:
+            raise TraceError(
+                f"weight has shape {array.shape}, expected (layers, experts) = {expected} to "
+                "match the placement"
+            )
+        array = array.astype(np.float64)
+        if not np.all(np.isfinite(array)):
+            raise TraceError("weight holds NaN or infinite values; expected finite token counts")
+        if np.any(array < 0):
+            raise TraceError(f"weight holds negative values (min {array.min()}); expected >= 0")
+        return array
 
     def primary_slots(self) -> np.ndarray:
         """[L, E] int64: the primary slot of each expert (its first slot in `log2phy`)."""
