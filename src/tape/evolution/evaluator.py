@@ -27,7 +27,7 @@ from tape.evolution.prompts import version_metrics
 from tape.evolution.settings import ENVIRONMENT, EvaluationSettings
 from tape.protocol import ProgramScore, score_program
 
-__all__ = ["configure", "evaluate", "score_candidate", "candidate_metrics"]
+__all__ = ["candidate_metrics", "configure", "evaluate", "score_candidate"]
 
 
 def configure(**settings: Any) -> EvaluationSettings:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from tape.errors import ConfigError, TraceError
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
-__all__ = ["ENVIRONMENT", "EvaluationSettings", "SMALL_SYNTHETIC"]
+__all__ = ["ENVIRONMENT", "SMALL_SYNTHETIC", "EvaluationSettings"]
 
 ENVIRONMENT: dict[str, str] = {
     "version": "TAPE_VERSION",
