@@ -96,7 +96,7 @@ def test_program_without_rebalance_experts_scores_zero_with_reason(tmp_path, sma
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--trace", "/no/such/trace.json"], "does not exist"),
+        (["--trace", "/no/such/trace.json"], "no such trace file"),
         (["--replicas", "10"], "multiple of num_gpus"),
         (["--replicas", "4", "--gpus", "4"], "at least the number of experts"),
         (["--version", "7"], "unknown version"),

@@ -11,7 +11,7 @@ import numpy as np
 
 from tape.files import atomic_output
 
-__all__ = ["normalize_rows", "plot_heatmap", "plot_boxplot", "plot_timeline"]
+__all__ = ["normalize_rows", "plot_boxplot", "plot_heatmap", "plot_timeline"]
 
 # Annotate heatmap cells with their value only when there are few enough to read.
 _ANNOTATE_MAX_CELLS = 600

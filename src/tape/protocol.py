@@ -9,9 +9,10 @@ the previous pair and the windows before i); it never sees window i + 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,13 +27,13 @@ __all__ = [
     "VERSIONS",
     "ProgramScore",
     "Replay",
-    "replay",
-    "score_replay",
-    "score_program",
-    "score_policy",
-    "parse_version",
-    "combined_key",
     "check_windows",
+    "combined_key",
+    "parse_version",
+    "replay",
+    "score_policy",
+    "score_program",
+    "score_replay",
 ]
 
 VERSIONS: tuple[int | str, ...] = (0, 2, 3, 4, "realistic")
@@ -121,7 +122,7 @@ class ProgramScore:
     seconds: list[float] = field(default_factory=list)
 
     @classmethod
-    def failed(cls, reason: str) -> "ProgramScore":
+    def failed(cls, reason: str) -> ProgramScore:
         return cls(metrics={"combined_score": 0.0}, error=reason)
 
     def to_json(self) -> dict[str, Any]:

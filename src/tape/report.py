@@ -7,17 +7,18 @@ output folder it is given (with a manifest).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from tape.files import write_json_atomic, write_table_csv
 from tape.layout import Layout
-from tape.protocol import ProgramScore, score_policy
 from tape.presets import ClusterSpec, ModelSpec
+from tape.protocol import ProgramScore, score_policy
 
-__all__ = ["compare_policies", "runtime_stats", "evaluated_gpu_loads", "write_comparison"]
+__all__ = ["compare_policies", "evaluated_gpu_loads", "runtime_stats", "write_comparison"]
 
 
 def compare_policies(

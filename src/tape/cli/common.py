@@ -2,32 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tape.errors import TapeError, TraceError
+from tape.errors import LayoutError, TapeError, TraceError
 from tape.files import write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
 __all__ = [
-    "TraceOption", "SyntheticOption", "IntervalOption", "SeedOption", "ReplicasOption",
-    "GroupsOption", "NodesOption", "GpusOption", "VersionOption", "JsonOption", "ClusterOption",
-    "ModelOption", "DispatchOption", "ConfigOption", "console", "error_console", "load_windows",
-    "make_layout", "load_specs", "progress_bar", "write_json_atomic", "handles_errors",
+    "ClusterOption",
+    "ConfigOption",
+    "DispatchOption",
+    "GpusOption",
+    "GroupsOption",
+    "IntervalOption",
+    "JsonOption",
+    "ModelOption",
+    "NodesOption",
+    "ReplicasOption",
+    "SeedOption",
+    "Setup",
+    "SyntheticOption",
+    "TraceOption",
+    "VersionOption",
+    "console",
+    "error_console",
+    "handles_errors",
+    "load_windows",
+    "prepare",
+    "progress_bar",
+    "write_json_atomic",
 ]
 
 console = Console()
 error_console = Console(stderr=True)
 
 TraceOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--trace", help="Expert-load trace: expert-load.json, a folder of per-layer CSVs, an "
         "SGLang .pt dump, or .npy/.npz [steps, layers, experts].",
@@ -41,40 +62,73 @@ IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps pe
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the synthetic trace.")]
 ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
 GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
-NodesOption = Annotated[int, typer.Option("--nodes", help="Nodes (N).")]
+NodesOption = Annotated[
+    int | None,
+    typer.Option("--nodes", help="Nodes (N); default: GPUs / the cluster preset's GPUs per node."),
+]
 GpusOption = Annotated[int, typer.Option("--gpus", help="GPUs (G).")]
 VersionOption = Annotated[
     str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 ClusterOption = Annotated[
-    Optional[str], typer.Option("--cluster", help="Cluster preset: h800 or h100.")
+    str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100.")
 ]
-ModelOption = Annotated[Optional[str], typer.Option("--model", help="Model preset: deepseek-v3.")]
+ModelOption = Annotated[str | None, typer.Option("--model", help="Model preset: deepseek-v3.")]
 DispatchOption = Annotated[
     str, typer.Option("--dispatch", help="Token dispatch of the cost model: locality or uniform.")
 ]
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", help="YAML/JSON file overriding model: and cluster: preset fields."),
 ]
 
 
-def make_layout(replicas: int, groups: int, nodes: int, gpus: int) -> Layout:
-    """The layout of the CLI's flags (raises LayoutError naming the broken constraint)."""
-    return Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
+@dataclass(frozen=True)
+class Setup:
+    """What every scoring command needs: layout, presets, dispatch and the windowed trace."""
+
+    layout: Layout
+    model: ModelSpec
+    cluster: ClusterSpec
+    dispatch: str
+    windows: np.ndarray
+    described: str
+    interval: int
+
+    def manifest(self) -> dict[str, Any]:
+        """The settings of a run, for the manifest beside its results."""
+        layout = self.layout
+        return {
+            "trace": self.described, "interval": self.interval, "dispatch": self.dispatch,
+            "layout": {"replicas": layout.num_replicas, "groups": layout.num_groups,
+                       "nodes": layout.num_nodes, "gpus": layout.num_gpus},
+            "model": dataclasses.asdict(self.model), "cluster": dataclasses.asdict(self.cluster),
+        }
 
 
-def load_specs(config: Path | None, model: str | None, cluster: str | None, dispatch: str
-               ) -> tuple[ModelSpec, ClusterSpec]:
-    """Model and cluster from presets, the config file and flags; checks the dispatch name."""
-    from tape.costmodel import DISPATCH_POLICIES
+def prepare(
+    *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
+    groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
+    dispatch: str, config: Path | None,
+) -> Setup:
+    """Check the flags, load presets and the trace; raise TapeError naming what is wrong."""
+    from tape.dispatch import check_dispatch
 
-    if dispatch not in DISPATCH_POLICIES:
-        raise TapeError(
-            f"unknown dispatch {dispatch!r}; expected one of {', '.join(DISPATCH_POLICIES)}"
-        )
-    return load_config(config, model=model, cluster=cluster)
+    check_dispatch(dispatch)
+    model_spec, cluster_spec = load_config(config, model=model, cluster=cluster)
+    if nodes is None and gpus <= cluster_spec.gpus_per_node:
+        nodes = 1
+    elif nodes is None:
+        if gpus % cluster_spec.gpus_per_node:
+            raise LayoutError(
+                f"--gpus {gpus} is not a multiple of the {cluster_spec.name} preset's "
+                f"{cluster_spec.gpus_per_node} GPUs per node; give --nodes"
+            )
+        nodes = gpus // cluster_spec.gpus_per_node
+    layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
+    windows, described = load_windows(trace, synthetic, interval, seed, layout)
+    return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval)
 
 
 def load_windows(

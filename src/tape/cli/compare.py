@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from tape import __version__
 from tape.cli.common import (
-    ClusterOption, ConfigOption, DispatchOption, GpusOption, GroupsOption, IntervalOption,
-    JsonOption, ModelOption, NodesOption, ReplicasOption, SeedOption, SyntheticOption,
-    TraceOption, VersionOption, console, handles_errors, load_specs, load_windows, make_layout,
+    ClusterOption,
+    ConfigOption,
+    DispatchOption,
+    GpusOption,
+    GroupsOption,
+    IntervalOption,
+    JsonOption,
+    ModelOption,
+    NodesOption,
+    ReplicasOption,
+    SeedOption,
+    SyntheticOption,
+    TraceOption,
+    VersionOption,
+    console,
+    handles_errors,
+    prepare,
     progress_bar,
 )
 from tape.cli.evaluate import format_value
@@ -21,7 +35,7 @@ from tape.policies import PolicyError, get_policy, policy_names
 from tape.protocol import parse_version
 from tape.report import compare_policies, runtime_stats, write_comparison
 
-__all__ = ["register", "DEFAULT_POLICIES"]
+__all__ = ["DEFAULT_POLICIES", "register"]
 
 DEFAULT_POLICIES = ("vanilla", "deepseek", "bldm", "replicate-hot", "min-moves", "tape")
 
@@ -66,12 +80,12 @@ def register(app: typer.Typer) -> None:
         trace: TraceOption = None,
         synthetic: SyntheticOption = False,
         policies: Annotated[
-            Optional[str],
+            str | None,
             typer.Option("--policies", help="Comma-separated policy names (default: all "
                          "built-in policies)."),
         ] = None,
         out: Annotated[
-            Optional[Path],
+            Path | None,
             typer.Option("--out", help="Write GPU-load CSVs, heatmaps, box plots, timelines "
                          "and a JSON of everything here."),
         ] = None,
@@ -80,7 +94,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOption = 0,
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
-        nodes: NodesOption = 4,
+        nodes: NodesOption = None,
         gpus: GpusOption = 32,
         cluster: ClusterOption = None,
         model: ModelOption = None,
@@ -92,15 +106,17 @@ def register(app: typer.Typer) -> None:
         built-in synthetic DeepSeek-V3 trace)."""
         names = _parse_policies(policies)
         version_value = parse_version(version)
-        layout = make_layout(replicas, groups, nodes, gpus)
-        model_spec, cluster_spec = load_specs(config, model, cluster, dispatch)
-        windows, described = load_windows(trace, synthetic, interval, seed, layout)
-        pairs = windows.shape[0] - 1
+        setup = prepare(
+            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
+            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
+            dispatch=dispatch, config=config,
+        )
+        pairs = setup.windows.shape[0] - 1
         with progress_bar("policies x window pairs", len(names) * (pairs + 1),
                           not as_json) as advance:
             results = compare_policies(
-                names, windows, layout, version=version_value, model=model_spec,
-                cluster=cluster_spec, dispatch=dispatch, steps_per_window=interval,
+                names, setup.windows, setup.layout, version=version_value, model=setup.model,
+                cluster=setup.cluster, dispatch=dispatch, steps_per_window=interval,
                 progress=advance,
             )
         summary = {
@@ -108,24 +124,21 @@ def register(app: typer.Typer) -> None:
             for name, score in results.items()
         }
         if out is not None:
-            manifest = {
-                "command": "compare", "tape_version": __version__, "trace": described,
-                "interval": interval, "seed": seed, "version": version_value,
-                "policies": names, "dispatch": dispatch,
-                "layout": {"replicas": replicas, "groups": groups, "nodes": nodes, "gpus": gpus},
-                "model": model_spec.__dict__, "cluster": cluster_spec.__dict__,
-            }
+            manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
+                        "version": version_value, "policies": names, **setup.manifest()}
             written = write_comparison(
-                out, results, windows, layout, model=model_spec, cluster=cluster_spec,
-                dispatch=dispatch, steps_per_window=interval, manifest=manifest,
+                out, results, setup.windows, setup.layout, model=setup.model,
+                cluster=setup.cluster, dispatch=dispatch, steps_per_window=interval,
+                manifest=manifest,
             )
         if as_json:
-            typer.echo(to_json_text({"trace": described, "version": version_value,
+            typer.echo(to_json_text({"trace": setup.described, "version": version_value,
                                      "policies": summary}))
             return
-        console.print(f"[dim]{described}; {layout.num_gpus} GPUs on {layout.num_nodes} nodes, "
-                      f"{layout.num_replicas} slots; {dispatch} dispatch on {cluster_spec.name}"
-                      "[/]", highlight=False)
+        layout = setup.layout
+        console.print(f"[dim]{setup.described}; {layout.num_gpus} GPUs on {layout.num_nodes} "
+                      f"nodes, {layout.num_replicas} slots; {dispatch} dispatch on "
+                      f"{setup.cluster.name}[/]", highlight=False)
         console.print(_table("Balance (next window) and the seed's combined scores",
                              summary, _BALANCE_COLUMNS))
         console.print(_table("Cost model per rebalance and step, and policy runtime",

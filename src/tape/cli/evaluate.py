@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from tape import __version__
 from tape.cli.common import (
-    ClusterOption, ConfigOption, DispatchOption, GpusOption, GroupsOption, IntervalOption,
-    JsonOption, ModelOption, NodesOption, ReplicasOption, SeedOption, SyntheticOption,
-    TraceOption, VersionOption, console, error_console, handles_errors, load_specs, load_windows,
-    make_layout, progress_bar, write_json_atomic,
+    ClusterOption,
+    ConfigOption,
+    DispatchOption,
+    GpusOption,
+    GroupsOption,
+    IntervalOption,
+    JsonOption,
+    ModelOption,
+    NodesOption,
+    ReplicasOption,
+    SeedOption,
+    Setup,
+    SyntheticOption,
+    TraceOption,
+    VersionOption,
+    console,
+    error_console,
+    handles_errors,
+    prepare,
+    progress_bar,
+    write_json_atomic,
 )
 from tape.errors import ProgramError
 from tape.files import to_json_text
 from tape.protocol import ProgramScore, parse_version, score_program
 
-__all__ = ["register", "METRIC_SECTIONS", "format_value"]
+__all__ = ["METRIC_SECTIONS", "format_value", "register"]
 
 # Rows of the metric table, in sections; other keys follow under "other".
 METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -45,7 +64,7 @@ MemoryOption = Annotated[int, typer.Option("--memory-mb", min=64, help="Memory l
 
 def format_value(value: float) -> str:
     """A metric for a table: counts as integers, small values with 4 significant digits."""
-    if value != value:  # NaN
+    if math.isnan(value):
         return "nan"
     if abs(value) >= 1e4 or (value == int(value) and abs(value) >= 10):
         return f"{value:,.0f}"
@@ -72,14 +91,13 @@ def _metric_table(title: str, score: ProgramScore) -> Table:
     return table
 
 
-def _score(program: Path, windows, layout, version, timeout, memory_mb, specs, dispatch,
-           interval, show_progress: bool) -> ProgramScore:
-    model, cluster = specs
-    with progress_bar(f"{program.name}", windows.shape[0] - 1, show_progress) as advance:
+def _score(program: Path, setup: Setup, version, timeout, memory_mb, show_progress: bool
+           ) -> ProgramScore:
+    with progress_bar(program.name, setup.windows.shape[0] - 1, show_progress) as advance:
         return score_program(
-            program, windows, layout, version=version, timeout_s=timeout, memory_mb=memory_mb,
-            model=model, cluster=cluster, dispatch=dispatch, steps_per_window=interval,
-            progress=advance,
+            program, setup.windows, setup.layout, version=version, timeout_s=timeout,
+            memory_mb=memory_mb, model=setup.model, cluster=setup.cluster,
+            dispatch=setup.dispatch, steps_per_window=setup.interval, progress=advance,
         )
 
 
@@ -97,7 +115,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOption = 0,
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
-        nodes: NodesOption = 4,
+        nodes: NodesOption = None,
         gpus: GpusOption = 32,
         cluster: ClusterOption = None,
         model: ModelOption = None,
@@ -111,17 +129,18 @@ def register(app: typer.Typer) -> None:
         if not program.is_file():
             raise ProgramError(f"program {program} does not exist")
         version_value = parse_version(version)
-        layout = make_layout(replicas, groups, nodes, gpus)
-        specs = load_specs(config, model, cluster, dispatch)
-        windows, described = load_windows(trace, synthetic, interval, seed, layout)
-        score = _score(program, windows, layout, version_value, timeout, memory_mb, specs,
-                       dispatch, interval, not as_json)
+        setup = prepare(
+            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
+            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
+            dispatch=dispatch, config=config,
+        )
+        score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
         if as_json:
-            payload = {"program": str(program), "version": version_value, "trace": described,
-                       **score.to_json()}
+            payload = {"program": str(program), "version": version_value,
+                       "trace": setup.described, **score.to_json()}
             typer.echo(to_json_text(payload))
         else:
-            console.print(f"[dim]{described}[/]", highlight=False)
+            console.print(f"[dim]{setup.described}[/]", highlight=False)
             console.print(_metric_table(f"{program.name} (version {version_value})", score))
             if score.error:
                 error_console.print(f"[bold red]program failed:[/] {score.error}", highlight=False)
@@ -133,7 +152,7 @@ def register(app: typer.Typer) -> None:
     def evaluate_dir(
         directory: Annotated[Path, typer.Argument(help="Folder of .py programs.")],
         out: Annotated[
-            Optional[Path], typer.Option("--out", help="Write one JSON result per program here.")
+            Path | None, typer.Option("--out", help="Write one JSON result per program here.")
         ] = None,
         trace: TraceOption = None,
         synthetic: SyntheticOption = False,
@@ -142,7 +161,7 @@ def register(app: typer.Typer) -> None:
         seed: SeedOption = 0,
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
-        nodes: NodesOption = 4,
+        nodes: NodesOption = None,
         gpus: GpusOption = 32,
         cluster: ClusterOption = None,
         model: ModelOption = None,
@@ -159,29 +178,28 @@ def register(app: typer.Typer) -> None:
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
         version_value = parse_version(version)
-        layout = make_layout(replicas, groups, nodes, gpus)
-        specs = load_specs(config, model, cluster, dispatch)
-        windows, described = load_windows(trace, synthetic, interval, seed, layout)
+        setup = prepare(
+            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
+            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
+            dispatch=dispatch, config=config,
+        )
         results: dict[str, dict[str, Any]] = {}
         for program in programs:
-            score = _score(program, windows, layout, version_value, timeout, memory_mb, specs,
-                           dispatch, interval, not as_json)
+            score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
             results[program.name] = {"program": str(program), "version": version_value,
-                                     "trace": described, **score.to_json()}
+                                     "trace": setup.described, **score.to_json()}
             if out is not None:
                 write_json_atomic(out / f"{program.stem}_result.json", results[program.name])
         if out is not None:
             write_json_atomic(out / "manifest.json", {
-                "command": "evaluate-dir", "directory": str(directory), "version": version_value,
-                "trace": described, "interval": interval, "seed": seed,
-                "layout": {"replicas": replicas, "groups": groups, "nodes": nodes, "gpus": gpus},
-                "dispatch": dispatch, "model": specs[0].name, "cluster": specs[1].name,
-                "programs": sorted(results),
+                "command": "evaluate-dir", "tape_version": __version__,
+                "directory": str(directory), "version": version_value, "seed": seed,
+                **setup.manifest(), "programs": sorted(results),
             })
         if as_json:
             typer.echo(to_json_text(results))
             return
-        console.print(f"[dim]{described}[/]", highlight=False)
+        console.print(f"[dim]{setup.described}[/]", highlight=False)
         table = Table(title=f"programs in {directory} (version {version_value})")
         columns = ("combined_score", "balancedness_score", "overall_balancedness",
                    "compute_balancedness", "efficiency", "gpu_balancedness")
