@@ -207,12 +207,13 @@ def test_describe():
 
 def test_window_loads_by_hand():
     loads = np.arange(5 * 1 * 2, dtype=np.float64).reshape(5, 1, 2)
-    # steps: [0,1] [2,3] [4,5] [6,7] [8,9]; interval 2 -> [0+2, 1+3], [4+6, 5+7]; step 4 dropped.
-    assert window_loads(loads, 2).tolist() == [[[2, 4]], [[10, 12]]]
+    # steps: [0,1] [2,3] [4,5] [6,7] [8,9]; interval 2 -> [0+2, 1+3], [4+6, 5+7], and step 4
+    # alone as the last, shorter window (as the seed's evaluator does).
+    assert window_loads(loads, 2).tolist() == [[[2, 4]], [[10, 12]], [[8, 9]]]
     assert window_loads(loads, 5).tolist() == [[[20, 25]]]
     assert window_loads(loads, 1).tolist() == loads.tolist()
-    with pytest.raises(TraceError, match="5 steps, fewer than one window of 6 steps"):
-        window_loads(loads, 6)
+    # A trace shorter than one interval is one (short) window.
+    assert window_loads(loads, 6).tolist() == [[[20, 25]]]
 
 
 @pytest.mark.parametrize("interval", [0, -100, 2.5, True, "100", None])
@@ -229,14 +230,10 @@ def test_window_loads_rejects_bad_interval(interval):
 )
 def test_window_loads_matches_a_plain_loop(steps, interval, seed):
     loads = np.random.default_rng(seed).integers(0, 50, size=(steps, 2, 3)).astype(float)
-    if steps < interval:
-        with pytest.raises(TraceError):
-            window_loads(loads, interval)
-        return
     expected = []
-    for start in range(0, steps - interval + 1, interval):
+    for start in range(0, steps, interval):
         total = np.zeros((2, 3))
-        for step in range(start, start + interval):
+        for step in range(start, min(start + interval, steps)):
             total += loads[step]
         expected.append(total)
     assert np.array_equal(window_loads(loads, interval), np.array(expected))
