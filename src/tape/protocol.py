@@ -9,7 +9,7 @@ the previous pair and the windows before i); it never sees window i + 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "score_policy",
     "score_program",
     "score_replay",
+    "window_steps",
 ]
 
 VERSIONS: tuple[int | str, ...] = (0, 2, 3, 4, "realistic")
@@ -41,6 +42,13 @@ VERSIONS: tuple[int | str, ...] = (0, 2, 3, 4, "realistic")
 # A placement source: (window index, window load [L, E], previous placement or None,
 # earlier windows [i, L, E]) -> (placement, seconds the policy itself took).
 PlacementSource = Callable[[int, np.ndarray, "Placement | None", np.ndarray], tuple[Placement, float]]
+
+
+def window_steps(steps_per_window: int | Sequence[int], index: int) -> int:
+    """Forward steps in window `index`: one number for all windows, or one per window."""
+    if isinstance(steps_per_window, (int, np.integer)):
+        return int(steps_per_window)
+    return int(steps_per_window[index])
 
 
 def combined_key(version: int | str) -> str:
@@ -181,7 +189,7 @@ def score_replay(
     model: ModelSpec | None = None,
     cluster: ClusterSpec | None = None,
     dispatch: str = "locality",
-    steps_per_window: int = 1,
+    steps_per_window: int | Sequence[int] = 1,
 ) -> ProgramScore:
     """Score `run`'s placement i on window i + 1 for every pair; average over pairs."""
     version = parse_version(version)
@@ -190,7 +198,8 @@ def score_replay(
     per_pair: dict[str, list[float]] = {}
     for index, placement in enumerate(run.placements):
         values = _pair_metrics(
-            placement, windows[index + 1], layout, model, cluster, dispatch, steps_per_window
+            placement, windows[index + 1], layout, model, cluster, dispatch,
+            window_steps(steps_per_window, index + 1),
         )
         if index > 0:
             moved = migration_metrics(run.placements[index - 1], placement, layout, model, cluster)
@@ -230,7 +239,7 @@ def score_program(
     model: ModelSpec | None = None,
     cluster: ClusterSpec | None = None,
     dispatch: str = "locality",
-    steps_per_window: int = 1,
+    steps_per_window: int | Sequence[int] = 1,
     progress: Callable[[], None] | None = None,
 ) -> ProgramScore:
     """Run a user's program (a file defining `rebalance_experts`) through the protocol.
@@ -290,7 +299,7 @@ def score_policy(
     model: ModelSpec | None = None,
     cluster: ClusterSpec | None = None,
     dispatch: str = "locality",
-    steps_per_window: int = 1,
+    steps_per_window: int | Sequence[int] = 1,
     progress: Callable[[], None] | None = None,
 ) -> ProgramScore:
     """Run a registered policy through the protocol (with the previous placement passed on)."""

@@ -16,7 +16,7 @@ import numpy as np
 from tape.files import write_json_atomic, write_table_csv
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec
-from tape.protocol import ProgramScore, score_policy
+from tape.protocol import ProgramScore, score_policy, window_steps
 
 __all__ = ["compare_policies", "evaluated_gpu_loads", "runtime_stats", "write_comparison"]
 
@@ -30,7 +30,7 @@ def compare_policies(
     model: ModelSpec,
     cluster: ClusterSpec,
     dispatch: str,
-    steps_per_window: int = 1,
+    steps_per_window: int | Sequence[int] = 1,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, ProgramScore]:
     """Score every policy in `policies` on `windows` (same windows, same layout, same run)."""
@@ -71,7 +71,7 @@ def write_comparison(
     model: ModelSpec,
     cluster: ClusterSpec,
     dispatch: str,
-    steps_per_window: int,
+    steps_per_window: int | Sequence[int],
     manifest: dict[str, Any],
 ) -> list[Path]:
     """Write the comparison's CSVs, plots and JSON into `out`; return the paths written."""
@@ -92,7 +92,7 @@ def write_comparison(
         last = len(score.placements) - 1
         times = layer_times(
             traffic(score.placements[last], windows[last + 1], layout, dispatch),
-            model, cluster, steps=steps_per_window,
+            model, cluster, steps=window_steps(steps_per_window, last + 1),
         )
         written.append(plot_timeline(
             times.compute, times.comm, out / f"{name}_timeline.png",

@@ -95,6 +95,7 @@ class Setup:
     windows: np.ndarray
     described: str
     interval: int
+    window_steps: tuple[int, ...]
 
     def manifest(self) -> dict[str, Any]:
         """The settings of a run, for the manifest beside its results."""
@@ -127,14 +128,15 @@ def prepare(
             )
         nodes = gpus // cluster_spec.gpus_per_node
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
-    windows, described = load_windows(trace, synthetic, interval, seed, layout)
-    return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval)
+    windows, described, steps = load_windows(trace, synthetic, interval, seed, layout)
+    return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
 def load_windows(
     trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout
-) -> tuple[np.ndarray, str]:
-    """Windowed loads [W, L, E] of the chosen trace and a one-line description of it."""
+) -> tuple[np.ndarray, str, tuple[int, ...]]:
+    """Windowed loads [W, L, E] of the chosen trace, a one-line description of it, and the
+    forward steps in each window (the last window may be shorter)."""
     from tape.protocol import check_windows
     from tape.trace import describe, load_trace, window_loads
 
@@ -149,7 +151,10 @@ def load_windows(
         loads = load_trace(trace)
         source = str(trace)
     windows = check_windows(window_loads(loads, interval), layout)
-    return windows, f"{source}: {describe(loads)}, {windows.shape[0]} windows of {interval} steps"
+    total = loads.shape[0]
+    steps = tuple(min(interval, total - start) for start in range(0, total, interval))
+    described = f"{source}: {describe(loads)}, {windows.shape[0]} windows of {interval} steps"
+    return windows, described, steps
 
 
 @contextmanager

@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
                           not as_json) as advance:
             results = compare_policies(
                 names, setup.windows, setup.layout, version=version_value, model=setup.model,
-                cluster=setup.cluster, dispatch=dispatch, steps_per_window=interval,
+                cluster=setup.cluster, dispatch=dispatch, steps_per_window=setup.window_steps,
                 progress=advance,
             )
         summary = {
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
                         "version": version_value, "policies": names, **setup.manifest()}
             written = write_comparison(
                 out, results, setup.windows, setup.layout, model=setup.model,
-                cluster=setup.cluster, dispatch=dispatch, steps_per_window=interval,
+                cluster=setup.cluster, dispatch=dispatch, steps_per_window=setup.window_steps,
                 manifest=manifest,
             )
         if as_json:

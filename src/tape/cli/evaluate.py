@@ -97,7 +97,7 @@ def _score(program: Path, setup: Setup, version, timeout, memory_mb, show_progre
         return score_program(
             program, setup.windows, setup.layout, version=version, timeout_s=timeout,
             memory_mb=memory_mb, model=setup.model, cluster=setup.cluster,
-            dispatch=setup.dispatch, steps_per_window=setup.interval, progress=advance,
+            dispatch=setup.dispatch, steps_per_window=setup.window_steps, progress=advance,
         )
 
 
