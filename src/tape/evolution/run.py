@@ -41,7 +41,7 @@ import yaml
 
 from tape.errors import ConfigError
 from tape.evolution import prompts
-from tape.evolution.settings import ENVIRONMENT, EvaluationSettings
+from tape.evolution.settings import ENVIRONMENT, EvaluationSettings, require_new_folder
 from tape.files import write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import STARTUP_SECONDS
@@ -189,8 +189,9 @@ def resolve_api_key(
     """The API key to use and the variable it came from.
 
     The variable is `api_key_env` if given, else one named as `llm: api_key: ${VAR}` in the
-    config, else OPENAI_API_KEY (a model's own `api_key: ${VAR}` is left to OpenEvolve). With that variable unset, an endpoint on this machine gets a
-    placeholder (local servers ignore it) unless the variable was named explicitly.
+    config, else OPENAI_API_KEY (a model's own `api_key: ${VAR}` is left to OpenEvolve). With
+    that variable unset, an endpoint on this machine gets a placeholder (local servers ignore
+    it) unless the variable was named explicitly.
 
     Raises:
         ConfigError: a key written literally in the config, or no key for a remote endpoint.
@@ -234,6 +235,7 @@ def resolve_config(
     Applies the command line to the file's settings; the system message becomes the version's
     (`prompts.system_message`) unless the file sets `prompt.system_message`.
     """
+    from dacite import DaciteError
     from openevolve.config import Config
 
     data = _read_yaml(path)
@@ -260,7 +262,7 @@ def resolve_config(
     running = {**data, "llm": {**llm_section, "api_key": key}}
     try:
         config = Config.from_dict(running)
-    except Exception as error:  # dacite and OpenEvolve raise several kinds
+    except (DaciteError, ValueError, TypeError) as error:
         raise ConfigError(f"OpenEvolve rejected the config {path}: {error}") from None
     if not config.llm.models:
         raise ConfigError(f"OpenEvolve config {path} names no LLM model; pass --model NAME")
@@ -286,18 +288,19 @@ def _prepare_folder(out_dir: Path, resume: Path | None) -> None:
                 f"{resume.resolve().parent.parent}, not {out_dir}"
             )
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(
-            f"output folder {out_dir} already holds a run; continue it with --resume "
-            f"{out_dir}/checkpoints/checkpoint_N, or choose another --out"
-        )
+    require_new_folder(
+        out_dir, f"continue its run with --resume {out_dir}/checkpoints/checkpoint_N, or choose "
+        "another --out"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
-        raise ConfigError(f"cannot resume in {out_dir}: it has no {MANIFEST} (not a tape evolve run)")
+        raise ConfigError(
+            f"cannot resume in {out_dir}: it has no {MANIFEST} (not a tape evolve run)"
+        )
     import json
 
     saved = json.loads(manifest.read_text())["settings"]

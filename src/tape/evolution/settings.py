@@ -23,7 +23,7 @@ from tape.errors import ConfigError, TraceError
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
-__all__ = ["ENVIRONMENT", "SMALL_SYNTHETIC", "EvaluationSettings"]
+__all__ = ["ENVIRONMENT", "SMALL_SYNTHETIC", "EvaluationSettings", "require_new_folder"]
 
 ENVIRONMENT: dict[str, str] = {
     "version": "TAPE_VERSION",
@@ -109,9 +109,8 @@ class EvaluationSettings:
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
-            raise ConfigError(
-                f"unknown dispatch {self.dispatch!r}; expected one of {', '.join(DISPATCH_POLICIES)}"
-            )
+            known = ", ".join(DISPATCH_POLICIES)
+            raise ConfigError(f"unknown dispatch {self.dispatch!r}; expected one of {known}")
         self.layout()  # raises LayoutError naming the broken constraint
 
     # -- conversions ------------------------------------------------------------------------
@@ -188,6 +187,12 @@ SMALL_SYNTHETIC: dict[str, int] = {
     "gpus": 8,
 }
 """A small synthetic problem (6 windows of 100 steps) for quick runs and tests."""
+
+
+def require_new_folder(path: Path, hint: str = "choose another --out") -> None:
+    """ConfigError unless `path` is absent or empty: a run never mixes its files with another's."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"output folder {path} already holds files; {hint}")
 
 
 _INTEGER_FIELDS = frozenset(

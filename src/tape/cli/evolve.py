@@ -1,0 +1,252 @@
+"""`tape evolve` (OpenEvolve with an LLM) and `tape tune` (Optuna, no LLM): search for policies.
+
+Both score candidates exactly as `tape evaluate` does, through `tape.evolution.settings`. Their
+`--trace`, `--synthetic`, `--interval`, `--seed`, layout, `--cluster` and `--dispatch` flags mean
+what they mean for `tape evaluate`. In `tape evolve`, `--model` and `--config` belong to the
+LLM side (the issue's interface), so the cost model's presets are `--moe-model` and `--presets`
+there; `tape tune` keeps `tape evaluate`'s `--model` and `--config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from tape.cli.common import (
+    ClusterOption,
+    ConfigOption,
+    DispatchOption,
+    GpusOption,
+    GroupsOption,
+    IntervalOption,
+    ModelOption,
+    NodesOption,
+    ReplicasOption,
+    SeedOption,
+    SyntheticOption,
+    TraceOption,
+    VersionOption,
+    console,
+    error_console,
+    handles_errors,
+    progress_bar,
+)
+from tape.errors import ConfigError, LayoutError, TraceError
+from tape.presets import load_config
+from tape.protocol import ProgramScore, parse_version
+
+__all__ = ["register"]
+
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds one call of a candidate may take "
+                        "before its process is killed.")
+]
+MemoryOption = Annotated[
+    int, typer.Option("--memory-mb", min=64, help="Memory a candidate may allocate, MB.")
+]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help="Output folder (new or empty); default "
+                              "tape-out/<command>-<version>.")
+]
+
+
+def _nodes(nodes: int | None, gpus: int, cluster: str | None, presets: Path | None) -> int:
+    """--nodes, or G / the cluster preset's GPUs per node (as `tape evaluate`)."""
+    if nodes is not None:
+        return nodes
+    _, cluster_spec = load_config(presets, cluster=cluster)
+    if gpus <= cluster_spec.gpus_per_node:
+        return 1
+    if gpus % cluster_spec.gpus_per_node:
+        raise LayoutError(
+            f"--gpus {gpus} is not a multiple of the {cluster_spec.name} preset's "
+            f"{cluster_spec.gpus_per_node} GPUs per node; give --nodes"
+        )
+    return gpus // cluster_spec.gpus_per_node
+
+
+def _settings(**values: Any) -> Any:
+    from tape.evolution.settings import EvaluationSettings
+
+    if values.pop("synthetic") and values["trace"] is not None:
+        raise TraceError("give either --trace PATH or --synthetic, not both")
+    values["nodes"] = _nodes(values["nodes"], values["gpus"], values["cluster"], values["presets"])
+    return EvaluationSettings(**values)
+
+
+def _default_out(command: str, version: int | str) -> Path:
+    suffix = "realistic" if version == "realistic" else f"v{version}"
+    return Path("tape-out") / f"{command}-{suffix}"
+
+
+def _comparison_table(title: str, scores: dict[str, ProgramScore], metrics: tuple[str, ...]
+                      ) -> Table:
+    table = Table(title=title)
+    table.add_column("program")
+    for metric in ("combined_score", *metrics):
+        table.add_column(metric, justify="right")
+    for name, score in scores.items():
+        if score.error is not None:
+            table.add_row(name, "0", *("-" for _ in metrics))
+            continue
+        table.add_row(name, *(f"{score.metrics[m]:.4f}" for m in ("combined_score", *metrics)))
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add `evolve` and `tune` to `app`."""
+
+    @app.command()
+    @handles_errors
+    def evolve(
+        version: VersionOption = "0",
+        iterations: Annotated[
+            int | None, typer.Option("--iterations", min=1, help="Evolution iterations "
+                                     "(default: the config's max_iterations).")
+        ] = None,
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = None,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        moe_model: Annotated[
+            str | None, typer.Option("--moe-model", help="MoE model preset of the realistic "
+                                     "cost model: deepseek-v3.")
+        ] = None,
+        presets: Annotated[
+            Path | None, typer.Option("--presets", help="YAML/JSON file overriding model: and "
+                                      "cluster: preset fields.")
+        ] = None,
+        dispatch: DispatchOption = "locality",
+        api_base: Annotated[
+            str | None, typer.Option("--api-base", help="OpenAI-compatible endpoint, e.g. "
+                                     "http://localhost:8000/v1 (vLLM) or :11434/v1 (ollama).")
+        ] = None,
+        model: Annotated[
+            list[str] | None, typer.Option("--model", help="LLM model name; repeat for an "
+                                           "ensemble (equal weights).")
+        ] = None,
+        api_key_env: Annotated[
+            str | None, typer.Option("--api-key-env", help="Environment variable holding the "
+                                     "API key (default OPENAI_API_KEY).")
+        ] = None,
+        config: Annotated[
+            str | None, typer.Option("--config", help="OpenEvolve YAML, or a shipped config's "
+                                     "name: gemini (default), local.")
+        ] = None,
+        full_rewrite: Annotated[
+            bool, typer.Option("--full-rewrite", help="Ask for whole programs, not diffs.")
+        ] = False,
+        resume: Annotated[
+            Path | None, typer.Option("--resume", help="Checkpoint folder to continue from: "
+                                      "<run>/checkpoints/checkpoint_N.")
+        ] = None,
+        initial: Annotated[
+            Path | None, typer.Option("--initial", help="Program to start from (default: "
+                                      "DeepSeek EPLB's policy in numpy).")
+        ] = None,
+        out: OutOption = None,
+        timeout: TimeoutOption = 10.0,
+        memory_mb: MemoryOption = 4096,
+    ) -> None:
+        """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
+        from tape.evolution import run
+
+        settings = _settings(
+            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
+            seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
+            cluster=cluster, moe_model=moe_model, presets=presets, dispatch=dispatch,
+            timeout_s=timeout, memory_mb=memory_mb,
+        )
+        if initial is not None and not initial.is_file():
+            raise ConfigError(f"initial program {initial} does not exist")
+        if out is None:
+            out = resume.resolve().parent.parent if resume else _default_out("evolve",
+                                                                             settings.version)
+        config_path = None
+        if config is not None:
+            config_path = Path(config) if Path(config).is_file() else run.shipped_config(config)
+        result = run.evolve(
+            settings, out_dir=out, iterations=iterations, config_path=config_path,
+            llm=run.LLMChoice(api_base=api_base, models=tuple(model or ()),
+                              api_key_env=api_key_env),
+            full_rewrite=full_rewrite, resume=resume, initial_program=initial,
+        )
+        from tape.evolution.prompts import version_metrics
+
+        console.print(_comparison_table(
+            f"best evolved program vs deepseek (version {settings.version})",
+            {"best_program.py": result.best, "deepseek": result.deepseek},
+            version_metrics(settings.version),
+        ))
+        console.print(f"best program: {result.best_program}", highlight=False)
+        console.print(f"run folder:   {result.out_dir} (best/, checkpoints/, logs/, "
+                      "best/tape_scores.json)", highlight=False)
+        if result.best.error:
+            error_console.print(f"[bold red]best program failed:[/] {result.best.error}",
+                                highlight=False)
+
+    @app.command()
+    @handles_errors
+    def tune(
+        version: VersionOption = "0",
+        trials: Annotated[int, typer.Option("--trials", min=1, help="Optuna trials.")] = 50,
+        holdout: Annotated[
+            float, typer.Option("--holdout", min=0.0, max=0.9, help="Share of the last windows "
+                                "kept out of tuning, for an unbiased comparison (0: none).")
+        ] = 0.25,
+        sampler_seed: Annotated[
+            int, typer.Option("--sampler-seed", help="Seed of Optuna's TPE sampler.")
+        ] = 0,
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = None,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        model: ModelOption = None,
+        config: ConfigOption = None,
+        dispatch: DispatchOption = "locality",
+        out: OutOption = None,
+    ) -> None:
+        """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
+        from tape.evolution import tune as tuning
+        from tape.evolution.prompts import version_metrics
+        from tape.evolution.settings import require_new_folder
+
+        settings = _settings(
+            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
+            seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
+            cluster=cluster, moe_model=model, presets=config, dispatch=dispatch,
+        )
+        out = out if out is not None else _default_out("tune", settings.version)
+        require_new_folder(out)
+        with progress_bar("tuning", trials) as advance:
+            result = tuning.tune(
+                settings, trials=trials, seed=sampler_seed, holdout=holdout, progress=advance
+            )
+        paths = tuning.write_outputs(
+            result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
+        )
+        where = "held-out" if holdout else "all"
+        console.print(_comparison_table(
+            f"tape tune, version {settings.version}: {result.evaluation_windows} {where} windows",
+            {"tape (tuned)": result.tuned, "tape (defaults)": result.defaults,
+             "deepseek": result.deepseek},
+            version_metrics(settings.version),
+        ))
+        gain = (result.tuned.metrics["combined_score"]
+                - result.deepseek.metrics["combined_score"])
+        console.print(f"tuned - deepseek combined_score: {gain:+.4f}", highlight=False)
+        for name, path in paths.items():
+            console.print(f"{name}: {path}", highlight=False)

@@ -1,0 +1,265 @@
+"""`tape tune`: tune the `tape` policy's parameters with Optuna, no LLM needed.
+
+Each trial runs the policy with the trial's parameters through the evaluation protocol on the
+same windows, layout and scoring version as `tape evolve` (`EvaluationSettings`), and Optuna's
+TPE sampler (seeded) maximizes `combined_score`. The policy's presets are tried first, so the
+result is never worse than the best preset on the tuning windows.
+
+With `holdout > 0` the last windows are kept out of tuning: the tuned parameters, the policy's
+defaults and the `deepseek` policy are then compared on windows the search never saw, so a
+reported gain is not an artifact of fitting the tuning windows.
+
+Outputs (`write_outputs`): `best_params.json`, `tuned_program.py` (a `rebalance_experts` file
+that calls `tape.api.rebalance_experts(..., policy="tape", **params)`, usable wherever a program
+is expected, e.g. `tape evaluate` or `tape evolve --initial`) and `tune_manifest.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tape.errors import ConfigError
+from tape.evolution.settings import EvaluationSettings, require_new_folder
+from tape.files import write_json_atomic
+from tape.protocol import ProgramScore, score_policy
+
+__all__ = ["SearchSpace", "TuneResult", "split_windows", "tune", "tuned_program_text",
+           "write_outputs"]
+
+SearchSpace = dict[str, tuple[float, float, str]]
+"""Parameter name -> (low, high, kind), kind one of "float", "int", "log" (log-uniform float)."""
+
+_KINDS = ("float", "int", "log")
+
+
+@dataclass
+class TuneResult:
+    """A tuning run's outcome.
+
+    Attributes:
+        policy: the tuned policy's name.
+        best_params: the best trial's parameters.
+        tuned: the policy with `best_params`, scored on the evaluation windows.
+        defaults: the policy with its default parameters, on the evaluation windows.
+        deepseek: the `deepseek` policy, on the evaluation windows.
+        trials: each trial's number, parameters and combined score on the tuning windows.
+        tuning_windows: how many windows the search scored on.
+        evaluation_windows: how many windows the comparison scored on (the same windows when
+            nothing was held out).
+    """
+
+    policy: str
+    best_params: dict[str, Any]
+    tuned: ProgramScore
+    defaults: ProgramScore
+    deepseek: ProgramScore
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    tuning_windows: int = 0
+    evaluation_windows: int = 0
+
+
+def split_windows(windows: np.ndarray, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tuning windows (the first ones) and evaluation windows (the last `holdout` share).
+
+    With `holdout` 0 both are all the windows. Each part needs 2 windows (one pair).
+    """
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
+    if holdout == 0:
+        return windows, windows
+    held = max(2, math.ceil(holdout * len(windows)))
+    if len(windows) - held < 2:
+        raise ConfigError(
+            f"{len(windows)} windows cannot be split into tuning and held-out parts of 2 windows "
+            f"or more; use more windows (a longer trace or a smaller --interval) or --holdout 0"
+        )
+    return windows[:-held], windows[-held:]
+
+
+def _check_space(space: SearchSpace) -> None:
+    if not space:
+        raise ConfigError("the search space is empty: nothing to tune")
+    for name, entry in space.items():
+        if len(entry) != 3 or entry[2] not in _KINDS or not entry[0] < entry[1]:
+            raise ConfigError(
+                f"search space entry {name}={entry!r} must be (low, high, kind) with low < high "
+                f"and kind in {', '.join(_KINDS)}"
+            )
+        if entry[2] == "log" and entry[0] <= 0:
+            raise ConfigError(f"log-scaled parameter {name} needs low > 0, got {entry[0]}")
+
+
+def _suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, (low, high, kind) in space.items():
+        if kind == "int":
+            params[name] = trial.suggest_int(name, int(low), int(high))
+        else:
+            params[name] = trial.suggest_float(name, float(low), float(high), log=kind == "log")
+    return params
+
+
+def _in_space(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """The preset's values of the searched parameters, if all lie inside the space."""
+    chosen = {name: params[name] for name in space if name in params}
+    inside = all(space[name][0] <= value <= space[name][1] for name, value in chosen.items())
+    return chosen if chosen and inside else {}
+
+
+def _tape_policy_space() -> tuple[SearchSpace, dict[str, dict[str, Any]]]:
+    from tape.policies import get_policy, tape_policy
+
+    get_policy("tape")  # registers the built-in policies
+    return dict(tape_policy.SEARCH_SPACE), dict(tape_policy.PRESETS)
+
+
+def tune(
+    settings: EvaluationSettings,
+    *,
+    trials: int,
+    seed: int = 0,
+    holdout: float = 0.25,
+    policy: str = "tape",
+    search_space: SearchSpace | None = None,
+    presets: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> TuneResult:
+    """Search `policy`'s parameters for the best `combined_score` under `settings.version`.
+
+    Args:
+        settings: windows, layout, version and cost-model presets (as for `tape evolve`).
+        trials: Optuna trials (each one protocol run on the tuning windows).
+        seed: seed of the TPE sampler; the same inputs give the same trials.
+        holdout: share of the windows kept out of tuning for the final comparison.
+        policy: a registered policy name; "tape" reads its SEARCH_SPACE and PRESETS.
+        search_space, presets: override what is searched and what is tried first.
+        progress: called after every trial.
+    """
+    import optuna
+
+    if trials < 1:
+        raise ConfigError(f"trials must be at least 1, got {trials}")
+    if search_space is None:
+        if policy != "tape":
+            raise ConfigError(f"give a search space to tune policy {policy!r}")
+        search_space, default_presets = _tape_policy_space()
+        presets = default_presets if presets is None else presets
+    _check_space(search_space)
+    tuning, evaluation = split_windows(settings.windows(), holdout)
+    layout = settings.layout()
+    model, cluster = settings.specs()
+
+    def run(policy_name: str, windows: np.ndarray, params: dict[str, Any] | None) -> ProgramScore:
+        return score_policy(
+            policy_name, windows, layout, version=settings.version, params=params, model=model,
+            cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.interval,
+        )
+
+    def objective(trial: Any) -> float:
+        score = run(policy, tuning, _suggest(trial, search_space)).metrics["combined_score"]
+        if progress is not None:
+            progress()
+        return score
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
+        )
+        for preset in (presets or {}).values():
+            start = _in_space(preset, search_space)
+            if start:
+                study.enqueue_trial(start)
+        study.optimize(objective, n_trials=trials)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+    best_params = dict(study.best_params)
+    return TuneResult(
+        policy=policy,
+        best_params=best_params,
+        tuned=run(policy, evaluation, best_params),
+        defaults=run(policy, evaluation, None),
+        deepseek=run("deepseek", evaluation, None),
+        trials=[
+            {"number": trial.number, "params": trial.params, "combined_score": trial.value}
+            for trial in study.trials
+        ],
+        tuning_windows=len(tuning),
+        evaluation_windows=len(evaluation),
+    )
+
+
+def tuned_program_text(policy: str, params: dict[str, Any], version: int | str) -> str:
+    """A program file whose `rebalance_experts` is `policy` with `params`."""
+    lines = [f"    {name!r}: {value!r}," for name, value in sorted(params.items())]
+    return (
+        f'"""The `{policy}` policy with parameters tuned by `tape tune` for TAPE version '
+        f'{version}.\n\n'
+        "Usable wherever a `rebalance_experts` program is expected (`tape evaluate`, "
+        "`tape evolve --initial`).\n"
+        '"""\n\n'
+        "from tape.api import rebalance_experts as place\n\n"
+        f"POLICY = {policy!r}\n"
+        "PARAMS = {\n" + "\n".join(lines) + "\n}\n\n\n"
+        "def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
+        '    """(phy2log, log2phy, logcnt) for `weight` [L, E], as DeepSeek EPLB."""\n'
+        "    return place(\n"
+        "        weight, num_replicas, num_groups, num_nodes, num_gpus, policy=POLICY, **PARAMS\n"
+        "    )\n"
+    )
+
+
+def write_outputs(
+    result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
+    holdout: float,
+) -> dict[str, Path]:
+    """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`."""
+    from importlib.metadata import version as package_version
+
+    out_dir = Path(out_dir)
+    require_new_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "params": out_dir / "best_params.json",
+        "program": out_dir / "tuned_program.py",
+        "manifest": out_dir / "tune_manifest.json",
+    }
+    write_json_atomic(paths["params"], {
+        "policy": result.policy, "version": settings.version, "params": result.best_params,
+    })
+    paths["program"].write_text(
+        tuned_program_text(result.policy, result.best_params, settings.version)
+    )
+    write_json_atomic(paths["manifest"], {
+        "command": "tape tune",
+        "tape_version": package_version("tape-moe"),
+        "optuna_version": package_version("optuna"),
+        "version": settings.version,
+        "windows": settings.describe_source(),
+        "settings": settings.to_json(),
+        "trials": trials,
+        "seed": seed,
+        "holdout": holdout,
+        "tuning_windows": result.tuning_windows,
+        "evaluation_windows": result.evaluation_windows,
+        "combined_score": {
+            "tuned": result.tuned.metrics["combined_score"],
+            "defaults": result.defaults.metrics["combined_score"],
+            "deepseek": result.deepseek.metrics["combined_score"],
+        },
+        "scores": {
+            "tuned": result.tuned.to_json(),
+            "defaults": result.defaults.to_json(),
+            "deepseek": result.deepseek.to_json(),
+        },
+        "trial_history": result.trials,
+    })
+    return paths

@@ -1,0 +1,526 @@
+"""`tape evolve`: settings, prompts, configs, the sandboxed evaluator, and real OpenEvolve runs
+against a scripted local LLM (offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("openevolve")
+
+from fake_llm import ScriptedLLM, diff_reply
+from openevolve.config import Config
+from openevolve.utils.code_utils import parse_evolve_blocks
+
+from tape.errors import ConfigError
+from tape.evolution import evaluator, prompts, run
+from tape.evolution.settings import (
+    ENVIRONMENT,
+    SMALL_SYNTHETIC,
+    EvaluationSettings,
+)
+from tape.policies import get_policy
+from tape.protocol import replay
+
+SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
+
+
+@pytest.fixture(autouse=True)
+def clean_tape_environment(monkeypatch):
+    """Each test starts without TAPE_* variables and leaves none behind."""
+    for name in list(os.environ):
+        if name.startswith("TAPE_"):
+            monkeypatch.delenv(name)
+    yield
+    for name in ENVIRONMENT.values():
+        os.environ.pop(name, None)
+
+
+def load_module(path: Path, name: str = "program_under_test"):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_round_trip_through_the_environment():
+    settings = EvaluationSettings(version="realistic", trace=Path("t.json"), interval=50,
+                                  timeout_s=2.5, cluster="h100", **SMALL_SYNTHETIC)
+    environment = settings.to_environment()
+    assert environment["TAPE_VERSION"] == "realistic"
+    assert environment["TAPE_TRACE"] == "t.json"
+    assert environment["TAPE_TIMEOUT"] == "2.5"
+    assert "TAPE_WINDOWS" not in environment  # unset fields are left out
+    assert EvaluationSettings.from_environment(environment) == settings
+
+
+@pytest.mark.parametrize(
+    ("environment", "reason"),
+    [
+        ({"TAPE_VERISON": "2"}, "unknown evaluation variable.*TAPE_VERISON"),
+        ({"TAPE_INTERVAL": "ten"}, "TAPE_INTERVAL='ten' is not an integer"),
+        ({"TAPE_VERSION": "5"}, "unknown version '5'"),
+        ({"TAPE_TRACE": "a.json", "TAPE_WINDOWS": "w.npy"}, "either a trace or a windows file"),
+        ({"TAPE_REPLICAS": "50", "TAPE_GPUS": "8"}, "multiple of num_gpus"),
+        ({"TAPE_DISPATCH": "random"}, "unknown dispatch 'random'"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_reason(environment, reason):
+    with pytest.raises(Exception, match=reason):
+        EvaluationSettings.from_environment(environment)
+
+
+def test_configure_sets_the_variables_and_clears_the_others():
+    os.environ["TAPE_TRACE"] = "old.json"
+    settings = evaluator.configure(version=3, **SMALL_SYNTHETIC)
+    assert os.environ["TAPE_VERSION"] == "3"
+    assert "TAPE_TRACE" not in os.environ
+    assert EvaluationSettings.from_environment() == settings
+
+
+def test_windows_are_the_summed_steps_of_the_synthetic_trace():
+    from tape.synthetic import synthetic_trace
+
+    loads = synthetic_trace(num_steps=600, num_layers=4, num_experts=32, num_groups=4, seed=0)
+    windows = SMALL.windows()
+    assert windows.shape == (6, 4, 32)
+    np.testing.assert_allclose(windows[2], loads[200:300].sum(axis=0))
+
+
+# -- prompts and the initial program -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [0, 2, 3, 4, "realistic"])
+def test_the_system_message_states_the_versions_objective(version):
+    message = prompts.system_message(version)
+    assert "{objective}" not in message
+    assert "rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)" in message
+    metrics = prompts.version_metrics(version)
+    for metric in metrics:
+        assert f"- {metric}:" in message
+    formula = " ".join(message.split("maximize combined_score = ", 1)[1].split()).split(".")[0]
+    assert all(metric in formula for metric in metrics)
+    assert formula.endswith(f"/ {len(metrics)}")
+
+
+def test_the_initial_program_has_one_evolve_block_and_the_seed_contract(tmp_path):
+    text = prompts.initial_program_text()
+    assert len(parse_evolve_blocks(text)) == 1
+    module = load_module(write(tmp_path, "initial.py", text))
+    assert callable(module.rebalance_experts)
+
+
+def test_the_initial_program_matches_deepseeks_slot_loads():
+    """The initial program is DeepSeek EPLB's policy: the same largest slot load per layer as the
+    `deepseek` policy, on a hierarchical layout and on a global one (groups % nodes != 0)."""
+    module = load_module(Path(prompts.__file__).parent.parent / "evolve_assets" /
+                         "initial_program.py")
+    weight = SMALL.windows()[0]
+    for settings in (SMALL, EvaluationSettings(**{**SMALL_SYNTHETIC, "nodes": 8, "groups": 4})):
+        layout = settings.layout()
+        from tape.placement import Placement
+
+        ours = Placement.from_maps(*module.rebalance_experts(
+            weight, layout.num_replicas, layout.num_groups, layout.num_nodes, layout.num_gpus
+        )).validate(layout, weight.shape[0])
+        reference = get_policy("deepseek")(weight, layout)
+        np.testing.assert_allclose(ours.slot_loads(weight).max(axis=1),
+                                   reference.slot_loads(weight).max(axis=1))
+
+
+# -- the evaluator -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [0, 2, 3, 4, "realistic"])
+def test_evaluate_scores_the_initial_program_under_each_version(version):
+    evaluator.configure(version=version, **SMALL_SYNTHETIC)
+    path = Path(prompts.__file__).parent.parent / "evolve_assets" / "initial_program.py"
+    result = evaluator.evaluate(str(path))
+    assert result.artifacts == {}
+    metrics = result.metrics
+    parts = [metrics[name] for name in prompts.version_metrics(version)]
+    if version == "realistic":
+        parts[-1] = min(parts[-1], 1.0)  # speed counts up to 1
+    assert metrics["combined_score"] == pytest.approx(sum(parts) / len(parts))
+    assert 0 < metrics["combined_score"]
+    assert metrics["avg_raw_time"] > 0
+
+
+SLEEPS = (
+    "import time\n\ndef rebalance_experts(w, s, g, n, gpus):\n    while True:\n"
+    "        time.sleep(1)\n"
+)
+EATS = (
+    "import numpy as np\n\ndef rebalance_experts(w, s, g, n, gpus):\n    hoard = []\n"
+    "    while True:\n        hoard.append(np.ones(2**24))\n"
+)
+RAISES = "def rebalance_experts(w, s, g, n, gpus):\n    return 1 / 0\n"
+GARBAGE = "def rebalance_experts(w, s, g, n, gpus):\n    return 'placement'\n"
+BAD_PROGRAMS = {
+    "sleeps forever": (SLEEPS, "timed out after 1 s"),
+    "eats memory": (EATS, "exceeded the memory limit of 300 MB"),
+    "raises": (RAISES, "raised ZeroDivisionError: division by zero"),
+    "returns garbage": (GARBAGE, "returned a str, expected a tuple"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROGRAMS))
+def test_a_failing_candidate_scores_zero_with_the_reason(tmp_path, case):
+    text, reason = BAD_PROGRAMS[case]
+    evaluator.configure(timeout_s=1.0, memory_mb=300, **SMALL_SYNTHETIC)
+    start = time.monotonic()
+    result = evaluator.evaluate(str(write(tmp_path, "candidate.py", text)))
+    assert time.monotonic() - start < 30
+    assert set(result.metrics.values()) == {0.0}
+    assert "combined_score" in result.metrics
+    assert reason in result.artifacts["failure_reason"]
+    assert "\n" not in result.artifacts["failure_reason"]
+
+
+# A cheater: it looks through its callers' frames and the garbage collector for the windows that
+# the evaluator holds, to return a placement fitted to the window it will be scored on.
+CHEATER = """
+import gc
+import sys
+
+import numpy as np
+
+
+def later_windows(weight):
+    seen = []
+    frame = sys._getframe()
+    while frame is not None:
+        seen.extend(frame.f_locals.values())
+        frame = frame.f_back
+    seen.extend(gc.get_objects())
+    return [
+        value for value in seen
+        if isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[1:] == weight.shape
+    ]
+
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    found = later_windows(np.asarray(weight))
+    if not found:
+        raise LookupError("no later window found")
+    raise NotImplementedError("found the windows: would fit the next one")
+"""
+
+
+def test_a_candidate_that_inspects_the_callers_frames_finds_nothing_and_scores_zero(tmp_path):
+    evaluator.configure(**SMALL_SYNTHETIC)
+    path = write(tmp_path, "cheater.py", CHEATER)
+    result = evaluator.evaluate(str(path))
+    assert result.metrics["combined_score"] == 0.0
+    assert "raised LookupError: no later window found" in result.artifacts["failure_reason"]
+    # Called in the evaluator's own process, as published runs did, the same search finds
+    # every window in the protocol's frames: only the sandbox keeps them out of reach.
+    cheater = load_module(path, "cheater_in_process")
+    windows = SMALL.windows()
+    found = []
+
+    def in_process(index, weight, previous, history):
+        found.extend(cheater.later_windows(weight))
+        return get_policy("deepseek")(weight, SMALL.layout()), 1e-3
+
+    replay(in_process, windows)
+    assert any(array.shape == windows.shape for array in found)
+
+
+# -- configs and the API key ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", run.shipped_config_names())
+def test_every_shipped_config_loads(name):
+    path = run.shipped_config(name)
+    raw = yaml.safe_load(path.read_text())
+    assert "api_key" not in json.dumps(raw)  # keys come from the environment only
+    assert raw["evaluator"]["cascade_evaluation"] is False
+    direct = Config.from_yaml(path)  # OpenEvolve's own loader accepts it
+    assert direct.llm.models and direct.diff_based_evolution
+    resolved = run.resolve_config(
+        path, version=4, iterations=7, llm=run.LLMChoice(), full_rewrite=False,
+        environ={"OPENAI_API_KEY": "sk-test"},
+    )
+    assert resolved.config.max_iterations == 7
+    assert resolved.config.prompt.system_message == prompts.system_message(4)
+    assert all(model.api_key == "sk-test" for model in resolved.config.llm.models)
+    assert "sk-test" not in yaml.safe_dump(resolved.saved)
+    bound = run._evaluation_bound(EvaluationSettings())
+    assert resolved.config.evaluator.timeout >= bound
+
+
+def test_the_shipped_configs_are_gemini_and_a_local_server():
+    assert {"gemini", "local"} <= set(run.shipped_config_names())
+    gemini = Config.from_yaml(run.shipped_config("gemini"))
+    assert "generativelanguage.googleapis.com" in gemini.llm.api_base
+    assert all(model.name.startswith("gemini") for model in gemini.llm.models)
+    local = yaml.safe_load(run.shipped_config("local").read_text())
+    assert local["llm"]["api_base"].startswith("http://localhost")
+
+
+def resolve(tmp_path, config: dict, environ: dict, **choice):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run.resolve_config(path, version=2, iterations=None, llm=run.LLMChoice(**choice),
+                              full_rewrite=False, environ=environ)
+
+
+REMOTE = {"llm": {"api_base": "https://api.example.com/v1", "models": [{"name": "m"}]}}
+LOCAL = {"llm": {"api_base": "http://localhost:8000/v1", "models": [{"name": "m"}]}}
+
+
+def test_no_key_for_a_remote_endpoint_is_a_one_line_error_naming_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        resolve(tmp_path, REMOTE, {})
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no API key: set OPENAI_API_KEY" in message and "--api-base" in message
+    with pytest.raises(ConfigError, match="no API key: set MY_KEY"):
+        resolve(tmp_path, REMOTE, {}, api_key_env="MY_KEY")
+
+
+def test_the_key_comes_from_the_named_variable(tmp_path):
+    resolved = resolve(tmp_path, REMOTE, {"MY_KEY": "k1", "OPENAI_API_KEY": "k2"},
+                       api_key_env="MY_KEY")
+    assert resolved.config.llm.models[0].api_key == "k1" and resolved.key_variable == "MY_KEY"
+    referenced = {"llm": {**REMOTE["llm"], "api_key": "${GEMINI_KEY}"}}
+    resolved = resolve(tmp_path, referenced, {"GEMINI_KEY": "k3"})
+    assert resolved.config.llm.models[0].api_key == "k3"
+    assert resolved.saved["llm"].get("api_key") is None
+
+
+def test_a_local_endpoint_needs_no_key(tmp_path):
+    resolved = resolve(tmp_path, LOCAL, {})
+    assert resolved.config.llm.models[0].api_key == run.LOCAL_KEY_PLACEHOLDER
+    resolved = resolve(tmp_path, REMOTE, {}, api_base="http://127.0.0.1:9/v1")
+    assert resolved.config.llm.models[0].api_base == "http://127.0.0.1:9/v1"
+
+
+def test_a_key_written_in_the_config_is_refused(tmp_path):
+    config = {"llm": {**REMOTE["llm"], "api_key": "sk-literal"}}
+    with pytest.raises(ConfigError, match="holds an API key"):
+        resolve(tmp_path, config, {"OPENAI_API_KEY": "k"})
+
+
+def test_unknown_config_keys_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) timeuot in section evaluator"):
+        resolve(tmp_path, {**LOCAL, "evaluator": {"timeuot": 5}}, {})
+    with pytest.raises(ConfigError, match="unknown key"):
+        resolve(tmp_path, {**LOCAL, "max_iteration": 5}, {})
+
+
+def test_the_command_line_overrides_the_config(tmp_path):
+    config = {**LOCAL, "prompt": {"system_message": "My own instructions."}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    resolved = run.resolve_config(
+        path, version=0, iterations=3, llm=run.LLMChoice(models=("a", "b")), full_rewrite=True,
+        environ={},
+    )
+    assert [model.name for model in resolved.config.llm.models] == ["a", "b"]
+    assert resolved.config.diff_based_evolution is False
+    assert resolved.config.prompt.system_message == "My own instructions."
+
+
+# -- real OpenEvolve runs against a scripted LLM --------------------------------------------------
+
+WEAK_PROGRAM = '''
+"""A weak but correct placement: spare slots go round-robin, whatever the load."""
+
+import numpy as np
+
+# EVOLVE-BLOCK-START
+
+
+def balance(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    layers, experts = weight.shape
+    phy2log = np.tile(np.arange(num_replicas) % experts, (layers, 1))
+    return maps(phy2log, experts)
+
+
+# EVOLVE-BLOCK-END
+
+
+def maps(phy2log, experts):
+    layers, slots = phy2log.shape
+    logcnt = np.stack([np.bincount(row, minlength=experts) for row in phy2log])
+    log2phy = np.full((layers, experts, int(logcnt.max())), -1, dtype=np.int64)
+    for layer in range(layers):
+        filled = np.zeros(experts, dtype=np.int64)
+        for slot, expert in enumerate(phy2log[layer]):
+            log2phy[layer, expert, filled[expert]] = slot
+            filled[expert] += 1
+    return phy2log, log2phy, logcnt
+
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    weight = np.asarray(weight, dtype=np.float64)
+    return balance(weight, num_replicas, num_groups, num_nodes, num_gpus)
+'''
+ROUND_ROBIN = "    phy2log = np.tile(np.arange(num_replicas) % experts, (layers, 1))\n"
+GREEDY = """    count = np.ones((layers, experts))
+    spare = []
+    for _ in range(num_replicas - experts):
+        hottest = np.argmax(weight / count, axis=1)
+        count[np.arange(layers), hottest] += 1
+        spare.append(hottest)
+    first = np.tile(np.arange(experts), (layers, 1))
+    phy2log = np.concatenate([first, np.stack(spare, axis=1)], axis=1)
+"""
+RUN_CONFIG = {
+    "checkpoint_interval": 1,
+    "random_seed": 7,
+    "enforce_evolve_blocks": True,
+    "llm": {"retries": 0, "timeout": 30, "retry_delay": 0},
+    "database": {"population_size": 20, "archive_size": 10, "num_islands": 1},
+    "evaluator": {"timeout": 300, "cascade_evaluation": False, "parallel_evaluations": 1,
+                  "max_retries": 0},
+}
+
+
+def start_run(tmp_path, llm, *, out: str, iterations: int, resume=None, full_rewrite=False,
+              settings=SMALL):
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    initial = tmp_path / "weak.py"
+    initial.write_text(WEAK_PROGRAM)
+    return run.evolve(
+        settings, out_dir=tmp_path / out, iterations=iterations, config_path=config,
+        llm=run.LLMChoice(api_base=llm.base_url, models=("scripted",)),
+        full_rewrite=full_rewrite, resume=resume, initial_program=initial, environ={},
+    )
+
+
+def checkpoint_programs(folder: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in (folder / "programs").glob("*.json")]
+
+
+def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path):
+    improve = diff_reply(ROUND_ROBIN, GREEDY, "Give spare slots to the hottest experts.")
+    with ScriptedLLM([("np.tile(np.arange(num_replicas)", improve)], "No change.") as llm:
+        start = time.monotonic()
+        result = start_run(tmp_path, llm, out="run", iterations=2)
+        assert time.monotonic() - start < 60
+        out = tmp_path / "run"
+        for name in ("best/best_program.py", "best/best_program_info.json",
+                     "best/tape_scores.json", "checkpoints/checkpoint_2/metadata.json",
+                     "initial_program.py", "config.yaml", "windows.npy", "tape_evolve.json"):
+            assert (out / name).is_file(), name
+        assert list((out / "logs").glob("*.log"))
+        assert len(llm.requests) == 2
+        assert "balancedness_score" in llm.requests[0]["messages"][0]["content"]  # v2's prompt
+        # The improvement was found and is the best program.
+        initial_score = evaluator.score_candidate(tmp_path / "weak.py", SMALL)
+        assert GREEDY.strip().splitlines()[0].strip() in result.best_program.read_text()
+        assert result.best.metrics["combined_score"] > initial_score.metrics["combined_score"]
+        info = json.loads((out / "best" / "best_program_info.json").read_text())
+        assert info["metrics"]["combined_score"] == pytest.approx(
+            result.best.metrics["combined_score"])
+        scores = json.loads((out / "best" / "tape_scores.json").read_text())
+        assert scores["program"]["combined_score"] == result.best.metrics["combined_score"]
+        assert scores["deepseek"]["combined_score"] == result.deepseek.metrics["combined_score"]
+        manifest = json.loads((out / "tape_evolve.json").read_text())
+        assert manifest["settings"]["version"] == 2 and manifest["llm"]["models"] == ["scripted"]
+        np.testing.assert_array_equal(np.load(out / "windows.npy"), SMALL.windows())
+
+        # Resume from the last checkpoint for one more iteration.
+        resumed = start_run(tmp_path, llm, out="run", iterations=1,
+                            resume=out / "checkpoints" / "checkpoint_2")
+        assert len(llm.requests) == 3
+        metadata = json.loads((out / "checkpoints" / "checkpoint_3" / "metadata.json").read_text())
+        assert metadata["last_iteration"] == 3
+        assert len(checkpoint_programs(out / "checkpoints" / "checkpoint_3")) >= 3
+        assert resumed.best.metrics["combined_score"] >= result.best.metrics["combined_score"]
+
+        # Resuming with other evaluation settings would make scores incomparable.
+        with pytest.raises(ConfigError, match="version: run 2, now 0"):
+            start_run(tmp_path, llm, out="run", iterations=1, settings=EvaluationSettings(
+                version=0, **SMALL_SYNTHETIC), resume=out / "checkpoints" / "checkpoint_3")
+        with pytest.raises(ConfigError, match="already holds files"):
+            start_run(tmp_path, llm, out="run", iterations=1)
+
+
+def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):
+    improved = WEAK_PROGRAM.replace(ROUND_ROBIN, GREEDY)
+    hanging = WEAK_PROGRAM.replace(
+        "    layers, experts = weight.shape\n",
+        "    import time\n    while True:\n        time.sleep(1)\n",
+    )
+    replies = iter([f"```python\n{hanging}\n```", f"```python\n{improved}\n```"])
+    with ScriptedLLM([], "") as llm:
+        llm.reply_to = lambda body: (llm.requests.append(body), next(replies))[1]
+        settings = EvaluationSettings(version=2, timeout_s=1.0, **SMALL_SYNTHETIC)
+        start = time.monotonic()
+        result = start_run(tmp_path, llm, out="rewrite", iterations=2, full_rewrite=True,
+                           settings=settings)
+        assert time.monotonic() - start < 60
+    programs = checkpoint_programs(tmp_path / "rewrite" / "checkpoints" / "checkpoint_2")
+    stuck = [program for program in programs if "time.sleep(1)" in program["code"]]
+    assert len(stuck) == 1 and stuck[0]["metrics"]["combined_score"] == 0.0
+    artifacts = json.loads(stuck[0]["artifacts_json"])
+    assert "timed out after 1 s; its process was killed" in artifacts["failure_reason"]
+    assert "hottest = np.argmax" in result.best_program.read_text()
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def make_app():
+    import typer
+
+    from tape.cli.evolve import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_tape_evolve_without_a_key_explains_how_to_set_one(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = CliRunner().invoke(make_app(), ["evolve", "--version", "2", "--out",
+                                             str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "no API key: set OPENAI_API_KEY" in result.output
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tape.synthetic import synthetic_trace
+
+    trace = tmp_path / "trace.npy"
+    np.save(trace, synthetic_trace(num_steps=400, num_layers=4, num_experts=32, num_groups=4))
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with ScriptedLLM([], "No change.") as llm:
+        result = CliRunner().invoke(make_app(), [
+            "evolve", "--version", "realistic", "--iterations", "1", "--trace", str(trace),
+            "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
+            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
+            "--out", str(tmp_path / "cli-run"),
+        ])
+    assert result.exit_code == 0, result.output
+    assert "best evolved program vs deepseek" in result.output
+    assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
