@@ -1,0 +1,163 @@
+"""`tape tune`: Optuna over a policy's parameters, scored like `tape evolve`, no LLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("optuna")
+
+from tape import policies
+from tape.errors import ConfigError
+from tape.evolution import tune as tuning
+from tape.evolution.settings import SMALL_SYNTHETIC, EvaluationSettings
+from tape.placement import Placement
+
+SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
+HAS_TAPE_POLICY = importlib.util.find_spec("tape.policies.tape_policy") is not None
+
+
+def spare_to_hot(weight, layout, *, previous=None, history=None, hot_share=0.0):
+    """A stand-in tunable policy: each expert once, then a `hot_share` of the spare slots go to
+    the experts with the largest load per replica, the rest round-robin from expert 0."""
+    layers, experts = weight.shape
+    spare = layout.num_replicas - experts
+    greedy = int(round(hot_share * spare))
+    count = np.ones((layers, experts))
+    columns = [np.tile(np.arange(experts), (layers, 1))]
+    for _ in range(greedy):
+        hottest = np.argmax(weight / count, axis=1)
+        count[np.arange(layers), hottest] += 1
+        columns.append(hottest[:, None])
+    columns.append(np.tile(np.arange(spare - greedy) % experts, (layers, 1)))
+    return Placement(np.concatenate(columns, axis=1), experts)
+
+
+SPACE = {"hot_share": (0.0, 1.0, "float")}
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    policies.policy_names()  # load the built-in policies first
+    monkeypatch.setitem(policies._REGISTRY, "tune-stand-in", spare_to_hot)
+    return "tune-stand-in"
+
+
+def test_split_windows_keeps_the_last_share_out():
+    windows = np.arange(6 * 2 * 3, dtype=float).reshape(6, 2, 3)
+    tuning_part, evaluation_part = tuning.split_windows(windows, 0.25)  # ceil(1.5) = 2 held out
+    np.testing.assert_array_equal(tuning_part, windows[:4])
+    np.testing.assert_array_equal(evaluation_part, windows[4:])
+    tuning_part, evaluation_part = tuning.split_windows(windows, 0.5)
+    assert len(tuning_part) == 3 and len(evaluation_part) == 3
+    both = tuning.split_windows(windows, 0.0)
+    assert both[0] is windows and both[1] is windows
+    with pytest.raises(ConfigError, match="cannot be split"):
+        tuning.split_windows(windows[:3], 0.25)
+    with pytest.raises(ConfigError, match=r"holdout must be in \[0, 1\)"):
+        tuning.split_windows(windows, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("space", "reason"),
+    [
+        ({}, "empty"),
+        ({"x": (1.0, 0.0, "float")}, "low < high"),
+        ({"x": (0.0, 1.0, "normal")}, "kind in float, int, log"),
+        ({"x": (0.0, 1.0, "log")}, "needs low > 0"),
+    ],
+)
+def test_bad_search_spaces_are_rejected(stand_in, space, reason):
+    with pytest.raises(ConfigError, match=reason):
+        tuning.tune(SMALL, trials=1, policy=stand_in, search_space=space)
+
+
+def test_tuning_beats_the_defaults_on_held_out_windows(stand_in):
+    result = tuning.tune(SMALL, trials=8, seed=0, holdout=0.25, policy=stand_in,
+                         search_space=SPACE, presets={"round robin": {"hot_share": 0.0}})
+    assert (result.tuning_windows, result.evaluation_windows) == (4, 2)
+    assert len(result.trials) == 8
+    assert result.trials[0]["params"] == {"hot_share": 0.0}  # the preset is tried first
+    best_trial = max(result.trials, key=lambda trial: trial["combined_score"])
+    assert result.best_params == best_trial["params"]
+    assert result.best_params["hot_share"] > 0.5
+    tuned, defaults = result.tuned.metrics, result.defaults.metrics
+    assert tuned["combined_score"] > defaults["combined_score"]
+    assert tuned["balancedness_score"] > defaults["balancedness_score"]
+    # The comparison is on the held-out windows: 2 windows, 1 pair.
+    assert len(result.tuned.per_pair["balancedness_score"]) == 1
+    assert result.deepseek.metrics["combined_score"] > 0
+
+
+def test_the_same_seed_gives_the_same_trials(stand_in):
+    runs = [
+        tuning.tune(SMALL, trials=4, seed=3, holdout=0.0, policy=stand_in, search_space=SPACE)
+        for _ in range(2)
+    ]
+    assert [trial["params"] for trial in runs[0].trials] == [
+        trial["params"] for trial in runs[1].trials
+    ]
+
+
+def test_outputs_hold_the_parameters_a_program_and_a_manifest(stand_in, tmp_path):
+    result = tuning.tune(SMALL, trials=2, seed=0, holdout=0.0, policy=stand_in,
+                         search_space=SPACE)
+    paths = tuning.write_outputs(result, SMALL, tmp_path / "out", trials=2, seed=0, holdout=0.0)
+    params = json.loads(paths["params"].read_text())
+    assert params == {"policy": stand_in, "version": 2, "params": result.best_params}
+    program = paths["program"].read_text()
+    compile(program, str(paths["program"]), "exec")
+    assert f"POLICY = {stand_in!r}" in program
+    assert f"'hot_share': {result.best_params['hot_share']!r}," in program
+    assert "from tape.api import rebalance_experts" in program
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["combined_score"]["tuned"] == result.tuned.metrics["combined_score"]
+    assert manifest["combined_score"]["deepseek"] == result.deepseek.metrics["combined_score"]
+    assert len(manifest["trial_history"]) == 2 and manifest["settings"]["version"] == 2
+    with pytest.raises(ConfigError, match="already holds files"):
+        tuning.write_outputs(result, SMALL, tmp_path / "out", trials=2, seed=0, holdout=0.0)
+
+
+# -- the real `tape` policy (skipped until it is registered) -------------------------------------
+
+needs_tape_policy = pytest.mark.skipif(not HAS_TAPE_POLICY, reason="tape policy not available")
+
+
+@needs_tape_policy
+def test_tuning_the_tape_policy_beats_deepseek_and_the_program_runs_sandboxed(tmp_path):
+    from tape.protocol import score_program
+
+    result = tuning.tune(SMALL, trials=6, seed=0, holdout=0.25)
+    assert result.policy == "tape"
+    assert result.tuned.metrics["combined_score"] >= result.deepseek.metrics["combined_score"]
+    paths = tuning.write_outputs(result, SMALL, tmp_path / "out", trials=6, seed=0,
+                                 holdout=0.25)
+    sandboxed = score_program(paths["program"], SMALL.windows(), SMALL.layout(), version=2,
+                              timeout_s=30)
+    assert sandboxed.error is None and sandboxed.metrics["combined_score"] > 0
+
+
+@needs_tape_policy
+def test_tape_tune_from_the_command_line(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from tape.cli.evolve import register
+    from tape.synthetic import synthetic_trace
+
+    app = typer.Typer()
+    register(app)
+    trace = tmp_path / "trace.npy"
+    np.save(trace, synthetic_trace(num_steps=600, num_layers=4, num_experts=32, num_groups=4))
+    result = CliRunner().invoke(app, [
+        "tune", "--version", "2", "--trials", "3", "--trace", str(trace), "--replicas", "48",
+        "--groups", "4", "--nodes", "2", "--gpus", "8", "--out", str(tmp_path / "tuned"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "tuned - deepseek combined_score" in result.output
+    for name in ("best_params.json", "tuned_program.py", "tune_manifest.json"):
+        assert Path(tmp_path / "tuned" / name).is_file()
