@@ -65,7 +65,7 @@ def test_settings_round_trip_through_the_environment():
                                   timeout_s=2.5, cluster="h100", **SMALL_SYNTHETIC)
     environment = settings.to_environment()
     assert environment["TAPE_VERSION"] == "realistic"
-    assert environment["TAPE_TRACE"] == "t.json"
+    assert environment["TAPE_TRACE"] == str(Path("t.json").resolve())
     assert environment["TAPE_TIMEOUT"] == "2.5"
     assert "TAPE_WINDOWS" not in environment  # unset fields are left out
     assert EvaluationSettings.from_environment(environment) == settings
@@ -85,6 +85,17 @@ def test_settings_round_trip_through_the_environment():
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
     with pytest.raises(Exception, match=reason):
         EvaluationSettings.from_environment(environment)
+
+
+def test_a_config_is_found_by_path_or_shipped_name(tmp_path):
+    assert run.find_config("local") == run.shipped_config("local")
+    own = tmp_path / "mine.yaml"
+    own.write_text("max_iterations: 3\n")
+    assert run.find_config(str(own)) == own
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        run.find_config("missing.yaml")
+    with pytest.raises(ConfigError, match="no shipped config 'gemeni'; shipped: gemini, local"):
+        run.find_config("gemeni")
 
 
 def test_configure_sets_the_variables_and_clears_the_others():
@@ -456,6 +467,17 @@ def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path)
                 version=0, **SMALL_SYNTHETIC), resume=out / "checkpoints" / "checkpoint_3")
         with pytest.raises(ConfigError, match="already holds files"):
             start_run(tmp_path, llm, out="run", iterations=1)
+
+
+def test_a_stray_tape_variable_stops_the_run_before_openevolve_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPE_VERISON", "3")
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    with pytest.raises(ConfigError, match="unknown evaluation variable.*TAPE_VERISON"):
+        run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
+                   llm=run.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
+                   environ={})
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):

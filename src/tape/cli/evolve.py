@@ -170,9 +170,7 @@ def register(app: typer.Typer) -> None:
         if out is None:
             out = resume.resolve().parent.parent if resume else _default_out("evolve",
                                                                              settings.version)
-        config_path = None
-        if config is not None:
-            config_path = Path(config) if Path(config).is_file() else run.shipped_config(config)
+        config_path = run.find_config(config) if config is not None else None
         result = run.evolve(
             settings, out_dir=out, iterations=iterations, config_path=config_path,
             llm=run.LLMChoice(api_base=api_base, models=tuple(model or ()),

@@ -53,6 +53,7 @@ __all__ = [
     "LLMChoice",
     "ResolvedConfig",
     "evolve",
+    "find_config",
     "resolve_api_key",
     "resolve_config",
     "shipped_config",
@@ -125,6 +126,16 @@ def shipped_config_names() -> list[str]:
     """Names of the configs in `tape/evolve_configs/` (without `.yaml`)."""
     folder = resources.files("tape").joinpath("evolve_configs")
     return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config given as a path (a .yaml/.yml name or one with a folder), else a shipped name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1 or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"OpenEvolve config {path} does not exist")
+        return path
+    return shipped_config(name_or_path)
 
 
 def shipped_config(name: str) -> Path:
@@ -240,8 +251,8 @@ def resolve_config(
 
     data = _read_yaml(path)
     _check_keys(data, path)
-    data.setdefault("llm", {})
-    data.setdefault("prompt", {})
+    data["llm"] = data.get("llm") or {}
+    data["prompt"] = data.get("prompt") or {}
     llm_section = data["llm"]
     if llm.models:
         for key in ("primary_model", "primary_model_weight", "secondary_model",
@@ -424,6 +435,7 @@ def evolve(
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     with _evaluation_environment(worker_settings), _openevolve_side_effects_undone():
+        EvaluationSettings.from_environment()  # a stray TAPE_* variable would fail every worker
         controller = OpenEvolve(
             initial_program_path=str(program_path), evaluation_file=evaluator.__file__,
             config=config, output_dir=str(out_dir),

@@ -95,10 +95,10 @@ class EvaluationSettings:
         from tape.protocol import parse_version
 
         object.__setattr__(self, "version", parse_version(self.version))
-        for name in ("trace", "windows_file", "presets"):
+        for name in ("trace", "windows_file", "presets"):  # absolute: workers and resumes agree
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, Path(value))
+                object.__setattr__(self, name, Path(value).resolve())
         if self.trace is not None and self.windows_file is not None:
             raise ConfigError("give either a trace or a windows file, not both")
         for name in ("interval", "synthetic_steps", "synthetic_layers", "synthetic_experts",
