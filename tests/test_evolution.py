@@ -477,7 +477,7 @@ def test_a_stray_tape_variable_stops_the_run_before_openevolve_starts(tmp_path, 
         run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
                    llm=run.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
                    environ={})
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):

@@ -397,6 +397,9 @@ def evolve(
     from tape.evolution import evaluator
 
     environ = os.environ if environ is None else environ
+    stray = {name: value for name, value in os.environ.items()
+             if name.startswith("TAPE_") and name not in ENVIRONMENT.values()}
+    EvaluationSettings.from_environment(stray)  # a stray TAPE_* variable would fail every worker
     out_dir = Path(out_dir)
     resume = Path(resume) if resume is not None else None
     _prepare_folder(out_dir, resume)
@@ -435,7 +438,6 @@ def evolve(
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     with _evaluation_environment(worker_settings), _openevolve_side_effects_undone():
-        EvaluationSettings.from_environment()  # a stray TAPE_* variable would fail every worker
         controller = OpenEvolve(
             initial_program_path=str(program_path), evaluation_file=evaluator.__file__,
             config=config, output_dir=str(out_dir),
