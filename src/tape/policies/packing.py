@@ -1,0 +1,368 @@
+"""Batched building blocks shared by the baseline policies.
+
+Every function works on many independent rows at once (a row is a layer, or a layer's node):
+Python loops run over items or added replicas, never over rows.
+
+Vocabulary: an *item* is a thing to place (an expert group, an expert, or one replica of an
+expert) with a load; a *pack* is a bin of fixed capacity (a node or a GPU). Replica lists are
+*expert-major*: an expert's replicas have consecutive indices, ranks 0, 1, ... in that order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tape.placement import Placement
+
+__all__ = [
+    "balanced_packing",
+    "descending_order",
+    "expert_major_replicas",
+    "placement_from_ranks",
+    "replica_counts",
+    "replica_ranks",
+    "spread_replicas",
+    "take_rows",
+]
+
+
+def take_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """[X, m]: `array[x, index[x, j]]` (`np.take_along_axis` on axis 1, faster).
+
+    Args:
+        array: [X, n].
+        index: [X, m] int, in 0..n-1.
+    """
+    rows, width = array.shape
+    return array.take(index + np.arange(0, rows * width, width)[:, None])
+
+
+def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
+    """[X, n] int64: replicas per expert that minimise the largest per-replica load of a row.
+
+    Each expert gets one slot; every further slot goes, one at a time, to the expert with the
+    largest `weight / count` (the first such expert on ties), as DeepSeek EPLB's
+    `replicate_experts`. The greedy is optimal for the largest per-replica load.
+
+    Args:
+        weight: [X, n] float, each expert's load.
+        num_slots: slots per row, at least n.
+    """
+    rows, num_experts = weight.shape
+    assert num_slots >= num_experts
+    weight_flat = np.asarray(weight, dtype=np.float64).reshape(-1)
+    per_replica = weight_flat.reshape(rows, num_experts).copy()
+    per_replica_flat = per_replica.reshape(-1)
+    count = np.ones(rows * num_experts, dtype=np.int64)
+    row_base = np.arange(0, rows * num_experts, num_experts)
+    for _ in range(num_slots - num_experts):
+        flat = per_replica.argmax(axis=1) + row_base
+        replicas = count[flat] + 1
+        count[flat] = replicas
+        per_replica_flat[flat] = weight_flat[flat] / replicas
+    return count.reshape(rows, num_experts)
+
+
+def expert_major_replicas(
+    weight: np.ndarray, count: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's replicas in expert-major order, with their loads.
+
+    Args:
+        weight: [X, n] float, each expert's load.
+        count: [X, n] int, replicas of each expert; every row sums to the same m.
+
+    Returns:
+        replica_load: [X, m] float64, `weight / count` of the replica's expert.
+        replica_expert: [X, m] int64, the replica's expert.
+        replica_rank: [X, m] int64, the replica's rank among its expert's (0 first).
+    """
+    rows, num_experts = weight.shape
+    flat_count = count.reshape(-1)
+    width = int(flat_count.sum()) // rows
+    per_replica = (np.asarray(weight, dtype=np.float64) / count).reshape(-1)
+    replica_load = np.repeat(per_replica, flat_count).reshape(rows, width)
+    experts = np.broadcast_to(np.arange(num_experts, dtype=np.int64), (rows, num_experts))
+    replica_expert = np.repeat(experts.reshape(-1), flat_count).reshape(rows, width)
+    first = np.cumsum(flat_count) - flat_count  # flat index of each expert's first replica
+    replica_rank = np.arange(rows * width) - np.repeat(first, flat_count)
+    return replica_load, replica_expert, replica_rank.reshape(rows, width)
+
+
+def descending_order(weight: np.ndarray) -> np.ndarray:
+    """[X, n] int64: each row's items by decreasing load, tied items by index.
+
+    Loads are compared as float32, as DeepSeek EPLB sorts them (`weight.float().sort()`).
+    Sorting packed 64-bit keys (load bits, index) is several times faster than an argsort.
+
+    Args:
+        weight: [X, n] float, non-negative loads.
+    """
+    num_items = weight.shape[1]
+    index_bits = max((num_items - 1).bit_length(), 1)
+    # Non-negative float32 values sort like their bits; abs turns -0.0 into +0.0.
+    bits = np.abs(np.asarray(weight, dtype=np.float32)).view(np.int32)
+    if 31 + index_bits > 63:
+        return np.argsort(-bits, axis=1, kind="stable")
+    key = (np.int64(2**31 - 1) - bits) << index_bits
+    key |= np.arange(num_items)
+    key.sort(axis=1)
+    key &= (1 << index_bits) - 1
+    return key
+
+
+_CHUNK_STEPS = 8
+
+
+def balanced_packing(
+    weight: np.ndarray, num_packs: int, item_expert: np.ndarray | None = None
+) -> np.ndarray:
+    """Pack each row's n items into `num_packs` packs of n / num_packs items, balancing loads.
+
+    The greedy of DeepSeek EPLB's `balanced_packing`: items in decreasing load (tied items by
+    index) each go to the lightest pack that is not full (the first such pack on ties). With
+    `item_expert`, items are expert-major replicas (an expert's replicas have consecutive
+    indices and equal loads, so they come one after another), and each replica goes to the
+    lightest non-full pack among those holding the fewest replicas of its expert;
+    `spread_replicas` repairs what full packs left unavoidable.
+
+    All rows advance together, one item per step. A full pack carries load +inf, so the argmin
+    skips it. Steps run unchecked in chunks: full packs are found between chunks, and a chunk in
+    which a pack filled up and then took another item is rolled back and redone with a check at
+    every step.
+
+    Args:
+        weight: [X, n] float, each item's load; n a multiple of `num_packs`.
+        num_packs: packs per row.
+        item_expert: optional [X, n] int, the expert of each (expert-major) replica.
+
+    Returns:
+        item_at: [X, n] int64, the items in packed order: pack p holds the items at positions
+        p * c .. p * c + c - 1 (c = n / num_packs), in the order the greedy gave them.
+    """
+    rows, num_items = weight.shape
+    assert num_items % num_packs == 0
+    capacity = num_items // num_packs
+    if capacity == 1:
+        return np.broadcast_to(np.arange(num_items, dtype=np.int64), (rows, num_items)).copy()
+
+    weight = np.asarray(weight, dtype=np.float64)
+    order = descending_order(weight)
+    flat_order_by_step = order.T + np.arange(0, rows * num_items, num_items)
+    step_weight = weight.take(flat_order_by_step)  # [n, X]: each row's item, by step
+    pack_base = np.arange(0, rows * num_packs, num_packs)
+    chosen = np.empty((num_items, rows), dtype=np.int64)  # [step, row]: row * P + pack
+    pack_load = np.zeros((rows, num_packs))
+    load_flat = pack_load.reshape(-1)
+    pack_count = np.zeros(rows * num_packs, dtype=np.int64)
+    runs = _ReplicaRuns(item_expert, flat_order_by_step, weight, pack_load.shape)
+    fills_up = np.zeros(capacity)  # added to a pack's load with each item it takes
+    fills_up[-1] = np.inf
+
+    step = 0
+    if np.all(step_weight[num_packs - 2] > 0):
+        # While every earlier item has a positive load, the first P items fill the P empty
+        # packs in pack order (so replicas among them land in different packs).
+        chosen[:num_packs] = pack_base + np.arange(num_packs)[:, None]
+        pack_load[:] = step_weight[:num_packs].T
+        pack_count[:] = 1
+        for position in range(num_packs):
+            runs.update(position, chosen)
+        step = num_packs
+    first_full_step = num_items
+    while step < num_items:
+        end = min(step + _CHUNK_STEPS, num_items)
+        is_full = pack_count == capacity
+        if first_full_step == num_items and is_full.any():
+            first_full_step = step
+        load_flat[is_full] = np.inf
+        saved = pack_load.copy(), runs.penalty.copy()
+        for position in range(step, end):
+            flat = runs.argmin(position, pack_load) + pack_base
+            load_flat[flat] += step_weight[position]
+            chosen[position] = flat
+            runs.update(position, chosen)
+        count = pack_count + np.bincount(chosen[step:end].reshape(-1), minlength=load_flat.size)
+        if count.max() > capacity:  # a full pack took another item: redo, checking each step
+            pack_load[:], runs.penalty[:] = saved
+            first_full_step = min(first_full_step, step)
+            for position in range(step, end):
+                flat = runs.argmin(position, pack_load) + pack_base
+                items = pack_count[flat]
+                pack_count[flat] = items + 1
+                load_flat[flat] += step_weight[position] + fills_up[items]
+                chosen[position] = flat
+                runs.update(position, chosen)
+        else:
+            pack_count = count
+        step = end
+
+    # Packed order: sort each row's steps by (pack, step), that is by pack in arrival order.
+    step_bits = (num_items - 1).bit_length()
+    pack_key = (chosen - pack_base[None, :]).T << step_bits
+    pack_key |= np.arange(num_items)
+    pack_key.sort(axis=1)
+    pack_key &= (1 << step_bits) - 1
+    item_at = take_rows(order, pack_key)
+    if runs.any_from(first_full_step):  # replicas placed while packs were full
+        spread_replicas(item_at, item_expert, weight, num_packs)
+    return item_at
+
+
+class _ReplicaRuns:
+    """Keeps the replicas of one expert in different packs while `balanced_packing` runs.
+
+    An expert's replicas form a run of consecutive steps. While a run lasts,
+    `penalty[row, pack]` holds, per replica of the run in the pack, a load larger than any real
+    load difference (twice the row's total, plus one), and the argmin at the run's steps is
+    taken over `pack_load + penalty`: it picks the lightest non-full pack among those holding
+    the fewest replicas of the expert. Penalties are kept apart from the loads, so loads stay
+    exact.
+    """
+
+    def __init__(self, item_expert, flat_order_by_step, weight, pack_shape):
+        num_items, rows = flat_order_by_step.shape
+        self.penalty = np.zeros(pack_shape)
+        self.continues_at = np.zeros(num_items + 1, dtype=bool)  # some row's run goes on
+        self.ends_at = np.zeros(num_items, dtype=bool)  # some row's run ends
+        if item_expert is None:
+            return
+        same_as_previous = np.zeros(weight.shape, dtype=bool)
+        same_as_previous[:, 1:] = item_expert[:, 1:] == item_expert[:, :-1]
+        continues = np.zeros((num_items + 1, rows), dtype=bool)  # item at step continues
+        continues[:num_items] = same_as_previous.take(flat_order_by_step)
+        self.continues_at = continues.any(axis=1)
+        # After a step: rows whose run goes on put a penalty on the step's pack; rows whose
+        # run ends drop the run's penalties.
+        self.added = np.where(continues[1:], 2 * weight.sum(axis=1) + 1, 0.0)
+        ends = continues[:-1] & ~continues[1:]
+        self.ends_at = ends.any(axis=1)
+        self.kept = ~ends[:, :, None]
+
+    def argmin(self, step: int, pack_load: np.ndarray) -> np.ndarray:
+        """[X] int64: each row's pack for the item at `step`."""
+        if self.continues_at[step]:
+            return (pack_load + self.penalty).argmin(axis=1)
+        return pack_load.argmin(axis=1)
+
+    def update(self, step: int, chosen: np.ndarray) -> None:
+        """Record the packs chosen at `step`."""
+        if self.ends_at[step]:
+            self.penalty *= self.kept[step]
+        if self.continues_at[step + 1]:
+            self.penalty.reshape(-1)[chosen[step]] += self.added[step]
+
+    def any_from(self, step: int) -> bool:
+        """True when a run goes on at or after `step`."""
+        return bool(self.continues_at[step:].any())
+
+
+def spread_replicas(
+    item_at: np.ndarray, item_expert: np.ndarray, item_load: np.ndarray, num_packs: int
+) -> np.ndarray:
+    """Swap items between packs until no pack holds too many replicas of one expert.
+
+    "Too many" is more than ceil(r / num_packs) replicas of an expert with r replicas in the
+    row; in particular no pack holds two replicas of an expert with at most `num_packs`. Each
+    round fixes one surplus replica in every row that has one: it trades places with the item,
+    among those whose move lowers the row's total surplus, that leaves the larger of the two
+    packs' loads smallest. Such an item always exists: were every item of a pack q below the
+    expert's bound barred, q would hold no more other items than the surplus pack p, hence at
+    least as many replicas of the expert as p, a contradiction. So the rounds end.
+
+    Args:
+        item_at: [X, n] int64, items in packed order (see `balanced_packing`); updated in place.
+        item_expert: [X, n] int, the expert (0..n-1) of each item.
+        item_load: [X, n] float, each item's load.
+        num_packs: packs per row.
+
+    Returns:
+        `item_at`, repaired.
+    """
+    rows, num_items = item_at.shape
+    capacity = num_items // num_packs
+    expert_at = take_rows(np.asarray(item_expert, dtype=np.int64), item_at)
+    load_at = take_rows(np.asarray(item_load, dtype=np.float64), item_at)
+    pack_of = np.arange(num_items) // capacity  # the pack of each position
+    cell = (np.arange(rows)[:, None] * num_packs + pack_of) * num_items + expert_at
+    copies = np.bincount(cell.reshape(-1), minlength=rows * num_packs * num_items)
+    copies = copies.reshape(rows, num_packs, num_items)  # [row, pack, expert]
+    limit = -(-copies.sum(axis=1) // num_packs)  # [row, expert]: ceil(replicas / packs)
+    pack_load = load_at.reshape(rows, num_packs, capacity).sum(axis=2)
+
+    while True:
+        surplus = copies > limit[:, None, :]
+        bad = np.flatnonzero(surplus.any(axis=(1, 2)))
+        if not len(bad):
+            return item_at
+        column = np.arange(len(bad))[:, None]
+        pack, expert = np.divmod(surplus[bad].reshape(len(bad), -1).argmax(axis=1), num_items)
+        slots = pack[:, None] * capacity + np.arange(capacity)
+        position = slots[column[:, 0], (expert_at[bad[:, None], slots] == expert[:, None]).argmax(1)]
+        # Candidates: every position of the row; its pack (other) and expert (partner).
+        other, partner = pack_of[None, :], expert_at[bad]
+        bad_copies, bad_limit = copies[bad], limit[bad]
+        valid = (
+            (bad_copies[column, other, expert[:, None]] < bad_limit[column, expert[:, None]])
+            & (partner != expert[:, None])
+            & (
+                (bad_copies[column, pack[:, None], partner] < bad_limit[column, partner])
+                | (bad_copies[column, other, partner] > bad_limit[column, partner])
+            )
+        )
+        delta = load_at[bad] - load_at[bad, position][:, None]  # load moving into `pack`
+        worst = np.maximum(
+            pack_load[bad, pack][:, None] + delta, pack_load[bad[:, None], other] - delta
+        )
+        swap = np.where(valid, worst, np.inf).argmin(axis=1)
+        assert np.all(valid[column[:, 0], swap]), "a surplus replica always has a partner"
+        there, partner = pack_of[swap], expert_at[bad, swap]
+        copies[bad, pack, expert] -= 1
+        copies[bad, there, expert] += 1
+        copies[bad, there, partner] -= 1
+        copies[bad, pack, partner] += 1
+        moved = delta[column[:, 0], swap]
+        pack_load[bad, pack] += moved
+        pack_load[bad, there] -= moved
+        for array in (item_at, expert_at, load_at):
+            array[bad, position], array[bad, swap] = array[bad, swap], array[bad, position]
+
+
+def replica_ranks(phy2log: np.ndarray, num_experts: int, priority: np.ndarray) -> np.ndarray:
+    """[L, S] int64: each slot's rank among its expert's replicas, by `priority`, then slot.
+
+    Args:
+        phy2log: [L, S] int64, the expert of each slot.
+        num_experts: E.
+        priority: [L, S] non-negative int, lower first (for example 0 for a replica that should
+            be the primary).
+    """
+    num_layers, num_slots = phy2log.shape
+    slot_bits = (num_slots - 1).bit_length()
+    priority_bits = max(int(priority.max()).bit_length(), 1)
+    key = ((phy2log << priority_bits) | priority) << slot_bits | np.arange(num_slots)
+    key.sort(axis=1)
+    order = key & ((1 << slot_bits) - 1)
+    sorted_experts = key >> (slot_bits + priority_bits)
+    counts = np.zeros((num_layers, num_experts), dtype=np.int64)
+    np.add.at(counts, (np.arange(num_layers)[:, None], phy2log), 1)
+    first = np.cumsum(counts, axis=1) - counts
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(num_slots) - take_rows(first, sorted_experts), 1)
+    return rank
+
+
+def placement_from_ranks(phy2log: np.ndarray, rank: np.ndarray, num_experts: int) -> Placement:
+    """A `Placement` whose `log2phy` lists each expert's slots by replica rank.
+
+    Args:
+        phy2log: [L, S] int64, the expert of each slot.
+        rank: [L, S] int64, each slot's replica rank (0..count-1, distinct per expert).
+        num_experts: E.
+    """
+    num_layers, num_slots = phy2log.shape
+    width = int(rank.max()) + 1
+    log2phy = np.full(num_layers * num_experts * width, -1, dtype=np.int64)
+    cell = (phy2log + np.arange(0, num_layers * num_experts, num_experts)[:, None]) * width + rank
+    log2phy[cell] = np.arange(num_slots)
+    return Placement(phy2log, num_experts, log2phy=log2phy.reshape(num_layers, num_experts, width))
