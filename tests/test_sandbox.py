@@ -286,3 +286,29 @@ def test_a_program_that_exits_or_dies_is_reported(tmp_path, exit_line, reason):
         f"    {exit_line}\n",
     )
     assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+
+
+TORCH_PROGRAM = """
+import torch
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    assert isinstance(weight, torch.Tensor) and weight.dtype == torch.float64, type(weight)
+    layers, experts = weight.shape
+    phy2log = torch.arange(num_replicas).remainder(experts).repeat(layers, 1)
+    logcnt = torch.stack([torch.bincount(row, minlength=experts) for row in phy2log])
+    log2phy = torch.full((layers, experts, int(logcnt.max())), -1, dtype=torch.int64)
+    for slot in range(num_replicas):
+        expert = slot % experts
+        log2phy[:, expert, slot // experts] = slot
+    return phy2log, log2phy, logcnt
+"""
+
+
+def test_a_torch_program_gets_a_float64_tensor_and_may_return_tensors(tmp_path):
+    pytest.importorskip("torch")
+    path = write(tmp_path, TORCH_PROGRAM)
+    with SandboxedProgram(path, timeout_s=60) as program:
+        placement, _ = program.call(window(), LAYOUT)
+    expected = np.tile(np.arange(12) % NUM_EXPERTS, (NUM_LAYERS, 1))
+    np.testing.assert_array_equal(placement.phy2log, expected)
+    assert placement.logcnt[:, :4].tolist() == [[2] * 4] * NUM_LAYERS
