@@ -2,8 +2,9 @@
 
 Each trial runs the policy with the trial's parameters through the evaluation protocol on the
 same windows, layout and scoring version as `tape evolve` (`EvaluationSettings`), and Optuna's
-TPE sampler (seeded) maximizes `combined_score`. The policy's presets are tried first, so the
-result is never worse than the best preset on the tuning windows.
+TPE sampler (seeded) maximizes `combined_score`. The policy's presets are tried first (clipped
+into the search ranges), so the result is never worse than the best of them on the tuning
+windows.
 
 With `holdout > 0` the last windows are kept out of tuning: the tuned parameters, the policy's
 defaults and the `deepseek` policy are then compared on windows the search never saw, so a
@@ -105,11 +106,12 @@ def _suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
     return params
 
 
-def _in_space(params: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
-    """The preset's values of the searched parameters, if all lie inside the space."""
-    chosen = {name: params[name] for name in space if name in params}
-    inside = all(space[name][0] <= value <= space[name][1] for name, value in chosen.items())
-    return chosen if chosen and inside else {}
+def _clipped(preset: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """The preset's values of the searched parameters, clipped into their ranges."""
+    return {
+        name: type(preset[name])(min(max(preset[name], space[name][0]), space[name][1]))
+        for name in space if name in preset
+    }
 
 
 def _tape_policy_space() -> tuple[SearchSpace, dict[str, dict[str, Any]]]:
@@ -174,7 +176,7 @@ def tune(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
         )
         for preset in (presets or {}).values():
-            start = _in_space(preset, search_space)
+            start = _clipped(preset, search_space)
             if start:
                 study.enqueue_trial(start)
         study.optimize(objective, n_trials=trials)
