@@ -21,7 +21,7 @@ from openevolve.config import Config
 from openevolve.utils.code_utils import parse_evolve_blocks
 
 from tape.errors import ConfigError
-from tape.evolution import evaluator, prompts, run
+from tape.evolution import configs, evaluator, prompts, run
 from tape.evolution.settings import (
     ENVIRONMENT,
     SMALL_SYNTHETIC,
@@ -88,14 +88,14 @@ def test_bad_settings_are_rejected_with_the_reason(environment, reason):
 
 
 def test_a_config_is_found_by_path_or_shipped_name(tmp_path):
-    assert run.find_config("local") == run.shipped_config("local")
+    assert configs.find_config("local") == configs.shipped_config("local")
     own = tmp_path / "mine.yaml"
     own.write_text("max_iterations: 3\n")
-    assert run.find_config(str(own)) == own
+    assert configs.find_config(str(own)) == own
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
-        run.find_config("missing.yaml")
+        configs.find_config("missing.yaml")
     with pytest.raises(ConfigError, match="no shipped config 'gemeni'; shipped: gemini, local"):
-        run.find_config("gemeni")
+        configs.find_config("gemeni")
 
 
 def test_configure_sets_the_variables_and_clears_the_others():
@@ -258,16 +258,16 @@ def test_a_candidate_that_inspects_the_callers_frames_finds_nothing_and_scores_z
 # -- configs and the API key ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", run.shipped_config_names())
+@pytest.mark.parametrize("name", configs.shipped_config_names())
 def test_every_shipped_config_loads(name):
-    path = run.shipped_config(name)
+    path = configs.shipped_config(name)
     raw = yaml.safe_load(path.read_text())
     assert "api_key" not in json.dumps(raw)  # keys come from the environment only
     assert raw["evaluator"]["cascade_evaluation"] is False
     direct = Config.from_yaml(path)  # OpenEvolve's own loader accepts it
     assert direct.llm.models and direct.diff_based_evolution
-    resolved = run.resolve_config(
-        path, version=4, iterations=7, llm=run.LLMChoice(), full_rewrite=False,
+    resolved = configs.resolve_config(
+        path, version=4, iterations=7, llm=configs.LLMChoice(), full_rewrite=False,
         environ={"OPENAI_API_KEY": "sk-test"},
     )
     assert resolved.config.max_iterations == 7
@@ -279,18 +279,18 @@ def test_every_shipped_config_loads(name):
 
 
 def test_the_shipped_configs_are_gemini_and_a_local_server():
-    assert {"gemini", "local"} <= set(run.shipped_config_names())
-    gemini = Config.from_yaml(run.shipped_config("gemini"))
+    assert {"gemini", "local"} <= set(configs.shipped_config_names())
+    gemini = Config.from_yaml(configs.shipped_config("gemini"))
     assert "generativelanguage.googleapis.com" in gemini.llm.api_base
     assert all(model.name.startswith("gemini") for model in gemini.llm.models)
-    local = yaml.safe_load(run.shipped_config("local").read_text())
+    local = yaml.safe_load(configs.shipped_config("local").read_text())
     assert local["llm"]["api_base"].startswith("http://localhost")
 
 
 def resolve(tmp_path, config: dict, environ: dict, **choice):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return run.resolve_config(path, version=2, iterations=None, llm=run.LLMChoice(**choice),
+    return configs.resolve_config(path, version=2, iterations=None, llm=configs.LLMChoice(**choice),
                               full_rewrite=False, environ=environ)
 
 
@@ -320,7 +320,7 @@ def test_the_key_comes_from_the_named_variable(tmp_path):
 
 def test_a_local_endpoint_needs_no_key(tmp_path):
     resolved = resolve(tmp_path, LOCAL, {})
-    assert resolved.config.llm.models[0].api_key == run.LOCAL_KEY_PLACEHOLDER
+    assert resolved.config.llm.models[0].api_key == configs.LOCAL_KEY_PLACEHOLDER
     resolved = resolve(tmp_path, REMOTE, {}, api_base="http://127.0.0.1:9/v1")
     assert resolved.config.llm.models[0].api_base == "http://127.0.0.1:9/v1"
 
@@ -342,8 +342,8 @@ def test_the_command_line_overrides_the_config(tmp_path):
     config = {**LOCAL, "prompt": {"system_message": "My own instructions."}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    resolved = run.resolve_config(
-        path, version=0, iterations=3, llm=run.LLMChoice(models=("a", "b")), full_rewrite=True,
+    resolved = configs.resolve_config(
+        path, version=0, iterations=3, llm=configs.LLMChoice(models=("a", "b")), full_rewrite=True,
         environ={},
     )
     assert [model.name for model in resolved.config.llm.models] == ["a", "b"]
@@ -415,7 +415,7 @@ def start_run(tmp_path, llm, *, out: str, iterations: int, resume=None, full_rew
     initial.write_text(WEAK_PROGRAM)
     return run.evolve(
         settings, out_dir=tmp_path / out, iterations=iterations, config_path=config,
-        llm=run.LLMChoice(api_base=llm.base_url, models=("scripted",)),
+        llm=configs.LLMChoice(api_base=llm.base_url, models=("scripted",)),
         full_rewrite=full_rewrite, resume=resume, initial_program=initial, environ={},
     )
 
@@ -475,7 +475,7 @@ def test_a_stray_tape_variable_stops_the_run_before_openevolve_starts(tmp_path, 
     config.write_text(yaml.safe_dump(RUN_CONFIG))
     with pytest.raises(ConfigError, match="unknown evaluation variable.*TAPE_VERISON"):
         run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
-                   llm=run.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
+                   llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
                    environ={})
     assert not (tmp_path / "out").exists()
 

@@ -157,7 +157,7 @@ def register(app: typer.Typer) -> None:
         memory_mb: MemoryOption = 4096,
     ) -> None:
         """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
-        from tape.evolution import run
+        from tape.evolution import configs, run
 
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
@@ -170,10 +170,10 @@ def register(app: typer.Typer) -> None:
         if out is None:
             out = resume.resolve().parent.parent if resume else _default_out("evolve",
                                                                              settings.version)
-        config_path = run.find_config(config) if config is not None else None
+        config_path = configs.find_config(config) if config is not None else None
         result = run.evolve(
             settings, out_dir=out, iterations=iterations, config_path=config_path,
-            llm=run.LLMChoice(api_base=api_base, models=tuple(model or ()),
+            llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
                               api_key_env=api_key_env),
             full_rewrite=full_rewrite, resume=resume, initial_program=initial,
         )

@@ -1,0 +1,236 @@
+"""OpenEvolve configs for `tape evolve`: shipped ones, strict loading, the command line, the key.
+
+`resolve_config` reads an OpenEvolve YAML (a shipped one from `tape/evolve_configs/` or the
+user's), rejects unknown keys (OpenEvolve's loader would drop them silently), applies the command
+line (endpoint, models, iterations, full rewrites), writes the chosen version's objective into
+the system message unless the file sets its own, and takes the API key from the environment:
+`OPENAI_API_KEY`, or the variable named by `--api-key-env` or by `llm: api_key: ${VAR}`. A key
+written in a file is refused; a local endpoint (localhost) needs none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from tape.errors import ConfigError
+from tape.evolution import prompts
+
+__all__ = [
+    "DEFAULT_API_KEY_VARIABLE",
+    "DEFAULT_CONFIG",
+    "LOCAL_KEY_PLACEHOLDER",
+    "LLMChoice",
+    "ResolvedConfig",
+    "find_config",
+    "resolve_api_key",
+    "resolve_config",
+    "shipped_config",
+    "shipped_config_names",
+]
+
+DEFAULT_CONFIG = "gemini"
+"""The shipped config `tape evolve` uses without --config (the seed's Gemini models)."""
+DEFAULT_API_KEY_VARIABLE = "OPENAI_API_KEY"
+"""Where the API key is read from unless --api-key-env or the config names another variable."""
+LOCAL_KEY_PLACEHOLDER = "no-key-needed-for-a-local-server"
+"""The key sent to a local endpoint when none is set (the OpenAI client insists on one)."""
+
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+_VARIABLE_REFERENCE = re.compile(r"^\$\{([^}]+)\}$")
+
+
+@dataclass(frozen=True)
+class LLMChoice:
+    """Command-line choices about the LLM, each overriding the config when given.
+
+    Attributes:
+        api_base: an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.
+        models: model names, sampled with equal weights.
+        api_key_env: the environment variable that holds the API key.
+    """
+
+    api_base: str | None = None
+    models: tuple[str, ...] = ()
+    api_key_env: str | None = None
+
+
+@dataclass
+class ResolvedConfig:
+    """An OpenEvolve config ready to run.
+
+    Attributes:
+        config: the `openevolve.config.Config`, API key included.
+        saved: the same settings as a dict for the run folder, API key left out.
+        key_variable: the environment variable the key was read from.
+    """
+
+    config: Any
+    saved: dict[str, Any]
+    key_variable: str
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the configs in `tape/evolve_configs/` (without `.yaml`)."""
+    folder = resources.files("tape").joinpath("evolve_configs")
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config given as a path (a .yaml/.yml name or one with a folder), else a shipped name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1 or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"OpenEvolve config {path} does not exist")
+        return path
+    return shipped_config(name_or_path)
+
+
+def shipped_config(name: str) -> Path:
+    """The path of a shipped config by name (`gemini`, `local`)."""
+    names = shipped_config_names()
+    if name not in names:
+        raise ConfigError(f"no shipped config {name!r}; shipped: {', '.join(names)}")
+    return Path(str(resources.files("tape").joinpath("evolve_configs", f"{name}.yaml")))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"OpenEvolve config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"OpenEvolve config {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"OpenEvolve config {path} must hold a mapping")
+    return data
+
+
+def _check_keys(data: Mapping[str, Any], path: Path) -> None:
+    """Unknown keys are errors (dacite would drop them silently), in every section."""
+    from openevolve import config as schema
+
+    def check(section: Mapping[str, Any], kind: type, where: str) -> None:
+        known = {field.name for field in dataclasses.fields(kind)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)} in {where} of {path}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+
+    check(data, schema.Config, "the top level")
+    sections = {
+        "llm": schema.LLMConfig, "prompt": schema.PromptConfig, "database": schema.DatabaseConfig,
+        "evaluator": schema.EvaluatorConfig, "evolution_trace": schema.EvolutionTraceConfig,
+    }
+    for name, kind in sections.items():
+        if isinstance(data.get(name), dict):
+            check(data[name], kind, f"section {name}")
+    for index, model in enumerate(_model_entries(data.get("llm") or {})):
+        check(model, schema.LLMModelConfig, f"llm model {index}")
+
+
+def _model_entries(llm: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        model for key in ("models", "evaluator_models") for model in llm.get(key) or []
+        if isinstance(model, dict)
+    ]
+
+
+def _is_local(api_base: str) -> bool:
+    return (urlparse(api_base).hostname or "") in _LOCAL_HOSTS
+
+
+def resolve_api_key(
+    llm: Mapping[str, Any], api_key_env: str | None, environ: Mapping[str, str]
+) -> tuple[str, str]:
+    """The API key to use and the variable it came from.
+
+    The variable is `api_key_env` if given, else one named as `llm: api_key: ${VAR}` in the
+    config, else OPENAI_API_KEY (a model's own `api_key: ${VAR}` is left to OpenEvolve). With
+    that variable unset, an endpoint on this machine gets a placeholder (local servers ignore
+    it) unless the variable was named explicitly.
+
+    Raises:
+        ConfigError: a key written literally in the config, or no key for a remote endpoint.
+    """
+    for entry in (llm, *_model_entries(llm)):
+        value = entry.get("api_key")
+        if value is not None and not _VARIABLE_REFERENCE.match(str(value)):
+            raise ConfigError(
+                "the OpenEvolve config holds an API key; remove it and keep the key in an "
+                "environment variable (OPENAI_API_KEY, or --api-key-env NAME, or api_key: ${NAME})"
+            )
+    reference = _VARIABLE_REFERENCE.match(str(llm.get("api_key") or ""))
+    named = reference.group(1) if reference else None
+    variable = api_key_env or named or DEFAULT_API_KEY_VARIABLE
+    key = environ.get(variable)
+    if key:
+        return key, variable
+    bases = [str(llm.get("api_base") or "https://api.openai.com/v1")]
+    bases += [str(model["api_base"]) for model in _model_entries(llm) if model.get("api_base")]
+    if not (api_key_env or named) and all(_is_local(base) for base in bases):
+        return LOCAL_KEY_PLACEHOLDER, variable
+    raise ConfigError(
+        f"no API key: set {variable} to your LLM provider's key (export {variable}=...), name "
+        f"another variable with --api-key-env, or use a local OpenAI-compatible server with "
+        f"--api-base http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (ollama); "
+        f"without an LLM, `tape tune` improves the tape policy"
+    )
+
+
+def resolve_config(
+    path: Path,
+    *,
+    version: int | str,
+    iterations: int | None,
+    llm: LLMChoice,
+    full_rewrite: bool,
+    environ: Mapping[str, str],
+) -> ResolvedConfig:
+    """The OpenEvolve `Config` to run, its dict as saved in the run folder (no API key).
+
+    Applies the command line to the file's settings; the system message becomes the version's
+    (`prompts.system_message`) unless the file sets `prompt.system_message`.
+    """
+    from dacite import DaciteError
+    from openevolve.config import Config
+
+    data = _read_yaml(path)
+    _check_keys(data, path)
+    data["llm"] = data.get("llm") or {}
+    data["prompt"] = data.get("prompt") or {}
+    llm_section = data["llm"]
+    if llm.models:
+        for key in ("primary_model", "primary_model_weight", "secondary_model",
+                    "secondary_model_weight", "evaluator_models"):
+            llm_section.pop(key, None)
+        llm_section["models"] = [{"name": name, "weight": 1.0} for name in llm.models]
+    if llm.api_base:
+        llm_section["api_base"] = llm.api_base
+        for model in _model_entries(llm_section):
+            model.pop("api_base", None)
+    if iterations is not None:
+        data["max_iterations"] = iterations
+    if full_rewrite:
+        data["diff_based_evolution"] = False
+    data["prompt"].setdefault("system_message", prompts.system_message(version))
+    key, variable = resolve_api_key(llm_section, llm.api_key_env, environ)
+    saved = {**data, "llm": {k: v for k, v in llm_section.items() if k != "api_key"}}
+    running = {**data, "llm": {**llm_section, "api_key": key}}
+    try:
+        config = Config.from_dict(running)
+    except (DaciteError, ValueError, TypeError) as error:
+        raise ConfigError(f"OpenEvolve rejected the config {path}: {error}") from None
+    if not config.llm.models:
+        raise ConfigError(f"OpenEvolve config {path} names no LLM model; pass --model NAME")
+    return ResolvedConfig(config, saved, variable)
