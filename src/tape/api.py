@@ -1,0 +1,154 @@
+"""Public entry points: `rebalance_experts`, a drop-in for DeepSeek EPLB, and `place`.
+
+`rebalance_experts` takes DeepSeek EPLB's arguments (and vLLM's policy call) and returns its
+three outputs, as torch tensors when given a torch tensor and as numpy arrays otherwise.
+`place` is the same on TAPE's own types (a `Layout` in, a `Placement` out). Both check every
+argument and every policy's output, and raise a `TapeError` subclass that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+
+from tape.arrays import like_input, to_numpy
+from tape.errors import PlacementError, TraceError
+from tape.layout import Layout
+from tape.placement import Placement
+from tape.policies import PolicyError, get_policy
+
+__all__ = ["place", "rebalance_experts"]
+
+
+def rebalance_experts(
+    weight: Any,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: str = "deepseek",
+    previous_phy2log: Any | None = None,
+    history: Any | None = None,
+    **params: Any,
+) -> tuple[Any, Any, Any]:
+    """Place the experts of every layer: DeepSeek EPLB's entry point, with a choice of policy.
+
+    Args:
+        weight: [L, E] load of each logical expert (tokens), a torch tensor (any device) or an
+            array-like; finite and non-negative.
+        num_replicas: S, physical expert slots per layer; a multiple of `num_gpus`, at least E.
+        num_groups: expert groups (consecutive ids); must divide E.
+        num_nodes: N, server nodes; must divide `num_gpus`.
+        num_gpus: G, GPUs.
+        policy: a registered policy name (see `tape.policies.policy_names()`).
+        previous_phy2log: optional [L, S] expert of each slot in the placement in force, for
+            policies that limit expert moves.
+        history: optional [W, L, E] loads of earlier windows, oldest first, for policies that
+            forecast.
+        **params: the policy's own parameters.
+
+    Returns:
+        phy2log: [L, S] int64, the logical expert of each slot.
+        log2phy: [L, E, X] int64, the slots of each expert, padded with -1.
+        logcnt: [L, E] int64, replicas of each expert.
+        All three as torch tensors on `weight`'s device when `weight` is a torch tensor.
+    """
+    load = _load_array(weight, "weight", 2)
+    layout = Layout(num_replicas, num_groups, num_nodes, num_gpus)
+    previous = None
+    if previous_phy2log is not None:
+        previous = Placement(to_numpy(previous_phy2log), load.shape[1])
+    placement = place(load, layout, policy, previous=previous, history=history, **params)
+    return tuple(like_input(array, weight) for array in placement.as_tuple())
+
+
+def place(
+    weight: Any,
+    layout: Layout,
+    policy: str = "deepseek",
+    *,
+    previous: Placement | None = None,
+    history: Any | None = None,
+    **params: Any,
+) -> Placement:
+    """The placement that `policy` gives `weight` on `layout`, checked.
+
+    Args:
+        weight: [L, E] load of each logical expert; finite and non-negative.
+        layout: the cluster.
+        policy: a registered policy name.
+        previous: the placement in force (L layers, S slots, E experts), or None.
+        history: optional [W, L, E] loads of earlier windows, oldest first.
+        **params: the policy's own parameters.
+
+    Returns:
+        The policy's `Placement`, validated against `layout` and L.
+    """
+    load = _load_array(weight, "weight", 2)
+    num_layers, num_experts = load.shape
+    layout.check_experts(num_experts)
+    function = get_policy(policy)
+    _check_params(policy, function, params)
+    if previous is not None and (
+        previous.num_layers != num_layers
+        or previous.num_slots != layout.num_replicas
+        or previous.num_experts != num_experts
+    ):
+        raise PlacementError(
+            f"the previous placement has {previous.num_layers} layers, {previous.num_slots} "
+            f"slots and {previous.num_experts} experts; expected {num_layers} layers, "
+            f"{layout.num_replicas} slots and {num_experts} experts"
+        )
+    past = None
+    if history is not None:
+        past = _load_array(history, "history", 3)
+        if past.shape[1:] != load.shape:
+            raise TraceError(
+                f"history must have shape [windows, {num_layers}, {num_experts}], "
+                f"got {list(past.shape)}"
+            )
+    placement = function(load, layout, previous=previous, history=past, **params)
+    if not isinstance(placement, Placement):
+        raise PolicyError(f"policy {policy!r} returned {type(placement).__name__}, not a Placement")
+    if placement.num_experts != num_experts:
+        raise PlacementError(
+            f"policy {policy!r} placed {placement.num_experts} experts, expected {num_experts}"
+        )
+    return placement.validate(layout, num_layers)
+
+
+def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
+    """`value` as a float64 array of `ndim` dimensions, finite, non-negative and not empty."""
+    array = to_numpy(value)
+    if array.ndim != ndim:
+        raise TraceError(f"{name} must have {ndim} dimensions, got shape {list(array.shape)}")
+    if array.size == 0:
+        raise TraceError(f"{name} is empty (shape {list(array.shape)})")
+    if array.dtype.kind not in "biuf":
+        raise TraceError(f"{name} must hold numbers, got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        raise TraceError(f"{name} holds NaN or infinite loads")
+    if array.min() < 0:
+        raise TraceError(f"{name} holds negative loads (smallest {array.min()}); loads are >= 0")
+    return array
+
+
+def _check_params(name: str, function: Any, params: dict[str, Any]) -> None:
+    """Raise `PolicyError` for a parameter that policy `name` does not take."""
+    signature = inspect.signature(function)
+    accepted = [
+        parameter.name
+        for parameter in signature.parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        and parameter.name not in ("previous", "history")
+    ]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        takes = f"its parameters are: {', '.join(accepted)}" if accepted else "it takes none"
+        raise PolicyError(f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}")
