@@ -1,0 +1,279 @@
+"""`tape`: TAPE's own placement policy, balance-, migration- and locality-aware.
+
+One call, batched over layers (docs/tape-policy.md tells the whole story):
+
+1. Forecast the next window's loads from the window to balance and the earlier ones
+   (tape_forecast: a moving average of each window's shares, `smoothing`).
+2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
+   hot expert is worth more (`node_spread`) and a replica that already exists is kept unless
+   another is clearly better (`keep_margin`) (tape_counts).
+3. Place the replicas. Without a previous placement: deal them to GPUs in snake order
+   (tape_packing). With one: keep it, free only the slots whose replicas go, and give each new
+   replica the freed slot that costs least (tape_packing).
+4. Improve by swaps between the heaviest and lightest GPUs (tape_search), each swap charged its
+   weight copies (`migration_weight`) and the inter-node tokens it adds (`locality_weight`),
+   for at most `search_rounds` rounds of `pairs_per_round` pairs, leaving alone layers within
+   `tolerance` of perfect balance.
+5. Layers the search could not finish (a previous placement far from the forecast's needs) are
+   also planned from scratch, renamed to overlap the previous placement (tape_relabel), and
+   the better of the two plans is kept, by the objective of tape_state.
+6. Keep every expert that stays on its GPU in its old slot (tape_relabel).
+
+Every expert gets at least one replica, every GPU the same number of slots, and no GPU two
+replicas of one expert. Deterministic: no randomness at all.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from tape.arrays import to_numpy
+from tape.errors import PlacementError, TraceError
+from tape.layout import Layout
+from tape.placement import Placement
+from tape.policies import PolicyError, register
+from tape.policies.tape_counts import replica_counts
+from tape.policies.tape_forecast import forecast_load
+from tape.policies.tape_packing import dealt_placement, reassign_replicas, repair_duplicates
+from tape.policies.tape_relabel import keep_previous_slots, relabel_like
+from tape.policies.tape_search import balance_by_swaps
+from tape.policies.tape_state import SlotState, gpu_holdings, layer_objective
+
+__all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
+
+PARAMETER_HELP: dict[str, str] = {
+    "smoothing": "weight of the newest window in the forecast's moving average (1: newest only)",
+    "node_spread": "extra worth of a replica that puts a hot expert in one more node",
+    "keep_margin": "bonus of an existing replica when counting replicas, x mean GPU load",
+    "migration_weight": "charge per moved expert (one expert's weights), x mean GPU load",
+    "locality_weight": "charge per inter-node token, relative to the layer's total tokens",
+    "tolerance": "a layer within (1 + tolerance) x mean GPU load is left as it is",
+    "search_rounds": "most rounds of swaps",
+    "pairs_per_round": "heavy/light GPU pairs tried per round (at most G / 2 are used)",
+}
+"""What each parameter of `tape` does, one line each (docs/tape-policy.md says more)."""
+
+SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
+    "smoothing": (0.3, 1.0, "float"),
+    "node_spread": (0.0, 3.0, "float"),
+    "keep_margin": (0.0, 0.3, "float"),
+    "migration_weight": (0.002, 0.2, "log"),
+    "locality_weight": (0.0, 200.0, "float"),
+    "tolerance": (0.0, 0.1, "float"),
+    "search_rounds": (1, 48, "int"),
+    "pairs_per_round": (1, 8, "int"),
+}
+"""Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
+
+PRESETS: dict[str, dict[str, float | int]] = {
+    "balance": {
+        "smoothing": 1.0,
+        "node_spread": 0.0,
+        "keep_margin": 0.0,
+        "migration_weight": 0.0,
+        "locality_weight": 0.0,
+        "tolerance": 0.0,
+        "search_rounds": 32,
+        "pairs_per_round": 4,
+    },
+    "balance-migration": {
+        "smoothing": 1.0,
+        "node_spread": 0.0,
+        "keep_margin": 0.02,
+        "migration_weight": 0.03,
+        "locality_weight": 0.0,
+        "tolerance": 0.0,
+        "search_rounds": 16,
+        "pairs_per_round": 2,
+    },
+    "all": {
+        "smoothing": 1.0,
+        "node_spread": 0.5,
+        "keep_margin": 0.02,
+        "migration_weight": 0.03,
+        "locality_weight": 100.0,
+        "tolerance": 0.0,
+        "search_rounds": 16,
+        "pairs_per_round": 2,
+    },
+}
+"""Parameter sets per objective: balance only; balance and migration; all three (default)."""
+
+_INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
+_UPPER_BOUNDS = {"smoothing": 1.0}
+_LOWER_BOUNDS = {"pairs_per_round": 1}
+
+
+def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
+    """The preset's parameters overridden by `params`; PolicyError for anything invalid."""
+    if preset not in PRESETS:
+        raise PolicyError(f"unknown tape preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    unknown = sorted(set(params) - set(PARAMETER_HELP))
+    if unknown:
+        raise PolicyError(
+            f"unknown tape parameter(s) {', '.join(unknown)}; expected any of "
+            f"{', '.join(PARAMETER_HELP)}"
+        )
+    settings = dict(PRESETS[preset])
+    for name, value in params.items():
+        integer = name in _INTEGER_PARAMETERS
+        kind = Integral if integer else Real
+        if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
+            expected = "an integer" if integer else "a finite number"
+            raise PolicyError(f"tape parameter {name} must be {expected}, got {value!r}")
+        low = _LOWER_BOUNDS.get(name, 0)
+        high = _UPPER_BOUNDS.get(name, np.inf)
+        if not low <= value <= high or (name == "smoothing" and value == 0):
+            bounds = "in (0, 1]" if name == "smoothing" else f">= {low}"
+            raise PolicyError(f"tape parameter {name} must be {bounds}, got {value!r}")
+        settings[name] = int(value) if integer else float(value)
+    return settings
+
+
+def _checked_inputs(
+    weight: Any, layout: Layout, previous: Placement | None, history: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`weight` and `history` as float64 arrays; TapeError subclasses for bad inputs."""
+    weight = to_numpy(weight)
+    if weight.ndim != 2 or weight.dtype.kind not in "iuf":
+        raise TraceError(f"weight must be a [layers, experts] array of numbers, got {weight.shape}")
+    weight = weight.astype(np.float64)
+    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
+        raise TraceError("weight must hold finite, non-negative token counts")
+    num_layers, num_experts = weight.shape
+    layout.check_experts(num_experts)
+    if layout.slots_per_gpu > num_experts:
+        raise PolicyError(
+            f"tape keeps an expert's replicas on distinct GPUs, which needs slots per GPU "
+            f"({layout.slots_per_gpu}) <= experts ({num_experts})"
+        )
+    if previous is not None:
+        if not isinstance(previous, Placement):
+            raise PlacementError(f"previous must be a Placement or None, got {type(previous)}")
+        previous.validate(layout, num_layers)
+        if previous.num_experts != num_experts:
+            raise PlacementError(
+                f"previous placement has {previous.num_experts} experts, weight {num_experts}"
+            )
+    if history is not None:
+        history = to_numpy(history)
+        if history.ndim != 3 or history.shape[1:] != weight.shape:
+            raise TraceError(
+                f"history must be [windows, {num_layers}, {num_experts}], got {history.shape}"
+            )
+        history = history.astype(np.float64)
+        if not np.all(np.isfinite(history)) or np.any(history < 0):
+            raise TraceError("history must hold finite, non-negative token counts")
+    return weight, history
+
+
+def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> np.ndarray:
+    pairs = min(int(settings["pairs_per_round"]), state.layout.num_gpus // 2)
+    if pairs == 0:
+        return np.zeros(state.experts.shape[0], dtype=bool)
+    return balance_by_swaps(
+        state,
+        rounds=int(settings["search_rounds"]),
+        pairs=pairs,
+        migration_weight=migration_weight,
+        locality_weight=settings["locality_weight"],
+        tolerance=settings["tolerance"],
+    )
+
+
+def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | int]) -> SlotState:
+    """A plan from scratch for forecast `load`: counts, snake deal, repair, swaps."""
+    counts = replica_counts(
+        load, layout, node_spread=settings["node_spread"], keep_margin=0.0, previous_counts=None
+    )
+    state = SlotState.build(load, dealt_placement(load, counts, layout), layout)
+    doubled = state.held.sum(axis=1) < state.counts
+    if doubled.any():
+        repair_duplicates(state, np.flatnonzero(doubled.any(axis=1)))
+    _search(state, settings, 0.0)
+    return state
+
+
+def _rebuild(
+    state: SlotState, layers: np.ndarray, previous: np.ndarray, settings: dict[str, float | int]
+) -> None:
+    """Replace `layers` of `state` by a relabelled fresh plan where it scores better."""
+    layout = state.layout
+    fresh = _fresh_plan(state.load[layers], layout, settings)
+    relabelled = relabel_like(fresh.experts, previous[layers], layout)
+    held_before = state.held_before[layers]
+    fresh = SlotState.build(state.load[layers], relabelled, layout, held_before)
+    current = SlotState.build(state.load[layers], state.experts[layers].copy(), layout, held_before)
+    weights = (settings["migration_weight"], settings["locality_weight"])
+    better = layer_objective(fresh, *weights) < layer_objective(current, *weights)
+    if better.any():
+        state.experts[layers[better]] = fresh.experts[better]
+        state.counts[layers[better]] = fresh.counts[better]
+
+
+def _incremental_plan(
+    load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
+) -> np.ndarray:
+    """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-6)."""
+    state = SlotState.build(load, previous.copy(), layout)
+    state.held_before = state.held.copy()
+    counts = replica_counts(
+        load,
+        layout,
+        node_spread=settings["node_spread"],
+        keep_margin=settings["keep_margin"],
+        previous_counts=state.counts,
+    )
+    reassign_replicas(
+        state,
+        counts,
+        migration_weight=settings["migration_weight"],
+        locality_weight=settings["locality_weight"],
+    )
+    unfinished = _search(state, settings, settings["migration_weight"])
+    if unfinished.any():
+        _rebuild(state, np.flatnonzero(unfinished), previous, settings)
+    return keep_previous_slots(state.experts, previous)
+
+
+@register("tape")
+def tape_policy(
+    weight: np.ndarray,
+    layout: Layout,
+    *,
+    previous: Placement | None = None,
+    history: np.ndarray | None = None,
+    preset: str = "all",
+    **params: Any,
+) -> Placement:
+    """TAPE's placement for the next window (module doc).
+
+    Args:
+        weight: [L, E] tokens per expert in the window to balance (the newest window).
+        layout: the cluster; needs E <= S and k = S / G <= E.
+        previous: the placement in force, or None (then the plan starts from scratch).
+        history: [W, L, E] tokens of the earlier windows, oldest first, or None.
+        preset: "balance", "balance-migration" or "all" (PRESETS).
+        **params: overrides of the preset's parameters (PARAMETER_HELP, SEARCH_SPACE).
+
+    Returns:
+        The Placement (log2phy in slot order).
+
+    Raises:
+        PolicyError: an unknown preset or parameter, a bad parameter value, or k > E.
+        TraceError, PlacementError, LayoutError: malformed weight, history or previous.
+    """
+    settings = _settings(preset, params)
+    weight, history = _checked_inputs(weight, layout, previous, history)
+    num_layers, num_experts = weight.shape
+    load = forecast_load(weight, history, settings["smoothing"])
+    shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
+    if previous is None:
+        experts = _fresh_plan(load, layout, settings).experts
+    else:
+        experts = _incremental_plan(load, previous.phy2log.reshape(shape), layout, settings)
+    assert gpu_holdings(experts, num_experts).max() <= 1
+    return Placement(experts.reshape(num_layers, -1), num_experts)

@@ -1,0 +1,246 @@
+"""Tests of the `tape` policy: invariants, determinism, migration, locality, parameters."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tape.policies.tape_policy  # noqa: F401  (registers "tape")
+from tape import Layout, Placement
+from tape.policies import PolicyError, get_policy
+from tape.policies.tape_policy import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
+
+LAYOUT = Layout(num_replicas=40, num_groups=4, num_nodes=2, num_gpus=8)  # k = 5, E = 32
+
+
+def skewed_load(seed, layers=6, experts=32, skew=1.0):
+    rng = np.random.default_rng(seed)
+    return np.round(np.exp(rng.normal(0.0, skew, size=(layers, experts))) * 100.0)
+
+
+def drifted(load, seed, amount=0.3):
+    rng = np.random.default_rng(seed)
+    return np.round(load * np.exp(rng.normal(0.0, amount, size=load.shape)))
+
+
+def check_invariants(placement, layout, weight):
+    """Plain-loop checks of what every tape placement must satisfy."""
+    num_layers, num_experts = weight.shape
+    assert placement.phy2log.shape == (num_layers, layout.num_replicas)
+    per_gpu = layout.slots_per_gpu
+    for layer in range(num_layers):
+        row = placement.phy2log[layer].tolist()
+        assert sorted(set(row)) == list(range(num_experts)), "every expert has a replica"
+        for gpu in range(layout.num_gpus):
+            slots = row[gpu * per_gpu:(gpu + 1) * per_gpu]
+            assert len(set(slots)) == len(slots), "no expert twice on a GPU"
+        for expert in range(num_experts):
+            assert placement.logcnt[layer, expert] == row.count(expert)
+            listed = [s for s in placement.log2phy[layer, expert] if s >= 0]
+            assert sorted(listed) == [s for s, e in enumerate(row) if e == expert]
+
+
+def moved_experts(before, after, layout):
+    """Plain loop: changed slots whose GPU did not hold the expert before."""
+    per_gpu = layout.slots_per_gpu
+    moved = 0
+    for layer in range(before.shape[0]):
+        for slot in range(before.shape[1]):
+            if before[layer, slot] != after[layer, slot]:
+                gpu = slot // per_gpu
+                if after[layer, slot] not in before[layer, gpu * per_gpu:(gpu + 1) * per_gpu]:
+                    moved += 1
+    return moved
+
+
+def gpu_balancedness(placement, weight, layout):
+    loads = placement.gpu_loads(weight, layout.num_gpus)
+    return loads.mean(axis=1).sum() / loads.max(axis=1).sum()
+
+
+def inter_node_tokens(placement, weight, layout):
+    """Locality dispatch: tokens of nodes without a replica of the expert cross nodes."""
+    total = 0.0
+    per_node = layout.gpus_per_node * layout.slots_per_gpu
+    for layer in range(weight.shape[0]):
+        for expert in range(weight.shape[1]):
+            nodes = {slot // per_node for slot in range(layout.num_replicas)
+                     if placement.phy2log[layer, slot] == expert}
+            total += weight[layer, expert] * (layout.num_nodes - len(nodes)) / layout.num_nodes
+    return total
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_invariants_without_and_with_previous(preset):
+    first = skewed_load(0)
+    placement = tape_policy(first, LAYOUT, preset=preset)
+    check_invariants(placement, LAYOUT, first)
+    second = drifted(first, 1)
+    following = tape_policy(second, LAYOUT, previous=placement, history=first[None], preset=preset)
+    check_invariants(following, LAYOUT, second)
+
+
+def test_registered_and_deterministic():
+    policy = get_policy("tape")
+    weight = skewed_load(2)
+    first = policy(weight, LAYOUT)
+    assert first == policy(weight, LAYOUT)
+    again = policy(drifted(weight, 3), LAYOUT, previous=first)
+    assert again == policy(drifted(weight, 3), LAYOUT, previous=first)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.data(),
+    gpus_nodes=st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (4, 4), (8, 2)]),
+    per_gpu=st.integers(1, 4),
+    experts_over=st.integers(0, 6),
+)
+def test_invariants_on_random_and_degenerate_loads(data, gpus_nodes, per_gpu, experts_over):
+    gpus, nodes = gpus_nodes
+    slots = gpus * per_gpu
+    experts = data.draw(st.integers(max(per_gpu, 1), slots))
+    layout = Layout(num_replicas=slots, num_groups=1, num_nodes=nodes, num_gpus=gpus)
+    values = st.sampled_from([0.0, 1.0, 3.0, 1000.0, 1e6])
+    weight = np.array(data.draw(st.lists(values, min_size=2 * experts, max_size=2 * experts)))
+    weight = weight.reshape(2, experts)
+    placement = tape_policy(weight, layout)
+    check_invariants(placement, layout, weight)
+    following = tape_policy(weight[::-1].copy(), layout, previous=placement, history=weight[None])
+    check_invariants(following, layout, weight)
+
+
+def test_identical_load_keeps_every_slot():
+    weight = skewed_load(4)
+    placement = tape_policy(weight, LAYOUT)
+    again = tape_policy(weight, LAYOUT, previous=placement, history=weight[None])
+    assert moved_experts(placement.phy2log, again.phy2log, LAYOUT) == 0
+    assert np.array_equal(placement.phy2log, again.phy2log)
+
+
+def test_previous_with_two_replicas_on_a_gpu_is_repaired():
+    weight = skewed_load(5, layers=2)
+    bad = np.tile(np.concatenate([np.arange(32), [0, 0, 1, 1, 2, 2, 3, 3]]), (2, 1))
+    placement = tape_policy(weight, LAYOUT, previous=Placement(bad, 32))
+    check_invariants(placement, LAYOUT, weight)
+
+
+def test_balance_preset_beats_a_plain_round_robin():
+    weight = skewed_load(6, skew=1.5)
+    placement = tape_policy(weight, LAYOUT, preset="balance")
+    round_robin = Placement(np.tile(np.arange(40) % 32, (6, 1)), 32)
+    assert gpu_balancedness(placement, weight, LAYOUT) > gpu_balancedness(round_robin, weight, LAYOUT)
+    assert gpu_balancedness(placement, weight, LAYOUT) > 0.9
+
+
+def run_pairs(weights, layout, **params):
+    """Protocol in miniature: placement i from window i, previous passed along; sums."""
+    previous, moved, balance, ib = None, 0, [], 0.0
+    for index in range(len(weights) - 1):
+        history = weights[:index] if index else None
+        placement = tape_policy(weights[index], layout, previous=previous, history=history, **params)
+        if previous is not None:
+            moved += moved_experts(previous.phy2log, placement.phy2log, layout)
+        balance.append(gpu_balancedness(placement, weights[index + 1], layout))
+        ib += inter_node_tokens(placement, weights[index + 1], layout)
+        previous = placement
+    return moved, float(np.mean(balance)), ib
+
+
+@pytest.fixture(scope="module")
+def drifting_windows():
+    base = skewed_load(7, layers=4, skew=1.2)
+    return np.stack([drifted(base, seed, 0.4) for seed in range(5)])
+
+
+def test_higher_migration_weight_moves_fewer_experts(drifting_windows):
+    low, _, _ = run_pairs(drifting_windows, LAYOUT, preset="balance-migration", migration_weight=0.0)
+    high, _, _ = run_pairs(drifting_windows, LAYOUT, preset="balance-migration", migration_weight=0.2)
+    assert high < low
+
+
+def test_keep_margin_keeps_replica_counts(drifting_windows):
+    def count_changes(margin):
+        previous, changes = None, 0
+        for weight in drifting_windows:
+            placement = tape_policy(weight, LAYOUT, previous=previous, keep_margin=margin)
+            if previous is not None:
+                changes += int(np.abs(placement.logcnt - previous.logcnt).sum())
+            previous = placement
+        return changes
+    assert count_changes(0.3) < count_changes(0.0)
+
+
+def test_locality_weights_cut_inter_node_tokens(drifting_windows):
+    none = {"preset": "balance"}
+    _, _, plain = run_pairs(drifting_windows, LAYOUT, **none)
+    _, _, spread = run_pairs(drifting_windows, LAYOUT, **none, node_spread=2.0,
+                             locality_weight=100.0)
+    assert spread < plain
+
+
+def test_tolerance_and_rounds_limit_the_search():
+    weight = skewed_load(8, skew=1.5)
+    tight = tape_policy(weight, LAYOUT, preset="balance")
+    loose = tape_policy(weight, LAYOUT, preset="balance", tolerance=0.5)
+    none = tape_policy(weight, LAYOUT, preset="balance", search_rounds=0)
+    assert gpu_balancedness(tight, weight, LAYOUT) > gpu_balancedness(loose, weight, LAYOUT)
+    assert gpu_balancedness(tight, weight, LAYOUT) > gpu_balancedness(none, weight, LAYOUT)
+
+
+def test_pairs_per_round_changes_the_search():
+    weight = skewed_load(9, skew=1.5)
+    one = tape_policy(weight, LAYOUT, preset="balance", pairs_per_round=1, search_rounds=2)
+    four = tape_policy(weight, LAYOUT, preset="balance", pairs_per_round=4, search_rounds=2)
+    assert gpu_balancedness(four, weight, LAYOUT) > gpu_balancedness(one, weight, LAYOUT)
+
+
+def test_smoothing_uses_the_history():
+    history = np.stack([skewed_load(10), skewed_load(11)])
+    weight = skewed_load(12)
+    newest = tape_policy(weight, LAYOUT, history=history, smoothing=1.0)
+    smoothed = tape_policy(weight, LAYOUT, history=history, smoothing=0.3)
+    assert newest == tape_policy(weight, LAYOUT)
+    assert smoothed != newest
+
+
+def test_presets_and_search_space_cover_every_parameter():
+    assert set(PRESETS) == {"balance", "balance-migration", "all"}
+    for values in PRESETS.values():
+        assert set(values) == set(PARAMETER_HELP)
+    assert set(SEARCH_SPACE) == set(PARAMETER_HELP)
+    for low, high, kind in SEARCH_SPACE.values():
+        assert low < high and kind in ("float", "int", "log")
+        assert kind != "log" or low > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preset": "fast"}, "unknown tape preset"),
+        ({"speed": 3}, "unknown tape parameter"),
+        ({"smoothing": 0.0}, "smoothing"),
+        ({"smoothing": 1.5}, "smoothing"),
+        ({"migration_weight": -1.0}, "migration_weight"),
+        ({"search_rounds": 2.5}, "search_rounds"),
+        ({"pairs_per_round": 0}, "pairs_per_round"),
+        ({"locality_weight": float("nan")}, "locality_weight"),
+        ({"tolerance": True}, "tolerance"),
+    ],
+)
+def test_bad_parameters_are_rejected(kwargs, message):
+    with pytest.raises(PolicyError, match=message):
+        tape_policy(skewed_load(0), LAYOUT, **kwargs)
+
+
+def test_bad_inputs_are_rejected():
+    from tape.errors import PlacementError, TraceError
+
+    with pytest.raises(TraceError):
+        tape_policy(-skewed_load(0), LAYOUT)
+    with pytest.raises(TraceError):
+        tape_policy(skewed_load(0), LAYOUT, history=np.ones((2, 3, 32)))
+    with pytest.raises(PlacementError):
+        tape_policy(skewed_load(0), LAYOUT, previous=Placement(np.tile(np.arange(40) % 32, (5, 1)), 32))
+    with pytest.raises(PolicyError, match="slots per GPU"):
+        tape_policy(np.ones((1, 2)), Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=1))
