@@ -154,36 +154,41 @@ def _swap_back(
     num_layers, num_gpus, per_gpu = experts.shape
     num_experts = held_before.shape[2]
     flat = experts.reshape(num_layers, -1)
-    held = _holdings(experts, num_experts)
+    held = _holdings(experts, num_experts).reshape(-1)  # flat [L, G, E]
+    was_held = held_before.reshape(-1)
+    load_of = replica_load.reshape(-1)  # flat [L, E]
     gpu_load = np.take_along_axis(replica_load, flat, axis=1).reshape(experts.shape).sum(axis=2)
-    limit = gpu_load.max(axis=1) * limit_factor
+    limit = (gpu_load.max(axis=1) * limit_factor)[:, None, None]
+    load_flat = gpu_load.reshape(-1)  # flat [L, G]
     slots_of = _slots_by_expert(flat, num_experts)  # [L, E, X], -1 padded
+    width = slots_of.shape[2]
+    slot_rows = slots_of.reshape(-1, width)
     layer = np.arange(num_layers)
-    column = layer[:, None, None]
+    cell_base = (layer * num_gpus * num_experts)[:, None, None]  # flat [L, G, E] of (l, 0, 0)
+    expert_base = layer * num_experts
+    gpu_base = (layer * num_gpus)[:, None, None]
 
     for slot in range(num_gpus * per_gpu):
         gpu = slot // per_gpu
         expert = flat[:, slot]
-        moved = ~held_before[layer, gpu, expert]
+        moved = ~was_held[cell_base[:, 0, 0] + gpu * num_experts + expert]
         if not moved.any():
             continue
         wanted = before[:, gpu, :]  # [L, k]: experts this GPU held before
-        other_slot = slots_of[column, wanted[:, :, None], np.arange(slots_of.shape[2])]
+        other_slot = slot_rows[expert_base[:, None] + wanted]  # [L, k, X]
         other_gpu = other_slot // per_gpu
-        load_here = replica_load[layer, expert][:, None, None]
-        load_there = replica_load[layer[:, None], wanted][:, :, None]
+        at_other = cell_base + other_gpu * num_experts  # flat (l, other GPU, 0)
+        load_here = load_of[expert_base + expert][:, None, None]
+        load_there = load_of[expert_base[:, None] + wanted][:, :, None]
         valid = (
             moved[:, None, None]
             & (other_slot >= 0)
             & (other_gpu != gpu)
-            & (held[layer, gpu][layer[:, None], wanted] == 0)[:, :, None]
-            & (held[column, other_gpu, expert[:, None, None]] == 0)
-            & ~(
-                held_before[column, other_gpu, wanted[:, :, None]]
-                & ~held_before[column, other_gpu, expert[:, None, None]]
-            )
-            & (gpu_load[:, gpu][:, None, None] - load_here + load_there <= limit[:, None, None])
-            & (gpu_load[column, other_gpu] - load_there + load_here <= limit[:, None, None])
+            & (held[cell_base[:, :, 0] + gpu * num_experts + wanted] == 0)[:, :, None]
+            & (held[at_other + expert[:, None, None]] == 0)
+            & ~(was_held[at_other + wanted[:, :, None]] & ~was_held[at_other + expert[:, None, None]])
+            & (gpu_load[:, gpu][:, None, None] - load_here + load_there <= limit)
+            & (load_flat[gpu_base + other_gpu] - load_there + load_here <= limit)
         )
         gap = np.where(valid, np.abs(load_here - load_there), np.inf).reshape(num_layers, -1)
         best = gap.argmin(axis=1)
@@ -195,10 +200,12 @@ def _swap_back(
         partner_gpu = partner_slot // per_gpu
         mine = expert[swapped]
         flat[swapped, slot], flat[swapped, partner_slot] = partner, mine
-        held[swapped, gpu, mine] -= 1
-        held[swapped, gpu, partner] += 1
-        held[swapped, partner_gpu, partner] -= 1
-        held[swapped, partner_gpu, mine] += 1
+        here = cell_base[swapped, 0, 0] + gpu * num_experts
+        there = cell_base[swapped, 0, 0] + partner_gpu * num_experts
+        held[here + mine] -= 1
+        held[here + partner] += 1
+        held[there + partner] -= 1
+        held[there + mine] += 1
         delta = replica_load[swapped, partner] - replica_load[swapped, mine]
         gpu_load[swapped, gpu] += delta
         gpu_load[swapped, partner_gpu] -= delta
