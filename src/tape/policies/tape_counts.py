@@ -50,33 +50,27 @@ def replica_counts(
         return counts
     nodes = layout.num_nodes
     limit = min(layout.num_gpus, spare + 1)
-    keep_bonus = keep_margin * load.sum(axis=1) / layout.num_gpus  # [L] tokens
+    keep_bonus = keep_margin * load.sum(axis=1, keepdims=True) / layout.num_gpus  # [L, 1] tokens
     previous = previous_counts if previous_counts is not None else counts
 
-    def replica_value(expert_load, index, previous_count, bonus):
-        """Value of replica number `index` (>= 2) of experts with the given loads."""
-        value = expert_load / (index - 1)
-        value = value + node_spread * expert_load * (index <= nodes)
-        return value + bonus * (index <= previous_count)
-
-    # An expert outside the `spare` best second replicas gets no spare slot: keep only those.
+    # The second replica is each expert's most valuable: an expert outside the `spare` best
+    # second replicas gets no spare slot, so only those `spare` experts are candidates.
+    second = load * (1.0 + node_spread * (nodes >= 2)) + keep_bonus * (previous >= 2)
     candidates = min(spare, num_experts)
-    second = replica_value(load, 2, previous, keep_bonus[:, None])
     chosen = np.argpartition(-second, candidates - 1, axis=1)[:, :candidates]
     chosen_load = np.take_along_axis(load, chosen, axis=1)
     chosen_previous = np.take_along_axis(previous, chosen, axis=1)
     chosen_counts = np.ones(chosen.shape, dtype=np.int64)
     value = np.take_along_axis(second, chosen, axis=1)
     rows = np.arange(num_layers)
+    bonus = keep_bonus[:, 0]
     for _ in range(spare):
         pick = value.argmax(axis=1)
-        chosen_counts[rows, pick] += 1
-        following = chosen_counts[rows, pick] + 1
-        value[rows, pick] = np.where(
-            following > limit,
-            -np.inf,
-            replica_value(chosen_load[rows, pick], following, chosen_previous[rows, pick],
-                          keep_bonus),
-        )
+        following = chosen_counts[rows, pick] + 2  # the index of the replica after this one
+        chosen_counts[rows, pick] = following - 1
+        expert_load = chosen_load[rows, pick]
+        next_value = (expert_load / (following - 1) + node_spread * expert_load * (following <= nodes)
+                      + bonus * (following <= chosen_previous[rows, pick]))
+        value[rows, pick] = np.where(following > limit, -np.inf, next_value)
     np.put_along_axis(counts, chosen, chosen_counts, axis=1)
     return counts

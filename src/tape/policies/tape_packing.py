@@ -95,35 +95,48 @@ def repair_duplicates(state: SlotState, layers: np.ndarray) -> None:
     state.reload_layers(np.asarray(layers, dtype=np.int64))
 
 
-def _slots_to_free(state: SlotState, counts: np.ndarray) -> np.ndarray:
+def _second_replicas(experts: np.ndarray) -> np.ndarray:
+    """[L, G, k] bool: slots whose expert sits in an earlier slot of the same GPU."""
+    order = np.argsort(experts, axis=2, kind="stable")
+    ordered = np.take_along_axis(experts, order, axis=2)
+    repeat = np.zeros(experts.shape, dtype=bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    second = np.empty_like(repeat)
+    np.put_along_axis(second, order, repeat, axis=2)
+    return second
+
+
+def _slots_to_free(state: SlotState, counts: np.ndarray, second: np.ndarray) -> np.ndarray:
     """[L, S] bool: the slots whose replica goes, for new replica counts `counts`.
 
-    An expert loses `old - new` replicas, and every second replica on one GPU. Among an
-    expert's slots, those go first that are duplicates, then those whose node keeps another
-    replica (no locality lost), then those on heavier GPUs.
+    An expert loses `old - new` replicas, and every second replica on one GPU (`second`,
+    [L, G, k] bool). Among an expert's slots, those go first that are second replicas, then
+    those whose node keeps another replica (no locality lost), then those on heavier GPUs.
     """
     num_layers = state.experts.shape[0]
     experts = state.experts.reshape(num_layers, -1)
-    duplicates = state.counts - state.held.sum(axis=1)  # [L, E] second replicas on a GPU
+    second = second.reshape(num_layers, -1)
+    duplicates = np.zeros(counts.shape, dtype=np.int64)
+    if second.any():
+        np.add.at(duplicates, (np.nonzero(second)[0], experts[second]), 1)
     to_free = np.maximum(state.counts - counts, duplicates)
     freed = np.zeros(experts.shape, dtype=bool)
-    if not to_free.any():
+    layer, slot = np.nonzero(to_free[np.arange(num_layers)[:, None], experts] > 0)
+    if not len(layer):
         return freed
-    rows = np.arange(num_layers)[:, None]
-    slot_node = state.layout.slot_node[None, :]
-    node_keeps_one = state.node_replicas[rows, slot_node, experts] > 1
-    heaviness = state.gpu_load / np.maximum(state.gpu_load.max(axis=1, keepdims=True), 1e-300)
-    preference = 1.0 * node_keeps_one + 0.999 * heaviness[:, state.layout.slot_gpu]
-    if duplicates.any():
-        same = state.experts[:, :, :, None] == state.experts[:, :, None, :]
-        preference += 2.0 * np.tril(same, k=-1).any(axis=3).reshape(num_layers, -1)
-
-    # Slots grouped by expert, the preferred first (preference < 4 fits in the fraction).
-    order = np.argsort(experts + (4.0 - preference) / 4.0, axis=1, kind="stable")
-    sorted_experts = np.take_along_axis(experts, order, axis=1)
-    first = np.cumsum(state.counts, axis=1) - state.counts
-    rank = np.arange(experts.shape[1])[None, :] - np.take_along_axis(first, sorted_experts, axis=1)
-    np.put_along_axis(freed, order, rank < np.take_along_axis(to_free, sorted_experts, axis=1), 1)
+    layout = state.layout
+    expert = experts[layer, slot]
+    gpu = layout.slot_gpu[slot]
+    heaviness = state.gpu_load[layer, gpu] / state.gpu_load.max(axis=1)[layer].clip(1e-300)
+    preference = (state.node_replicas[layer, layout.slot_node[slot], expert] > 1) + 0.999 * heaviness
+    preference = preference + 2.0 * second[layer, slot]
+    # Candidates grouped by layer and expert, the preferred first; the first `to_free` go.
+    order = np.lexsort((-preference, expert, layer))
+    group = layer[order] * counts.shape[1] + expert[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    chosen = order[rank < to_free[layer[order], expert[order]]]
+    freed[layer[chosen], slot[chosen]] = True
     return freed
 
 
@@ -139,7 +152,11 @@ def reassign_replicas(
         locality_weight: charge per inter-node token, relative to the layer's total load.
     """
     num_layers, num_gpus, per_gpu = state.experts.shape
-    freed = _slots_to_free(state, counts)
+    if np.count_nonzero(state.held) == state.experts.size:
+        second = np.zeros(state.experts.shape, dtype=bool)  # no GPU holds an expert twice
+    else:
+        second = _second_replicas(state.experts)
+    freed = _slots_to_free(state, counts, second)
     if not freed.any():
         state.counts = counts
         state.refresh_loads()
@@ -174,48 +191,70 @@ def reassign_replicas(
     # Empty the freed slots; loads of the kept slots use the new counts.
     gone = experts[layer_of, slot_of]
     np.add.at(state.node_replicas, (layer_of, layout.slot_node[slot_of], gone), -1)
-    had_duplicates = np.flatnonzero((state.held.sum(axis=1) < state.counts).any(axis=1))
     experts[freed] = -1
     state.held[layer_of, layout.slot_gpu[slot_of], gone] = False
+    had_duplicates = np.flatnonzero(second.any(axis=(1, 2)))
     if len(had_duplicates):
         state.held[had_duplicates] = gpu_holdings(state.experts[had_duplicates], counts.shape[1]) > 0
     state.counts = counts
     slot_load = np.where(freed, 0.0, np.take_along_axis(per_replica, np.maximum(experts, 0), 1))
     gpu_load = slot_load.reshape(num_layers, num_gpus, per_gpu).sum(axis=2)
 
-    mean = state.mean_gpu_load[:, None]
-    copy_charge = migration_weight * mean  # [L, 1] tokens per weight copy
-    node_charge = locality_weight * mean / state.total_load[:, None] / layout.num_nodes
-    free_gpu = np.where(free_slots >= 0, layout.slot_gpu[np.maximum(free_slots, 0)], 0)
+    # Only layers with freed slots take part: b indexes them below.
+    busy = np.flatnonzero(freed_per_layer)
+    free_slots, new_replicas = free_slots[busy], new_replicas[busy]
+    pad = free_slots < 0
+    free_gpu = layout.slot_gpu[np.maximum(free_slots, 0)]  # [B, W]
     free_node = layout.gpu_node[free_gpu]
-    taken = free_slots < 0
-    forced = np.zeros(num_layers, dtype=bool)
+    replica = np.maximum(new_replicas, 0)  # [B, W]
+    column = busy[:, None, None]
+    # cost[b, t, j]: what new replica t adds to the objective in freed slot j, beside the GPU
+    # load: a weight copy unless the GPU held the expert before, and the tokens of a node
+    # that already holds the expert. Infinite where the GPU already holds it.
+    gpu_of, node_of, expert_of = free_gpu[:, None, :], free_node[:, None, :], replica[:, :, None]
+    mean = state.mean_gpu_load[busy, None, None]
+    cost = np.zeros((len(busy), width, width))
+    if state.held_before is not None:
+        cost += migration_weight * mean * ~state.held_before[column, gpu_of, expert_of]
+    node_charge = (locality_weight * mean / state.total_load[busy, None, None] / layout.num_nodes
+                   * state.load[column, expert_of])  # [B, W, 1]
+    cost += node_charge * (state.node_replicas[column, node_of, expert_of] > 0)
+    blocked = state.held[column, gpu_of, expert_of] | pad[:, None, :]
+    same_expert = new_replicas[:, :, None] == new_replicas[:, None, :]  # [B, W, W]
+    has_twin = (same_expert.sum(axis=2) > 1) & ~pad  # [B, W]: another new replica, same expert
+    taken = pad.copy()
+    gpu_load = gpu_load[busy]
+    forced = np.zeros(len(busy), dtype=bool)
     for step in range(width):
         expert = new_replicas[:, step]
         active = np.flatnonzero(expert >= 0)
         if not len(active):
             break
-        expert = expert[active, None]
-        gpus = free_gpu[active]
-        cost = gpu_load[active[:, None], gpus]
-        if state.held_before is not None:
-            cost = cost + copy_charge[active] * ~state.held_before[active[:, None], gpus, expert]
-        node_has = state.node_replicas[active[:, None], free_node[active], expert] > 0
-        cost = cost + node_charge[active] * state.load[active[:, None], expert] * node_has
-        cost = np.where(taken[active], np.inf, cost)
-        feasible = np.where(state.held[active[:, None], gpus, expert], np.inf, cost)
-        choice = feasible.argmin(axis=1)
-        stuck = ~np.isfinite(feasible[np.arange(len(active)), choice])
-        choice = np.where(stuck, cost.argmin(axis=1), choice)
-        forced[active[stuck]] = True
-        slot = free_slots[active, choice]
-        gpu = layout.slot_gpu[slot]
-        expert = expert[:, 0]
+        total = gpu_load[active[:, None], free_gpu[active]] + cost[active, step]
+        allowed = np.where(blocked[active, step], np.inf, total)
+        choice = allowed.argmin(axis=1)
+        stuck = ~np.isfinite(allowed[np.arange(len(active)), choice])
+        if stuck.any():
+            forced[active[stuck]] = True
+            fallback = np.where(taken[active], np.inf, total).argmin(axis=1)
+            choice = np.where(stuck, fallback, choice)
+        gpu = free_gpu[active, choice]
+        node = free_node[active, choice]
         taken[active, choice] = True
-        experts[active, slot] = expert
-        gpu_load[active, gpu] += per_replica[active, expert]
-        state.held[active, gpu, expert] = True
-        state.node_replicas[active, layout.gpu_node[gpu], expert] += 1
-    state.refresh_loads()
+        blocked[active, :, choice] = True
+        twins = np.flatnonzero(has_twin[active, step])
+        if len(twins):
+            # Later replicas of the same expert: not on this GPU, and charged for this node.
+            twin = active[twins]
+            later = same_expert[twin, :, step][:, :, None]
+            blocked[twin] |= later & (free_gpu[twin] == gpu[twins, None])[:, None, :]
+            cost[twin] += np.where(later & (free_node[twin] == node[twins, None])[:, None, :],
+                                   node_charge[twin], 0.0)
+        layer = busy[active]
+        gpu_load[active, gpu] += per_replica[layer, expert[active]]
+        experts[layer, free_slots[active, choice]] = expert[active]
+        state.held[layer, gpu, expert[active]] = True
+        state.node_replicas[layer, node, expert[active]] += 1
+    state.refresh_loads(busy)
     if forced.any():
-        repair_duplicates(state, np.flatnonzero(forced))
+        repair_duplicates(state, busy[forced])

@@ -40,7 +40,7 @@ from tape.policies.tape_forecast import forecast_load
 from tape.policies.tape_packing import dealt_placement, reassign_replicas, repair_duplicates
 from tape.policies.tape_relabel import keep_previous_slots, relabel_like
 from tape.policies.tape_search import balance_by_swaps
-from tape.policies.tape_state import SlotState, gpu_holdings, layer_objective
+from tape.policies.tape_state import SlotState, layer_objective
 
 __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
 
@@ -236,7 +236,7 @@ def _incremental_plan(
     unfinished = _search(state, settings, settings["migration_weight"])
     if unfinished.any():
         _rebuild(state, np.flatnonzero(unfinished), previous, settings)
-    return keep_previous_slots(state.experts, previous)
+    return keep_previous_slots(state.experts, previous, state.held_before)
 
 
 @register("tape")
@@ -275,5 +275,4 @@ def tape_policy(
         experts = _fresh_plan(load, layout, settings).experts
     else:
         experts = _incremental_plan(load, previous.phy2log.reshape(shape), layout, settings)
-    assert gpu_holdings(experts, num_experts).max() <= 1
     return Placement(experts.reshape(num_layers, -1), num_experts)

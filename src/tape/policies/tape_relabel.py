@@ -62,26 +62,38 @@ def relabel_like(experts: np.ndarray, previous: np.ndarray, layout: Layout) -> n
     return relabelled
 
 
-def keep_previous_slots(experts: np.ndarray, previous: np.ndarray) -> np.ndarray:
+def keep_previous_slots(
+    experts: np.ndarray, previous: np.ndarray, held_before: np.ndarray
+) -> np.ndarray:
     """`experts` with each GPU's slots reordered to keep experts in their previous slots.
 
     Args:
         experts: [L, G, k] int64, the new placement (no expert twice on a GPU).
         previous: [L, G, k] int64, the placement in force (may hold an expert twice on a GPU).
+        held_before: [L, G, E] bool, whether each GPU holds each expert in `previous`.
 
     Returns:
         [L, G, k] int64 with the same experts on every GPU: an expert the GPU held before sits
         in the first slot where it sat; the GPU's new experts fill its other slots in order.
     """
-    per_gpu = experts.shape[2]
-    same_previous = previous[..., :, None] == previous[..., None, :]  # [L, G, k, k]
-    first_of_its_expert = ~np.tril(same_previous, k=-1).any(axis=3)
-    in_new = (previous[..., :, None] == experts[..., None, :]).any(axis=3)
-    kept_slot = first_of_its_expert & in_new  # [L, G, k]
-    arrives = ~(experts[..., :, None] == previous[..., None, :]).any(axis=3)
+    num_layers, num_gpus, per_gpu = experts.shape
+    result = experts.copy()
+    layer_index = np.arange(num_layers)[:, None, None]
+    gpu_index = np.arange(num_gpus)[None, :, None]
+    # Only a GPU with an expert in a slot other than its old one needs reordering.
+    misplaced = (experts != previous) & held_before[layer_index, gpu_index, experts]
+    changed = misplaced.any(axis=2)
+    if not changed.any():
+        return result
+    new, old = experts[changed], previous[changed]  # [n, k]
+    same_old = old[:, :, None] == old[:, None, :]
+    first_of_its_expert = ~np.tril(same_old, k=-1).any(axis=2)
+    kept_slot = first_of_its_expert & (old[:, :, None] == new[:, None, :]).any(axis=2)
+    arrives = ~(new[:, :, None] == old[:, None, :]).any(axis=2)
     # Arriving experts in their current order, then the kept ones (unused); free slots first.
-    arrivals = np.take_along_axis(experts, np.argsort(~arrives, axis=2, kind="stable"), axis=2)
-    free_first = np.argsort(kept_slot, axis=2, kind="stable")
+    arrivals = np.take_along_axis(new, np.argsort(~arrives, axis=1, kind="stable"), axis=1)
+    free_first = np.argsort(kept_slot, axis=1, kind="stable")
     rank = np.empty_like(free_first)
-    np.put_along_axis(rank, free_first, np.broadcast_to(np.arange(per_gpu), free_first.shape), 2)
-    return np.where(kept_slot, previous, np.take_along_axis(arrivals, rank, axis=2))
+    np.put_along_axis(rank, free_first, np.broadcast_to(np.arange(per_gpu), free_first.shape), 1)
+    result[changed] = np.where(kept_slot, old, np.take_along_axis(arrivals, rank, axis=1))
+    return result

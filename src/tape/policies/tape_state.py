@@ -38,6 +38,14 @@ def gpu_holdings(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return counts.astype(np.int64).reshape(num_layers, num_gpus, num_experts)
 
 
+def _held(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """[L, G, E] bool: the GPU holds the expert, from `experts[L, G, k]`."""
+    num_layers, num_gpus, _ = experts.shape
+    held = np.zeros((num_layers, num_gpus, num_experts), dtype=bool)
+    held[np.arange(num_layers)[:, None, None], np.arange(num_gpus)[None, :, None], experts] = True
+    return held
+
+
 def _node_replicas(experts: np.ndarray, num_experts: int, layout: Layout) -> np.ndarray:
     """[L, N, E] int64: replicas of each expert in each node, from `experts[L, G, k]`."""
     num_layers = experts.shape[0]
@@ -92,7 +100,7 @@ class SlotState:
             counts=node_replicas.sum(axis=1),
             slot_load=np.empty(experts.shape),
             gpu_load=np.empty(experts.shape[:2]),
-            held=gpu_holdings(experts, num_experts) > 0,
+            held=_held(experts, num_experts),
             node_replicas=node_replicas,
             held_before=held_before,
         )
@@ -159,7 +167,7 @@ class SlotState:
     def reload_layers(self, layers: np.ndarray) -> None:
         """Recompute holdings, node replicas and loads of `layers` after editing `experts`."""
         experts = self.experts[layers]
-        self.held[layers] = gpu_holdings(experts, self.load.shape[1]) > 0
+        self.held[layers] = _held(experts, self.load.shape[1])
         self.node_replicas[layers] = _node_replicas(experts, self.load.shape[1], self.layout)
         self.refresh_loads(layers)
 
