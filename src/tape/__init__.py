@@ -22,6 +22,7 @@ Glossary:
 
 from __future__ import annotations
 
+from tape.api import place, rebalance_experts
 from tape.errors import (
     ConfigError,
     LayoutError,
@@ -45,4 +46,6 @@ __all__ = [
     "TapeError",
     "TraceError",
     "__version__",
+    "place",
+    "rebalance_experts",
 ]

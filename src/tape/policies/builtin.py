@@ -1,3 +1,10 @@
 """Imports every built-in policy module, so that each registers itself."""
 
-from tape.policies import bldm, deepseek, min_moves, replicate_hot, vanilla  # noqa: F401
+from tape.policies import (  # noqa: F401
+    bldm,
+    deepseek,
+    min_moves,
+    replicate_hot,
+    tape_policy,
+    vanilla,
+)
