@@ -150,111 +150,137 @@ def balanced_packing(
     order = descending_order(weight)
     flat_order_by_step = order.T + np.arange(0, rows * num_items, num_items)
     step_weight = weight.take(flat_order_by_step)  # [n, X]: each row's item, by step
+    runs = _ReplicaRuns(item_expert, flat_order_by_step, weight)
     pack_base = np.arange(0, rows * num_packs, num_packs)
-    chosen = np.empty((num_items, rows), dtype=np.int64)  # [step, row]: row * P + pack
+    chosen: list[np.ndarray] = [pack_base] * num_items  # per step: row * P + pack
     pack_load = np.zeros((rows, num_packs))
     load_flat = pack_load.reshape(-1)
+    penalty = np.zeros((rows, num_packs))
+    penalty_flat = penalty.reshape(-1)
     pack_count = np.zeros(rows * num_packs, dtype=np.int64)
-    runs = _ReplicaRuns(item_expert, flat_order_by_step, weight, pack_load.shape)
     fills_up = np.zeros(capacity)  # added to a pack's load with each item it takes
     fills_up[-1] = np.inf
+    penalized, added, lifted = runs.penalized, runs.added, runs.lifted
+
+    def place_steps(start: int, end: int, checked: bool) -> None:
+        for position in range(start, end):
+            if penalized[position]:
+                flat = (pack_load + penalty).argmin(axis=1)
+            else:
+                flat = pack_load.argmin(axis=1)
+            flat += pack_base
+            if checked:
+                items = pack_count[flat]
+                pack_count[flat] = items + 1
+                load_flat[flat] += step_weight[position] + fills_up[items]
+            else:
+                load_flat[flat] += step_weight[position]
+            chosen[position] = flat
+            for back, amount in lifted[position]:
+                penalty_flat[chosen[position - back]] -= amount
+            if added[position] is not None:
+                penalty_flat[flat] += added[position]
 
     step = 0
     if np.all(step_weight[num_packs - 2] > 0):
         # While every earlier item has a positive load, the first P items fill the P empty
         # packs in pack order (so replicas among them land in different packs).
-        chosen[:num_packs] = pack_base + np.arange(num_packs)[:, None]
+        for position in range(num_packs):
+            chosen[position] = pack_base + position
+            for back, amount in lifted[position]:
+                penalty_flat[chosen[position - back]] -= amount
+            if added[position] is not None:
+                penalty_flat[chosen[position]] += added[position]
         pack_load[:] = step_weight[:num_packs].T
         pack_count[:] = 1
-        for position in range(num_packs):
-            runs.update(position, chosen)
         step = num_packs
     first_full_step = num_items
+    fullest = int(pack_count.max())
     while step < num_items:
-        end = min(step + _CHUNK_STEPS, num_items)
-        is_full = pack_count == capacity
-        if first_full_step == num_items and is_full.any():
-            first_full_step = step
-        load_flat[is_full] = np.inf
-        saved = pack_load.copy(), runs.penalty.copy()
-        for position in range(step, end):
-            flat = runs.argmin(position, pack_load) + pack_base
-            load_flat[flat] += step_weight[position]
-            chosen[position] = flat
-            runs.update(position, chosen)
-        count = pack_count + np.bincount(chosen[step:end].reshape(-1), minlength=load_flat.size)
-        if count.max() > capacity:  # a full pack took another item: redo, checking each step
-            pack_load[:], runs.penalty[:] = saved
+        # Speculate over about half the rounds left before a pack could fill.
+        end = min(step + max(_CHUNK_STEPS, (capacity - fullest) * num_packs // 2), num_items)
+        if fullest == capacity:
             first_full_step = min(first_full_step, step)
-            for position in range(step, end):
-                flat = runs.argmin(position, pack_load) + pack_base
-                items = pack_count[flat]
-                pack_count[flat] = items + 1
-                load_flat[flat] += step_weight[position] + fills_up[items]
-                chosen[position] = flat
-                runs.update(position, chosen)
+            load_flat[pack_count == capacity] = np.inf
+        if capacity - fullest < 2:  # packs about to fill: check every step
+            place_steps(step, end, checked=True)
+            fullest = int(pack_count.max())
         else:
-            pack_count = count
+            saved = pack_load.copy(), penalty.copy()
+            place_steps(step, end, checked=False)
+            count = pack_count + np.bincount(
+                np.concatenate(chosen[step:end]), minlength=load_flat.size
+            )
+            fullest = int(count.max())
+            if fullest > capacity:  # a full pack took another item: redo, checked
+                pack_load[:], penalty[:] = saved
+                first_full_step = min(first_full_step, step)
+                place_steps(step, end, checked=True)
+                fullest = int(pack_count.max())
+            else:
+                pack_count = count
         step = end
 
     # Packed order: sort each row's steps by (pack, step), that is by pack in arrival order.
     step_bits = (num_items - 1).bit_length()
-    pack_key = (chosen - pack_base[None, :]).T << step_bits
+    pack_key = (np.stack(chosen, axis=1) - pack_base[:, None]) << step_bits
     pack_key |= np.arange(num_items)
     pack_key.sort(axis=1)
     pack_key &= (1 << step_bits) - 1
     item_at = take_rows(order, pack_key)
-    if runs.any_from(first_full_step):  # replicas placed while packs were full
+    if any(penalized[first_full_step:]):  # replicas placed while packs were full
         spread_replicas(item_at, item_expert, weight, num_packs)
     return item_at
 
 
 class _ReplicaRuns:
-    """Keeps the replicas of one expert in different packs while `balanced_packing` runs.
+    """Per-step instructions that keep the replicas of one expert in different packs.
 
-    An expert's replicas form a run of consecutive steps. While a run lasts,
-    `penalty[row, pack]` holds, per replica of the run in the pack, a load larger than any real
-    load difference (twice the row's total, plus one), and the argmin at the run's steps is
-    taken over `pack_load + penalty`: it picks the lightest non-full pack among those holding
-    the fewest replicas of the expert. Penalties are kept apart from the loads, so loads stay
-    exact.
+    An expert's replicas form a run of consecutive steps. While a run lasts, each pack holding
+    one of its replicas carries a penalty per replica, a power of two above twice the row's
+    total (more than any real load difference), and the argmin at the run's steps is taken over
+    `pack_load + penalty`: the lightest non-full pack among those holding the fewest replicas
+    of the expert. Penalties are whole multiples of one power of two, kept apart from the
+    loads, so adding and lifting them is exact.
+
+    Attributes (lists indexed by step, for the packing loop):
+        penalized: some row's item continues a run (take the argmin with penalties).
+        added: [X] penalty to put on the step's pack (0 in rows whose run stops), or None.
+        lifted: (t, [X] penalty) pairs: when runs end at the step, the penalties to take off
+            the pack of the item t steps back.
     """
 
-    def __init__(self, item_expert, flat_order_by_step, weight, pack_shape):
+    def __init__(self, item_expert, flat_order_by_step, weight):
         num_items, rows = flat_order_by_step.shape
-        self.penalty = np.zeros(pack_shape)
-        self.continues_at = np.zeros(num_items + 1, dtype=bool)  # some row's run goes on
-        self.ends_at = np.zeros(num_items, dtype=bool)  # some row's run ends
+        self.penalized = [False] * num_items
+        self.added: list[np.ndarray | None] = [None] * num_items
+        self.lifted: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_items)]
         if item_expert is None:
             return
         same_as_previous = np.zeros(weight.shape, dtype=bool)
         same_as_previous[:, 1:] = item_expert[:, 1:] == item_expert[:, :-1]
-        continues = np.zeros((num_items + 1, rows), dtype=bool)  # item at step continues
+        continues = np.zeros((num_items + 1, rows), dtype=bool)  # the step's item continues
         continues[:num_items] = same_as_previous.take(flat_order_by_step)
-        self.continues_at = continues.any(axis=1)
-        # After a step: rows whose run goes on put a penalty on the step's pack; rows whose
-        # run ends drop the run's penalties.
-        self.added = np.where(continues[1:], 2 * weight.sum(axis=1) + 1, 0.0)
-        ends = continues[:-1] & ~continues[1:]
-        self.ends_at = ends.any(axis=1)
-        self.kept = ~ends[:, :, None]
-
-    def argmin(self, step: int, pack_load: np.ndarray) -> np.ndarray:
-        """[X] int64: each row's pack for the item at `step`."""
-        if self.continues_at[step]:
-            return (pack_load + self.penalty).argmin(axis=1)
-        return pack_load.argmin(axis=1)
-
-    def update(self, step: int, chosen: np.ndarray) -> None:
-        """Record the packs chosen at `step`."""
-        if self.ends_at[step]:
-            self.penalty *= self.kept[step]
-        if self.continues_at[step + 1]:
-            self.penalty.reshape(-1)[chosen[step]] += self.added[step]
-
-    def any_from(self, step: int) -> bool:
-        """True when a run goes on at or after `step`."""
-        return bool(self.continues_at[step:].any())
+        penalty = np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1) + 1)))
+        self.penalized = continues[:num_items].any(axis=1).tolist()
+        goes_on = continues[1:]
+        added = np.where(goes_on, penalty, 0.0)
+        for step in np.flatnonzero(goes_on.any(axis=1)).tolist():
+            self.added[step] = added[step]
+        ends = continues[:-1] & ~goes_on
+        reaches_back = continues[:-1].copy()  # the item `back` steps earlier is in the run
+        back = 1
+        while True:
+            lift = ends & reaches_back
+            steps = np.flatnonzero(lift.any(axis=1)).tolist()
+            if not steps:
+                return
+            amounts = np.where(lift, penalty, 0.0)
+            for step in steps:
+                self.lifted[step].append((back, amounts[step]))
+            reaches_back[back:] &= continues[: num_items - back]
+            reaches_back[:back] = False
+            back += 1
 
 
 def spread_replicas(
