@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tape.cli import app
+from tape.cli.evaluate import format_value
 
 runner = CliRunner()
 SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]
@@ -154,3 +155,12 @@ def test_compare_rejects_unknown_policy(small_trace):
                                  "--policies", "deepseek,nope", *SMALL_LAYOUT])
     assert result.exit_code == 2
     assert "unknown policy 'nope'" in result.output
+
+
+@pytest.mark.parametrize(
+    "value, digits, text",
+    [(14925, 3, "14.9k"), (1826, 3, "1826"), (0.75912, 3, "0.759"), (42.19e6, 3, "42.2M"),
+     (0.0, 4, "0"), (float("nan"), 4, "nan"), (123.456, 4, "123.5"), (2.5e9, 4, "2.5G")],
+)
+def test_format_value(value, digits, text):
+    assert format_value(value, digits) == text

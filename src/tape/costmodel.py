@@ -213,7 +213,10 @@ def realistic_metrics(
         step_time_s: seconds per forward step (sum over layers of the busiest GPU's time);
         compute_time_s, comm_time_s: the busiest GPU's compute and communication, summed over
             layers (they add up to step_time_s);
-        time_balancedness: mean over GPUs of busy time / step time (1 = no GPU ever waits).
+        time_balancedness: mean over GPUs of busy time / step time (1 = no GPU ever waits);
+        balanced_compute_time_s: seconds per step if every layer's compute were spread evenly
+            over the GPUs and communication were free (sum over layers of the mean GPU's
+            compute): the lower bound that step_time_s is compared with.
     """
     flows = traffic(placement, weight, layout, dispatch)
     times = layer_times(flows, model, cluster, steps)
@@ -230,6 +233,7 @@ def realistic_metrics(
         "nvlink_bytes": float(sent.nvlink_sent.sum()),
         "ib_bytes": float(sent.ib_sent.sum()),
         "step_time_s": step_time,
+        "balanced_compute_time_s": float(times.compute.mean(axis=1).sum()),
         "compute_time_s": float(critical_compute),
         "comm_time_s": step_time - float(critical_compute),
         "time_balancedness": float(mean_busy / step_time) if step_time > 0 else 1.0,

@@ -166,18 +166,18 @@ def _pair_metrics(
     return values
 
 
-def _realistic_combined(means: dict[str, float], speed: float) -> float:
-    """The `realistic` version: balance, locality, migration and speed, equally weighted."""
-    return float(
-        np.mean(
-            [
-                means["gpu_balancedness"],
-                means["locality_score"],
-                means.get("migration_score", 1.0),
-                min(speed, 1.0),
-            ]
-        )
-    )
+def _realistic_score(values: dict[str, float], steps: int, policy_seconds: float) -> float:
+    """The `realistic` version's score of one pair: the fraction of ideal throughput.
+
+    Ideal: `steps` forward steps with every layer's compute spread evenly over the GPUs and
+    free communication. Actual: `steps` steps at the modelled step time (the busiest GPU's
+    compute and communication, layer by layer), plus the rebalance's weight migration, plus
+    the policy's own runtime. So balance, locality, migration and speed all count, in seconds.
+    """
+    ideal = steps * values["balanced_compute_time_s"]
+    actual = (steps * values["step_time_s"] + values.get("migration_seconds", 0.0)
+              + policy_seconds)
+    return float(ideal / actual) if actual > 0 else 1.0
 
 
 def score_replay(
@@ -204,7 +204,9 @@ def score_replay(
         if index > 0:
             moved = migration_metrics(run.placements[index - 1], placement, layout, model, cluster)
             values.update({key: float(value) for key, value in moved.items()})
-            values["migration_score"] = 1.0 - values["moved_experts"] / placement.phy2log.size
+        values["realistic_score"] = _realistic_score(
+            values, window_steps(steps_per_window, index + 1), run.seconds[index]
+        )
         for key, value in values.items():
             per_pair.setdefault(key, []).append(value)
     means = {key: float(np.mean(series)) for key, series in per_pair.items()}
@@ -213,7 +215,7 @@ def score_replay(
     means["speed_score"] = metrics.speed_score(mean_seconds)
     for each in VERSIONS:
         if each == "realistic":
-            combined = _realistic_combined(means, means["speed_score"])
+            combined = means["realistic_score"]
         else:
             combined = metrics.combined_score(
                 each,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from tape import __version__
@@ -39,23 +40,37 @@ __all__ = ["DEFAULT_POLICIES", "register"]
 
 DEFAULT_POLICIES = ("vanilla", "deepseek", "bldm", "replicate-hot", "min-moves", "tape")
 
-_BALANCE_COLUMNS = (
-    ("balancedness_score", "slot bal."),
-    ("gpu_balancedness", "GPU bal."),
-    ("overall_balancedness", "overall bal."),
-    ("combined_score_v0", "v0"),
-    ("combined_score_v2", "v2"),
-    ("combined_score_v3", "v3"),
-    ("combined_score_v4", "v4"),
-    ("combined_score_realistic", "realistic"),
-)
-_COST_COLUMNS = (
-    ("moved_experts", "moved experts"),
-    ("changed_slots", "changed slots"),
-    ("ib_copies", "IB copies"),
-    ("ib_tokens", "inter-node tokens"),
-    ("nvlink_tokens", "intra-node tokens"),
-    ("step_time_s", "step time (s)"),
+# Rows of the comparison table: (section, [(metric key, label, scale)]).
+_ROWS = (
+    ("balance, next window", (
+        ("balancedness_score", "slot balancedness", 1),
+        ("gpu_balancedness", "GPU balancedness", 1),
+        ("overall_balancedness", "overall balancedness", 1),
+    )),
+    ("combined score", (
+        ("combined_score_v0", "seed v0", 1),
+        ("combined_score_v2", "seed v2", 1),
+        ("combined_score_v3", "seed v3", 1),
+        ("combined_score_v4", "seed v4", 1),
+        ("combined_score_realistic", "realistic", 1),
+    )),
+    ("per rebalance", (
+        ("moved_experts", "moved experts", 1),
+        ("changed_slots", "changed slots", 1),
+        ("ib_copies", "IB copies", 1),
+        ("migration_seconds", "migration ms", 1e3),
+    )),
+    ("per window", (
+        ("ib_tokens", "inter-node tokens", 1),
+        ("nvlink_tokens", "intra-node tokens", 1),
+        ("step_time_s", "step time ms", 1e3),
+    )),
+    ("policy runtime ms", (
+        ("runtime_mean_ms", "mean", 1),
+        ("runtime_std_ms", "std", 1),
+        ("runtime_min_ms", "min", 1),
+        ("runtime_max_ms", "max", 1),
+    )),
 )
 
 
@@ -139,27 +154,26 @@ def register(app: typer.Typer) -> None:
         console.print(f"[dim]{setup.described}; {layout.num_gpus} GPUs on {layout.num_nodes} "
                       f"nodes, {layout.num_replicas} slots; {dispatch} dispatch on "
                       f"{setup.cluster.name}[/]", highlight=False)
-        console.print(_table("Balance (next window) and the seed's combined scores",
-                             summary, _BALANCE_COLUMNS))
-        console.print(_table("Cost model per rebalance and step, and policy runtime",
-                             summary, _COST_COLUMNS, runtime=True))
+        console.print(_table(summary))
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}")
 
 
-def _table(title, summary, columns, runtime=False) -> Table:
-    table = Table(title=title)
-    table.add_column("policy")
-    for _, header in columns:
-        table.add_column(header, justify="right")
-    if runtime:
-        table.add_column("runtime ms: mean ± std [min, max]", justify="right")
-    for name, values in summary.items():
-        cells = [format_value(values[key]) if key in values else "-" for key, _ in columns]
-        if runtime:
-            cells.append(
-                f"{values['runtime_mean_ms']:.2f} ± {values['runtime_std_ms']:.2f} "
-                f"[{values['runtime_min_ms']:.2f}, {values['runtime_max_ms']:.2f}]"
-            )
-        table.add_row(name, *cells)
+def _table(summary: dict[str, dict]) -> Table:
+    """Metrics down, policies across (the table stays narrow however many metrics)."""
+    table = Table(title="policies under the protocol (means over window pairs)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("metric", no_wrap=True)
+    for name in summary:
+        table.add_column(name.replace("-", "-\n"), justify="right", no_wrap=True, min_width=6)
+    for section, rows in _ROWS:
+        table.add_row(f"[bold]{section}[/]", *("" for _ in summary))
+        for key, label, scale in rows:
+            table.add_row(f"  {label}", *(
+                format_value(values[key] * scale, digits=3) if key in values else "-"
+                for values in summary.values()
+            ))
+    errors = [f"{name}: {values['error']}" for name, values in summary.items() if values["error"]]
+    if errors:
+        table.caption = "errors: " + "; ".join(errors)
     return table

@@ -47,12 +47,12 @@ METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "timeline": ("overall_balancedness", "compute_balancedness", "efficiency"),
     "realistic model": (
-        "gpu_balancedness", "locality_score", "nvlink_tokens", "ib_tokens", "nvlink_bytes",
+        "realistic_score", "gpu_balancedness", "locality_score", "nvlink_tokens", "ib_tokens", "nvlink_bytes",
         "ib_bytes", "step_time_s", "compute_time_s", "comm_time_s",
     ),
     "migration per rebalance": (
         "changed_slots", "local_copies", "nvlink_copies", "ib_copies", "moved_experts",
-        "migration_nvlink_bytes", "migration_ib_bytes", "migration_seconds", "migration_score",
+        "migration_nvlink_bytes", "migration_ib_bytes", "migration_seconds",
     ),
 }
 
@@ -62,13 +62,18 @@ TimeoutOption = Annotated[
 MemoryOption = Annotated[int, typer.Option("--memory-mb", min=64, help="Memory limit, MB.")]
 
 
-def format_value(value: float) -> str:
-    """A metric for a table: counts as integers, small values with 4 significant digits."""
+def format_value(value: float, digits: int = 4) -> str:
+    """A metric for a table: `digits` significant digits, large numbers with a k/M/G/T suffix."""
     if math.isnan(value):
         return "nan"
-    if abs(value) >= 1e4 or (value == int(value) and abs(value) >= 10):
-        return f"{value:,.0f}"
-    return f"{value:.4g}"
+    magnitude = abs(value)
+    for threshold, divisor, suffix in ((1e12, 1e12, "T"), (1e9, 1e9, "G"), (1e6, 1e6, "M"),
+                                       (1e4, 1e3, "k")):
+        if magnitude >= threshold:
+            return f"{value / divisor:.{digits}g}{suffix}"
+    if value == int(value) or magnitude >= 10 ** (digits - 1):
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
 
 
 def _metric_table(title: str, score: ProgramScore) -> Table:
