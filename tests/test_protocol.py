@@ -70,3 +70,14 @@ def test_check_windows_rejects_unusable_traces():
         check_windows(-np.ones((3, 2, 4)), LAYOUT)
     with pytest.raises(TapeError, match="at least the number of experts"):
         check_windows(np.ones((3, 2, 8)), LAYOUT)
+
+
+def test_realistic_score_is_the_fraction_of_ideal_throughput():
+    from tape.protocol import _realistic_score
+
+    values = {"balanced_compute_time_s": 1.0, "step_time_s": 2.0, "migration_seconds": 5.0}
+    # ideal 10 steps x 1 s = 10 s; actual 10 x 2 s + 5 s migration + 1 s policy = 26 s.
+    assert _realistic_score(values, 10, 1.0) == pytest.approx(10 / 26)
+    # The first pair has nothing to migrate from.
+    del values["migration_seconds"]
+    assert _realistic_score(values, 10, 0.0) == pytest.approx(0.5)
