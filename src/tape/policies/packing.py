@@ -155,17 +155,19 @@ def balanced_packing(
     chosen: list[np.ndarray] = [pack_base] * num_items  # per step: row * P + pack
     pack_load = np.zeros((rows, num_packs))
     load_flat = pack_load.reshape(-1)
-    penalty = np.zeros((rows, num_packs))
-    penalty_flat = penalty.reshape(-1)
     pack_count = np.zeros(rows * num_packs, dtype=np.int64)
     fills_up = np.zeros(capacity)  # added to a pack's load with each item it takes
     fills_up[-1] = np.inf
-    penalized, added, lifted = runs.penalized, runs.added, runs.lifted
+    penalties = runs.penalties
 
     def place_steps(start: int, end: int, checked: bool) -> None:
         for position in range(start, end):
-            if penalized[position]:
-                flat = (pack_load + penalty).argmin(axis=1)
+            if penalties[position]:
+                key = pack_load.copy()
+                key_flat = key.reshape(-1)
+                for back, amount in penalties[position]:
+                    key_flat[chosen[position - back]] += amount
+                flat = key.argmin(axis=1)
             else:
                 flat = pack_load.argmin(axis=1)
             flat += pack_base
@@ -176,10 +178,6 @@ def balanced_packing(
             else:
                 load_flat[flat] += step_weight[position]
             chosen[position] = flat
-            for back, amount in lifted[position]:
-                penalty_flat[chosen[position - back]] -= amount
-            if added[position] is not None:
-                penalty_flat[flat] += added[position]
 
     step = 0
     if np.all(step_weight[num_packs - 2] > 0):
@@ -187,10 +185,6 @@ def balanced_packing(
         # packs in pack order (so replicas among them land in different packs).
         for position in range(num_packs):
             chosen[position] = pack_base + position
-            for back, amount in lifted[position]:
-                penalty_flat[chosen[position - back]] -= amount
-            if added[position] is not None:
-                penalty_flat[chosen[position]] += added[position]
         pack_load[:] = step_weight[:num_packs].T
         pack_count[:] = 1
         step = num_packs
@@ -206,14 +200,14 @@ def balanced_packing(
             place_steps(step, end, checked=True)
             fullest = int(pack_count.max())
         else:
-            saved = pack_load.copy(), penalty.copy()
+            saved = pack_load.copy()
             place_steps(step, end, checked=False)
             count = pack_count + np.bincount(
                 np.concatenate(chosen[step:end]), minlength=load_flat.size
             )
             fullest = int(count.max())
             if fullest > capacity:  # a full pack took another item: redo, checked
-                pack_load[:], penalty[:] = saved
+                pack_load[:] = saved
                 first_full_step = min(first_full_step, step)
                 place_steps(step, end, checked=True)
                 fullest = int(pack_count.max())
@@ -228,58 +222,47 @@ def balanced_packing(
     pack_key.sort(axis=1)
     pack_key &= (1 << step_bits) - 1
     item_at = take_rows(order, pack_key)
-    if any(penalized[first_full_step:]):  # replicas placed while packs were full
+    if any(penalties[first_full_step:]):  # replicas placed while packs were full
         spread_replicas(item_at, item_expert, weight, num_packs)
     return item_at
 
 
 class _ReplicaRuns:
-    """Per-step instructions that keep the replicas of one expert in different packs.
+    """Per-step penalties that keep the replicas of one expert in different packs.
 
-    An expert's replicas form a run of consecutive steps. While a run lasts, each pack holding
-    one of its replicas carries a penalty per replica, a power of two above twice the row's
-    total (more than any real load difference), and the argmin at the run's steps is taken over
-    `pack_load + penalty`: the lightest non-full pack among those holding the fewest replicas
-    of the expert. Penalties are whole multiples of one power of two, kept apart from the
-    loads, so adding and lifting them is exact.
+    An expert's replicas form a run of consecutive steps. At a step that continues a run, the
+    argmin is taken over the pack loads plus, for each earlier replica of the run, a penalty on
+    its pack: a power of two above twice the row's total, more than any real load difference.
+    It picks the lightest non-full pack among those holding the fewest replicas of the expert.
+    The penalties go on a copy of the loads, which stay exact.
 
-    Attributes (lists indexed by step, for the packing loop):
-        penalized: some row's item continues a run (take the argmin with penalties).
-        added: [X] penalty to put on the step's pack (0 in rows whose run stops), or None.
-        lifted: (t, [X] penalty) pairs: when runs end at the step, the penalties to take off
-            the pack of the item t steps back.
+    Attributes:
+        penalties: per step, (t, penalty[X]) pairs: the pack of the item t steps back gets
+            `penalty` (0 in rows where that item is not of the step's run); empty when no row
+            continues a run at the step.
     """
 
     def __init__(self, item_expert, flat_order_by_step, weight):
-        num_items, rows = flat_order_by_step.shape
-        self.penalized = [False] * num_items
-        self.added: list[np.ndarray | None] = [None] * num_items
-        self.lifted: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_items)]
+        num_items = flat_order_by_step.shape[0]
+        self.penalties: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_items)]
         if item_expert is None:
             return
         same_as_previous = np.zeros(weight.shape, dtype=bool)
         same_as_previous[:, 1:] = item_expert[:, 1:] == item_expert[:, :-1]
-        continues = np.zeros((num_items + 1, rows), dtype=bool)  # the step's item continues
-        continues[:num_items] = same_as_previous.take(flat_order_by_step)
+        continues = same_as_previous.take(flat_order_by_step)  # [n, X]: continues a run
         penalty = np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1) + 1)))
-        self.penalized = continues[:num_items].any(axis=1).tolist()
-        goes_on = continues[1:]
-        added = np.where(goes_on, penalty, 0.0)
-        for step in np.flatnonzero(goes_on.any(axis=1)).tolist():
-            self.added[step] = added[step]
-        ends = continues[:-1] & ~goes_on
-        reaches_back = continues[:-1].copy()  # the item `back` steps earlier is in the run
+        reaches_back = continues  # the item `back` steps earlier is in the step's run
         back = 1
         while True:
-            lift = ends & reaches_back
-            steps = np.flatnonzero(lift.any(axis=1)).tolist()
+            steps = np.flatnonzero(reaches_back.any(axis=1)).tolist()
             if not steps:
                 return
-            amounts = np.where(lift, penalty, 0.0)
+            amounts = np.where(reaches_back, penalty, 0.0)
             for step in steps:
-                self.lifted[step].append((back, amounts[step]))
-            reaches_back[back:] &= continues[: num_items - back]
-            reaches_back[:back] = False
+                self.penalties[step].append((back, amounts[step]))
+            longer = np.zeros_like(reaches_back)
+            longer[back + 1 :] = reaches_back[back + 1 :] & continues[1 : num_items - back]
+            reaches_back = longer
             back += 1
 
 
