@@ -8,6 +8,9 @@ from hypothesis import strategies as st
 import tape.policies.tape_policy  # noqa: F401  (registers "tape")
 from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
+from tape.policies.tape_counts import replica_counts
+from tape.policies.tape_forecast import forecast_load
+from tape.policies.tape_packing import dealt_placement, keep_previous_slots
 from tape.policies.tape_policy import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
 
 LAYOUT = Layout(num_replicas=40, num_groups=4, num_nodes=2, num_gpus=8)  # k = 5, E = 32
@@ -171,10 +174,16 @@ def test_keep_margin_keeps_replica_counts(drifting_windows):
     assert count_changes(0.3) < count_changes(0.0)
 
 
-def test_locality_weights_cut_inter_node_tokens(drifting_windows):
-    none = {"preset": "balance"}
-    _, _, plain = run_pairs(drifting_windows, LAYOUT, **none)
-    _, _, spread = run_pairs(drifting_windows, LAYOUT, **none, node_spread=2.0,
+def test_node_spread_cuts_inter_node_tokens(drifting_windows):
+    _, _, plain = run_pairs(drifting_windows, LAYOUT, preset="balance", locality_weight=100.0)
+    _, _, spread = run_pairs(drifting_windows, LAYOUT, preset="balance", locality_weight=100.0,
+                             node_spread=2.0)
+    assert spread < plain
+
+
+def test_locality_weight_cuts_inter_node_tokens(drifting_windows):
+    _, _, plain = run_pairs(drifting_windows, LAYOUT, preset="balance", node_spread=2.0)
+    _, _, spread = run_pairs(drifting_windows, LAYOUT, preset="balance", node_spread=2.0,
                              locality_weight=100.0)
     assert spread < plain
 
@@ -202,6 +211,71 @@ def test_smoothing_uses_the_history():
     smoothed = tape_policy(weight, LAYOUT, history=history, smoothing=0.3)
     assert newest == tape_policy(weight, LAYOUT)
     assert smoothed != newest
+
+
+def test_forecast_is_a_moving_average_of_shares():
+    history = np.array([[[1.0, 3.0]], [[0.0, 0.0]]])  # shares 1/4, 3/4; then an idle window
+    weight = np.array([[2.0, 2.0]])  # shares 1/2, 1/2, total 4
+    # smoothing 0.5: newest 0.5, the idle window 0.25 (no shares), the oldest 0.25.
+    # Shares 0.5 * 1/2 + 0.25 * 1/4 = 0.3125 and 0.5 * 1/2 + 0.25 * 3/4 = 0.4375, renormalised
+    # to the newest total 4: 4 * 0.3125 / 0.75 and 4 * 0.4375 / 0.75.
+    forecast = forecast_load(weight, history, 0.5)
+    assert np.allclose(forecast, [[4 * 0.3125 / 0.75, 4 * 0.4375 / 0.75]])
+    assert np.array_equal(forecast_load(weight, history, 1.0), weight)
+    assert np.array_equal(forecast_load(weight, None, 0.5), weight)
+
+
+def plain_eplb_counts(load, slots):
+    """DeepSeek EPLB's replicate_experts, read as a plain loop: next slot to max load/count."""
+    counts = [1] * len(load)
+    for _ in range(slots - len(load)):
+        best = max(range(len(load)), key=lambda e: (load[e] / counts[e], -e))
+        counts[best] += 1
+    return counts
+
+
+def test_replica_counts_are_eplbs_without_spread_or_margin():
+    rng = np.random.default_rng(13)
+    load = rng.random((5, 32)) ** 3 * 1000
+    counts = replica_counts(load, LAYOUT, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    for layer in range(5):
+        assert counts[layer].tolist() == plain_eplb_counts(load[layer].tolist(), 40)
+
+
+def test_node_spread_and_keep_margin_steer_replica_counts():
+    layout = Layout(num_replicas=8, num_groups=1, num_nodes=2, num_gpus=4)
+    load = np.array([[10.0, 9.0, 1.0, 1.0]])
+    plain = replica_counts(load, layout, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    assert plain.tolist() == [[3, 3, 1, 1]]  # 10/1, 9/1, 10/2, 9/2 win the 4 spare slots
+    # A second replica adds a node: worth f + 10 f, more than any third replica (f / 2).
+    spread = replica_counts(load, layout, node_spread=10.0, keep_margin=0.0, previous_counts=None)
+    assert spread.tolist() == [[2, 2, 2, 2]]
+    previous = np.array([[1, 1, 3, 3]])
+    kept = replica_counts(load, layout, node_spread=0.0, keep_margin=100.0,
+                          previous_counts=previous)
+    assert kept.tolist() == previous.tolist()
+
+
+def test_dealt_placement_spreads_replicas_over_gpus_and_nodes():
+    layout = Layout(num_replicas=16, num_groups=1, num_nodes=2, num_gpus=4)
+    load = np.array([[40.0, 30.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    counts = np.array([[4, 3, 2, 1, 1, 1, 1, 1, 1, 1]])
+    experts = dealt_placement(load, counts, layout)[0]  # [G, k]
+    for gpu in range(4):
+        assert len(set(experts[gpu].tolist())) == 4
+    nodes_of = {e: {g // 2 for g in range(4) if e in experts[g]} for e in (0, 1, 2)}
+    assert nodes_of == {0: {0, 1}, 1: {0, 1}, 2: {0, 1}}
+    assert sorted(experts.reshape(-1).tolist()) == sorted(np.repeat(np.arange(10), counts[0]).tolist())
+
+
+def test_keep_previous_slots_puts_staying_experts_back():
+    previous = np.array([[[0, 1, 2], [3, 4, 5]]])
+    experts = np.array([[[2, 6, 0], [3, 4, 5]]])  # GPU 0 keeps 0 and 2, gets 6 for 1
+    held_before = np.zeros((1, 2, 7), dtype=bool)
+    held_before[0, 0, [0, 1, 2]] = True
+    held_before[0, 1, [3, 4, 5]] = True
+    kept = keep_previous_slots(experts, previous, held_before)
+    assert kept.tolist() == [[[0, 6, 2], [3, 4, 5]]]
 
 
 def test_presets_and_search_space_cover_every_parameter():

@@ -8,6 +8,8 @@
   only the replicas that must go are freed, and each new replica takes the freed slot that
   costs the objective least (tape_state module doc): the lightest GPU, preferring one that held
   the expert before (no weight copy) and a node without the expert (fewer inter-node tokens).
+- `keep_previous_slots` orders each GPU's slots so that an expert the GPU held before stays in
+  its old slot (the slot does not change at all) and new experts take the slots that left.
 - `repair_duplicates` moves the second replica of an expert off a GPU that holds two: a
   previous placement may hold such GPUs (DeepSeek's reference makes them), and refilling may
   be left no other choice in rare corner cases.
@@ -20,7 +22,7 @@ import numpy as np
 from tape.layout import Layout
 from tape.policies.tape_state import SlotState, gpu_holdings
 
-__all__ = ["dealt_placement", "reassign_replicas", "repair_duplicates"]
+__all__ = ["dealt_placement", "keep_previous_slots", "reassign_replicas", "repair_duplicates"]
 
 
 def _dealing_orders(layout: Layout, shift: int) -> np.ndarray:
@@ -258,3 +260,40 @@ def reassign_replicas(
     state.refresh_loads(busy)
     if forced.any():
         repair_duplicates(state, busy[forced])
+
+
+def keep_previous_slots(
+    experts: np.ndarray, previous: np.ndarray, held_before: np.ndarray
+) -> np.ndarray:
+    """`experts` with each GPU's slots reordered to keep experts in their previous slots.
+
+    Args:
+        experts: [L, G, k] int64, the new placement (no expert twice on a GPU).
+        previous: [L, G, k] int64, the placement in force (may hold an expert twice on a GPU).
+        held_before: [L, G, E] bool, whether each GPU holds each expert in `previous`.
+
+    Returns:
+        [L, G, k] int64 with the same experts on every GPU: an expert the GPU held before sits
+        in the first slot where it sat; the GPU's new experts fill its other slots in order.
+    """
+    num_layers, num_gpus, per_gpu = experts.shape
+    result = experts.copy()
+    layer_index = np.arange(num_layers)[:, None, None]
+    gpu_index = np.arange(num_gpus)[None, :, None]
+    # Only a GPU with an expert in a slot other than its old one needs reordering.
+    misplaced = (experts != previous) & held_before[layer_index, gpu_index, experts]
+    changed = misplaced.any(axis=2)
+    if not changed.any():
+        return result
+    new, old = experts[changed], previous[changed]  # [n, k]
+    same_old = old[:, :, None] == old[:, None, :]
+    first_of_its_expert = ~np.tril(same_old, k=-1).any(axis=2)
+    kept_slot = first_of_its_expert & (old[:, :, None] == new[:, None, :]).any(axis=2)
+    arrives = ~(new[:, :, None] == old[:, None, :]).any(axis=2)
+    # Arriving experts in their current order, then the kept ones (unused); free slots first.
+    arrivals = np.take_along_axis(new, np.argsort(~arrives, axis=1, kind="stable"), axis=1)
+    free_first = np.argsort(kept_slot, axis=1, kind="stable")
+    rank = np.empty_like(free_first)
+    np.put_along_axis(rank, free_first, np.broadcast_to(np.arange(per_gpu), free_first.shape), 1)
+    result[changed] = np.where(kept_slot, old, np.take_along_axis(arrivals, rank, axis=1))
+    return result

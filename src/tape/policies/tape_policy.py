@@ -14,10 +14,8 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
    weight copies (`migration_weight`) and the inter-node tokens it adds (`locality_weight`),
    for at most `search_rounds` rounds of `pairs_per_round` pairs, leaving alone layers within
    `tolerance` of perfect balance.
-5. Layers the search could not finish (a previous placement far from the forecast's needs) are
-   also planned from scratch, renamed to overlap the previous placement (tape_relabel), and
-   the better of the two plans is kept, by the objective of tape_state.
-6. Keep every expert that stays on its GPU in its old slot (tape_relabel).
+5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
+   previous placement keeps its GPU and node labels: nothing needs relabelling.
 
 Every expert gets at least one replica, every GPU the same number of slots, and no GPU two
 replicas of one expert. Deterministic: no randomness at all.
@@ -37,10 +35,14 @@ from tape.placement import Placement
 from tape.policies import PolicyError, register
 from tape.policies.tape_counts import replica_counts
 from tape.policies.tape_forecast import forecast_load
-from tape.policies.tape_packing import dealt_placement, reassign_replicas, repair_duplicates
-from tape.policies.tape_relabel import keep_previous_slots, relabel_like
+from tape.policies.tape_packing import (
+    dealt_placement,
+    keep_previous_slots,
+    reassign_replicas,
+    repair_duplicates,
+)
 from tape.policies.tape_search import balance_by_swaps
-from tape.policies.tape_state import SlotState, layer_objective
+from tape.policies.tape_state import SlotState
 
 __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
 
@@ -170,11 +172,11 @@ def _checked_inputs(
     return weight, history
 
 
-def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> np.ndarray:
+def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
     pairs = min(int(settings["pairs_per_round"]), state.layout.num_gpus // 2)
     if pairs == 0:
-        return np.zeros(state.experts.shape[0], dtype=bool)
-    return balance_by_swaps(
+        return
+    balance_by_swaps(
         state,
         rounds=int(settings["search_rounds"]),
         pairs=pairs,
@@ -197,23 +199,6 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
     return state
 
 
-def _rebuild(
-    state: SlotState, layers: np.ndarray, previous: np.ndarray, settings: dict[str, float | int]
-) -> None:
-    """Replace `layers` of `state` by a relabelled fresh plan where it scores better."""
-    layout = state.layout
-    fresh = _fresh_plan(state.load[layers], layout, settings)
-    relabelled = relabel_like(fresh.experts, previous[layers], layout)
-    held_before = state.held_before[layers]
-    fresh = SlotState.build(state.load[layers], relabelled, layout, held_before)
-    current = SlotState.build(state.load[layers], state.experts[layers].copy(), layout, held_before)
-    weights = (settings["migration_weight"], settings["locality_weight"])
-    better = layer_objective(fresh, *weights) < layer_objective(current, *weights)
-    if better.any():
-        state.experts[layers[better]] = fresh.experts[better]
-        state.counts[layers[better]] = fresh.counts[better]
-
-
 def _incremental_plan(
     load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
 ) -> np.ndarray:
@@ -233,9 +218,7 @@ def _incremental_plan(
         migration_weight=settings["migration_weight"],
         locality_weight=settings["locality_weight"],
     )
-    unfinished = _search(state, settings, settings["migration_weight"])
-    if unfinished.any():
-        _rebuild(state, np.flatnonzero(unfinished), previous, settings)
+    _search(state, settings, settings["migration_weight"])
     return keep_previous_slots(state.experts, previous, state.held_before)
 
 

@@ -32,7 +32,7 @@ def balance_by_swaps(
     migration_weight: float,
     locality_weight: float,
     tolerance: float,
-) -> np.ndarray:
+) -> None:
     """Improve `state` in place by rounds of swaps (module doc).
 
     Args:
@@ -42,9 +42,6 @@ def balance_by_swaps(
         migration_weight: charge per weight copy, in units of the layer's mean GPU load.
         locality_weight: charge per inter-node token, relative to the layer's total load.
         tolerance: a layer whose heaviest GPU is at most (1 + tolerance) * mean is left alone.
-
-    Returns:
-        [L] bool: the layers still improving when the rounds ran out.
     """
     layout = state.layout
     _, num_gpus, per_gpu = state.experts.shape
@@ -116,4 +113,3 @@ def balance_by_swaps(
         give_slot, take_slot = np.divmod(best[pair_layer, pair], per_gpu)
         state.swap(layers[pair_layer], heavy[pair_layer, pair], give_slot,
                    light[pair_layer, pair], take_slot)
-    return active

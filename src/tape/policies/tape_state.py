@@ -22,7 +22,7 @@ import numpy as np
 
 from tape.layout import Layout
 
-__all__ = ["SlotState", "gpu_holdings", "layer_objective"]
+__all__ = ["SlotState", "gpu_holdings"]
 
 
 def gpu_holdings(experts: np.ndarray, num_experts: int) -> np.ndarray:
@@ -170,25 +170,3 @@ class SlotState:
         self.held[layers] = _held(experts, self.load.shape[1])
         self.node_replicas[layers] = _node_replicas(experts, self.load.shape[1], self.layout)
         self.refresh_loads(layers)
-
-
-def layer_objective(
-    state: SlotState, migration_weight: float, locality_weight: float
-) -> np.ndarray:
-    """[L] float64: each layer's objective (module doc) for the state's placement."""
-    mean = state.mean_gpu_load
-    objective = state.gpu_load.max(axis=1) / mean
-    if state.held_before is not None and migration_weight:
-        slot_held_before = np.take_along_axis(
-            state.held_before.reshape(state.held.shape[0], -1),
-            (np.arange(state.layout.num_gpus)[None, :, None] * state.load.shape[1]
-             + state.experts).reshape(state.held.shape[0], -1),
-            axis=1,
-        )
-        objective = objective + migration_weight * (~slot_held_before).sum(axis=1)
-    if locality_weight:
-        nodes_holding = (state.node_replicas > 0).sum(axis=1)
-        num_nodes = state.layout.num_nodes
-        ib_tokens = (state.load * (num_nodes - nodes_holding) / num_nodes).sum(axis=1)
-        objective = objective + locality_weight * ib_tokens / state.total_load
-    return objective
