@@ -47,7 +47,8 @@ def min_moves(
         layout: the cluster.
         previous: the placement in force; None compares with the vanilla placement.
         history: passed on to the base policy.
-        base: the registered policy whose placement is rearranged.
+        base: the registered policy whose placement is rearranged (run with its default
+            parameters).
         tolerance: how far (relative) swaps may raise a layer's largest GPU load above the
             base placement's; 0 or more.
 
