@@ -129,16 +129,23 @@ needs_tape_policy = pytest.mark.skipif(not HAS_TAPE_POLICY, reason="tape policy 
 
 @needs_tape_policy
 def test_tuning_the_tape_policy_beats_deepseek_and_the_program_runs_sandboxed(tmp_path):
-    from tape.protocol import score_program
+    from tape.protocol import score_policy, score_program
 
     result = tuning.tune(SMALL, trials=6, seed=0, holdout=0.25)
     assert result.policy == "tape"
     assert result.tuned.metrics["combined_score"] >= result.deepseek.metrics["combined_score"]
     paths = tuning.write_outputs(result, SMALL, tmp_path / "out", trials=6, seed=0,
                                  holdout=0.25)
+    # The program file, run in the sandbox, places exactly as the tuned policy under the
+    # protocol (it keeps its previous placement and the earlier windows itself).
     sandboxed = score_program(paths["program"], SMALL.windows(), SMALL.layout(), version=2,
                               timeout_s=30)
-    assert sandboxed.error is None and sandboxed.metrics["combined_score"] > 0
+    direct = score_policy("tape", SMALL.windows(), SMALL.layout(), version=2,
+                          params=result.best_params)
+    assert sandboxed.error is None
+    for placed, expected in zip(sandboxed.placements, direct.placements):
+        np.testing.assert_array_equal(placed.phy2log, expected.phy2log)
+    assert sandboxed.metrics["combined_score"] == pytest.approx(direct.metrics["combined_score"])
 
 
 @needs_tape_policy

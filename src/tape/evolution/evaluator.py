@@ -55,14 +55,18 @@ def score_candidate(program_path: str | Path, settings: EvaluationSettings) -> P
 
 
 def candidate_metrics(score: ProgramScore, version: int | str) -> dict[str, float]:
-    """What OpenEvolve sees: `combined_score`, the metrics it combines, and `avg_raw_time`.
+    """What OpenEvolve sees: `combined_score`, the metrics it is made of, and `avg_raw_time`.
 
-    A failed program gets 0.0 for each (and no runtime).
+    A failed program gets 0.0 for each (and no runtime). A metric the run could not measure
+    (migration needs two pairs) is left out.
     """
     names = ("combined_score", *version_metrics(version))
     if score.error is not None:
         return dict.fromkeys(names, 0.0)
-    return {name: float(score.metrics[name]) for name in (*names, "avg_raw_time")}
+    return {
+        name: float(score.metrics[name])
+        for name in (*names, "avg_raw_time") if name in score.metrics
+    }
 
 
 def evaluate(program_path: str) -> EvaluationResult:

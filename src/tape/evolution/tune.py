@@ -200,23 +200,50 @@ def tune(
 
 
 def tuned_program_text(policy: str, params: dict[str, Any], version: int | str) -> str:
-    """A program file whose `rebalance_experts` is `policy` with `params`."""
+    """A program file whose `rebalance_experts` is `policy` with `params`.
+
+    Like the protocol, it passes the policy the placement it returned last and the loads of the
+    windows it saw before (the last `HISTORY_WINDOWS`), so scoring the file in the sandbox
+    reproduces what `tape tune` measured.
+    """
     lines = [f"    {name!r}: {value!r}," for name, value in sorted(params.items())]
-    return (
-        f'"""The `{policy}` policy with parameters tuned by `tape tune` for TAPE version '
-        f'{version}.\n\n'
-        "Usable wherever a `rebalance_experts` program is expected (`tape evaluate`, "
-        "`tape evolve --initial`).\n"
-        '"""\n\n'
-        "from tape.api import rebalance_experts as place\n\n"
-        f"POLICY = {policy!r}\n"
-        "PARAMS = {\n" + "\n".join(lines) + "\n}\n\n\n"
-        "def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
-        '    """(phy2log, log2phy, logcnt) for `weight` [L, E], as DeepSeek EPLB."""\n'
-        "    return place(\n"
-        "        weight, num_replicas, num_groups, num_nodes, num_gpus, policy=POLICY, **PARAMS\n"
-        "    )\n"
+    return f'''"""The `{policy}` policy with parameters tuned by `tape tune` for TAPE version {version}.
+
+Usable wherever a `rebalance_experts` program is expected (`tape evaluate`, `tape evolve
+--initial`). Between calls it remembers the placement it returned and the loads it was given,
+as the evaluation protocol gives a registered policy.
+"""
+
+from collections import deque
+
+import numpy as np
+
+from tape.api import rebalance_experts as place
+from tape.arrays import to_numpy
+
+POLICY = {policy!r}
+PARAMS = {{
+{chr(10).join(lines)}
+}}
+HISTORY_WINDOWS = 64
+"""Earlier windows kept for the policy's forecast (older ones are dropped)."""
+
+_seen = deque(maxlen=HISTORY_WINDOWS)
+_previous_phy2log = None
+
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    """(phy2log, log2phy, logcnt) for `weight` [L, E], as DeepSeek EPLB."""
+    global _previous_phy2log
+    history = np.stack(_seen) if _seen else None
+    phy2log, log2phy, logcnt = place(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, policy=POLICY,
+        previous_phy2log=_previous_phy2log, history=history, **PARAMS,
     )
+    _seen.append(np.array(to_numpy(weight), dtype=np.float64))
+    _previous_phy2log = to_numpy(phy2log)
+    return phy2log, log2phy, logcnt
+'''
 
 
 def write_outputs(
