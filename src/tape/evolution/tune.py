@@ -207,7 +207,7 @@ def tuned_program_text(policy: str, params: dict[str, Any], version: int | str) 
     reproduces what `tape tune` measured.
     """
     lines = [f"    {name!r}: {value!r}," for name, value in sorted(params.items())]
-    return f'''"""The `{policy}` policy with parameters tuned by `tape tune` for TAPE version {version}.
+    return f'''"""The `{policy}` policy, parameters tuned by `tape tune` for TAPE version {version}.
 
 Usable wherever a `rebalance_experts` program is expected (`tape evaluate`, `tape evolve
 --initial`). Between calls it remembers the placement it returned and the loads it was given,
