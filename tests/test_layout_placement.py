@@ -72,3 +72,8 @@ def test_placement_validate_against_layout():
     Placement(np.array([[0, 1, 2, 0, 1, 2]]), 3).validate(layout, num_layers=1)
     with pytest.raises(PlacementError, match="num_replicas = 6"):
         Placement(np.array([[0, 1, 2, 0]]), 3).validate(layout)
+
+
+def test_placement_rejects_a_slot_listed_twice():
+    with pytest.raises(PlacementError, match="exactly once"):
+        Placement([[0, 0, 1]], 2, log2phy=[[[0, 0], [2, -1]]])

@@ -54,8 +54,9 @@ class Placement:
             raise PlacementError(
                 f"phy2log holds expert ids in [{low}, {high}], expected [0, {num_experts - 1}]"
             )
-        logcnt = np.zeros((num_layers, num_experts), dtype=np.int64)
-        np.add.at(logcnt, (np.arange(num_layers)[:, None], phy2log), 1)
+        offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
+        logcnt = np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts)
+        logcnt = logcnt.reshape(num_layers, num_experts)
         missing = np.argwhere(logcnt == 0)
         if len(missing):
             layer, expert = missing[0]
@@ -104,10 +105,10 @@ class Placement:
         sorted_experts = np.take_along_axis(self.phy2log, order, axis=1)
         starts = np.cumsum(self.logcnt, axis=1) - self.logcnt
         rank = np.arange(num_slots)[None, :] - np.take_along_axis(starts, sorted_experts, axis=1)
-        log2phy = np.full((num_layers, self.num_experts, width), -1, dtype=np.int64)
-        layers = np.broadcast_to(np.arange(num_layers)[:, None], order.shape)
-        log2phy[layers, sorted_experts, rank] = order
-        return log2phy
+        log2phy = np.full(num_layers * self.num_experts * width, -1, dtype=np.int64)
+        layer_offsets = np.arange(num_layers, dtype=np.int64)[:, None] * self.num_experts
+        log2phy[((layer_offsets + sorted_experts) * width + rank).ravel()] = order.ravel()
+        return log2phy.reshape(num_layers, self.num_experts, width)
 
     def _check_log2phy(self, log2phy: Any) -> np.ndarray:
         log2phy = _integer_array(log2phy, "log2phy", 3)
@@ -120,25 +121,34 @@ class Placement:
         if log2phy.min() < -1 or log2phy.max() >= num_slots:
             raise PlacementError(f"log2phy holds slot ids outside [-1, {num_slots - 1}]")
         valid = log2phy >= 0
-        counts = valid.sum(axis=2)
-        if np.any(counts != self.logcnt):
-            layer, expert = np.argwhere(counts != self.logcnt)[0]
-            raise PlacementError(
-                f"log2phy lists {counts[layer, expert]} slots for expert {expert} of layer "
-                f"{layer} but phy2log holds {self.logcnt[layer, expert]}"
-            )
-        layers, experts, _ = np.nonzero(valid)
-        slots = log2phy[valid]
-        if np.any(self.phy2log[layers, slots] != experts):
-            index = int(np.argmax(self.phy2log[layers, slots] != experts))
-            raise PlacementError(
-                f"log2phy puts expert {experts[index]} of layer {layers[index]} in slot "
-                f"{slots[index]}, which phy2log gives to expert "
-                f"{self.phy2log[layers[index], slots[index]]}"
-            )
-        first_pad = np.where(valid, 0, 1).cumsum(axis=2) > 0
-        if np.any(first_pad & valid):
+        expected_valid = np.arange(log2phy.shape[2]) < self.logcnt[..., None]
+        if np.any(valid != expected_valid):
+            counts = valid.sum(axis=2)
+            if np.any(counts != self.logcnt):
+                layer, expert = np.argwhere(counts != self.logcnt)[0]
+                raise PlacementError(
+                    f"log2phy lists {counts[layer, expert]} slots for expert {expert} of layer "
+                    f"{layer} but phy2log holds {self.logcnt[layer, expert]}"
+                )
             raise PlacementError("log2phy must list each expert's slots before its -1 padding")
+        layer_offsets = np.arange(num_layers, dtype=np.int64)[:, None, None] * num_slots
+        listed = np.where(valid, log2phy, 0) + layer_offsets
+        holds = self.phy2log.reshape(-1)[listed]
+        wrong = valid & (holds != np.arange(self.num_experts)[None, :, None])
+        if np.any(wrong):
+            layer, expert, rank = np.argwhere(wrong)[0]
+            slot = log2phy[layer, expert, rank]
+            raise PlacementError(
+                f"log2phy puts expert {expert} of layer {layer} in slot {slot}, which phy2log "
+                f"gives to expert {self.phy2log[layer, slot]}"
+            )
+        times_listed = np.bincount(listed[valid], minlength=num_layers * num_slots)
+        if np.any(times_listed != 1):
+            index = int(np.argmax(times_listed != 1))
+            raise PlacementError(
+                f"log2phy lists slot {index % num_slots} of layer {index // num_slots} "
+                f"{times_listed[index]} times; each slot must be listed exactly once"
+            )
         return log2phy
 
     def validate(self, layout: Layout, num_layers: int | None = None) -> Placement:
