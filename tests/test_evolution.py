@@ -80,6 +80,7 @@ def test_settings_round_trip_through_the_environment():
         ({"TAPE_TRACE": "a.json", "TAPE_WINDOWS": "w.npy"}, "either a trace or a windows file"),
         ({"TAPE_REPLICAS": "50", "TAPE_GPUS": "8"}, "multiple of num_gpus"),
         ({"TAPE_DISPATCH": "random"}, "unknown dispatch 'random'"),
+        ({"TAPE_SEED": "-1"}, "seed must be a non-negative integer"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
@@ -273,12 +274,13 @@ def test_every_shipped_config_loads(name):
     assert raw["evaluator"]["cascade_evaluation"] is False
     direct = Config.from_yaml(path)  # OpenEvolve's own loader accepts it
     assert direct.llm.models and direct.diff_based_evolution
-    resolved = configs.resolve_config(
-        path, version=4, iterations=7, llm=configs.LLMChoice(), full_rewrite=False,
-        environ={"OPENAI_API_KEY": "sk-test"},
-    )
+    for version in (0, 2, 3, 4, "realistic"):  # every config serves every version
+        resolved = configs.resolve_config(
+            path, version=version, iterations=7, llm=configs.LLMChoice(), full_rewrite=False,
+            environ={"OPENAI_API_KEY": "sk-test"},
+        )
+        assert resolved.config.prompt.system_message == prompts.system_message(version)
     assert resolved.config.max_iterations == 7
-    assert resolved.config.prompt.system_message == prompts.system_message(4)
     assert all(model.api_key == "sk-test" for model in resolved.config.llm.models)
     assert "sk-test" not in yaml.safe_dump(resolved.saved)
     bound = run._evaluation_bound(EvaluationSettings())

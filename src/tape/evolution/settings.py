@@ -106,6 +106,10 @@ class EvaluationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or (
+            self.seed < 0
+        ):
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
