@@ -312,3 +312,13 @@ def test_a_torch_program_gets_a_float64_tensor_and_may_return_tensors(tmp_path):
     expected = np.tile(np.arange(12) % NUM_EXPERTS, (NUM_LAYERS, 1))
     np.testing.assert_array_equal(placement.phy2log, expected)
     assert placement.logcnt[:, :4].tolist() == [[2] * 4] * NUM_LAYERS
+
+
+def test_a_multi_line_error_message_arrives_on_one_line(tmp_path):
+    path = write(
+        tmp_path,
+        "def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
+        "    raise ValueError('first line\\nsecond line')\n",
+    )
+    assert_fails(SandboxedProgram(path, timeout_s=20), window(),
+                 "raised ValueError: first line second line")

@@ -132,7 +132,9 @@ def _load_program(program_path: str, memory_mb: int) -> tuple[Any, bool]:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as error:
-        raise ProgramError(f"syntax error in the program, line {error.lineno}: {error.msg}")
+        raise ProgramError(
+            f"syntax error in the program, line {error.lineno}: {error.msg}"
+        ) from None
     except ModuleNotFoundError as error:
         if error.name == "torch":
             raise ProgramError(_TORCH_HINT) from None
@@ -313,7 +315,7 @@ class SandboxedProgram:
         self._connection.send(("call", weight, arguments))
         reply = self._receive(self.timeout_s, f"{ENTRY_POINT} timed out after {self.timeout_s:g} s")
         if reply[0] == "error":
-            raise ProgramError(reply[1])
+            raise ProgramError(_one_line(reply[1]))
         _, phy2log, log2phy, logcnt, seconds = reply
         try:
             placement = Placement.from_maps(phy2log, log2phy, logcnt).validate(
@@ -361,7 +363,7 @@ class SandboxedProgram:
         )
         if reply[0] == "error":
             self._stop()
-            raise ProgramError(reply[1])
+            raise ProgramError(_one_line(reply[1]))
 
     def _receive(self, timeout: float, timeout_reason: str) -> tuple:
         """The child's next message; kill it and raise ProgramError on timeout or death."""
