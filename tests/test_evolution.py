@@ -114,6 +114,16 @@ def test_windows_are_the_summed_steps_of_the_synthetic_trace():
     windows = SMALL.windows()
     assert windows.shape == (6, 4, 32)
     np.testing.assert_allclose(windows[2], loads[200:300].sum(axis=0))
+    shorter = EvaluationSettings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
+    assert shorter.window_steps() == (100, 100, 100, 100, 100, 50)  # the last window is shorter
+
+
+def test_a_windows_file_gives_back_the_windows_and_their_steps(tmp_path):
+    shorter = EvaluationSettings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
+    shorter.save_windows(tmp_path / "w.npz")
+    saved = EvaluationSettings(**{**SMALL_SYNTHETIC, "windows_file": tmp_path / "w.npz"})
+    np.testing.assert_array_equal(saved.windows(), shorter.windows())
+    assert saved.window_steps() == shorter.window_steps()
 
 
 # -- prompts and the initial program -----------------------------------------------------------
@@ -442,7 +452,7 @@ def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path)
         out = tmp_path / "run"
         for name in ("best/best_program.py", "best/best_program_info.json",
                      "best/tape_scores.json", "checkpoints/checkpoint_2/metadata.json",
-                     "initial_program.py", "config.yaml", "windows.npy", "tape_evolve.json"):
+                     "initial_program.py", "config.yaml", "windows.npz", "tape_evolve.json"):
             assert (out / name).is_file(), name
         assert list((out / "logs").glob("*.log"))
         assert len(llm.requests) == 2
@@ -459,7 +469,9 @@ def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path)
         assert scores["deepseek"]["combined_score"] == result.deepseek.metrics["combined_score"]
         manifest = json.loads((out / "tape_evolve.json").read_text())
         assert manifest["settings"]["version"] == 2 and manifest["llm"]["models"] == ["scripted"]
-        np.testing.assert_array_equal(np.load(out / "windows.npy"), SMALL.windows())
+        with np.load(out / "windows.npz") as saved:
+            np.testing.assert_array_equal(saved["windows"], SMALL.windows())
+            assert saved["steps"].tolist() == [100] * 6
 
         # Resume from the last checkpoint for one more iteration.
         resumed = start_run(tmp_path, llm, out="run", iterations=1,

@@ -50,7 +50,7 @@ def score_candidate(program_path: str | Path, settings: EvaluationSettings) -> P
     return score_program(
         program_path, settings.windows(), settings.layout(), version=settings.version,
         timeout_s=settings.timeout_s, memory_mb=settings.memory_mb, model=model,
-        cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.interval,
+        cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.window_steps(),
     )
 
 

@@ -7,7 +7,7 @@
    message and the API key from the environment (never from a file);
 2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower;
 3. writes the run folder: `initial_program.py`, `config.yaml` (the resolved config, key left
-   out), `windows.npy` (the windows every candidate is scored on, computed once) and
+   out), `windows.npz` (the windows every candidate is scored on, computed once) and
    `tape_evolve.json` (the manifest);
 4. runs OpenEvolve with `tape/evolution/evaluator.py` (sandboxed candidates), which writes
    `best/`, `checkpoints/` and `logs/`;
@@ -218,13 +218,13 @@ def evolve(
         saved_config.setdefault("evaluator", {})["timeout"] = config.evaluator.timeout
 
     program_path = out_dir / "initial_program.py"
-    windows_path = out_dir / "windows.npy"
+    windows_path = out_dir / "windows.npz"
     if resume is None:
         source = (
             Path(initial_program).read_text() if initial_program else prompts.initial_program_text()
         )
         program_path.write_text(source)
-        np.save(windows_path, windows)
+        settings.save_windows(windows_path)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
         write_json_atomic(out_dir / MANIFEST, _manifest(settings, config_path, resolved))
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
@@ -245,7 +245,7 @@ def evolve(
     model, cluster = settings.specs()
     deepseek = score_policy(
         "deepseek", windows, settings.layout(), version=settings.version, model=model,
-        cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.interval,
+        cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.window_steps(),
     )
     write_json_atomic(
         out_dir / "best" / "tape_scores.json",

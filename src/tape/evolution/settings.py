@@ -56,9 +56,9 @@ class EvaluationSettings:
         version: scoring version: 0, 2, 3, 4 (the seed's) or "realistic".
         trace: expert-load trace file or folder; None with no `windows_file` means the built-in
             synthetic trace.
-        windows_file: a `.npy` of windowed loads [W, L, E] (what `tape evolve` writes once so
-            that every worker reads the same windows without parsing the trace again); excludes
-            `trace`.
+        windows_file: a `.npz` holding `windows` [W, L, E] (windowed loads) and `steps` [W]
+            (forward steps in each window), what `tape evolve` writes once so that every worker
+            reads the same windows without parsing the trace again; excludes `trace`.
         interval: forward steps per window.
         seed: seed of the synthetic trace.
         synthetic_steps, synthetic_layers, synthetic_experts: the synthetic trace's shape.
@@ -166,7 +166,15 @@ class EvaluationSettings:
 
     def windows(self) -> np.ndarray:
         """The windowed loads [W, L, E] float64, validated against the layout (cached)."""
-        return _windows(self)
+        return _windows(self)[0]
+
+    def window_steps(self) -> tuple[int, ...]:
+        """Forward steps in each window (the last one may be shorter than `interval`)."""
+        return _windows(self)[1]
+
+    def save_windows(self, path: Path) -> None:
+        """Write the windows and their step counts as a `windows_file` (.npz)."""
+        np.savez(path, windows=self.windows(), steps=np.array(self.window_steps()))
 
     def describe_source(self) -> str:
         """One line naming where the windows come from."""
@@ -219,15 +227,22 @@ def _parse(name: str, text: str, variable: str) -> Any:
 
 
 @lru_cache(maxsize=4)
-def _windows(settings: EvaluationSettings) -> np.ndarray:
+def _windows(settings: EvaluationSettings) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The windows [W, L, E] (read-only) and the forward steps in each."""
     from tape.protocol import check_windows
     from tape.trace import load_trace, window_loads
 
     if settings.windows_file is not None:
         try:
-            windows = np.load(settings.windows_file, allow_pickle=False)
-        except (OSError, ValueError) as error:
+            with np.load(settings.windows_file, allow_pickle=False) as saved:
+                windows, steps = saved["windows"], tuple(int(n) for n in saved["steps"])
+        except (OSError, ValueError, KeyError) as error:
             raise TraceError(f"cannot read windows file {settings.windows_file}: {error}") from None
+        if len(steps) != len(windows):
+            raise TraceError(
+                f"windows file {settings.windows_file} has {len(windows)} windows but "
+                f"{len(steps)} step counts"
+            )
     else:
         if settings.trace is not None:
             loads = load_trace(settings.trace)
@@ -240,6 +255,9 @@ def _windows(settings: EvaluationSettings) -> np.ndarray:
                 seed=settings.seed,
             )
         windows = window_loads(loads, settings.interval)
+        total = loads.shape[0]
+        steps = tuple(min(settings.interval, total - start)
+                      for start in range(0, total, settings.interval))
     windows = check_windows(windows, settings.layout())
     windows.setflags(write=False)
-    return windows
+    return windows, steps

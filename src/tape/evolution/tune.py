@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tape.errors import ConfigError
 from tape.evolution.settings import EvaluationSettings, require_new_folder
 from tape.files import write_json_atomic
@@ -65,7 +63,7 @@ class TuneResult:
     evaluation_windows: int = 0
 
 
-def split_windows(windows: np.ndarray, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+def split_windows(num_windows: int, holdout: float) -> tuple[slice, slice]:
     """Tuning windows (the first ones) and evaluation windows (the last `holdout` share).
 
     With `holdout` 0 both are all the windows. Each part needs 2 windows (one pair).
@@ -73,14 +71,14 @@ def split_windows(windows: np.ndarray, holdout: float) -> tuple[np.ndarray, np.n
     if not 0 <= holdout < 1:
         raise ConfigError(f"holdout must be in [0, 1), got {holdout}")
     if holdout == 0:
-        return windows, windows
-    held = max(2, math.ceil(holdout * len(windows)))
-    if len(windows) - held < 2:
+        return slice(None), slice(None)
+    held = max(2, math.ceil(holdout * num_windows))
+    if num_windows - held < 2:
         raise ConfigError(
-            f"{len(windows)} windows cannot be split into tuning and held-out parts of 2 windows "
+            f"{num_windows} windows cannot be split into tuning and held-out parts of 2 windows "
             f"or more; use more windows (a longer trace or a smaller --interval) or --holdout 0"
         )
-    return windows[:-held], windows[-held:]
+    return slice(None, num_windows - held), slice(num_windows - held, None)
 
 
 def _check_space(space: SearchSpace) -> None:
@@ -153,14 +151,15 @@ def tune(
         search_space, default_presets = _tape_policy_space()
         presets = default_presets if presets is None else presets
     _check_space(search_space)
-    tuning, evaluation = split_windows(settings.windows(), holdout)
+    tuning, evaluation = split_windows(len(settings.windows()), holdout)
     layout = settings.layout()
     model, cluster = settings.specs()
 
-    def run(policy_name: str, windows: np.ndarray, params: dict[str, Any] | None) -> ProgramScore:
+    def run(policy_name: str, part: slice, params: dict[str, Any] | None) -> ProgramScore:
         return score_policy(
-            policy_name, windows, layout, version=settings.version, params=params, model=model,
-            cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.interval,
+            policy_name, settings.windows()[part], layout, version=settings.version,
+            params=params, model=model, cluster=cluster, dispatch=settings.dispatch,
+            steps_per_window=settings.window_steps()[part],
         )
 
     def objective(trial: Any) -> float:
@@ -194,8 +193,8 @@ def tune(
             {"number": trial.number, "params": trial.params, "combined_score": trial.value}
             for trial in study.trials
         ],
-        tuning_windows=len(tuning),
-        evaluation_windows=len(evaluation),
+        tuning_windows=len(settings.windows()[tuning]),
+        evaluation_windows=len(settings.windows()[evaluation]),
     )
 
 
