@@ -16,10 +16,11 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from tape.cli import compare, evaluate
+    from tape.cli import compare, evaluate, evolve
 
     evaluate.register(app)
     compare.register(app)
+    evolve.register(app)
 
 
 _register_commands()

@@ -39,6 +39,7 @@ __all__ = [
     "error_console",
     "handles_errors",
     "load_windows",
+    "nodes_for",
     "prepare",
     "progress_bar",
     "write_json_atomic",
@@ -108,6 +109,20 @@ class Setup:
         }
 
 
+def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
+    """--nodes, or else G / the cluster preset's GPUs per node (1 node for a smaller G)."""
+    if nodes is not None:
+        return nodes
+    if gpus <= cluster.gpus_per_node:
+        return 1
+    if gpus % cluster.gpus_per_node:
+        raise LayoutError(
+            f"--gpus {gpus} is not a multiple of the {cluster.name} preset's "
+            f"{cluster.gpus_per_node} GPUs per node; give --nodes"
+        )
+    return gpus // cluster.gpus_per_node
+
+
 def prepare(
     *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
     groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
@@ -118,15 +133,7 @@ def prepare(
 
     check_dispatch(dispatch)
     model_spec, cluster_spec = load_config(config, model=model, cluster=cluster)
-    if nodes is None and gpus <= cluster_spec.gpus_per_node:
-        nodes = 1
-    elif nodes is None:
-        if gpus % cluster_spec.gpus_per_node:
-            raise LayoutError(
-                f"--gpus {gpus} is not a multiple of the {cluster_spec.name} preset's "
-                f"{cluster_spec.gpus_per_node} GPUs per node; give --nodes"
-            )
-        nodes = gpus // cluster_spec.gpus_per_node
+    nodes = nodes_for(nodes, gpus, cluster_spec)
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
     windows, described, steps = load_windows(trace, synthetic, interval, seed, layout)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)

@@ -32,9 +32,10 @@ from tape.cli.common import (
     console,
     error_console,
     handles_errors,
+    nodes_for,
     progress_bar,
 )
-from tape.errors import ConfigError, LayoutError, TraceError
+from tape.errors import ConfigError, TraceError
 from tape.presets import load_config
 from tape.protocol import ProgramScore, parse_version
 
@@ -53,27 +54,13 @@ OutOption = Annotated[
 ]
 
 
-def _nodes(nodes: int | None, gpus: int, cluster: str | None, presets: Path | None) -> int:
-    """--nodes, or G / the cluster preset's GPUs per node (as `tape evaluate`)."""
-    if nodes is not None:
-        return nodes
-    _, cluster_spec = load_config(presets, cluster=cluster)
-    if gpus <= cluster_spec.gpus_per_node:
-        return 1
-    if gpus % cluster_spec.gpus_per_node:
-        raise LayoutError(
-            f"--gpus {gpus} is not a multiple of the {cluster_spec.name} preset's "
-            f"{cluster_spec.gpus_per_node} GPUs per node; give --nodes"
-        )
-    return gpus // cluster_spec.gpus_per_node
-
-
 def _settings(**values: Any) -> Any:
     from tape.evolution.settings import EvaluationSettings
 
     if values.pop("synthetic") and values["trace"] is not None:
         raise TraceError("give either --trace PATH or --synthetic, not both")
-    values["nodes"] = _nodes(values["nodes"], values["gpus"], values["cluster"], values["presets"])
+    _, cluster_spec = load_config(values["presets"], cluster=values["cluster"])
+    values["nodes"] = nodes_for(values["nodes"], values["gpus"], cluster_spec)
     return EvaluationSettings(**values)
 
 
