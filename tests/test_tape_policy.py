@@ -204,25 +204,28 @@ def test_pairs_per_round_changes_the_search():
     assert gpu_balancedness(four, weight, LAYOUT) > gpu_balancedness(one, weight, LAYOUT)
 
 
-def test_smoothing_uses_the_history():
-    history = np.stack([skewed_load(10), skewed_load(11)])
-    weight = skewed_load(12)
-    newest = tape_policy(weight, LAYOUT, history=history, smoothing=1.0)
-    smoothed = tape_policy(weight, LAYOUT, history=history, smoothing=0.3)
+def test_smoothing_floor_lets_noisy_history_be_averaged():
+    base = skewed_load(10)
+    history = np.stack([drifted(base, seed, 0.5) for seed in range(11, 15)])  # noise, no trend
+    weight = drifted(base, 15, 0.5)
+    newest = tape_policy(weight, LAYOUT, history=history, smoothing_floor=1.0)
+    smoothed = tape_policy(weight, LAYOUT, history=history, smoothing_floor=0.1)
     assert newest == tape_policy(weight, LAYOUT)
     assert smoothed != newest
 
 
-def test_forecast_is_a_moving_average_of_shares():
-    history = np.array([[[1.0, 3.0]], [[0.0, 0.0]]])  # shares 1/4, 3/4; then an idle window
-    weight = np.array([[2.0, 2.0]])  # shares 1/2, 1/2, total 4
-    # smoothing 0.5: newest 0.5, the idle window 0.25 (no shares), the oldest 0.25.
-    # Shares 0.5 * 1/2 + 0.25 * 1/4 = 0.3125 and 0.5 * 1/2 + 0.25 * 3/4 = 0.4375, renormalised
-    # to the newest total 4: 4 * 0.3125 / 0.75 and 4 * 0.4375 / 0.75.
-    forecast = forecast_load(weight, history, 0.5)
-    assert np.allclose(forecast, [[4 * 0.3125 / 0.75, 4 * 0.4375 / 0.75]])
+def test_forecast_backtests_its_smoothing():
+    a, b, c = [1.0, 3.0], [3.0, 1.0], [1.0, 3.0]  # shares swing 1/4, 3/4 <-> 3/4, 1/4
+    history, weight = np.array([[a], [b]]), np.array([c])
+    # Smoothing s predicts b from a with error 0.5 and c from a + s (b - a) with error 0.5 s^2:
+    # the floor 0.5 wins. Its level: a + 0.5 (b - a) = (1/2, 1/2), then + 0.5 (c - that) =
+    # (3/8, 5/8), times c's total 4.
+    assert np.allclose(forecast_load(weight, history, 0.5), [[1.5, 2.5]])
     assert np.array_equal(forecast_load(weight, history, 1.0), weight)
-    assert np.array_equal(forecast_load(weight, None, 0.5), weight)
+    # With one earlier window every smoothing predicts equally well: the newest window wins.
+    assert np.array_equal(forecast_load(weight, history[:1], 0.5), weight)
+    steady = np.array([[a], [a], [a]])  # a steady trace: the newest window is best
+    assert np.allclose(forecast_load(np.array([a]), steady, 0.1), [a])
 
 
 def plain_eplb_counts(load, slots):
@@ -293,8 +296,8 @@ def test_presets_and_search_space_cover_every_parameter():
     [
         ({"preset": "fast"}, "unknown tape preset"),
         ({"speed": 3}, "unknown tape parameter"),
-        ({"smoothing": 0.0}, "smoothing"),
-        ({"smoothing": 1.5}, "smoothing"),
+        ({"smoothing_floor": 0.0}, "smoothing_floor"),
+        ({"smoothing_floor": 1.5}, "smoothing_floor"),
         ({"migration_weight": -1.0}, "migration_weight"),
         ({"search_rounds": 2.5}, "search_rounds"),
         ({"pairs_per_round": 0}, "pairs_per_round"),

@@ -3,7 +3,8 @@
 One call, batched over layers (docs/tape-policy.md tells the whole story):
 
 1. Forecast the next window's loads from the window to balance and the earlier ones
-   (tape_forecast: a moving average of each window's shares, `smoothing`).
+   (tape_forecast: a moving average of each window's shares, its smoothing chosen by
+   backtesting on the history, down to `smoothing_floor`).
 2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
    hot expert is worth more (`node_spread`) and a replica that already exists is kept unless
    another is clearly better (`keep_margin`) (tape_counts).
@@ -47,7 +48,7 @@ from tape.policies.tape_state import SlotState
 __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
 
 PARAMETER_HELP: dict[str, str] = {
-    "smoothing": "weight of the newest window in the forecast's moving average (1: newest only)",
+    "smoothing_floor": "least weight the forecast may give the newest window (1: newest only)",
     "node_spread": "extra worth of a replica that puts a hot expert in one more node",
     "keep_margin": "bonus of an existing replica when counting replicas, x mean GPU load",
     "migration_weight": "charge per moved expert (one expert's weights), x mean GPU load",
@@ -59,7 +60,7 @@ PARAMETER_HELP: dict[str, str] = {
 """What each parameter of `tape` does, one line each (docs/tape-policy.md says more)."""
 
 SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
-    "smoothing": (0.3, 1.0, "float"),
+    "smoothing_floor": (0.1, 1.0, "float"),
     "node_spread": (0.0, 3.0, "float"),
     "keep_margin": (0.0, 0.3, "float"),
     "migration_weight": (0.002, 0.2, "log"),
@@ -72,7 +73,7 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
 
 PRESETS: dict[str, dict[str, float | int]] = {
     "balance": {
-        "smoothing": 1.0,
+        "smoothing_floor": 0.3,
         "node_spread": 0.0,
         "keep_margin": 0.0,
         "migration_weight": 0.0,
@@ -82,30 +83,30 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "pairs_per_round": 4,
     },
     "balance-migration": {
-        "smoothing": 1.0,
+        "smoothing_floor": 0.3,
         "node_spread": 0.0,
-        "keep_margin": 0.02,
+        "keep_margin": 0.08,
         "migration_weight": 0.03,
         "locality_weight": 0.0,
-        "tolerance": 0.0,
-        "search_rounds": 16,
-        "pairs_per_round": 2,
+        "tolerance": 0.03,
+        "search_rounds": 8,
+        "pairs_per_round": 4,
     },
     "all": {
-        "smoothing": 1.0,
-        "node_spread": 0.5,
-        "keep_margin": 0.02,
-        "migration_weight": 0.03,
-        "locality_weight": 100.0,
+        "smoothing_floor": 0.3,
+        "node_spread": 0.8,
+        "keep_margin": 0.1,
+        "migration_weight": 0.035,
+        "locality_weight": 150.0,
         "tolerance": 0.0,
-        "search_rounds": 16,
-        "pairs_per_round": 2,
+        "search_rounds": 4,
+        "pairs_per_round": 4,
     },
 }
 """Parameter sets per objective: balance only; balance and migration; all three (default)."""
 
 _INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
-_UPPER_BOUNDS = {"smoothing": 1.0}
+_UPPER_BOUNDS = {"smoothing_floor": 1.0}
 _LOWER_BOUNDS = {"pairs_per_round": 1}
 
 
@@ -128,8 +129,8 @@ def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
             raise PolicyError(f"tape parameter {name} must be {expected}, got {value!r}")
         low = _LOWER_BOUNDS.get(name, 0)
         high = _UPPER_BOUNDS.get(name, np.inf)
-        if not low <= value <= high or (name == "smoothing" and value == 0):
-            bounds = "in (0, 1]" if name == "smoothing" else f">= {low}"
+        if not low <= value <= high or (name == "smoothing_floor" and value == 0):
+            bounds = "in (0, 1]" if name == "smoothing_floor" else f">= {low}"
             raise PolicyError(f"tape parameter {name} must be {bounds}, got {value!r}")
         settings[name] = int(value) if integer else float(value)
     return settings
@@ -252,7 +253,7 @@ def tape_policy(
     settings = _settings(preset, params)
     weight, history = _checked_inputs(weight, layout, previous, history)
     num_layers, num_experts = weight.shape
-    load = forecast_load(weight, history, settings["smoothing"])
+    load = forecast_load(weight, history, settings["smoothing_floor"])
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
     if previous is None:
         experts = _fresh_plan(load, layout, settings).experts
