@@ -10,19 +10,22 @@ Which smoothing is best depends on the trace: where popularity drifts like a ran
 windows are long (little counting noise), the newest window alone (smoothing 1) predicts the
 next best; where windows are short and noisy, averaging several is better. So the forecast
 backtests: it runs the average for `CANDIDATES` smoothings from `smoothing_floor` to 1
-(geometrically spaced) over the windows it has, scores each by its squared error in predicting
-every window from the ones before, and uses the best (the largest smoothing on ties, so that
-with one window of history, or none, the forecast is the newest window).
+(geometrically spaced) over the last `MEMORY` windows, scores each by its squared error in
+predicting every window from the ones before, and uses the best (the largest smoothing on ties,
+so that with one window of history, or none, the forecast is the newest window). The backtest
+runs in float32; the forecast it picks is returned in float64.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CANDIDATES", "forecast_load"]
+__all__ = ["CANDIDATES", "MEMORY", "forecast_load"]
 
 CANDIDATES = 6
 """Smoothings the backtest tries, from `smoothing_floor` to 1."""
+MEMORY = 16
+"""Windows the forecast reads at most (the newest and the 15 before it)."""
 
 
 def _shares(windows: np.ndarray) -> np.ndarray:
@@ -46,14 +49,15 @@ def forecast_load(
     """
     if history is None or len(history) == 0 or smoothing_floor >= 1.0:
         return np.array(weight, dtype=np.float64)
-    shares = _shares(np.concatenate([history, weight[None]], axis=0))  # [T, L, E]
-    smoothings = np.geomspace(smoothing_floor, 1.0, CANDIDATES)[:, None, None]  # [A, 1, 1]
+    windows = np.concatenate([history[-(MEMORY - 1):], weight[None]], axis=0)
+    shares = _shares(windows).astype(np.float32)  # [T, L, E]
+    smoothings = np.geomspace(smoothing_floor, 1.0, CANDIDATES).astype(np.float32)[:, None, None]
     level = np.repeat(shares[:1], CANDIDATES, axis=0)  # [A, L, E]
     error = np.zeros(CANDIDATES)
     for window in shares[1:]:
         error += ((level - window) ** 2).sum(axis=(1, 2))
         level += smoothings * (window - level)
     best = CANDIDATES - 1 - int(error[::-1].argmin())  # the largest smoothing on ties
-    forecast = _shares(level[best]) * weight.sum(axis=1, keepdims=True)
+    forecast = _shares(level[best].astype(np.float64)) * weight.sum(axis=1, keepdims=True)
     # A layer idle in every window has no shares to spread: it keeps the newest window's zeros.
     return np.where(level[best].sum(axis=1, keepdims=True) > 0, forecast, weight)

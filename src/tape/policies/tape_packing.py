@@ -75,26 +75,28 @@ def repair_duplicates(state: SlotState, layers: np.ndarray) -> None:
     among slots whose expert is not on the duplicate's GPU, on GPUs without the duplicated
     expert. Such a slot exists whenever k <= E (slots per GPU at most the experts).
     """
+    layers = np.asarray(layers, dtype=np.int64)
     num_experts = state.load.shape[1]
-    for layer in np.asarray(layers, dtype=np.int64):
+    for layer in layers:
         experts = state.experts[layer]
         slot_load = state.slot_load[layer]
-        while True:
-            holdings = gpu_holdings(experts[None], num_experts)[0]
-            doubled = np.argwhere(holdings > 1)
-            if not len(doubled):
-                break
-            gpu, expert = doubled[0]
-            slot = int(np.flatnonzero(experts[gpu] == expert)[-1])
-            allowed = (holdings[:, expert] == 0)[:, None] & (holdings[gpu][experts] == 0)
-            distance = np.where(allowed, np.abs(slot_load - slot_load[gpu, slot]), np.inf)
-            other_gpu, other_slot = np.unravel_index(int(distance.argmin()), distance.shape)
-            assert np.isfinite(distance[other_gpu, other_slot]), "k <= E guarantees a partner"
-            experts[gpu, slot], experts[other_gpu, other_slot] = (
-                experts[other_gpu, other_slot], experts[gpu, slot])
-            slot_load[gpu, slot], slot_load[other_gpu, other_slot] = (
-                slot_load[other_gpu, other_slot], slot_load[gpu, slot])
-    state.reload_layers(np.asarray(layers, dtype=np.int64))
+        holdings = gpu_holdings(experts[None], num_experts)[0]  # [G, E], kept up to date
+        for gpu, expert in np.argwhere(holdings > 1):
+            while holdings[gpu, expert] > 1:
+                slot = int(np.flatnonzero(experts[gpu] == expert)[-1])
+                allowed = (holdings[:, expert] == 0)[:, None] & (holdings[gpu][experts] == 0)
+                distance = np.where(allowed, np.abs(slot_load - slot_load[gpu, slot]), np.inf)
+                other_gpu, other_slot = np.unravel_index(int(distance.argmin()), distance.shape)
+                assert np.isfinite(distance[other_gpu, other_slot]), "k <= E guarantees a partner"
+                other = experts[other_gpu, other_slot]
+                experts[gpu, slot], experts[other_gpu, other_slot] = other, expert
+                slot_load[gpu, slot], slot_load[other_gpu, other_slot] = (
+                    slot_load[other_gpu, other_slot], slot_load[gpu, slot])
+                holdings[gpu, expert] -= 1
+                holdings[other_gpu, expert] += 1
+                holdings[other_gpu, other] -= 1
+                holdings[gpu, other] += 1
+    state.reload_layers(layers)
 
 
 def _second_replicas(experts: np.ndarray) -> np.ndarray:

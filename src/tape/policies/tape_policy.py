@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "smoothing_floor": 0.3,
         "node_spread": 0.8,
         "keep_margin": 0.1,
-        "migration_weight": 0.035,
+        "migration_weight": 0.04,
         "locality_weight": 150.0,
         "tolerance": 0.0,
         "search_rounds": 4,
