@@ -94,8 +94,8 @@ PRESETS: dict[str, dict[str, float | int]] = {
     },
     "all": {
         "smoothing_floor": 0.3,
-        "node_spread": 0.8,
-        "keep_margin": 0.1,
+        "node_spread": 0.3,
+        "keep_margin": 0.03,
         "migration_weight": 0.04,
         "locality_weight": 150.0,
         "tolerance": 0.0,
