@@ -71,22 +71,21 @@ def balance_by_swaps(
         give_load = state.slot_load[layer_column, heavy]
         take_load = state.slot_load[layer_column, light]
         shift = give_load[..., :, None] - take_load[..., None, :]  # [n, p, k, k]
-        pair_max = np.maximum(heavy_load[..., None, None] - shift,
-                              light_load[..., None, None] + shift)
+        # Balance: the change of the pair's larger load, per mean GPU load; only a fall counts.
+        score = np.maximum(heavy_load[..., None, None] - shift, light_load[..., None, None] + shift)
+        score -= heavy_load[..., None, None]
+        score /= mean[layers, None, None, None]
+        score[score >= 0.0] = np.inf
+        # Per-slot terms [n, p, k], added once: inf where the expert is on the other GPU.
         heavy_base = ((layer_column * num_gpus + heavy) * num_experts)[..., None]  # [n, p, 1]
         light_base = ((layer_column * num_gpus + light) * num_experts)[..., None]
-        allowed = (
-            (pair_max < heavy_load[..., None, None])
-            & ~held[light_base + give][..., :, None]
-            & ~held[heavy_base + take][..., None, :]
-        )
-        score = (pair_max - heavy_load[..., None, None]) / mean[layers, None, None, None]
+        give_cost = np.where(held[light_base + give], np.inf, 0.0)
+        take_cost = np.where(held[heavy_base + take], np.inf, 0.0)
         if held_before is not None:
-            give_copies = (held_before[heavy_base + give].astype(np.int8)
-                           - held_before[light_base + give])
-            take_copies = (held_before[light_base + take].astype(np.int8)
-                           - held_before[heavy_base + take])
-            score = score + migration_weight * (give_copies[..., :, None] + take_copies[..., None, :])
+            give_cost += migration_weight * (held_before[heavy_base + give].astype(np.int8)
+                                             - held_before[light_base + give])
+            take_cost += migration_weight * (held_before[light_base + take].astype(np.int8)
+                                             - held_before[heavy_base + take])
         if locality_weight and num_nodes > 1:
             heavy_node = layout.gpu_node[heavy]
             light_node = layout.gpu_node[light]
@@ -97,12 +96,12 @@ def balance_by_swaps(
                           - (node_replicas[heavy_node_base + give] == 1))
             take_nodes = ((node_replicas[heavy_node_base + take] == 0).astype(np.int8)
                           - (node_replicas[light_node_base + take] == 1))
-            same_node = (heavy_node == light_node)[..., None]
-            give_tokens = np.where(same_node, 0.0, state.load[layer_column[..., None], give] * give_nodes)
-            take_tokens = np.where(same_node, 0.0, state.load[layer_column[..., None], take] * take_nodes)
-            score = score - node_charge[layers, None, None, None] * (
-                give_tokens[..., :, None] + take_tokens[..., None, :])
-        score = np.where(allowed, score, np.inf).reshape(count, pairs, per_gpu * per_gpu)
+            charge = node_charge[layers, None, None] * (heavy_node != light_node)[..., None]
+            give_cost -= charge * state.load[layer_column[..., None], give] * give_nodes
+            take_cost -= charge * state.load[layer_column[..., None], take] * take_nodes
+        score += give_cost[..., :, None]
+        score += take_cost[..., None, :]
+        score = score.reshape(count, pairs, per_gpu * per_gpu)
         best = score.argmin(axis=2)
         gain = -np.take_along_axis(score, best[..., None], axis=2)[..., 0]
         useful = (gain > 1e-12) & (heavy_load > (1.0 + tolerance) * mean[layers, None])
