@@ -203,7 +203,7 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
 def _incremental_plan(
     load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
 ) -> np.ndarray:
-    """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-6)."""
+    """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-5)."""
     state = SlotState.build(load, previous.copy(), layout)
     state.held_before = state.held.copy()
     counts = replica_counts(
