@@ -18,7 +18,14 @@ from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec
 from tape.protocol import ProgramScore, score_policy, window_steps
 
-__all__ = ["compare_policies", "evaluated_gpu_loads", "runtime_stats", "write_comparison"]
+__all__ = [
+    "RELATIVE_METRICS",
+    "compare_policies",
+    "evaluated_gpu_loads",
+    "runtime_stats",
+    "summarize",
+    "write_comparison",
+]
 
 
 def compare_policies(
@@ -52,6 +59,39 @@ def runtime_stats(seconds: Sequence[float]) -> dict[str, float]:
         "runtime_min_ms": float(milliseconds.min()),
         "runtime_max_ms": float(milliseconds.max()),
     }
+
+
+# Metrics compared with a baseline policy: (metric, relative key, "difference" or "ratio").
+RELATIVE_METRICS = (
+    ("gpu_balancedness", "gpu_balancedness_gain", "difference"),
+    ("moved_experts", "moved_experts_ratio", "ratio"),
+    ("ib_tokens", "ib_tokens_ratio", "ratio"),
+    ("step_time_s", "step_time_ratio", "ratio"),
+    ("runtime_mean_ms", "runtime_ratio", "ratio"),
+)
+
+
+def summarize(results: dict[str, ProgramScore], baseline: str = "deepseek"
+              ) -> dict[str, dict[str, Any]]:
+    """Each policy's mean metrics, runtime statistics and error; when `baseline` was run, also
+    each policy's gain over it (GPU balancedness) and ratios to it (moves, inter-node tokens,
+    step time, runtime), under the names of RELATIVE_METRICS."""
+    summary = {
+        name: {**score.metrics, **runtime_stats(score.seconds), "error": score.error}
+        for name, score in results.items()
+    }
+    reference = summary.get(baseline)
+    if reference is None or reference["error"]:
+        return summary
+    for values in summary.values():
+        for metric, key, kind in RELATIVE_METRICS:
+            if metric not in values or metric not in reference:
+                continue
+            if kind == "difference":
+                values[key] = values[metric] - reference[metric]
+            elif reference[metric] > 0:
+                values[key] = values[metric] / reference[metric]
+    return summary
 
 
 def evaluated_gpu_loads(score: ProgramScore, windows: np.ndarray, layout: Layout) -> np.ndarray:
@@ -99,7 +139,8 @@ def write_comparison(
             f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
         ))
     summary = {
-        name: {**score.to_json(), **runtime_stats(score.seconds)} for name, score in results.items()
+        name: {**values, "per_pair": results[name].per_pair}
+        for name, values in summarize(results).items()
     }
     json_path = out / "comparison.json"
     write_json_atomic(json_path, summary)

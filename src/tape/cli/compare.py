@@ -34,7 +34,7 @@ from tape.cli.evaluate import format_value
 from tape.files import to_json_text
 from tape.policies import PolicyError, get_policy, policy_names
 from tape.protocol import parse_version
-from tape.report import compare_policies, runtime_stats, write_comparison
+from tape.report import compare_policies, summarize, write_comparison
 
 __all__ = ["DEFAULT_POLICIES", "register"]
 
@@ -64,6 +64,13 @@ _ROWS = (
         ("ib_tokens", "inter-node tokens", 1),
         ("nvlink_tokens", "intra-node tokens", 1),
         ("step_time_s", "step time ms", 1e3),
+    )),
+    ("against deepseek", (
+        ("gpu_balancedness_gain", "GPU balancedness gain", 1),
+        ("moved_experts_ratio", "moved experts ratio", 1),
+        ("ib_tokens_ratio", "inter-node tokens ratio", 1),
+        ("step_time_ratio", "step time ratio", 1),
+        ("runtime_ratio", "runtime ratio", 1),
     )),
     ("policy runtime ms", (
         ("runtime_mean_ms", "mean", 1),
@@ -134,10 +141,7 @@ def register(app: typer.Typer) -> None:
                 cluster=setup.cluster, dispatch=dispatch, steps_per_window=setup.window_steps,
                 progress=advance,
             )
-        summary = {
-            name: {**score.metrics, **runtime_stats(score.seconds), "error": score.error}
-            for name, score in results.items()
-        }
+        summary = summarize(results)
         if out is not None:
             manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
                         "version": version_value, "policies": names, **setup.manifest()}
@@ -167,6 +171,8 @@ def _table(summary: dict[str, dict]) -> Table:
     for name in summary:
         table.add_column(name.replace("-", "-\n"), justify="right", no_wrap=True, min_width=6)
     for section, rows in _ROWS:
+        if not any(key in values for key, _, _ in rows for values in summary.values()):
+            continue
         table.add_row(f"[bold]{section}[/]", *("" for _ in summary))
         for key, label, scale in rows:
             table.add_row(f"  {label}", *(
