@@ -215,7 +215,7 @@ def score_replay(
     means["speed_score"] = metrics.speed_score(mean_seconds)
     for each in VERSIONS:
         if each == "realistic":
-            combined = means["realistic_score"]
+            combined = means.pop("realistic_score")
         else:
             combined = metrics.combined_score(
                 each,

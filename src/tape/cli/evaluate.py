@@ -43,12 +43,14 @@ __all__ = ["METRIC_SECTIONS", "format_value", "register"]
 METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     "seed (tape) metrics": (
         "combined_score", "balancedness_score", "speed_score", "communication_score",
-        "weight_copy_score", "avg_raw_time",
+        "weight_copy_score", "avg_raw_time", "combined_score_v0", "combined_score_v2",
+        "combined_score_v3", "combined_score_v4",
     ),
     "timeline": ("overall_balancedness", "compute_balancedness", "efficiency"),
     "realistic model": (
-        "realistic_score", "gpu_balancedness", "locality_score", "nvlink_tokens", "ib_tokens", "nvlink_bytes",
-        "ib_bytes", "step_time_s", "compute_time_s", "comm_time_s",
+        "combined_score_realistic", "gpu_balancedness", "time_balancedness", "locality_score",
+        "local_tokens", "nvlink_tokens", "ib_tokens", "nvlink_bytes", "ib_bytes", "step_time_s",
+        "compute_time_s", "comm_time_s", "balanced_compute_time_s",
     ),
     "migration per rebalance": (
         "changed_slots", "local_copies", "nvlink_copies", "ib_copies", "moved_experts",
