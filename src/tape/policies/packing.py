@@ -122,14 +122,17 @@ def balanced_packing(
     The greedy of DeepSeek EPLB's `balanced_packing`: items in decreasing load (tied items by
     index) each go to the lightest pack that is not full (the first such pack on ties). With
     `item_expert`, items are expert-major replicas (an expert's replicas have consecutive
-    indices and equal loads, so they come one after another), and each replica goes to the
-    lightest non-full pack among those holding the fewest replicas of its expert;
+    indices and equal loads, so they come one after another as a *run*), and each replica goes
+    to the lightest non-full pack among those holding the fewest replicas of its expert;
     `spread_replicas` repairs what full packs left unavoidable.
 
-    All rows advance together, one item per step. A full pack carries load +inf, so the argmin
-    skips it. Steps run unchecked in chunks: full packs are found between chunks, and a chunk in
-    which a pack filled up and then took another item is rolled back and redone with a check at
-    every step.
+    All rows advance together, one item per step, each step an argmin over the pack loads.
+    A full pack carries load +inf, so the argmin skips it. A run's earlier replicas put a
+    penalty on their packs (`run_penalty`, a power of two above twice the largest row total,
+    more than any load difference), kept in its own array and added to a copy of the loads
+    only at steps that continue a run, so the loads stay exact. Steps run unchecked in chunks:
+    full packs are found between chunks, and a chunk in which a pack filled up and then took
+    another item is rolled back and redone with a check at every step.
 
     Args:
         weight: [X, n] float, each item's load; n a multiple of `num_packs`.
@@ -150,44 +153,62 @@ def balanced_packing(
     order = descending_order(weight)
     flat_order_by_step = order.T + np.arange(0, rows * num_items, num_items)
     step_weight = weight.take(flat_order_by_step)  # [n, X]: each row's item, by step
-    runs = _ReplicaRuns(item_expert, flat_order_by_step, weight)
     pack_base = np.arange(0, rows * num_packs, num_packs)
-    chosen: list[np.ndarray] = [pack_base] * num_items  # per step: row * P + pack
+    chosen = np.empty((num_items, rows), dtype=np.int64)  # per step: row * P + pack
     pack_load = np.zeros((rows, num_packs))
     load_flat = pack_load.reshape(-1)
     pack_count = np.zeros(rows * num_packs, dtype=np.int64)
-    fills_up = np.zeros(capacity)  # added to a pack's load with each item it takes
-    fills_up[-1] = np.inf
-    penalties = runs.penalties
+    fills_up = np.zeros(capacity + 1)  # added to a pack's load when it takes its c-th item
+    fills_up[capacity] = np.inf
+    # run_mask[x, p]: the penalties of pack p for the replicas of row x's current run it holds.
+    run_mask = np.zeros((rows, num_packs))
+    run_flat = run_mask.reshape(-1)
+    key = np.empty((rows, num_packs))  # loads plus penalties, at steps that continue a run
+    if item_expert is None:
+        continues_run = [False] * (num_items + 1)
+    else:
+        same_as_previous = np.zeros(weight.shape, dtype=bool)
+        np.equal(item_expert[:, 1:], item_expert[:, :-1], out=same_as_previous[:, 1:])
+        continues = same_as_previous.take(flat_order_by_step)  # [n, X]: continues a run
+        continues_run = continues.any(axis=1).tolist() + [False]  # per step: in some row
+        keep_marks = continues.astype(np.float64)[:, :, None]  # [n, X, 1]
+        run_penalty = float(np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1).max() + 1))))
 
     def place_steps(start: int, end: int, checked: bool) -> None:
-        for position in range(start, end):
-            if penalties[position]:
-                key = pack_load.copy()
-                key_flat = key.reshape(-1)
-                for back, amount in penalties[position]:
-                    key_flat[chosen[position - back]] += amount
-                flat = key.argmin(axis=1)
+        for step in range(start, end):
+            flat = chosen[step]
+            if continues_run[step]:
+                np.add(pack_load, run_mask, out=key)
+                key.argmin(axis=1, out=flat)
             else:
-                flat = pack_load.argmin(axis=1)
+                pack_load.argmin(axis=1, out=flat)
             flat += pack_base
             if checked:
-                items = pack_count[flat]
-                pack_count[flat] = items + 1
-                load_flat[flat] += step_weight[position] + fills_up[items]
+                items = pack_count.take(flat)
+                items += 1
+                pack_count[flat] = items
+                load_flat[flat] += step_weight[step] + fills_up.take(items)
             else:
-                load_flat[flat] += step_weight[position]
-            chosen[position] = flat
+                load_flat[flat] += step_weight[step]
+            if continues_run[step + 1]:  # mark the pack; clear rows whose next item starts a run
+                if not continues_run[step]:
+                    run_mask.fill(0.0)
+                run_flat[flat] += run_penalty
+                np.multiply(run_mask, keep_marks[step + 1], out=run_mask)
 
     step = 0
     if np.all(step_weight[num_packs - 2] > 0):
         # While every earlier item has a positive load, the first P items fill the P empty
         # packs in pack order (so replicas among them land in different packs).
-        for position in range(num_packs):
-            chosen[position] = pack_base + position
+        chosen[:num_packs] = np.arange(num_packs)[:, None] + pack_base
         pack_load[:] = step_weight[:num_packs].T
         pack_count[:] = 1
         step = num_packs
+        if continues_run[step]:
+            # The run that step P continues holds the items of steps P-1, P-2, ... down to
+            # its first: item i sits in pack i.
+            in_run = np.cumprod(continues[num_packs:0:-1], axis=0)[::-1]  # [P, X]
+            run_mask[:] = in_run.T * run_penalty
     first_full_step = num_items
     fullest = int(pack_count.max())
     while step < num_items:
@@ -200,14 +221,13 @@ def balanced_packing(
             place_steps(step, end, checked=True)
             fullest = int(pack_count.max())
         else:
-            saved = pack_load.copy()
+            saved_load, saved_marks = pack_load.copy(), run_mask.copy()
             place_steps(step, end, checked=False)
-            count = pack_count + np.bincount(
-                np.concatenate(chosen[step:end]), minlength=load_flat.size
-            )
+            count = pack_count + np.bincount(chosen[step:end].reshape(-1), minlength=load_flat.size)
             fullest = int(count.max())
             if fullest > capacity:  # a full pack took another item: redo, checked
-                pack_load[:] = saved
+                pack_load[:] = saved_load
+                run_mask[:] = saved_marks
                 first_full_step = min(first_full_step, step)
                 place_steps(step, end, checked=True)
                 fullest = int(pack_count.max())
@@ -217,53 +237,14 @@ def balanced_packing(
 
     # Packed order: sort each row's steps by (pack, step), that is by pack in arrival order.
     step_bits = (num_items - 1).bit_length()
-    pack_key = (np.stack(chosen, axis=1) - pack_base[:, None]) << step_bits
+    pack_key = (chosen.T - pack_base[:, None]) << step_bits
     pack_key |= np.arange(num_items)
     pack_key.sort(axis=1)
     pack_key &= (1 << step_bits) - 1
     item_at = take_rows(order, pack_key)
-    if any(penalties[first_full_step:]):  # replicas placed while packs were full
+    if any(continues_run[first_full_step:]):  # replicas placed while packs were full
         spread_replicas(item_at, item_expert, weight, num_packs)
     return item_at
-
-
-class _ReplicaRuns:
-    """Per-step penalties that keep the replicas of one expert in different packs.
-
-    An expert's replicas form a run of consecutive steps. At a step that continues a run, the
-    argmin is taken over the pack loads plus, for each earlier replica of the run, a penalty on
-    its pack: a power of two above twice the row's total, more than any real load difference.
-    It picks the lightest non-full pack among those holding the fewest replicas of the expert.
-    The penalties go on a copy of the loads, which stay exact.
-
-    Attributes:
-        penalties: per step, (t, penalty[X]) pairs: the pack of the item t steps back gets
-            `penalty` (0 in rows where that item is not of the step's run); empty when no row
-            continues a run at the step.
-    """
-
-    def __init__(self, item_expert, flat_order_by_step, weight):
-        num_items = flat_order_by_step.shape[0]
-        self.penalties: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(num_items)]
-        if item_expert is None:
-            return
-        same_as_previous = np.zeros(weight.shape, dtype=bool)
-        same_as_previous[:, 1:] = item_expert[:, 1:] == item_expert[:, :-1]
-        continues = same_as_previous.take(flat_order_by_step)  # [n, X]: continues a run
-        penalty = np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1) + 1)))
-        reaches_back = continues  # the item `back` steps earlier is in the step's run
-        back = 1
-        while True:
-            steps = np.flatnonzero(reaches_back.any(axis=1)).tolist()
-            if not steps:
-                return
-            amounts = np.where(reaches_back, penalty, 0.0)
-            for step in steps:
-                self.penalties[step].append((back, amounts[step]))
-            longer = np.zeros_like(reaches_back)
-            longer[back + 1 :] = reaches_back[back + 1 :] & continues[1 : num_items - back]
-            reaches_back = longer
-            back += 1
 
 
 def spread_replicas(
@@ -307,7 +288,9 @@ def spread_replicas(
         column = np.arange(len(bad))[:, None]
         pack, expert = np.divmod(surplus[bad].reshape(len(bad), -1).argmax(axis=1), num_items)
         slots = pack[:, None] * capacity + np.arange(capacity)
-        position = slots[column[:, 0], (expert_at[bad[:, None], slots] == expert[:, None]).argmax(1)]
+        position = slots[
+            column[:, 0], (expert_at[bad[:, None], slots] == expert[:, None]).argmax(1)
+        ]
         # Candidates: every position of the row; its pack (other) and expert (partner).
         other, partner = pack_of[None, :], expert_at[bad]
         bad_copies, bad_limit = copies[bad], limit[bad]
