@@ -80,13 +80,19 @@ def expert_major_replicas(
     rows, num_experts = weight.shape
     flat_count = count.reshape(-1)
     width = int(flat_count.sum()) // rows
+    source = np.repeat(np.arange(rows * num_experts), flat_count)  # flat (row, expert) index
     per_replica = (np.asarray(weight, dtype=np.float64) / count).reshape(-1)
-    replica_load = np.repeat(per_replica, flat_count).reshape(rows, width)
-    experts = np.broadcast_to(np.arange(num_experts, dtype=np.int64), (rows, num_experts))
-    replica_expert = np.repeat(experts.reshape(-1), flat_count).reshape(rows, width)
-    first = np.cumsum(flat_count) - flat_count  # flat index of each expert's first replica
-    replica_rank = np.arange(rows * width) - np.repeat(first, flat_count)
-    return replica_load, replica_expert, replica_rank.reshape(rows, width)
+    first = np.cumsum(flat_count)
+    first -= flat_count  # flat index of each expert's first replica
+    replica_rank = np.arange(rows * width) - first.take(source)
+    replica_expert = (
+        source.reshape(rows, width) - np.arange(0, rows * num_experts, num_experts)[:, None]
+    )
+    return (
+        per_replica.take(source).reshape(rows, width),
+        replica_expert,
+        replica_rank.reshape(rows, width),
+    )
 
 
 def descending_order(weight: np.ndarray) -> np.ndarray:
@@ -164,6 +170,8 @@ def balanced_packing(
     run_mask = np.zeros((rows, num_packs))
     run_flat = run_mask.reshape(-1)
     key = np.empty((rows, num_packs))  # loads plus penalties, at steps that continue a run
+    # Non-negative floats (and +inf) order like their bits, and the integer argmin is faster.
+    load_bits, key_bits = pack_load.view(np.int64), key.view(np.int64)
     if item_expert is None:
         continues_run = [False] * (num_items + 1)
     else:
@@ -179,9 +187,9 @@ def balanced_packing(
             flat = chosen[step]
             if continues_run[step]:
                 np.add(pack_load, run_mask, out=key)
-                key.argmin(axis=1, out=flat)
+                key_bits.argmin(axis=1, out=flat)
             else:
-                pack_load.argmin(axis=1, out=flat)
+                load_bits.argmin(axis=1, out=flat)
             flat += pack_base
             if checked:
                 items = pack_count.take(flat)
