@@ -195,6 +195,41 @@ def test_deepseek_splits_replicas_that_the_reference_doubles_up():
     np.testing.assert_allclose(np.sort(ours.gpu_loads(weight, 3)), [[3.0, 3.5, 5.5]])
 
 
+def test_deepseek_compares_loads_per_replica_in_float32_like_the_reference():
+    # Worked by hand: 16777217 = 2**24 + 1 is not a float32; the reference's
+    # `weight.float()` makes it 2**24, a tie with expert 0, and the tie goes to the first
+    # expert. In float64 expert 1 would win the spare slot.
+    layout = Layout(num_replicas=3, num_groups=1, num_nodes=1, num_gpus=1)
+    weight = np.array([[2.0**24, 2.0**24 + 1]])
+    ours = place(weight, layout, "deepseek")
+    np.testing.assert_array_equal(ours.logcnt, [[2, 1]])
+    np.testing.assert_array_equal(_reference_placement(weight, layout).logcnt, ours.logcnt)
+
+
+def test_torch_reading_is_the_numpy_reading():
+    # The two readings of the reference timed by benchmarks/bench_policies.py agree: same
+    # maps on distinct loads (torch's unstable sort may only reorder the ranks of tied
+    # replicas in log2phy), same replica counts with ties.
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "reference_eplb_torch", Path(__file__).parents[1] / "benchmarks" / "reference_eplb_torch.py"
+    )
+    torch_reading = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_reading)
+    rng = np.random.default_rng(5)
+    for num_replicas, num_groups, num_nodes, num_gpus, num_experts in [
+        (288, 8, 4, 32, 256), (16, 4, 2, 8, 12), (24, 3, 2, 4, 12), (20, 1, 1, 4, 8)
+    ]:
+        args = (num_replicas, num_groups, num_nodes, num_gpus)
+        for weight in (rng.random((3, num_experts)) * 1000,
+                       rng.integers(0, 4, (3, num_experts)).astype(float)):
+            phy2log, _, logcnt = reference.rebalance_experts(weight, *args)
+            torch_maps = torch_reading.rebalance_experts(torch.from_numpy(weight), *args)
+            np.testing.assert_array_equal(torch_maps[2].numpy(), logcnt)
+            if len(np.unique(weight)) == weight.size:
+                np.testing.assert_array_equal(torch_maps[0].numpy(), phy2log)
+
+
 # --- packing against plain-loop readings ---------------------------------------------------
 
 
@@ -251,6 +286,35 @@ def test_packing_replicas_follows_the_plain_masked_greedy(
         assert all(np.all(c <= bound) for c in per_pack)
         if not _needs_repair(expected[row], expert[row], bound):
             assert [sorted(h.tolist()) for h in held] == [sorted(p) for p in expected[row]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    num_experts=st.integers(2, 40),
+    num_packs=st.sampled_from([5, 8, 16]),
+    spare_per_pack=st.integers(0, 6),
+    seed=st.integers(0, 2**32 - 1),
+    top=st.sampled_from([2, 1000]),
+)
+def test_packing_many_packs_and_long_runs_follows_the_plain_masked_greedy(
+    num_experts, num_packs, spare_per_pack, seed, top
+):
+    # Runs longer than the number of packs, zero loads and ties: the batched greedy places
+    # every item where the plain loop does.
+    num_slots = -(-num_experts // num_packs) * num_packs + spare_per_pack * num_packs
+    rng = np.random.default_rng(seed)
+    weight = np.floor(rng.zipf(1.3, size=(3, num_experts)) * top / 50)
+    count = replica_counts(weight, num_slots)
+    load, expert, _ = expert_major_replicas(weight, count)
+    item_at = balanced_packing(load, num_packs, item_expert=expert)
+    capacity = num_slots // num_packs
+    expected = _plain_masked_greedy(load, num_packs, expert)
+    for row in range(3):
+        bound = -(-count[row] // num_packs)
+        if not _needs_repair(expected[row], expert[row], bound):
+            held = [sorted(item_at[row, p * capacity : (p + 1) * capacity].tolist())
+                    for p in range(num_packs)]
+            assert held == [sorted(p) for p in expected[row]]
 
 
 def _needs_repair(packs, expert, bound):

@@ -7,8 +7,10 @@ Hierarchical when `num_groups % num_nodes == 0`, else global (one group, one nod
    largest load per replica;
 3. pack each node's replicas onto its GPUs with balanced packing (equal slot counts per GPU).
 
-Same greedy order and tie-breaking as the reference, so the replica counts, and therefore every
-slot load and the largest slot load, are the reference's. One deliberate difference, in step 3:
+Same greedy order and tie-breaking as the reference, loads per replica compared in float32 as
+its `weight.float()` makes them, so the replica counts, and therefore every slot load and the
+largest slot load, are the reference's (exactly so while float32 holds the group sums, as it
+does token counts below 2**24; the reference adds them in float32, here in float64). One deliberate difference, in step 3:
 the reference may put two replicas of one expert on one GPU (deepseek-ai/EPLB issue 22), which
 wastes a slot. Here a replica goes to the lightest non-full GPU among those holding the fewest
 replicas of its expert, and a repair swap fixes what the greedy could not avoid, so no GPU holds
@@ -100,7 +102,8 @@ def hierarchical_placement(
 
     # Step 2: replicas within nodes; one row per (layer, node), experts by local index.
     local_load = take_rows(weight, node_order).reshape(-1, experts_per_node)
-    local_count = replica_counts(local_load, slots_per_node)
+    # Loads per replica compared in float32, as the reference's `weight.float() / logcnt`.
+    local_count = replica_counts(local_load.astype(np.float32), slots_per_node)
     replica_load, replica_expert, replica_rank = expert_major_replicas(local_load, local_count)
 
     # Step 3: each node's replicas to its GPUs; replica_at[row, i] is the replica in the

@@ -45,13 +45,17 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
     `replicate_experts`. The greedy is optimal for the largest per-replica load.
 
     Args:
-        weight: [X, n] float, each expert's load.
+        weight: [X, n] float, each expert's load. The loads per replica are computed and
+            compared in `weight`'s dtype when it is float32 (as the reference does) and in
+            float64 otherwise.
         num_slots: slots per row, at least n.
     """
     rows, num_experts = weight.shape
     assert num_slots >= num_experts
-    weight_flat = np.asarray(weight, dtype=np.float64).reshape(-1)
-    per_replica = weight_flat.reshape(rows, num_experts).copy()
+    if weight.dtype != np.float32:
+        weight = np.asarray(weight, dtype=np.float64)
+    weight_flat = weight.reshape(-1)
+    per_replica = weight.copy()
     per_replica_flat = per_replica.reshape(-1)
     count = np.ones(rows * num_experts, dtype=np.int64)
     row_base = np.arange(0, rows * num_experts, num_experts)
@@ -59,7 +63,7 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         flat = per_replica.argmax(axis=1) + row_base
         replicas = count[flat] + 1
         count[flat] = replicas
-        per_replica_flat[flat] = weight_flat[flat] / replicas
+        per_replica_flat[flat] = weight_flat[flat] / replicas.astype(weight.dtype)
     return count.reshape(rows, num_experts)
 
 
