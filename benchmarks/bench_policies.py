@@ -148,7 +148,8 @@ def main() -> None:
     for reading, reading_mean in zip(readings, reading_means):
         for name in ("deepseek core", "deepseek"):
             ratio = reading_mean / statistics.mean(results[name])
-            print(f"{name} vs {reading}: {ratio:.1f}x (target {TARGET_RATIO:.0f}x)")
+            verdict = "met" if ratio >= TARGET_RATIO else "not met"
+            print(f"{name} vs {reading}: {ratio:.1f}x (target {TARGET_RATIO:.0f}x: {verdict})")
 
     references = {NUMPY_READING: lambda w: reference_eplb.rebalance_experts(w, *ARGS)}
     if torch_reference is not None:
