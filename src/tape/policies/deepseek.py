@@ -10,7 +10,9 @@ Hierarchical when `num_groups % num_nodes == 0`, else global (one group, one nod
 Same greedy order and tie-breaking as the reference, loads per replica compared in float32 as
 its `weight.float()` makes them, so the replica counts, and therefore every slot load and the
 largest slot load, are the reference's (exactly so while float32 holds the group sums, as it
-does token counts below 2**24; the reference adds them in float32, here in float64). One deliberate difference, in step 3:
+does token counts below 2**24; the reference adds them in float32, here in float64).
+
+One deliberate difference, in step 3:
 the reference may put two replicas of one expert on one GPU (deepseek-ai/EPLB issue 22), which
 wastes a slot. Here a replica goes to the lightest non-full GPU among those holding the fewest
 replicas of its expert, and a repair swap fixes what the greedy could not avoid, so no GPU holds

@@ -138,9 +138,9 @@ def balanced_packing(
 
     All rows advance together, one item per step, each step an argmin over the pack loads.
     A full pack carries load +inf, so the argmin skips it. A run's earlier replicas put a
-    penalty on their packs (`run_penalty`, a power of two above twice the largest row total,
-    more than any load difference), kept in its own array and added to a copy of the loads
-    only at steps that continue a run, so the loads stay exact. Steps run unchecked in chunks:
+    penalty on their packs (`run_penalty`, a power of two above twice the row's total, more
+    than any load difference), kept in its own array and added to a copy of the loads only
+    at steps that continue a run, so the loads stay exact. Steps run unchecked in chunks:
     full packs are found between chunks, and a chunk in which a pack filled up and then took
     another item is rolled back and redone with a check at every step.
 
@@ -174,7 +174,8 @@ def balanced_packing(
     run_mask = np.zeros((rows, num_packs))
     run_flat = run_mask.reshape(-1)
     key = np.empty((rows, num_packs))  # loads plus penalties, at steps that continue a run
-    # Non-negative floats (and +inf) order like their bits, and the integer argmin is faster.
+    # Loads are non-negative, never -0.0 (sums start at +0.0), and such floats (and +inf)
+    # order like their bits: the integer argmin is faster.
     load_bits, key_bits = pack_load.view(np.int64), key.view(np.int64)
     if item_expert is None:
         continues_run = [False] * (num_items + 1)
@@ -184,7 +185,7 @@ def balanced_packing(
         continues = same_as_previous.take(flat_order_by_step)  # [n, X]: continues a run
         continues_run = continues.any(axis=1).tolist() + [False]  # per step: in some row
         keep_marks = continues.astype(np.float64)[:, :, None]  # [n, X, 1]
-        run_penalty = float(np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1).max() + 1))))
+        run_penalty = np.exp2(np.ceil(np.log2(2 * weight.sum(axis=1) + 1)))  # [X]
 
     def place_steps(start: int, end: int, checked: bool) -> None:
         for step in range(start, end):
@@ -213,14 +214,14 @@ def balanced_packing(
         # While every earlier item has a positive load, the first P items fill the P empty
         # packs in pack order (so replicas among them land in different packs).
         chosen[:num_packs] = np.arange(num_packs)[:, None] + pack_base
-        pack_load[:] = step_weight[:num_packs].T
+        pack_load[:] = np.abs(step_weight[:num_packs].T)  # abs: -0.0 to +0.0
         pack_count[:] = 1
         step = num_packs
         if continues_run[step]:
             # The run that step P continues holds the items of steps P-1, P-2, ... down to
             # its first: item i sits in pack i.
             in_run = np.cumprod(continues[num_packs:0:-1], axis=0)[::-1]  # [P, X]
-            run_mask[:] = in_run.T * run_penalty
+            run_mask[:] = in_run.T * run_penalty[:, None]
     first_full_step = num_items
     fullest = int(pack_count.max())
     while step < num_items:
