@@ -104,8 +104,7 @@ def incremental_source(layout: Layout):
         else:
             num_layers = weight.shape[0]
             experts = previous.phy2log.reshape(num_layers, layout.num_gpus, -1).copy()
-            state = SlotState.build(weight, experts, layout)
-            state.held_before = state.held.copy()
+            state = SlotState.build(weight, experts, layout, in_force=True)
             counts = replica_counts(weight, layout, node_spread=0.0, keep_margin=0.0,
                                     previous_counts=None)
             reassign_replicas(state, counts, migration_weight=0.0, locality_weight=0.0)

@@ -9,9 +9,11 @@ replica with the highest value, the j-th replica (j >= 2) of expert e being wort
   + keep_margin * mean GPU load * [j <= previous count]
                                             it already exists (moving it costs a weight copy).
 
-The value falls as j grows, so the greedy picks the best set of spare replicas. With
-`node_spread = keep_margin = 0` it is EPLB's `replicate_experts`. No expert gets more replicas
-than there are GPUs: the policy keeps an expert's replicas on distinct GPUs.
+The value falls as j grows, so the greedy picks the `S - E` most valuable replicas of all, and
+it runs as one selection per layer: the j-th replicas of every expert side by side, the best
+`S - E` taken at once. With `node_spread = keep_margin = 0` it is EPLB's `replicate_experts`.
+No expert gets more replicas than there are GPUs: the policy keeps an expert's replicas on
+distinct GPUs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ import numpy as np
 from tape.layout import Layout
 
 __all__ = ["replica_counts"]
+
+
+def _largest(values: np.ndarray, count: int) -> np.ndarray:
+    """[L, M] bool: the `count` largest values of each row, ties to the lowest index.
+
+    Ties so broken are EPLB's: its greedy takes the lowest expert among equally loaded ones.
+    """
+    width = values.shape[1]
+    cut = np.partition(values, width - count, axis=1)[:, width - count, None]  # [L, 1]
+    chosen = values >= cut
+    if np.count_nonzero(chosen) == chosen.shape[0] * count:  # no ties at the cut
+        return chosen
+    tied = values == cut
+    wanted = count - np.count_nonzero(values > cut, axis=1)[:, None]  # ties to take, >= 1
+    return (values > cut) | (tied & (np.cumsum(tied, axis=1) <= wanted))
 
 
 def replica_counts(
@@ -45,32 +62,37 @@ def replica_counts(
     """
     num_layers, num_experts = load.shape
     spare = layout.num_replicas - num_experts
-    counts = np.ones((num_layers, num_experts), dtype=np.int64)
+    counts = np.ones(num_layers * num_experts, dtype=np.int64)
     if spare == 0:
-        return counts
+        return counts.reshape(num_layers, num_experts)
     nodes = layout.num_nodes
     limit = min(layout.num_gpus, spare + 1)
-    keep_bonus = keep_margin * load.sum(axis=1, keepdims=True) / layout.num_gpus  # [L, 1] tokens
-    previous = previous_counts if previous_counts is not None else counts
+    keep = previous_counts is not None and keep_margin > 0
+    keep_bonus = keep_margin / layout.num_gpus * load.sum(axis=1)  # [L] tokens
 
     # The second replica is each expert's most valuable: an expert outside the `spare` best
     # second replicas gets no spare slot, so only those `spare` experts are candidates.
-    second = load * (1.0 + node_spread * (nodes >= 2)) + keep_bonus * (previous >= 2)
+    second = load * (1.0 + node_spread * (nodes >= 2))
+    if keep:
+        second += np.where(previous_counts >= 2, keep_bonus[:, None], 0.0)
     candidates = min(spare, num_experts)
-    chosen = np.argpartition(-second, candidates - 1, axis=1)[:, :candidates]
-    chosen_load = np.take_along_axis(load, chosen, axis=1)
-    chosen_previous = np.take_along_axis(previous, chosen, axis=1)
-    chosen_counts = np.ones(chosen.shape, dtype=np.int64)
-    value = np.take_along_axis(second, chosen, axis=1)
-    rows = np.arange(num_layers)
-    bonus = keep_bonus[:, 0]
-    for _ in range(spare):
-        pick = value.argmax(axis=1)
-        following = chosen_counts[rows, pick] + 2  # the index of the replica after this one
-        chosen_counts[rows, pick] = following - 1
-        expert_load = chosen_load[rows, pick]
-        next_value = (expert_load / (following - 1) + node_spread * expert_load * (following <= nodes)
-                      + bonus * (following <= chosen_previous[rows, pick]))
-        value[rows, pick] = np.where(following > limit, -np.inf, next_value)
-    np.put_along_axis(counts, chosen, chosen_counts, axis=1)
-    return counts
+    chosen = np.flatnonzero(_largest(second, candidates))  # [L * C] flat, by layer
+    chosen_load = load.reshape(-1)[chosen].reshape(num_layers, candidates)
+    # The `spare` chosen second replicas are all worth at least their layer's worst one, so a
+    # replica worth less is never taken; beyond max(N, previous count) the j-th replica is
+    # worth load / (j - 1), which bounds the replicas worth looking at.
+    widest = limit
+    threshold = second.reshape(-1)[chosen].reshape(num_layers, candidates).min(axis=1)  # [L]
+    if candidates == spare and threshold.min() > 0:
+        by_load = int((chosen_load.max(axis=1) / threshold).max()) + 1
+        by_count = int(previous_counts.max()) if keep else 1
+        widest = min(limit, max(nodes, by_count, by_load))
+    replica = np.arange(2, widest + 1)  # [J]: the j of each column
+    worth = 1.0 / (replica - 1) + node_spread * (replica <= nodes)  # [J] per token of load
+    value = chosen_load.reshape(-1, 1) * worth  # [L * C, J]
+    if keep:
+        existing = replica <= previous_counts.reshape(-1)[chosen][:, None]  # [L * C, J]
+        value += np.where(existing, np.repeat(keep_bonus, candidates)[:, None], 0.0)
+    taken = np.flatnonzero(_largest(value.reshape(num_layers, -1), spare)) // len(replica)
+    counts[chosen] += np.bincount(taken, minlength=len(chosen))
+    return counts.reshape(num_layers, num_experts)

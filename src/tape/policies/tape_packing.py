@@ -13,6 +13,8 @@
 - `repair_duplicates` moves the second replica of an expert off a GPU that holds two: a
   previous placement may hold such GPUs (DeepSeek's reference makes them), and refilling may
   be left no other choice in rare corner cases.
+
+Arrays are addressed by flat indices (tape_state module doc).
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from __future__ import annotations
 import numpy as np
 
 from tape.layout import Layout
-from tape.policies.tape_state import SlotState, gpu_holdings
+from tape.policies.tape_state import SlotState
 
-__all__ = ["dealt_placement", "keep_previous_slots", "reassign_replicas", "repair_duplicates"]
+__all__ = [
+    "dealt_placement",
+    "keep_previous_slots",
+    "reassign_replicas",
+    "repair_duplicates",
+    "second_replicas",
+]
 
 
 def _dealing_orders(layout: Layout, shift: int) -> np.ndarray:
@@ -56,92 +64,96 @@ def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.
     """
     num_layers, num_experts = load.shape
     num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
-    replica_expert = np.repeat(
-        np.tile(np.arange(num_experts), num_layers), counts.reshape(-1)
-    ).reshape(num_layers, -1)
-    replica_load = np.take_along_axis(load / counts, replica_expert, axis=1)
+    replica_key = np.repeat(np.arange(num_layers * num_experts), counts.reshape(-1))  # [L * S]
+    replica_load = (load / counts).reshape(-1)[replica_key].reshape(num_layers, -1)
     order = np.argsort(-replica_load, axis=1, kind="stable")
-    dealt = np.take_along_axis(replica_expert, order, axis=1).reshape(num_layers, per_gpu, num_gpus)
+    order += np.arange(num_layers)[:, None] * layout.num_replicas
+    dealt = (replica_key[order] % num_experts).reshape(num_layers, per_gpu, num_gpus)
     orders = _dealing_orders(layout, int(counts.max()) - 1)
     experts = np.empty((num_layers, num_gpus, per_gpu), dtype=np.int64)
     experts[:, orders, np.arange(per_gpu)[:, None]] = dealt
     return experts
 
 
-def repair_duplicates(state: SlotState, layers: np.ndarray) -> None:
-    """Give every GPU of `layers` at most one replica of each expert, by swaps.
+def repair_duplicates(state: SlotState, slots: np.ndarray) -> None:
+    """Move each replica in `slots` (flat slot indices) off its GPU, which holds its expert twice.
 
-    A duplicate replica swaps with the slot of another GPU whose load is closest to its own,
-    among slots whose expert is not on the duplicate's GPU, on GPUs without the duplicated
-    expert. Such a slot exists whenever k <= E (slots per GPU at most the experts).
+    The replica swaps with the slot of another GPU whose load is closest to its own, among
+    slots whose expert is not on the replica's GPU, on GPUs without the replica's expert. Such a
+    slot exists whenever k <= E (slots per GPU at most the experts). All layers at once, one
+    replica per layer per round.
     """
-    layers = np.asarray(layers, dtype=np.int64)
-    num_experts = state.load.shape[1]
-    for layer in layers:
-        experts = state.experts[layer]
-        slot_load = state.slot_load[layer]
-        holdings = gpu_holdings(experts[None], num_experts)[0]  # [G, E], kept up to date
-        for gpu, expert in np.argwhere(holdings > 1):
-            while holdings[gpu, expert] > 1:
-                slot = int(np.flatnonzero(experts[gpu] == expert)[-1])
-                allowed = (holdings[:, expert] == 0)[:, None] & (holdings[gpu][experts] == 0)
-                distance = np.where(allowed, np.abs(slot_load - slot_load[gpu, slot]), np.inf)
-                other_gpu, other_slot = np.unravel_index(int(distance.argmin()), distance.shape)
-                assert np.isfinite(distance[other_gpu, other_slot]), "k <= E guarantees a partner"
-                other = experts[other_gpu, other_slot]
-                experts[gpu, slot], experts[other_gpu, other_slot] = other, expert
-                slot_load[gpu, slot], slot_load[other_gpu, other_slot] = (
-                    slot_load[other_gpu, other_slot], slot_load[gpu, slot])
-                holdings[gpu, expert] -= 1
-                holdings[other_gpu, expert] += 1
-                holdings[other_gpu, other] -= 1
-                holdings[gpu, other] += 1
-    state.reload_layers(layers)
-
-
-def _second_replicas(experts: np.ndarray) -> np.ndarray:
-    """[L, G, k] bool: slots whose expert sits in an earlier slot of the same GPU."""
-    order = np.argsort(experts, axis=2, kind="stable")
-    ordered = np.take_along_axis(experts, order, axis=2)
-    repeat = np.zeros(experts.shape, dtype=bool)
-    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
-    second = np.empty_like(repeat)
-    np.put_along_axis(second, order, repeat, axis=2)
-    return second
-
-
-def _slots_to_free(state: SlotState, counts: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """[L, S] bool: the slots whose replica goes, for new replica counts `counts`.
-
-    An expert loses `old - new` replicas, and every second replica on one GPU (`second`,
-    [L, G, k] bool). Among an expert's slots, those go first that are second replicas, then
-    those whose node keeps another replica (no locality lost), then those on heavier GPUs.
-    """
-    num_layers = state.experts.shape[0]
-    experts = state.experts.reshape(num_layers, -1)
-    second = second.reshape(num_layers, -1)
-    duplicates = np.zeros(counts.shape, dtype=np.int64)
-    if second.any():
-        np.add.at(duplicates, (np.nonzero(second)[0], experts[second]), 1)
-    to_free = np.maximum(state.counts - counts, duplicates)
-    freed = np.zeros(experts.shape, dtype=bool)
-    layer, slot = np.nonzero(to_free[np.arange(num_layers)[:, None], experts] > 0)
-    if not len(layer):
-        return freed
     layout = state.layout
-    expert = experts[layer, slot]
-    gpu = layout.slot_gpu[slot]
-    heaviness = state.gpu_load[layer, gpu] / state.gpu_load.max(axis=1)[layer].clip(1e-300)
-    preference = (state.node_replicas[layer, layout.slot_node[slot], expert] > 1) + 0.999 * heaviness
-    preference = preference + 2.0 * second[layer, slot]
+    num_experts, num_slots = state.load.shape[1], layout.num_replicas
+    experts = state.experts.reshape(-1)
+    slot_load = state.slot_load.reshape(-1)
+    held = state.held.reshape(-1)
+    pending = np.sort(np.asarray(slots, dtype=np.int64))
+    while len(pending):
+        layer = pending // num_slots
+        first = np.ones(len(pending), dtype=bool)
+        first[1:] = layer[1:] != layer[:-1]
+        now, pending, layer = pending[first], pending[~first], layer[first]
+        expert, gpu = experts[now], state.slot_gpu[now]
+        candidates = layer[:, None] * num_slots + np.arange(num_slots)  # [m, S]
+        allowed = ~held[state.slot_gpu[candidates] * num_experts + expert[:, None]]
+        allowed &= ~held[gpu[:, None] * num_experts + experts[candidates]]
+        distance = np.where(allowed, np.abs(slot_load[candidates] - slot_load[now, None]), np.inf)
+        best = distance.argmin(axis=1)
+        assert np.isfinite(distance[np.arange(len(now)), best]).all(), "k <= E gives a partner"
+        state.swap(now, candidates[np.arange(len(now)), best])
+        held[gpu * num_experts + expert] = True  # the GPU keeps its other replica
+
+
+def second_replicas(experts: np.ndarray) -> np.ndarray:
+    """[L, G, k] bool: slots whose expert sits in an earlier slot of the same GPU."""
+    same = experts[..., :, None] == experts[..., None, :]  # [L, G, k, k]
+    return np.tril(same, k=-1).any(axis=3)
+
+
+def _group_ranks(keys: np.ndarray) -> np.ndarray:
+    """Rank of each entry among the entries with its key, for `keys` sorted (equal keys adjacent)."""
+    index = np.arange(len(keys))
+    starts = np.ones(len(keys), dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=starts[1:])
+    return index - np.maximum.accumulate(np.where(starts, index, 0))
+
+
+def _slots_to_free(state: SlotState, counts: np.ndarray) -> np.ndarray:
+    """Flat indices (sorted) of the slots whose replica goes, for new replica counts `counts`.
+
+    An expert loses `old - new` replicas, and every second replica on one GPU. Among an
+    expert's slots, those go first that are second replicas, then those whose node keeps
+    another replica (no locality lost), then those on heavier GPUs.
+    """
+    layout = state.layout
+    num_experts = counts.shape[1]
+    experts = state.experts.reshape(-1)
+    key = state.slot_layer + experts  # [L * S] layer * E + expert
+    to_free = (state.counts - counts).reshape(-1)
+    second = None
+    if state.duplicates:
+        second = second_replicas(state.experts).reshape(-1)
+        to_free = np.maximum(to_free, np.bincount(key[second], minlength=to_free.size))
+    candidate = np.flatnonzero(to_free[key] > 0)
+    if not len(candidate):
+        return candidate
+    gpu = state.slot_gpu[candidate]
+    layer = gpu // layout.num_gpus
+    heaviest = state.gpu_load.max(axis=1).clip(1e-300)
+    # Preference in [0, 4): 2 for a second replica, 1 if its node keeps another, < 1 heavier.
+    preference = state.gpu_load.reshape(-1)[gpu] / heaviest[layer] * 0.999
+    preference += state.node_replicas.reshape(-1)[
+        gpu // layout.gpus_per_node * num_experts + experts[candidate]] > 1
+    if second is not None:
+        preference += 2.0 * second[candidate]
     # Candidates grouped by layer and expert, the preferred first; the first `to_free` go.
-    order = np.lexsort((-preference, expert, layer))
-    group = layer[order] * counts.shape[1] + expert[order]
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    chosen = order[rank < to_free[layer[order], expert[order]]]
-    freed[layer[chosen], slot[chosen]] = True
-    return freed
+    candidate_key = key[candidate]
+    order = np.argsort(candidate_key * 4.0 - preference, kind="stable")
+    ordered_key = candidate_key[order]
+    chosen = candidate[order[_group_ranks(ordered_key) < to_free[ordered_key]]]
+    chosen.sort()
+    return chosen
 
 
 def reassign_replicas(
@@ -155,113 +167,133 @@ def reassign_replicas(
         migration_weight: charge per weight copy, in units of the layer's mean GPU load.
         locality_weight: charge per inter-node token, relative to the layer's total load.
     """
-    num_layers, num_gpus, per_gpu = state.experts.shape
-    if np.count_nonzero(state.held) == state.experts.size:
-        second = np.zeros(state.experts.shape, dtype=bool)  # no GPU holds an expert twice
-    else:
-        second = _second_replicas(state.experts)
-    freed = _slots_to_free(state, counts, second)
-    if not freed.any():
-        state.counts = counts
-        state.refresh_loads()
-        return
-    layout = state.layout
-    num_slots = num_gpus * per_gpu
-    experts = state.experts.reshape(num_layers, num_slots)
-    rows = np.arange(num_layers)[:, None]
-
-    # New replicas per layer, heaviest first; freed slots per layer; both padded with -1.
-    kept = state.counts.copy()
-    np.add.at(kept, (np.broadcast_to(rows, experts.shape)[freed], experts[freed]), -1)
-    added = counts - kept
-    assert np.all(added >= 0)
-    freed_per_layer = freed.sum(axis=1)
-    width = int(freed_per_layer.max())
-    free_slots = np.full((num_layers, width), -1, dtype=np.int64)
-    layer_of, slot_of = np.nonzero(freed)
-    free_slots[layer_of, (np.cumsum(freed, axis=1) - 1)[layer_of, slot_of]] = slot_of
-    new_layer, new_expert = np.nonzero(added)
-    repeats = added[new_layer, new_expert]
-    new_layer, new_expert = np.repeat(new_layer, repeats), np.repeat(new_expert, repeats)
-    start = np.cumsum(freed_per_layer) - freed_per_layer
-    new_replicas = np.full((num_layers, width), -1, dtype=np.int64)
-    new_replicas[new_layer, np.arange(len(new_layer)) - start[new_layer]] = new_expert
-    per_replica = state.load / counts
-    new_load = np.where(new_replicas >= 0,
-                        np.take_along_axis(per_replica, np.maximum(new_replicas, 0), axis=1), -1.0)
-    heaviest_first = np.argsort(-new_load, axis=1, kind="stable")
-    new_replicas = np.take_along_axis(new_replicas, heaviest_first, axis=1)
-
-    # Empty the freed slots; loads of the kept slots use the new counts.
-    gone = experts[layer_of, slot_of]
-    np.add.at(state.node_replicas, (layer_of, layout.slot_node[slot_of], gone), -1)
-    experts[freed] = -1
-    state.held[layer_of, layout.slot_gpu[slot_of], gone] = False
-    had_duplicates = np.flatnonzero(second.any(axis=(1, 2)))
-    if len(had_duplicates):
-        state.held[had_duplicates] = gpu_holdings(state.experts[had_duplicates], counts.shape[1]) > 0
+    freed = _slots_to_free(state, counts)
+    if not len(freed):
+        return  # every count stays (none falls, and they add up to S)
+    old_counts = state.counts
     state.counts = counts
-    slot_load = np.where(freed, 0.0, np.take_along_axis(per_replica, np.maximum(experts, 0), 1))
-    gpu_load = slot_load.reshape(num_layers, num_gpus, per_gpu).sum(axis=2)
+    layout = state.layout
+    num_layers, num_experts = counts.shape
+    gpus_per_node = layout.gpus_per_node
+    experts = state.experts.reshape(-1)
+    held = state.held.reshape(-1)
+    node_replicas = state.node_replicas.reshape(-1)
 
-    # Only layers with freed slots take part: b indexes them below.
-    busy = np.flatnonzero(freed_per_layer)
-    free_slots, new_replicas = free_slots[busy], new_replicas[busy]
-    pad = free_slots < 0
-    free_gpu = layout.slot_gpu[np.maximum(free_slots, 0)]  # [B, W]
-    free_node = layout.gpu_node[free_gpu]
-    replica = np.maximum(new_replicas, 0)  # [B, W]
-    column = busy[:, None, None]
-    # cost[b, t, j]: what new replica t adds to the objective in freed slot j, beside the GPU
-    # load: a weight copy unless the GPU held the expert before, and the tokens of a node
-    # that already holds the expert. Infinite where the GPU already holds it.
-    gpu_of, node_of, expert_of = free_gpu[:, None, :], free_node[:, None, :], replica[:, :, None]
-    mean = state.mean_gpu_load[busy, None, None]
-    cost = np.zeros((len(busy), width, width))
-    if state.held_before is not None:
-        cost += migration_weight * mean * ~state.held_before[column, gpu_of, expert_of]
-    node_charge = (locality_weight * mean / state.total_load[busy, None, None] / layout.num_nodes
-                   * state.load[column, expert_of])  # [B, W, 1]
-    cost += node_charge * (state.node_replicas[column, node_of, expert_of] > 0)
-    blocked = state.held[column, gpu_of, expert_of] | pad[:, None, :]
-    same_expert = new_replicas[:, :, None] == new_replicas[:, None, :]  # [B, W, W]
-    has_twin = (same_expert.sum(axis=2) > 1) & ~pad  # [B, W]: another new replica, same expert
-    taken = pad.copy()
-    gpu_load = gpu_load[busy]
-    forced = np.zeros(len(busy), dtype=bool)
+    # Empty the freed slots; the kept ones take their loads under the new counts.
+    freed_gpu = state.slot_gpu[freed]
+    gone = experts[freed]
+    added = (counts - old_counts).reshape(-1) + np.bincount(state.slot_layer[freed] + gone,
+                                                            minlength=counts.size)
+    np.subtract.at(node_replicas, freed_gpu // gpus_per_node * num_experts + gone, 1)
+    experts[freed] = -1
+    if state.duplicates:
+        occupied = np.flatnonzero(experts >= 0)
+        held[:] = False
+        held[state.slot_gpu[occupied] * num_experts + experts[occupied]] = True
+    else:
+        held[freed_gpu * num_experts + gone] = False
+    per_replica = (state.load / counts).reshape(-1)
+    slot_load = per_replica[state.slot_layer + experts]
+    slot_load[freed] = 0.0
+    state.slot_load = slot_load.reshape(state.experts.shape)
+    gpu_load = slot_load.reshape(-1, layout.slots_per_gpu) @ np.ones(layout.slots_per_gpu)
+    state.gpu_load = gpu_load.reshape(num_layers, layout.num_gpus)
+
+    # Freed slots and new replicas (heaviest first) per layer, padded to the widest layer:
+    # [L, W]. Every layer has as many new replicas as freed slots.
+    freed_layer = freed // layout.num_replicas
+    width = int(np.bincount(freed_layer).max())
+    position = freed_layer * width + _group_ranks(freed_layer)  # flat [L, W] index
+    new_key = np.repeat(np.arange(counts.size), added)  # layer * E + expert, by layer
+    assert len(new_key) == len(freed), "new replicas fill the freed slots"
+    new_key = new_key[np.lexsort((-per_replica[new_key], new_key // num_experts))]
+    padding = np.ones(num_layers * width, dtype=bool)
+    padding[position] = False
+    free_slots = np.zeros(num_layers * width, dtype=np.int64)
+    free_slots[position] = freed
+    new_expert = np.zeros(num_layers * width, dtype=np.int64)
+    new_expert[position] = new_key % num_experts
+    new_load = np.zeros(num_layers * width)
+    new_load[position] = per_replica[new_key]
+    padding, new_expert = padding.reshape(num_layers, width), new_expert.reshape(num_layers, width)
+    new_load = new_load.reshape(num_layers, width)
+    free_gpu = state.slot_gpu[free_slots].reshape(num_layers, width)  # flat GPUs
+    free_node = free_gpu // gpus_per_node
+
+    # cost[l, t, j]: what new replica t adds to the objective in freed slot j, in tokens,
+    # beside the GPU's load: a weight copy unless the GPU held the expert before, and the
+    # tokens of a node that already holds the expert. A GPU that holds the expert adds
+    # `penalty`, more than any other choice costs.
+    replica = new_expert[:, :, None]  # [L, W, 1]
+    gpu_index = free_gpu[:, None, :] * num_experts + replica  # [L, W, W]
+    penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
+    cost = penalty * held[gpu_index]
+    if state.held_before is not None and migration_weight:
+        mean = state.mean_gpu_load[:, None, None]
+        cost += migration_weight * mean * ~state.held_before.reshape(-1)[gpu_index]
+    use_locality = locality_weight > 0 and layout.num_nodes > 1
+    if use_locality:
+        per_token = locality_weight / layout.num_nodes * state.mean_gpu_load / state.total_load
+        node_charge = per_token[:, None] * state.load.reshape(-1)[
+            (np.arange(num_layers) * num_experts)[:, None] + new_expert]  # [L, W]
+        in_node = node_replicas[free_node[:, None, :] * num_experts + replica] > 0  # [L, W, W]
+        cost += node_charge[:, :, None] * in_node
+
+    # Later replicas of an expert that gets several: not on the GPU an earlier one took (the
+    # penalty), and charged for its node if the node gained the expert. One entry per pair
+    # (step t, layer, later step t'), by step; `twin_update[i, j]`: what the pair adds to
+    # row t' of `cost` when replica t takes slot j.
+    later_twin = np.triu((replica == new_expert[:, None, :]) & ~padding[:, None, :], k=1)
+    twins = np.flatnonzero(later_twin.transpose(1, 0, 2))  # [t, L, t'] order: by step
+    twin_step, twin_layer, twin_later = np.unravel_index(twins, (width, num_layers, width))
+    bounds = np.searchsorted(twin_step, np.arange(width + 1)).tolist()
+    same_gpu = (free_gpu[:, :, None] == free_gpu[:, None, :]) & ~padding[:, None, :]
+    twin_update = penalty * same_gpu[twin_layer]  # [m, W, W]
+    if use_locality:
+        same_node = free_node[twin_layer][:, :, None] == free_node[twin_layer][:, None, :]
+        gained = same_node & ~in_node[twin_layer, twin_later][:, :, None]
+        twin_update += node_charge[twin_layer, twin_later, None, None] * gained
+
+    # The greedy, all layers at once: `base` is each freed slot's GPU load, inf once taken
+    # (and for padding). With two freed slots on one GPU, taking one loads the other:
+    # `sharing[l, j, j']` is 1 for another freed slot on j's GPU, inf for j itself.
+    base = np.where(padding, np.inf, gpu_load.reshape(-1)[free_gpu])  # [L, W]
+    rows = np.arange(num_layers)
+    sharing = None
+    if np.count_nonzero(same_gpu) > np.count_nonzero(~padding):
+        sharing = same_gpu.astype(np.float64)
+        sharing[:, np.arange(width), np.arange(width)] = np.inf
+        weight = new_load + 1e-300  # positive, so that inf * weight stays inf
+    picks = []
     for step in range(width):
-        expert = new_replicas[:, step]
-        active = np.flatnonzero(expert >= 0)
-        if not len(active):
-            break
-        total = gpu_load[active[:, None], free_gpu[active]] + cost[active, step]
-        allowed = np.where(blocked[active, step], np.inf, total)
-        choice = allowed.argmin(axis=1)
-        stuck = ~np.isfinite(allowed[np.arange(len(active)), choice])
-        if stuck.any():
-            forced[active[stuck]] = True
-            fallback = np.where(taken[active], np.inf, total).argmin(axis=1)
-            choice = np.where(stuck, fallback, choice)
-        gpu = free_gpu[active, choice]
-        node = free_node[active, choice]
-        taken[active, choice] = True
-        blocked[active, :, choice] = True
-        twins = np.flatnonzero(has_twin[active, step])
-        if len(twins):
-            # Later replicas of the same expert: not on this GPU, and charged for this node.
-            twin = active[twins]
-            later = same_expert[twin, :, step][:, :, None]
-            blocked[twin] |= later & (free_gpu[twin] == gpu[twins, None])[:, None, :]
-            cost[twin] += np.where(later & (free_node[twin] == node[twins, None])[:, None, :],
-                                   node_charge[twin], 0.0)
-        layer = busy[active]
-        gpu_load[active, gpu] += per_replica[layer, expert[active]]
-        experts[layer, free_slots[active, choice]] = expert[active]
-        state.held[layer, gpu, expert[active]] = True
-        state.node_replicas[layer, node, expert[active]] += 1
-    state.refresh_loads(busy)
-    if forced.any():
-        repair_duplicates(state, busy[forced])
+        pick = (cost[:, step] + base).argmin(axis=1)
+        picks.append(pick)
+        if sharing is None:
+            base[rows, pick] = np.inf
+        else:
+            base += sharing[rows, pick] * weight[:, step, None]
+        first, last = bounds[step], bounds[step + 1]
+        if last > first:
+            layer = twin_layer[first:last]
+            cost[layer, twin_later[first:last]] += twin_update[np.arange(first, last), pick[layer]]
+
+    # Write the new replicas into their slots; move off any that doubled up on a GPU.
+    real = ~padding.reshape(-1)
+    choice = np.stack(picks, axis=1)  # [L, W]
+    slot = free_slots[(rows[:, None] * width + choice).reshape(-1)][real]
+    expert = new_expert.reshape(-1)[real]
+    index = state.slot_gpu[slot] * num_experts + expert
+    doubled = held[index]
+    experts[slot] = expert
+    held[index] = True
+    np.add.at(node_replicas, index // (gpus_per_node * num_experts) * num_experts + expert, 1)
+    slot_load[slot] = new_load.reshape(-1)[real]
+    np.add.at(state.gpu_load.reshape(-1), state.slot_gpu[slot], slot_load[slot])
+    ordered = np.sort(index)
+    if doubled.any() or (ordered[1:] == ordered[:-1]).any():
+        again = np.ones(len(index), dtype=bool)
+        again[np.unique(index, return_index=True)[1]] = False  # a second new replica
+        repair_duplicates(state, slot[doubled | again])
 
 
 def keep_previous_slots(
@@ -275,19 +307,21 @@ def keep_previous_slots(
         held_before: [L, G, E] bool, whether each GPU holds each expert in `previous`.
 
     Returns:
-        [L, G, k] int64 with the same experts on every GPU: an expert the GPU held before sits
-        in the first slot where it sat; the GPU's new experts fill its other slots in order.
+        [L, G, k] int64 with the same experts on every GPU (`experts` itself when nothing
+        moves): an expert the GPU held before sits in the first slot where it sat; the GPU's
+        new experts fill its other slots in order.
     """
-    num_layers, num_gpus, per_gpu = experts.shape
-    result = experts.copy()
-    layer_index = np.arange(num_layers)[:, None, None]
-    gpu_index = np.arange(num_gpus)[None, :, None]
+    per_gpu = experts.shape[2]
+    num_experts = held_before.shape[2]
+    flat = experts.reshape(-1)
     # Only a GPU with an expert in a slot other than its old one needs reordering.
-    misplaced = (experts != previous) & held_before[layer_index, gpu_index, experts]
-    changed = misplaced.any(axis=2)
-    if not changed.any():
-        return result
-    new, old = experts[changed], previous[changed]  # [n, k]
+    misplaced = (flat != previous.reshape(-1)) & held_before.reshape(-1)[
+        np.arange(flat.size) // per_gpu * num_experts + flat]
+    changed = np.flatnonzero(misplaced.reshape(-1, per_gpu).any(axis=1))  # flat GPUs
+    if not len(changed):
+        return experts
+    new = experts.reshape(-1, per_gpu)[changed]  # [n, k]
+    old = previous.reshape(-1, per_gpu)[changed]
     same_old = old[:, :, None] == old[:, None, :]
     first_of_its_expert = ~np.tril(same_old, k=-1).any(axis=2)
     kept_slot = first_of_its_expert & (old[:, :, None] == new[:, None, :]).any(axis=2)
@@ -297,5 +331,7 @@ def keep_previous_slots(
     free_first = np.argsort(kept_slot, axis=1, kind="stable")
     rank = np.empty_like(free_first)
     np.put_along_axis(rank, free_first, np.broadcast_to(np.arange(per_gpu), free_first.shape), 1)
-    result[changed] = np.where(kept_slot, old, np.take_along_axis(arrivals, rank, axis=1))
+    result = experts.copy()
+    result.reshape(-1, per_gpu)[changed] = np.where(
+        kept_slot, old, np.take_along_axis(arrivals, rank, axis=1))
     return result

@@ -41,6 +41,7 @@ from tape.policies.tape_packing import (
     keep_previous_slots,
     reassign_replicas,
     repair_duplicates,
+    second_replicas,
 )
 from tape.policies.tape_search import balance_by_swaps
 from tape.policies.tape_state import SlotState
@@ -175,7 +176,7 @@ def _checked_inputs(
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
     pairs = min(int(settings["pairs_per_round"]), state.layout.num_gpus // 2)
-    if pairs == 0:
+    if pairs == 0 or settings["search_rounds"] == 0:
         return
     balance_by_swaps(
         state,
@@ -187,25 +188,23 @@ def _search(state: SlotState, settings: dict[str, float | int], migration_weight
     )
 
 
-def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | int]) -> SlotState:
-    """A plan from scratch for forecast `load`: counts, snake deal, repair, swaps."""
+def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | int]) -> np.ndarray:
+    """[L, G, k] plan from scratch for forecast `load`: counts, snake deal, repair, swaps."""
     counts = replica_counts(
         load, layout, node_spread=settings["node_spread"], keep_margin=0.0, previous_counts=None
     )
     state = SlotState.build(load, dealt_placement(load, counts, layout), layout)
-    doubled = state.held.sum(axis=1) < state.counts
-    if doubled.any():
-        repair_duplicates(state, np.flatnonzero(doubled.any(axis=1)))
+    if state.duplicates:
+        repair_duplicates(state, np.flatnonzero(second_replicas(state.experts)))
     _search(state, settings, 0.0)
-    return state
+    return state.experts
 
 
 def _incremental_plan(
     load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
 ) -> np.ndarray:
     """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-5)."""
-    state = SlotState.build(load, previous.copy(), layout)
-    state.held_before = state.held.copy()
+    state = SlotState.build(load, previous.copy(), layout, in_force=True)
     counts = replica_counts(
         load,
         layout,
@@ -256,7 +255,9 @@ def tape_policy(
     load = forecast_load(weight, history, settings["smoothing_floor"])
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
     if previous is None:
-        experts = _fresh_plan(load, layout, settings).experts
+        experts = _fresh_plan(load, layout, settings)
     else:
         experts = _incremental_plan(load, previous.phy2log.reshape(shape), layout, settings)
+        if np.array_equal(experts.reshape(num_layers, -1), previous.phy2log):
+            return previous  # every slot kept: the placement in force is the answer
     return Placement(experts.reshape(num_layers, -1), num_experts)

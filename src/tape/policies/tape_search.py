@@ -13,6 +13,12 @@ A swap that would put two replicas of an expert on one GPU is never made. The pa
 share no GPU, so their swaps are independent and are all applied. A layer stops when no pair
 finds a swap that lowers the objective, or when its heaviest GPU is within `tolerance` of the
 mean; the search stops after `rounds` rounds.
+
+How a round is computed: a pair's 2k slots (the heavy GPU's k, then the light GPU's k) are
+gathered by flat index. Moving a load s from the heavy GPU (load h) to the light one (load l,
+gap d = h - l) turns the pair's larger load into `(h + l) / 2 + |s - d / 2|`, so the balance
+gain is `d / 2 - |s - d / 2|`, positive only for 0 < s < d. The k * k swaps' load shifts and
+their per-slot charges are matrix products of the 2k slot values with fixed 0 / +-1 matrices.
 """
 
 from __future__ import annotations
@@ -38,77 +44,80 @@ def balance_by_swaps(
     Args:
         state: the placement to improve; every GPU holds at most one replica of an expert.
         rounds: the most rounds.
-        pairs: heavy/light GPU pairs per round, at most G / 2.
+        pairs: heavy/light GPU pairs per round, 1 to G / 2.
         migration_weight: charge per weight copy, in units of the layer's mean GPU load.
         locality_weight: charge per inter-node token, relative to the layer's total load.
         tolerance: a layer whose heaviest GPU is at most (1 + tolerance) * mean is left alone.
     """
     layout = state.layout
-    _, num_gpus, per_gpu = state.experts.shape
+    num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
     num_experts = state.load.shape[1]
-    num_nodes = layout.num_nodes
     mean = state.mean_gpu_load
-    node_charge = locality_weight / state.total_load / num_nodes  # per token of expert load
+    limit = (1.0 + tolerance) * mean  # [L] tokens
+    migration_charge = migration_weight * mean  # [L] tokens per weight copy
+    node_charge = locality_weight * mean / state.total_load / layout.num_nodes  # per token
+    use_migration = state.held_before is not None and migration_weight > 0
+    use_locality = locality_weight > 0 and layout.num_nodes > 1
+    # A blocked swap (an expert onto a GPU that holds it) costs more than any swap can gain.
+    penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
+    slot_offset = np.arange(per_gpu)[None, :, None]
+    experts_flat = state.experts.reshape(-1)
+    slot_load_flat = state.slot_load.reshape(-1)
     held = state.held.reshape(-1)
-    held_before = None
-    if state.held_before is not None and migration_weight:
-        held_before = state.held_before.reshape(-1)
-    node_replicas = state.node_replicas.reshape(-1)
-    active = state.gpu_load.max(axis=1) > (1.0 + tolerance) * mean
+    active = state.gpu_load.max(axis=1) > limit
     for _ in range(rounds):
         layers = np.flatnonzero(active)
         if not len(layers):
             break
         count = len(layers)
-        load = state.gpu_load[layers]
-        by_load = np.argsort(load, axis=1)
-        heavy, light = by_load[:, : -pairs - 1 : -1], by_load[:, :pairs]  # [n, p]
-        rows = np.arange(count)[:, None]
-        heavy_load, light_load = load[rows, heavy], load[rows, light]
-        layer_column = layers[:, None]
-        give = state.experts[layer_column, heavy]  # [n, p, k] experts leaving the heavy GPU
-        take = state.experts[layer_column, light]  # [n, p, k] experts leaving the light GPU
-        give_load = state.slot_load[layer_column, heavy]
-        take_load = state.slot_load[layer_column, light]
-        shift = give_load[..., :, None] - take_load[..., None, :]  # [n, p, k, k]
-        # Balance: the change of the pair's larger load, per mean GPU load; only a fall counts.
-        score = np.maximum(heavy_load[..., None, None] - shift, light_load[..., None, None] + shift)
-        score -= heavy_load[..., None, None]
-        score /= mean[layers, None, None, None]
-        score[score >= 0.0] = np.inf
-        # Per-slot terms [n, p, k], added once: inf where the expert is on the other GPU.
-        heavy_base = ((layer_column * num_gpus + heavy) * num_experts)[..., None]  # [n, p, 1]
-        light_base = ((layer_column * num_gpus + light) * num_experts)[..., None]
-        give_cost = np.where(held[light_base + give], np.inf, 0.0)
-        take_cost = np.where(held[heavy_base + take], np.inf, 0.0)
-        if held_before is not None:
-            give_cost += migration_weight * (held_before[heavy_base + give].astype(np.int8)
-                                             - held_before[light_base + give])
-            take_cost += migration_weight * (held_before[light_base + take].astype(np.int8)
-                                             - held_before[heavy_base + take])
-        if locality_weight and num_nodes > 1:
-            heavy_node = layout.gpu_node[heavy]
-            light_node = layout.gpu_node[light]
-            heavy_node_base = ((layer_column * num_nodes + heavy_node) * num_experts)[..., None]
-            light_node_base = ((layer_column * num_nodes + light_node) * num_experts)[..., None]
-            # Nodes the swap adds (+1) or removes (-1) for each expert: zero within a node.
-            give_nodes = ((node_replicas[light_node_base + give] == 0).astype(np.int8)
-                          - (node_replicas[heavy_node_base + give] == 1))
-            take_nodes = ((node_replicas[heavy_node_base + take] == 0).astype(np.int8)
-                          - (node_replicas[light_node_base + take] == 1))
-            charge = node_charge[layers, None, None] * (heavy_node != light_node)[..., None]
-            give_cost -= charge * state.load[layer_column[..., None], give] * give_nodes
-            take_cost -= charge * state.load[layer_column[..., None], take] * take_nodes
-        score += give_cost[..., :, None]
-        score += take_cost[..., None, :]
-        score = score.reshape(count, pairs, per_gpu * per_gpu)
-        best = score.argmin(axis=2)
-        gain = -np.take_along_axis(score, best[..., None], axis=2)[..., 0]
-        useful = (gain > 1e-12) & (heavy_load > (1.0 + tolerance) * mean[layers, None])
-        active[layers[~useful.any(axis=1)]] = False
-        pair_layer, pair = np.nonzero(useful)
-        if not len(pair_layer):
+        by_load = np.argsort(state.gpu_load[layers], axis=1)
+        pair_gpu = np.empty((2, count, pairs), dtype=np.int64)  # heavy, light: flat GPUs
+        pair_gpu[0] = by_load[:, : -pairs - 1 : -1]
+        pair_gpu[1] = by_load[:, :pairs]
+        pair_gpu += (layers * num_gpus)[:, None]
+        pair_gpu = pair_gpu.reshape(2, -1)  # [2, P]
+        pair_layer = pair_gpu[0] // num_gpus  # [P]
+        pair_load = state.gpu_load.reshape(-1)[pair_gpu]  # [2, P]
+        half_gap = (pair_load[0] - pair_load[1]) / 2.0  # [P]
+
+        # The pair's slots, slot-major: rows 0..k-1 the heavy GPU's, k..2k-1 the light one's.
+        slots = (pair_gpu[:, None, :] * per_gpu + slot_offset).reshape(2 * per_gpu, -1)
+        experts = experts_flat[slots]  # [2k, P]
+        slot_load = slot_load_flat[slots]
+        own = np.repeat(pair_gpu, per_gpu, axis=0) * num_experts + experts  # [2k, P]
+        other = np.repeat(pair_gpu[::-1], per_gpu, axis=0) * num_experts + experts
+        charge = penalty * held[other]  # [2k, P] tokens
+        if use_migration:
+            held_before = state.held_before.reshape(-1)
+            # +1 when the expert leaves a GPU that held it before, -1 when it returns to one.
+            copies = held_before[own].view(np.int8) - held_before[other].view(np.int8)
+            charge += migration_charge[pair_layer] * copies
+        if use_locality:
+            node_replicas = state.node_replicas.reshape(-1)
+            per_node = layout.gpus_per_node * num_experts
+            own_node = own // per_node * num_experts + experts
+            other_node = other // per_node * num_experts + experts
+            # Nodes the swap adds (+1) or removes (-1) for the expert; none within a node.
+            nodes = ((node_replicas[other_node] == 0).view(np.int8)
+                     - (node_replicas[own_node] == 1).view(np.int8))
+            cross = node_charge[pair_layer] * (own_node[0] != other_node[0])  # [P]
+            charge -= state.load.reshape(-1)[state.slot_layer[slots] + experts] * nodes * cross
+
+        # score[i, j, P]: heavy slot i with light slot j; |shift - gap / 2| then the charges.
+        deviation = slot_load[:per_gpu, None, :] - slot_load[None, per_gpu:, :]
+        deviation -= half_gap
+        np.abs(deviation, out=deviation)
+        score = charge[:per_gpu, None, :] + charge[None, per_gpu:, :]
+        score += deviation
+        np.putmask(score, deviation >= half_gap, np.inf)  # no balance gain
+        score = score.reshape(per_gpu * per_gpu, -1)
+        best = score.argmin(axis=0)  # [P]
+        gain = half_gap - score[best, np.arange(len(best))]
+        useful = (gain > 1e-12 * mean[pair_layer]) & (pair_load[0] > limit[pair_layer])
+        active[layers[~useful.reshape(count, pairs).any(axis=1)]] = False
+        chosen = np.flatnonzero(useful)
+        if not len(chosen):
             break
-        give_slot, take_slot = np.divmod(best[pair_layer, pair], per_gpu)
-        state.swap(layers[pair_layer], heavy[pair_layer, pair], give_slot,
-                   light[pair_layer, pair], take_slot)
+        heavy_slot, light_slot = np.divmod(best[chosen], per_gpu)
+        state.swap(pair_gpu[0, chosen] * per_gpu + heavy_slot,
+                   pair_gpu[1, chosen] * per_gpu + light_slot)

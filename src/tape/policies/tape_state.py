@@ -12,6 +12,13 @@ Objective (per layer, in units of the layer's mean GPU load M; F is the layer's 
 where a moved expert is a slot whose GPU did not hold its expert before (a weight copy over
 NVLink or InfiniBand) and IB tokens are those locality dispatch sends across nodes: expert e
 with replicas in n_e of the N nodes sends `load[e] * (N - n_e) / N` of them.
+
+Flat indices: the modules of the policy address every array through one integer per entry, which
+numpy gathers and scatters much faster than tuples of index arrays. GPU g of layer l is GPU
+`l * G + g` of all layers, slot i of it slot `(l * G + g) * k + i`, and its node
+`(l * G + g) // (G / N) = l * N + g // (G / N)`; `held` and `held_before` are addressed by
+`gpu * E + expert`, `node_replicas` by `node * E + expert`, `load` and `counts` by
+`layer * E + expert`.
 """
 
 from __future__ import annotations
@@ -22,38 +29,7 @@ import numpy as np
 
 from tape.layout import Layout
 
-__all__ = ["SlotState", "gpu_holdings"]
-
-
-def gpu_holdings(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """[L, G, E] int64: replicas of each expert on each GPU, from `experts[L, G, k]`.
-
-    Empty slots (expert -1) count for nothing.
-    """
-    num_layers, num_gpus, _ = experts.shape
-    index = (np.arange(num_layers * num_gpus).reshape(num_layers, num_gpus, 1) * num_experts
-             + np.maximum(experts, 0)).reshape(-1)
-    counts = np.bincount(index, weights=(experts >= 0).reshape(-1),
-                         minlength=num_layers * num_gpus * num_experts)
-    return counts.astype(np.int64).reshape(num_layers, num_gpus, num_experts)
-
-
-def _held(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """[L, G, E] bool: the GPU holds the expert, from `experts[L, G, k]`."""
-    num_layers, num_gpus, _ = experts.shape
-    held = np.zeros((num_layers, num_gpus, num_experts), dtype=bool)
-    held[np.arange(num_layers)[:, None, None], np.arange(num_gpus)[None, :, None], experts] = True
-    return held
-
-
-def _node_replicas(experts: np.ndarray, num_experts: int, layout: Layout) -> np.ndarray:
-    """[L, N, E] int64: replicas of each expert in each node, from `experts[L, G, k]`."""
-    num_layers = experts.shape[0]
-    node = np.repeat(layout.gpu_node, layout.slots_per_gpu)
-    index = ((np.arange(num_layers)[:, None] * layout.num_nodes + node) * num_experts
-             + experts.reshape(num_layers, -1)).reshape(-1)
-    counts = np.bincount(index, minlength=num_layers * layout.num_nodes * num_experts)
-    return counts.reshape(num_layers, layout.num_nodes, num_experts)
+__all__ = ["SlotState"]
 
 
 @dataclass
@@ -70,6 +46,12 @@ class SlotState:
         held: [L, G, E] bool, the GPU holds the expert.
         node_replicas: [L, N, E] int64, replicas of the expert on the node's GPUs.
         held_before: [L, G, E] bool, the GPU held the expert in the previous placement, or None.
+        mean_gpu_load: [L] float64, M: each layer's total load / G (1.0 for an idle layer).
+        total_load: [L] float64, F: each layer's total load (1.0 for an idle layer).
+        slot_gpu: [L * S] int64, the flat GPU of each flat slot.
+        slot_layer: [L * S] int64, `layer * E` of each flat slot (add an expert: a flat index
+            into `load` and `counts`).
+        duplicates: some GPU held two replicas of one expert when the state was built.
     """
 
     layout: Layout
@@ -81,6 +63,11 @@ class SlotState:
     held: np.ndarray
     node_replicas: np.ndarray
     held_before: np.ndarray | None
+    mean_gpu_load: np.ndarray
+    total_load: np.ndarray
+    slot_gpu: np.ndarray
+    slot_layer: np.ndarray
+    duplicates: bool
 
     @classmethod
     def build(
@@ -88,85 +75,103 @@ class SlotState:
         load: np.ndarray,
         experts: np.ndarray,
         layout: Layout,
-        held_before: np.ndarray | None = None,
+        *,
+        in_force: bool = False,
     ) -> SlotState:
-        """The state of placement `experts[L, G, k]` under forecast `load[L, E]`."""
-        num_experts = load.shape[1]
-        node_replicas = _node_replicas(experts, num_experts, layout)
+        """The state of placement `experts[L, G, k]` (no -1) under forecast `load[L, E]`.
+
+        With `in_force` (the placement is the one in force), `held_before` is its holdings.
+        """
+        num_layers, num_experts = load.shape
+        slot = np.arange(experts.size)
+        slot_layer = slot // layout.num_replicas * num_experts
+        counts = np.bincount(slot_layer + experts.reshape(-1), minlength=load.size)
+        total = load.sum(axis=1)
         state = cls(
             layout=layout,
             load=load,
             experts=experts,
-            counts=node_replicas.sum(axis=1),
+            counts=counts.reshape(load.shape),
             slot_load=np.empty(experts.shape),
-            gpu_load=np.empty(experts.shape[:2]),
-            held=_held(experts, num_experts),
-            node_replicas=node_replicas,
-            held_before=held_before,
+            gpu_load=np.empty((num_layers, layout.num_gpus)),
+            held=np.zeros((num_layers, layout.num_gpus, num_experts), dtype=bool),
+            node_replicas=np.zeros((num_layers, layout.num_nodes, num_experts), dtype=np.int64),
+            held_before=None,
+            mean_gpu_load=np.where(total > 0, total / layout.num_gpus, 1.0),
+            total_load=np.where(total > 0, total, 1.0),
+            slot_gpu=slot // layout.slots_per_gpu,
+            slot_layer=slot_layer,
+            duplicates=False,
         )
-        state.refresh_loads()
+        state.reload()
+        state.duplicates = int(np.count_nonzero(state.held)) < experts.size
+        if in_force:
+            # A fresh scatter: much cheaper than copying `held` (most of it is never touched).
+            held_before = np.zeros(state.held.size, dtype=bool)
+            held_before[state.slot_gpu * num_experts + experts.reshape(-1)] = True
+            state.held_before = held_before.reshape(state.held.shape)
         return state
 
-    @property
-    def mean_gpu_load(self) -> np.ndarray:
-        """[L] float64, M: each layer's total forecast load / G (never 0: 1.0 for an idle layer)."""
-        mean = self.load.sum(axis=1) / self.layout.num_gpus
-        return np.where(mean > 0, mean, 1.0)
-
-    @property
-    def total_load(self) -> np.ndarray:
-        """[L] float64, F: each layer's total forecast load (never 0: 1.0 for an idle layer)."""
-        total = self.load.sum(axis=1)
-        return np.where(total > 0, total, 1.0)
-
-    def refresh_loads(self, layers: np.ndarray | None = None) -> None:
-        """Recompute slot and GPU loads (of `layers`, default all) from `load` and `counts`."""
+    def reload(self, layers: np.ndarray | None = None) -> None:
+        """Recompute holdings, node replicas and loads of `layers` (default all) from `experts`
+        (no -1) and `counts`."""
+        num_experts = self.load.shape[1]
+        slots = slice(None)
+        if layers is not None:
+            self.held[layers] = False
+            self.node_replicas[layers] = 0
+            slots = (layers[:, None] * self.layout.num_replicas
+                     + np.arange(self.layout.num_replicas)).reshape(-1)
+        experts = self.experts.reshape(-1)[slots]
+        gpu = self.slot_gpu[slots]
+        self.held.reshape(-1)[gpu * num_experts + experts] = True
+        node = gpu // self.layout.gpus_per_node * num_experts + experts
         if layers is None:
-            layers = np.arange(self.experts.shape[0])
-        per_replica = self.load[layers] / np.maximum(self.counts[layers], 1)
-        experts = self.experts[layers]
-        slots = np.take_along_axis(per_replica, experts.reshape(len(layers), -1), axis=1)
-        self.slot_load[layers] = slots.reshape(experts.shape)
-        self.gpu_load[layers] = self.slot_load[layers].sum(axis=2)
+            self.node_replicas = np.bincount(node, minlength=self.node_replicas.size).reshape(
+                self.node_replicas.shape)
+        else:
+            np.add.at(self.node_replicas.reshape(-1), node, 1)
+        self.refresh_loads()
 
-    def swap(
-        self,
-        layers: np.ndarray,
-        first_gpu: np.ndarray,
-        first_slot: np.ndarray,
-        second_gpu: np.ndarray,
-        second_slot: np.ndarray,
-    ) -> None:
-        """Exchange the experts of two slots on different GPUs, one pair per entry of `layers`.
+    def refresh_loads(self) -> None:
+        """Recompute every slot and GPU load from `load` and `counts` (empty slots: 0)."""
+        experts = self.experts.reshape(-1)
+        per_replica = (self.load / self.counts).reshape(-1)
+        slot_load = per_replica[self.slot_layer + experts]
+        if experts.min() < 0:
+            slot_load[experts < 0] = 0.0
+        self.slot_load = slot_load.reshape(self.experts.shape)
+        self.gpu_load = (slot_load.reshape(-1, self.layout.slots_per_gpu)
+                         @ np.ones(self.layout.slots_per_gpu)).reshape(self.gpu_load.shape)
 
-        A layer may appear several times, but no GPU twice within a layer, and neither expert
-        may already be on the other's GPU.
+    def swap(self, first_slot: np.ndarray, second_slot: np.ndarray) -> None:
+        """Exchange the experts of pairs of slots (flat slot indices) on different GPUs.
+
+        No GPU may appear in two pairs, and neither expert of a pair may already be on the
+        other's GPU.
         """
-        first = self.experts[layers, first_gpu, first_slot]
-        second = self.experts[layers, second_gpu, second_slot]
-        first_load = self.slot_load[layers, first_gpu, first_slot]
-        second_load = self.slot_load[layers, second_gpu, second_slot]
-        self.experts[layers, first_gpu, first_slot] = second
-        self.experts[layers, second_gpu, second_slot] = first
-        self.slot_load[layers, first_gpu, first_slot] = second_load
-        self.slot_load[layers, second_gpu, second_slot] = first_load
-        self.gpu_load[layers, first_gpu] += second_load - first_load
-        self.gpu_load[layers, second_gpu] += first_load - second_load
-        self.held[layers, first_gpu, first] = False
-        self.held[layers, second_gpu, second] = False
-        self.held[layers, first_gpu, second] = True
-        self.held[layers, second_gpu, first] = True
+        num_experts = self.load.shape[1]
+        experts = self.experts.reshape(-1)
+        slot_load = self.slot_load.reshape(-1)
+        first, second = experts[first_slot], experts[second_slot]
+        first_load, second_load = slot_load[first_slot], slot_load[second_slot]
+        experts[first_slot], experts[second_slot] = second, first
+        slot_load[first_slot], slot_load[second_slot] = second_load, first_load
+        gpu_load = self.gpu_load.reshape(-1)
+        first_gpu, second_gpu = self.slot_gpu[first_slot], self.slot_gpu[second_slot]
+        gpu_load[first_gpu] += second_load - first_load
+        gpu_load[second_gpu] += first_load - second_load
+        held = self.held.reshape(-1)
+        first_gpu *= num_experts
+        second_gpu *= num_experts
+        held[first_gpu + first] = False
+        held[second_gpu + second] = False
+        held[first_gpu + second] = True
+        held[second_gpu + first] = True
         # Two swaps of one layer may move replicas of one expert out of (or into) one node.
-        first_node = self.layout.gpu_node[first_gpu]
-        second_node = self.layout.gpu_node[second_gpu]
-        np.add.at(self.node_replicas, (layers, first_node, first), -1)
-        np.add.at(self.node_replicas, (layers, second_node, first), 1)
-        np.add.at(self.node_replicas, (layers, second_node, second), -1)
-        np.add.at(self.node_replicas, (layers, first_node, second), 1)
-
-    def reload_layers(self, layers: np.ndarray) -> None:
-        """Recompute holdings, node replicas and loads of `layers` after editing `experts`."""
-        experts = self.experts[layers]
-        self.held[layers] = _held(experts, self.load.shape[1])
-        self.node_replicas[layers] = _node_replicas(experts, self.load.shape[1], self.layout)
-        self.refresh_loads(layers)
+        first_node = first_gpu // (self.layout.gpus_per_node * num_experts) * num_experts
+        second_node = second_gpu // (self.layout.gpus_per_node * num_experts) * num_experts
+        moves = np.concatenate([first_node + first, second_node + first,
+                                second_node + second, first_node + second])
+        change = np.repeat(np.array([-1, 1, -1, 1]), len(first))
+        np.add.at(self.node_replicas.reshape(-1), moves, change)
