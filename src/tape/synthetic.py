@@ -1,18 +1,36 @@
 """A seeded synthetic expert-load trace in DeepSeek-V3's shape, for an offline default and tests.
 
+Calibration: the defaults are calibrated so that DeepSeek EPLB's next-window GPU balancedness
+(`tape.api.place(..., policy="deepseek")` on the default layout, S=288, 8 groups, 4 nodes, 32
+GPUs, rebalanced on window i of 100 steps and scored on window i + 1, mean over pairs) is about
+0.66, the figure reported for the public DeepSeek-V3 trace (abmfy/eplb-openevolve
+`expert-load.json`, 1,170 steps); measured: 0.652-0.677 on seeds 0-9, mean 0.663.
+docs/traces.md gives the other measured numbers (same-window, perfect forecast, `tape`).
+
 The model, step by step (all randomness from `np.random.default_rng(seed)`):
 
 1. Tokens per forward step: a decode step (probability 1 - `PREFILL_FRACTION`) carries tens to
    hundreds of tokens, a prefill step thousands; both log-uniform in their range.
-2. Popularity: expert e of layer l has log-popularity `group offset + drift`. The group offset
-   (sd `GROUP_SKEW`) makes some of the `num_groups` groups hotter than others. The drift is an
-   Ornstein-Uhlenbeck process per expert, stationary with a per-layer sd drawn from
-   `LAYER_SKEW` (so skew differs between layers but does not grow over time) and a correlation
-   time of `DRIFT_STEPS` steps (so a window of 100 steps looks like the next one, but not
-   exactly). On top, about `SWAP_RATE` times per layer and step a hot expert (one of the
-   `SWAP_FROM_TOP` hottest) swaps its popularity with a random expert from then on: a sudden
-   shift that a placement balanced on the previous window cannot foresee. Popularity is updated
-   every `POPULARITY_UPDATE_STEPS` steps and held in between.
+2. Popularity: expert e of layer l has log-popularity `persistent + drift + mix`, updated every
+   `POPULARITY_UPDATE_STEPS` steps and held in between.
+   - persistent: the router's lasting preferences, fixed for the whole trace: a group offset
+     (sd `GROUP_SKEW`) that makes some of the `num_groups` groups hotter than others, plus a
+     per-expert term whose sd, drawn per layer from `LAYER_SKEW`, makes skew differ between
+     layers.
+   - drift: a slow Ornstein-Uhlenbeck (OU) process per expert, sd `DRIFT_SKEW`, correlation
+     time `DRIFT_STEPS` steps.
+   - mix: the workload's composition. Each of `NUM_DOMAINS` domains (kinds of prompts: code,
+     chat, a language...) has a profile, a standard normal log-popularity shift of every expert
+     of every layer. The domains' activities are unit-sd OU processes with correlation time
+     `MIX_STEPS` steps (a few windows): a domain's surge heats its experts in every layer,
+     then fades. The mix is `MIX_SKEW / sqrt(NUM_DOMAINS)` times the activity-weighted sum of
+     the profiles, so its sd per expert is `MIX_SKEW`.
+   - swaps: about `SWAP_RATE` times per layer and step a hot expert (one of the
+     `SWAP_FROM_TOP` hottest) swaps its log-popularity with a random expert from then on: a
+     sudden, lasting shift.
+   A prefill step is a few long prompts of one domain, drawn at random: its log-popularity adds
+   `BURST_SKEW` times that domain's profile. Prefill steps carry most of a window's tokens, so
+   these bursts make the next window's loads partly unpredictable.
 3. Routing (group-limited top-k, as DeepSeek-V3): each token picks `topk_groups` distinct groups,
    a set S with probability proportional to the product of the groups' popularities, then makes
    `top_k` picks among the experts of S, each expert with probability popularity / popularity of
@@ -37,10 +55,15 @@ from scipy.signal import lfilter
 from tape.errors import TraceError
 
 __all__ = [
+    "BURST_SKEW",
     "DECODE_TOKENS",
+    "DRIFT_SKEW",
     "DRIFT_STEPS",
     "GROUP_SKEW",
     "LAYER_SKEW",
+    "MIX_SKEW",
+    "MIX_STEPS",
+    "NUM_DOMAINS",
     "POPULARITY_UPDATE_STEPS",
     "PREFILL_FRACTION",
     "PREFILL_TOKENS",
@@ -58,11 +81,21 @@ PREFILL_TOKENS = (1024, 16384)
 PREFILL_FRACTION = 0.2
 """Probability that a step is a prefill step."""
 LAYER_SKEW = (0.45, 0.75)
-"""Range of the per-layer sd of an expert's log-popularity (uniform)."""
+"""Range of the per-layer sd of an expert's persistent log-popularity (uniform)."""
 GROUP_SKEW = 0.25
-"""Sd of a group's log-popularity offset."""
-DRIFT_STEPS = 1000.0
-"""Correlation time of the log-popularity drift, in steps."""
+"""Sd of a group's persistent log-popularity offset."""
+DRIFT_SKEW = 0.3
+"""Sd of the slow drift of an expert's log-popularity."""
+DRIFT_STEPS = 2000.0
+"""Correlation time of the slow drift, in steps."""
+NUM_DOMAINS = 32
+"""Workload domains, each with its own log-popularity profile over every layer's experts."""
+MIX_SKEW = 0.5
+"""Sd of the workload mix's shift of an expert's log-popularity."""
+MIX_STEPS = 300.0
+"""Correlation time of the domains' activities, in steps (three windows of 100 steps)."""
+BURST_SKEW = 0.65
+"""Weight of its domain's profile in a prefill step's log-popularity."""
 SWAP_RATE = 1 / 150
 """Hot-expert swaps per layer and step."""
 SWAP_FROM_TOP = 8
@@ -70,7 +103,7 @@ SWAP_FROM_TOP = 8
 STEP_NOISE = 0.25
 """Relative sd of an expert's count in one step beyond counting noise (request-mix noise)."""
 POPULARITY_UPDATE_STEPS = 10
-"""Popularity is updated every this many steps (far faster than the drift's correlation time)."""
+"""Popularity is updated every this many steps (far faster than the mix's correlation time)."""
 SAMPLING_BLOCK_STEPS = 50
 """Steps whose counts are sampled together (bounds the working memory)."""
 
@@ -124,38 +157,67 @@ def group_limited_shares(popularity: np.ndarray, num_groups: int, topk_groups: i
     if not np.all(popularity > 0):
         raise TraceError("expert popularities must be positive")
     members = _group_sets(num_groups, topk_groups)
-    group_popularity = popularity.reshape(*popularity.shape[:-1], num_groups, -1).sum(axis=-1)
+    group_size = num_experts // num_groups
+    group_popularity = popularity.reshape(*popularity.shape[:-1], num_groups, group_size)
+    group_popularity = group_popularity.sum(axis=-1)
     log_set_weight = np.log(group_popularity) @ members.T
     set_probability = np.exp(log_set_weight - log_set_weight.max(axis=-1, keepdims=True))
     set_probability /= set_probability.sum(axis=-1, keepdims=True)
     set_popularity = group_popularity @ members.T
     per_group = (set_probability / set_popularity) @ members
-    return popularity * np.repeat(per_group, num_experts // num_groups, axis=-1)
+    return popularity * np.repeat(per_group, group_size, axis=-1)
 
 
-def _tokens_per_step(num_steps: int, rng: np.random.Generator) -> np.ndarray:
-    """[steps] int64: tokens in each forward step, a mix of decode and prefill steps."""
+def _tokens_per_step(num_steps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens in each forward step, [steps] int64, and which steps are prefill, [steps] bool."""
     prefill = rng.random(num_steps) < PREFILL_FRACTION
     low = np.where(prefill, PREFILL_TOKENS[0], DECODE_TOKENS[0])
     high = np.where(prefill, PREFILL_TOKENS[1], DECODE_TOKENS[1])
     log_tokens = np.log(low) + rng.random(num_steps) * (np.log(high) - np.log(low))
-    return np.round(np.exp(log_tokens)).astype(np.int64)
+    return np.round(np.exp(log_tokens)).astype(np.int64), prefill
+
+
+def _ornstein_uhlenbeck(
+    num_updates: int, shape: tuple[int, ...], correlation_steps: float, rng: np.random.Generator
+) -> np.ndarray:
+    """[updates, *shape] float64: stationary OU processes of sd 1, one per element of `shape`.
+
+    Sampled every `POPULARITY_UPDATE_STEPS` steps, so consecutive updates correlate by
+    exp(-POPULARITY_UPDATE_STEPS / correlation_steps).
+    """
+    keep = np.exp(-POPULARITY_UPDATE_STEPS / correlation_steps)
+    innovations = rng.standard_normal((num_updates, *shape))
+    innovations[1:] *= np.sqrt(1.0 - keep**2)
+    return lfilter([1.0], [1.0, -keep], innovations, axis=0)
 
 
 def _log_popularity(
-    num_updates: int, num_layers: int, num_experts: int, num_groups: int, rng: np.random.Generator
+    num_updates: int, profiles: np.ndarray, num_groups: int, rng: np.random.Generator
 ) -> np.ndarray:
     """[updates, L, E] float64: log-popularity of every expert at each popularity update.
 
-    Updates are `POPULARITY_UPDATE_STEPS` steps apart (see the module doc for the model).
+    Args:
+        num_updates: popularity updates, `POPULARITY_UPDATE_STEPS` steps apart.
+        profiles: [domains, L, E] float64, each domain's log-popularity shift.
+        num_groups: expert groups of consecutive ids; divides E.
+        rng: the trace's generator.
+
+    Returns:
+        persistent + drift + mix, with hot-expert swaps (the module doc gives the model).
     """
+    num_domains, num_layers, num_experts = profiles.shape
     layer_skew = rng.uniform(*LAYER_SKEW, size=(num_layers, 1))
     group_offset = rng.normal(0.0, GROUP_SKEW, size=(num_layers, num_groups))
-    keep = np.exp(-POPULARITY_UPDATE_STEPS / DRIFT_STEPS)
-    innovations = rng.standard_normal((num_updates, num_layers, num_experts))
-    innovations[1:] *= np.sqrt(1.0 - keep**2)
-    drift = lfilter([1.0], [1.0, -keep], innovations, axis=0)
-    log_popularity = drift * layer_skew + np.repeat(group_offset, num_experts // num_groups, axis=1)
+    persistent = rng.standard_normal((num_layers, num_experts)) * layer_skew
+    persistent += np.repeat(group_offset, num_experts // num_groups, axis=1)
+    drift = _ornstein_uhlenbeck(num_updates, (num_layers, num_experts), DRIFT_STEPS, rng)
+    activity = _ornstein_uhlenbeck(num_updates, (num_domains,), MIX_STEPS, rng)
+    activity *= MIX_SKEW / np.sqrt(num_domains)
+    mix = activity @ profiles.reshape(num_domains, num_layers * num_experts)
+    log_popularity = mix.reshape(num_updates, num_layers, num_experts)
+    drift *= DRIFT_SKEW
+    log_popularity += drift
+    log_popularity += persistent
 
     num_swaps = rng.poisson(SWAP_RATE * POPULARITY_UPDATE_STEPS * num_updates * num_layers)
     swap_updates = rng.integers(0, num_updates, size=num_swaps)
@@ -184,7 +246,7 @@ def _sample_counts(
     noise_sd *= noise_sd
     noise_sd += counts
     np.sqrt(noise_sd, out=noise_sd)
-    noise_sd *= rng.standard_normal(counts.shape)
+    noise_sd *= rng.standard_normal(counts.shape, dtype=np.float32)
     counts += noise_sd
     np.clip(counts, 0.0, cap, out=counts)
 
@@ -248,14 +310,24 @@ def synthetic_trace(
             f"top_k ({top_k}) must be at most the {candidates} experts of {topk_groups} groups"
         )
     rng = np.random.default_rng(seed)
-    tokens = _tokens_per_step(num_steps, rng)
+    tokens, prefill = _tokens_per_step(num_steps, rng)
+    profiles = rng.standard_normal((NUM_DOMAINS, num_layers, num_experts))
     num_updates = -(-num_steps // POPULARITY_UPDATE_STEPS)
-    log_popularity = _log_popularity(num_updates, num_layers, num_experts, num_groups, rng)
-    shares = group_limited_shares(np.exp(log_popularity), num_groups, topk_groups)
+    popularity = np.exp(_log_popularity(num_updates, profiles, num_groups, rng))
+    shares = group_limited_shares(popularity, num_groups, topk_groups)
+    # A prefill step is one domain's batch: its popularity leans towards that domain's profile.
+    domain = np.full(num_steps, -1)
+    domain[prefill] = rng.integers(0, NUM_DOMAINS, size=int(prefill.sum()))
+    burst_factor = np.exp(BURST_SKEW * profiles)
 
     loads = np.empty((num_steps, num_layers, num_experts))
     for start in range(0, num_steps, SAMPLING_BLOCK_STEPS):
         steps = np.arange(start, min(start + SAMPLING_BLOCK_STEPS, num_steps))
-        step_shares = shares[steps // POPULARITY_UPDATE_STEPS]
+        update = steps // POPULARITY_UPDATE_STEPS
+        step_shares = shares[update]
+        burst = prefill[steps]
+        burst_popularity = popularity[update[burst]]
+        burst_popularity *= burst_factor[domain[steps[burst]]]
+        step_shares[burst] = group_limited_shares(burst_popularity, num_groups, topk_groups)
         loads[steps] = _sample_counts(step_shares, tokens[steps], top_k, rng)
     return loads
