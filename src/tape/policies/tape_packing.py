@@ -112,7 +112,7 @@ def second_replicas(experts: np.ndarray) -> np.ndarray:
 
 
 def _group_ranks(keys: np.ndarray) -> np.ndarray:
-    """Rank of each entry among the entries with its key, for `keys` sorted (equal keys adjacent)."""
+    """Rank of each entry among those with its key, for `keys` sorted (equal keys adjacent)."""
     index = np.arange(len(keys))
     starts = np.ones(len(keys), dtype=bool)
     np.not_equal(keys[1:], keys[:-1], out=starts[1:])
@@ -315,11 +315,12 @@ def keep_previous_slots(
     num_experts = held_before.shape[2]
     flat = experts.reshape(-1)
     # Only a GPU with an expert in a slot other than its old one needs reordering.
-    misplaced = (flat != previous.reshape(-1)) & held_before.reshape(-1)[
-        np.arange(flat.size) // per_gpu * num_experts + flat]
-    changed = np.flatnonzero(misplaced.reshape(-1, per_gpu).any(axis=1))  # flat GPUs
-    if not len(changed):
+    differ = np.flatnonzero(flat != previous.reshape(-1))
+    gpu = differ // per_gpu
+    misplaced = held_before.reshape(-1)[gpu * num_experts + flat[differ]]
+    if not misplaced.any():
         return experts
+    changed = np.unique(gpu[misplaced])  # flat GPUs
     new = experts.reshape(-1, per_gpu)[changed]  # [n, k]
     old = previous.reshape(-1, per_gpu)[changed]
     same_old = old[:, :, None] == old[:, None, :]

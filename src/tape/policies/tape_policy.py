@@ -35,7 +35,7 @@ from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
 from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_forecast import forecast_load
+from tape.policies.tape_forecast import MEMORY, forecast_load
 from tape.policies.tape_packing import (
     dealt_placement,
     keep_previous_slots,
@@ -137,16 +137,23 @@ def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
     return settings
 
 
+def _finite_counts(values: np.ndarray, name: str) -> np.ndarray:
+    """`values` as float64 (no copy when it is already), TraceError unless finite and >= 0."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size and not (values.min() >= 0.0 and values.max() < np.inf):  # NaN fails both
+        raise TraceError(f"{name} must hold finite, non-negative token counts")
+    return values
+
+
 def _checked_inputs(
-    weight: Any, layout: Layout, previous: Placement | None, history: Any
+    weight: Any, layout: Layout, previous: Placement | None, history: Any, reads_history: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`weight` and `history` as float64 arrays; TapeError subclasses for bad inputs."""
+    """`weight` and the history windows the forecast reads (None if it reads none) as float64;
+    TapeError subclasses for bad inputs."""
     weight = to_numpy(weight)
     if weight.ndim != 2 or weight.dtype.kind not in "iuf":
         raise TraceError(f"weight must be a [layers, experts] array of numbers, got {weight.shape}")
-    weight = weight.astype(np.float64)
-    if not np.all(np.isfinite(weight)) or np.any(weight < 0):
-        raise TraceError("weight must hold finite, non-negative token counts")
+    weight = _finite_counts(weight, "weight")
     num_layers, num_experts = weight.shape
     layout.check_experts(num_experts)
     if layout.slots_per_gpu > num_experts:
@@ -162,16 +169,18 @@ def _checked_inputs(
             raise PlacementError(
                 f"previous placement has {previous.num_experts} experts, weight {num_experts}"
             )
-    if history is not None:
-        history = to_numpy(history)
-        if history.ndim != 3 or history.shape[1:] != weight.shape:
-            raise TraceError(
-                f"history must be [windows, {num_layers}, {num_experts}], got {history.shape}"
-            )
-        history = history.astype(np.float64)
-        if not np.all(np.isfinite(history)) or np.any(history < 0):
-            raise TraceError("history must hold finite, non-negative token counts")
-    return weight, history
+    if history is None:
+        return weight, None
+    history = to_numpy(history)
+    if history.ndim != 3 or history.shape[1:] != weight.shape:
+        raise TraceError(
+            f"history must be [windows, {num_layers}, {num_experts}], got {history.shape}"
+        )
+    if history.dtype.kind not in "iuf":
+        raise TraceError(f"history must hold numbers, got dtype {history.dtype}")
+    if not reads_history or len(history) == 0:
+        return weight, None
+    return weight, _finite_counts(history[-(MEMORY - 1):], "history")
 
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
@@ -238,7 +247,9 @@ def tape_policy(
         weight: [L, E] tokens per expert in the window to balance (the newest window).
         layout: the cluster; needs E <= S and k = S / G <= E.
         previous: the placement in force, or None (then the plan starts from scratch).
-        history: [W, L, E] tokens of the earlier windows, oldest first, or None.
+        history: [W, L, E] tokens of the earlier windows, oldest first, or None. The forecast
+            reads (and checks) the last 15 (`tape_forecast.MEMORY` - 1), none when
+            `smoothing_floor` is 1.
         preset: "balance", "balance-migration" or "all" (PRESETS).
         **params: overrides of the preset's parameters (PARAMETER_HELP, SEARCH_SPACE).
 
@@ -250,7 +261,8 @@ def tape_policy(
         TraceError, PlacementError, LayoutError: malformed weight, history or previous.
     """
     settings = _settings(preset, params)
-    weight, history = _checked_inputs(weight, layout, previous, history)
+    weight, history = _checked_inputs(weight, layout, previous, history,
+                                      reads_history=settings["smoothing_floor"] < 1.0)
     num_layers, num_experts = weight.shape
     load = forecast_load(weight, history, settings["smoothing_floor"])
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)

@@ -24,12 +24,27 @@ numpy gathers and scatters much faster than tuples of index arrays. GPU g of lay
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from tape.layout import Layout
 
-__all__ = ["SlotState"]
+__all__ = ["SlotState", "slot_indices"]
+
+
+@lru_cache(maxsize=16)
+def slot_indices(
+    num_layers: int, layout: Layout, num_experts: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(slot_gpu, slot_layer)`, [L * S] int64 each, read-only: the flat GPU of each flat slot,
+    and `layer * E` of its layer (add an expert: a flat index into [L, E] arrays)."""
+    slot = np.arange(num_layers * layout.num_replicas)
+    slot_gpu = slot // layout.slots_per_gpu
+    slot_layer = slot // layout.num_replicas * num_experts
+    slot_gpu.flags.writeable = False
+    slot_layer.flags.writeable = False
+    return slot_gpu, slot_layer
 
 
 @dataclass
@@ -48,9 +63,7 @@ class SlotState:
         held_before: [L, G, E] bool, the GPU held the expert in the previous placement, or None.
         mean_gpu_load: [L] float64, M: each layer's total load / G (1.0 for an idle layer).
         total_load: [L] float64, F: each layer's total load (1.0 for an idle layer).
-        slot_gpu: [L * S] int64, the flat GPU of each flat slot.
-        slot_layer: [L * S] int64, `layer * E` of each flat slot (add an expert: a flat index
-            into `load` and `counts`).
+        slot_gpu, slot_layer: [L * S] int64, read-only (`slot_indices`).
         duplicates: some GPU held two replicas of one expert when the state was built.
     """
 
@@ -83,9 +96,9 @@ class SlotState:
         With `in_force` (the placement is the one in force), `held_before` is its holdings.
         """
         num_layers, num_experts = load.shape
-        slot = np.arange(experts.size)
-        slot_layer = slot // layout.num_replicas * num_experts
-        counts = np.bincount(slot_layer + experts.reshape(-1), minlength=load.size)
+        slot_gpu, slot_layer = slot_indices(num_layers, layout, num_experts)
+        flat = experts.reshape(-1)
+        counts = np.bincount(slot_layer + flat, minlength=load.size)
         total = load.sum(axis=1)
         state = cls(
             layout=layout,
@@ -99,7 +112,7 @@ class SlotState:
             held_before=None,
             mean_gpu_load=np.where(total > 0, total / layout.num_gpus, 1.0),
             total_load=np.where(total > 0, total, 1.0),
-            slot_gpu=slot // layout.slots_per_gpu,
+            slot_gpu=slot_gpu,
             slot_layer=slot_layer,
             duplicates=False,
         )
@@ -108,7 +121,7 @@ class SlotState:
         if in_force:
             # A fresh scatter: much cheaper than copying `held` (most of it is never touched).
             held_before = np.zeros(state.held.size, dtype=bool)
-            held_before[state.slot_gpu * num_experts + experts.reshape(-1)] = True
+            held_before[slot_gpu * num_experts + flat] = True
             state.held_before = held_before.reshape(state.held.shape)
         return state
 
@@ -134,12 +147,9 @@ class SlotState:
         self.refresh_loads()
 
     def refresh_loads(self) -> None:
-        """Recompute every slot and GPU load from `load` and `counts` (empty slots: 0)."""
-        experts = self.experts.reshape(-1)
+        """Recompute every slot and GPU load from `load` and `counts` (no empty slot)."""
         per_replica = (self.load / self.counts).reshape(-1)
-        slot_load = per_replica[self.slot_layer + experts]
-        if experts.min() < 0:
-            slot_load[experts < 0] = 0.0
+        slot_load = per_replica[self.slot_layer + self.experts.reshape(-1)]
         self.slot_load = slot_load.reshape(self.experts.shape)
         self.gpu_load = (slot_load.reshape(-1, self.layout.slots_per_gpu)
                          @ np.ones(self.layout.slots_per_gpu)).reshape(self.gpu_load.shape)
