@@ -96,7 +96,7 @@ def repair_duplicates(state: SlotState, slots: np.ndarray) -> None:
         now, pending, layer = pending[first], pending[~first], layer[first]
         expert, gpu = experts[now], state.slot_gpu[now]
         candidates = layer[:, None] * num_slots + np.arange(num_slots)  # [m, S]
-        allowed = ~held[state.slot_gpu[candidates] * num_experts + expert[:, None]]
+        allowed = ~held[state.slot_held[candidates] + expert[:, None]]
         allowed &= ~held[gpu[:, None] * num_experts + experts[candidates]]
         distance = np.where(allowed, np.abs(slot_load[candidates] - slot_load[now, None]), np.inf)
         best = distance.argmin(axis=1)
@@ -127,7 +127,6 @@ def _slots_to_free(state: SlotState, counts: np.ndarray) -> np.ndarray:
     another replica (no locality lost), then those on heavier GPUs.
     """
     layout = state.layout
-    num_experts = counts.shape[1]
     experts = state.experts.reshape(-1)
     key = state.slot_layer + experts  # [L * S] layer * E + expert
     to_free = (state.counts - counts).reshape(-1)
@@ -143,8 +142,8 @@ def _slots_to_free(state: SlotState, counts: np.ndarray) -> np.ndarray:
     heaviest = state.gpu_load.max(axis=1).clip(1e-300)
     # Preference in [0, 4): 2 for a second replica, 1 if its node keeps another, < 1 heavier.
     preference = state.gpu_load.reshape(-1)[gpu] / heaviest[layer] * 0.999
-    preference += state.node_replicas.reshape(-1)[
-        gpu // layout.gpus_per_node * num_experts + experts[candidate]] > 1
+    preference += state.node_replicas.reshape(-1)[state.slot_node[candidate]
+                                                  + experts[candidate]] > 1
     if second is not None:
         preference += 2.0 * second[candidate]
     # Candidates grouped by layer and expert, the preferred first; the first `to_free` go.
@@ -180,18 +179,17 @@ def reassign_replicas(
     node_replicas = state.node_replicas.reshape(-1)
 
     # Empty the freed slots; the kept ones take their loads under the new counts.
-    freed_gpu = state.slot_gpu[freed]
     gone = experts[freed]
     added = (counts - old_counts).reshape(-1) + np.bincount(state.slot_layer[freed] + gone,
                                                             minlength=counts.size)
-    np.subtract.at(node_replicas, freed_gpu // gpus_per_node * num_experts + gone, 1)
+    np.subtract.at(node_replicas, state.slot_node[freed] + gone, 1)
     experts[freed] = -1
     if state.duplicates:
         occupied = np.flatnonzero(experts >= 0)
         held[:] = False
-        held[state.slot_gpu[occupied] * num_experts + experts[occupied]] = True
+        held[state.slot_held[occupied] + experts[occupied]] = True
     else:
-        held[freed_gpu * num_experts + gone] = False
+        held[state.slot_held[freed] + gone] = False
     per_replica = (state.load / counts).reshape(-1)
     slot_load = per_replica[state.slot_layer + experts]
     slot_load[freed] = 0.0
@@ -282,11 +280,11 @@ def reassign_replicas(
     choice = np.stack(picks, axis=1)  # [L, W]
     slot = free_slots[(rows[:, None] * width + choice).reshape(-1)][real]
     expert = new_expert.reshape(-1)[real]
-    index = state.slot_gpu[slot] * num_experts + expert
+    index = state.slot_held[slot] + expert
     doubled = held[index]
     experts[slot] = expert
     held[index] = True
-    np.add.at(node_replicas, index // (gpus_per_node * num_experts) * num_experts + expert, 1)
+    np.add.at(node_replicas, state.slot_node[slot] + expert, 1)
     slot_load[slot] = new_load.reshape(-1)[real]
     np.add.at(state.gpu_load.reshape(-1), state.slot_gpu[slot], slot_load[slot])
     ordered = np.sort(index)

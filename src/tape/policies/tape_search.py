@@ -60,9 +60,12 @@ def balance_by_swaps(
     use_locality = locality_weight > 0 and layout.num_nodes > 1
     # A blocked swap (an expert onto a GPU that holds it) costs more than any swap can gain.
     penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
+    # Columns of a layer's GPUs sorted by load: the heaviest `pairs`, then the lightest.
+    ends = np.r_[np.arange(num_gpus - 1, num_gpus - 1 - pairs, -1), np.arange(pairs)]
     slot_offset = np.arange(per_gpu)[None, :, None]
     experts_flat = state.experts.reshape(-1)
     slot_load_flat = state.slot_load.reshape(-1)
+    load_flat = state.load.reshape(-1)
     held = state.held.reshape(-1)
     active = state.gpu_load.max(axis=1) > limit
     for _ in range(rounds):
@@ -71,22 +74,20 @@ def balance_by_swaps(
             break
         count = len(layers)
         by_load = np.argsort(state.gpu_load[layers], axis=1)
-        pair_gpu = np.empty((2, count, pairs), dtype=np.int64)  # heavy, light: flat GPUs
-        pair_gpu[0] = by_load[:, : -pairs - 1 : -1]
-        pair_gpu[1] = by_load[:, :pairs]
-        pair_gpu += (layers * num_gpus)[:, None]
-        pair_gpu = pair_gpu.reshape(2, -1)  # [2, P]
-        pair_layer = pair_gpu[0] // num_gpus  # [P]
-        pair_load = state.gpu_load.reshape(-1)[pair_gpu]  # [2, P]
-        half_gap = (pair_load[0] - pair_load[1]) / 2.0  # [P]
+        by_load += (layers * num_gpus)[:, None]  # flat GPUs
+        pair_gpu = by_load[:, ends].reshape(count, 2, pairs).transpose(1, 0, 2).reshape(2, -1)
+        pair_layer = np.repeat(layers, pairs)  # [P]
+        pair_load = state.gpu_load.reshape(-1)[pair_gpu]  # [2, P]: heavy, light
+        half_gap = (pair_load[0] - pair_load[1]) * 0.5  # [P]
 
-        # The pair's slots, slot-major: rows 0..k-1 the heavy GPU's, k..2k-1 the light one's.
-        slots = (pair_gpu[:, None, :] * per_gpu + slot_offset).reshape(2 * per_gpu, -1)
-        experts = experts_flat[slots]  # [2k, P]
+        # The pairs' slots, [2, k, P]: the heavy GPU's k slots, then the light GPU's.
+        slots = pair_gpu[:, None, :] * per_gpu + slot_offset
+        experts = experts_flat[slots]
         slot_load = slot_load_flat[slots]
-        own = np.repeat(pair_gpu, per_gpu, axis=0) * num_experts + experts  # [2k, P]
-        other = np.repeat(pair_gpu[::-1], per_gpu, axis=0) * num_experts + experts
-        charge = penalty * held[other]  # [2k, P] tokens
+        gpu_key = pair_gpu * num_experts
+        own = experts + gpu_key[:, None, :]  # flat indices into `held`
+        other = experts + gpu_key[::-1, None, :]
+        charge = penalty * held[other]  # [2, k, P] tokens
         if use_migration:
             held_before = state.held_before.reshape(-1)
             # +1 when the expert leaves a GPU that held it before, -1 when it returns to one.
@@ -94,20 +95,18 @@ def balance_by_swaps(
             charge += migration_charge[pair_layer] * copies
         if use_locality:
             node_replicas = state.node_replicas.reshape(-1)
-            per_node = layout.gpus_per_node * num_experts
-            own_node = own // per_node * num_experts + experts
-            other_node = other // per_node * num_experts + experts
+            node_key = pair_gpu // layout.gpus_per_node * num_experts  # [2, P]
             # Nodes the swap adds (+1) or removes (-1) for the expert; none within a node.
-            nodes = ((node_replicas[other_node] == 0).view(np.int8)
-                     - (node_replicas[own_node] == 1).view(np.int8))
-            cross = node_charge[pair_layer] * (own_node[0] != other_node[0])  # [P]
-            charge -= state.load.reshape(-1)[state.slot_layer[slots] + experts] * nodes * cross
+            nodes = ((node_replicas[experts + node_key[::-1, None, :]] == 0).view(np.int8)
+                     - (node_replicas[experts + node_key[:, None, :]] == 1).view(np.int8))
+            per_token = node_charge[pair_layer] * (node_key[0] != node_key[1])  # [P]
+            charge -= load_flat[experts + pair_layer * num_experts] * nodes * per_token
 
         # score[i, j, P]: heavy slot i with light slot j; |shift - gap / 2| then the charges.
-        deviation = slot_load[:per_gpu, None, :] - slot_load[None, per_gpu:, :]
+        deviation = slot_load[0, :, None, :] - slot_load[1, None, :, :]  # load moved
         deviation -= half_gap
         np.abs(deviation, out=deviation)
-        score = charge[:per_gpu, None, :] + charge[None, per_gpu:, :]
+        score = charge[0, :, None, :] + charge[1, None, :, :]
         score += deviation
         np.putmask(score, deviation >= half_gap, np.inf)  # no balance gain
         score = score.reshape(per_gpu * per_gpu, -1)

@@ -34,17 +34,17 @@ __all__ = ["SlotState", "slot_indices"]
 
 
 @lru_cache(maxsize=16)
-def slot_indices(
-    num_layers: int, layout: Layout, num_experts: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """`(slot_gpu, slot_layer)`, [L * S] int64 each, read-only: the flat GPU of each flat slot,
-    and `layer * E` of its layer (add an expert: a flat index into [L, E] arrays)."""
+def slot_indices(num_layers: int, layout: Layout, num_experts: int) -> tuple[np.ndarray, ...]:
+    """[L * S] int64 arrays, read-only, for every flat slot: its flat GPU, and the flat index of
+    expert 0 in an [L, E] array (`layer * E`), in `held` (`gpu * E`) and in `node_replicas`
+    (`node * E`): add the slot's expert to get the entry of that expert."""
     slot = np.arange(num_layers * layout.num_replicas)
-    slot_gpu = slot // layout.slots_per_gpu
-    slot_layer = slot // layout.num_replicas * num_experts
-    slot_gpu.flags.writeable = False
-    slot_layer.flags.writeable = False
-    return slot_gpu, slot_layer
+    gpu = slot // layout.slots_per_gpu
+    indices = (gpu, slot // layout.num_replicas * num_experts, gpu * num_experts,
+               gpu // layout.gpus_per_node * num_experts)
+    for array in indices:
+        array.flags.writeable = False
+    return indices
 
 
 @dataclass
@@ -63,7 +63,9 @@ class SlotState:
         held_before: [L, G, E] bool, the GPU held the expert in the previous placement, or None.
         mean_gpu_load: [L] float64, M: each layer's total load / G (1.0 for an idle layer).
         total_load: [L] float64, F: each layer's total load (1.0 for an idle layer).
-        slot_gpu, slot_layer: [L * S] int64, read-only (`slot_indices`).
+        slot_gpu, slot_layer, slot_held, slot_node: [L * S] int64, read-only, for each flat
+            slot: its flat GPU, and the flat index of expert 0 of its layer in [L, E] arrays,
+            of its GPU in `held`, of its node in `node_replicas` (`slot_indices`).
         duplicates: some GPU held two replicas of one expert when the state was built.
     """
 
@@ -80,6 +82,8 @@ class SlotState:
     total_load: np.ndarray
     slot_gpu: np.ndarray
     slot_layer: np.ndarray
+    slot_held: np.ndarray
+    slot_node: np.ndarray
     duplicates: bool
 
     @classmethod
@@ -96,24 +100,25 @@ class SlotState:
         With `in_force` (the placement is the one in force), `held_before` is its holdings.
         """
         num_layers, num_experts = load.shape
-        slot_gpu, slot_layer = slot_indices(num_layers, layout, num_experts)
+        slot_gpu, slot_layer, slot_held, slot_node = slot_indices(num_layers, layout, num_experts)
         flat = experts.reshape(-1)
-        counts = np.bincount(slot_layer + flat, minlength=load.size)
         total = load.sum(axis=1)
         state = cls(
             layout=layout,
             load=load,
             experts=experts,
-            counts=counts.reshape(load.shape),
+            counts=np.bincount(slot_layer + flat, minlength=load.size).reshape(load.shape),
             slot_load=np.empty(experts.shape),
             gpu_load=np.empty((num_layers, layout.num_gpus)),
             held=np.zeros((num_layers, layout.num_gpus, num_experts), dtype=bool),
-            node_replicas=np.zeros((num_layers, layout.num_nodes, num_experts), dtype=np.int64),
+            node_replicas=np.empty((num_layers, layout.num_nodes, num_experts), dtype=np.int64),
             held_before=None,
             mean_gpu_load=np.where(total > 0, total / layout.num_gpus, 1.0),
             total_load=np.where(total > 0, total, 1.0),
             slot_gpu=slot_gpu,
             slot_layer=slot_layer,
+            slot_held=slot_held,
+            slot_node=slot_node,
             duplicates=False,
         )
         state.reload()
@@ -121,14 +126,13 @@ class SlotState:
         if in_force:
             # A fresh scatter: much cheaper than copying `held` (most of it is never touched).
             held_before = np.zeros(state.held.size, dtype=bool)
-            held_before[slot_gpu * num_experts + flat] = True
+            held_before[slot_held + flat] = True
             state.held_before = held_before.reshape(state.held.shape)
         return state
 
     def reload(self, layers: np.ndarray | None = None) -> None:
         """Recompute holdings, node replicas and loads of `layers` (default all) from `experts`
         (no -1) and `counts`."""
-        num_experts = self.load.shape[1]
         slots = slice(None)
         if layers is not None:
             self.held[layers] = False
@@ -136,9 +140,8 @@ class SlotState:
             slots = (layers[:, None] * self.layout.num_replicas
                      + np.arange(self.layout.num_replicas)).reshape(-1)
         experts = self.experts.reshape(-1)[slots]
-        gpu = self.slot_gpu[slots]
-        self.held.reshape(-1)[gpu * num_experts + experts] = True
-        node = gpu // self.layout.gpus_per_node * num_experts + experts
+        self.held.reshape(-1)[self.slot_held[slots] + experts] = True
+        node = self.slot_node[slots] + experts
         if layers is None:
             self.node_replicas = np.bincount(node, minlength=self.node_replicas.size).reshape(
                 self.node_replicas.shape)
@@ -160,28 +163,25 @@ class SlotState:
         No GPU may appear in two pairs, and neither expert of a pair may already be on the
         other's GPU.
         """
-        num_experts = self.load.shape[1]
         experts = self.experts.reshape(-1)
         slot_load = self.slot_load.reshape(-1)
         first, second = experts[first_slot], experts[second_slot]
-        first_load, second_load = slot_load[first_slot], slot_load[second_slot]
         experts[first_slot], experts[second_slot] = second, first
+        first_load, second_load = slot_load[first_slot], slot_load[second_slot]
         slot_load[first_slot], slot_load[second_slot] = second_load, first_load
+        shift = first_load - second_load
         gpu_load = self.gpu_load.reshape(-1)
-        first_gpu, second_gpu = self.slot_gpu[first_slot], self.slot_gpu[second_slot]
-        gpu_load[first_gpu] += second_load - first_load
-        gpu_load[second_gpu] += first_load - second_load
+        gpu_load[self.slot_gpu[first_slot]] -= shift
+        gpu_load[self.slot_gpu[second_slot]] += shift
         held = self.held.reshape(-1)
-        first_gpu *= num_experts
-        second_gpu *= num_experts
-        held[first_gpu + first] = False
-        held[second_gpu + second] = False
-        held[first_gpu + second] = True
-        held[second_gpu + first] = True
+        first_held, second_held = self.slot_held[first_slot], self.slot_held[second_slot]
+        held[first_held + first] = False
+        held[second_held + second] = False
+        held[first_held + second] = True
+        held[second_held + first] = True
         # Two swaps of one layer may move replicas of one expert out of (or into) one node.
-        first_node = first_gpu // (self.layout.gpus_per_node * num_experts) * num_experts
-        second_node = second_gpu // (self.layout.gpus_per_node * num_experts) * num_experts
-        moves = np.concatenate([first_node + first, second_node + first,
-                                second_node + second, first_node + second])
-        change = np.repeat(np.array([-1, 1, -1, 1]), len(first))
+        first_node, second_node = self.slot_node[first_slot], self.slot_node[second_slot]
+        moves = np.concatenate([first_node + first, second_node + second,
+                                second_node + first, first_node + second])
+        change = np.repeat(np.array([-1, -1, 1, 1]), len(first))
         np.add.at(self.node_replicas.reshape(-1), moves, change)
