@@ -75,16 +75,18 @@ def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.
     return experts
 
 
-def repair_duplicates(state: SlotState, slots: np.ndarray) -> None:
+def repair_duplicates(
+    state: SlotState, slots: np.ndarray, preferred: np.ndarray | None = None
+) -> None:
     """Move each replica in `slots` (flat slot indices) off its GPU, which holds its expert twice.
 
     The replica swaps with the slot of another GPU whose load is closest to its own, among
-    slots whose expert is not on the replica's GPU, on GPUs without the replica's expert. Such a
-    slot exists whenever k <= E (slots per GPU at most the experts). All layers at once, one
-    replica per layer per round.
+    slots whose expert is not on the replica's GPU, on GPUs without the replica's expert; among
+    the `preferred` slots ([L * S] bool) first, if given. Such a slot exists whenever k <= E
+    (slots per GPU at most the experts). All layers at once, one replica per layer per round.
     """
     layout = state.layout
-    num_experts, num_slots = state.load.shape[1], layout.num_replicas
+    num_slots = layout.num_replicas
     experts = state.experts.reshape(-1)
     slot_load = state.slot_load.reshape(-1)
     held = state.held.reshape(-1)
@@ -94,15 +96,18 @@ def repair_duplicates(state: SlotState, slots: np.ndarray) -> None:
         first = np.ones(len(pending), dtype=bool)
         first[1:] = layer[1:] != layer[:-1]
         now, pending, layer = pending[first], pending[~first], layer[first]
-        expert, gpu = experts[now], state.slot_gpu[now]
+        expert, own_held = experts[now], state.slot_held[now]
         candidates = layer[:, None] * num_slots + np.arange(num_slots)  # [m, S]
         allowed = ~held[state.slot_held[candidates] + expert[:, None]]
-        allowed &= ~held[gpu[:, None] * num_experts + experts[candidates]]
-        distance = np.where(allowed, np.abs(slot_load[candidates] - slot_load[now, None]), np.inf)
+        allowed &= ~held[own_held[:, None] + experts[candidates]]
+        distance = np.abs(slot_load[candidates] - slot_load[now, None])
+        if preferred is not None:
+            distance += np.where(preferred[candidates], 0.0, 2.0 * state.total_load.max())
+        distance = np.where(allowed, distance, np.inf)
         best = distance.argmin(axis=1)
         assert np.isfinite(distance[np.arange(len(now)), best]).all(), "k <= E gives a partner"
         state.swap(now, candidates[np.arange(len(now)), best])
-        held[gpu * num_experts + expert] = True  # the GPU keeps its other replica
+        held[own_held + expert] = True  # the GPU keeps its other replica
 
 
 def second_replicas(experts: np.ndarray) -> np.ndarray:
@@ -291,7 +296,10 @@ def reassign_replicas(
     if doubled.any() or (ordered[1:] == ordered[:-1]).any():
         again = np.ones(len(index), dtype=bool)
         again[np.unique(index, return_index=True)[1]] = False  # a second new replica
-        repair_duplicates(state, slot[doubled | again])
+        # A swap with another new replica moves no kept expert (no extra weight copy).
+        refilled = np.zeros(experts.size, dtype=bool)
+        refilled[slot] = True
+        repair_duplicates(state, slot[doubled | again], preferred=refilled)
 
 
 def keep_previous_slots(
