@@ -12,8 +12,11 @@ as `history`; locality dispatch. For each trace it prints, per policy:
   holding a replica of a hot expert in one more node);
 - the realistic model's forward-step time (tape.costmodel, H800 preset, locality dispatch) as
   a ratio to deepseek's: what balance and locality together buy;
-- runtime per rebalance (the protocol's timing of each call) and its ratio to the numpy
-  reading of DeepSeek's reference (benchmarks/reference_eplb.py, timed on the same windows).
+- runtime per rebalance (the protocol's timing of each call) and its ratio to DeepSeek's
+  reference timed on the same windows: the torch reading (benchmarks/reference_eplb_torch.py,
+  the reference's own operations on CPU tensors, about 0.5 s a call) when torch is installed,
+  else the numpy loop reading (benchmarks/reference_eplb.py, about 40 ms); the script says
+  which, and prints the ratio to the numpy reading too.
 
 Policies: `deepseek`; `tape` (the "all" preset unless --preset); and "incremental", the simple
 scheme the issue names as the bar to clear: EPLB's replica counts on the newest window, the
@@ -22,12 +25,12 @@ the heaviest and the lightest GPU per layer, no migration charge, no locality.
 
 Targets (all at once, one parameter set): balancedness >= deepseek + 0.08; moved experts <=
 10% of deepseek's; inter-node tokens <= 85% of deepseek's; runtime <= 1/50 of the reference
-reading. Traces: TAPE's synthetic DeepSeek-V3 trace, seed 0 (with seeds 10, 11 and 12, the
+(the torch reading when torch is installed). Traces: TAPE's synthetic DeepSeek-V3 trace, seed 0 (with seeds 10, 11 and 12, the
 presets' tuning set), and traces they were not tuned on: other seeds, 16 GPUs in 2 nodes, a
 sharper skew, 128 experts on 16 GPUs in 4 nodes, and short (noisy) windows of 10 steps.
 
-Run: python benchmarks/bench_tape_policy.py [--quick] [--preset NAME]  (a few minutes;
---quick: two traces)
+Run: python benchmarks/bench_tape_policy.py [--quick] [--preset NAME] [--param NAME=VALUE ...]
+(a few minutes, more with torch; --quick: two traces; --param overrides a preset parameter)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +63,8 @@ TARGET_MOVED_RATIO = 0.10
 TARGET_IB_RATIO = 0.85
 TARGET_SPEEDUP = 50.0
 INCREMENTAL_SWAP_ROUNDS = 12
+TORCH_WINDOWS = 3  # the torch reading takes about half a second a call
+INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
 
 
 @dataclass(frozen=True)
@@ -116,14 +122,44 @@ def incremental_source(layout: Layout):
     return source
 
 
-def reference_seconds(windows: np.ndarray, layout: Layout) -> float:
-    """Mean seconds per call of the reference reading on windows 0..W-2 (after a warm-up)."""
+@dataclass(frozen=True)
+class Reading:
+    """A reading of DeepSeek's reference to time against."""
+
+    name: str
+    rebalance: Callable[..., object]
+    convert: Callable[[np.ndarray], object]  # a window as the reading's input
+    max_windows: int  # windows timed per trace
+
+
+def readings() -> list[Reading]:
+    """The numpy loop reading, and the torch reading first when torch is installed."""
+    numpy_reading = Reading("numpy loop reading (benchmarks/reference_eplb.py)",
+                            reference_eplb.rebalance_experts, np.asarray, 1_000)
+    try:
+        import reference_eplb_torch
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        return [numpy_reading]
+    import torch
+
+    name = (f"torch reading (benchmarks/reference_eplb_torch.py, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads)")
+    return [Reading(name, reference_eplb_torch.rebalance_experts, torch.from_numpy,
+                    TORCH_WINDOWS), numpy_reading]
+
+
+def reference_seconds(reading: Reading, windows: np.ndarray, layout: Layout) -> float:
+    """Mean seconds per call of `reading` on windows 0.. (at most its `max_windows`), after a
+    warm-up; inputs converted before timing, as the reference receives them."""
     arguments = (layout.num_replicas, layout.num_groups, layout.num_nodes, layout.num_gpus)
-    reference_eplb.rebalance_experts(windows[0], *arguments)
+    inputs = [reading.convert(window) for window in windows[:-1][: reading.max_windows]]
+    reading.rebalance(inputs[0], *arguments)
     start = time.perf_counter()
-    for window in windows[:-1]:
-        reference_eplb.rebalance_experts(window, *arguments)
-    return (time.perf_counter() - start) / (len(windows) - 1)
+    for weight in inputs:
+        reading.rebalance(weight, *arguments)
+    return (time.perf_counter() - start) / len(inputs)
 
 
 def locality_bound(windows: np.ndarray, layout: Layout) -> float:
@@ -154,31 +190,35 @@ def summary(score) -> dict[str, float]:
     }
 
 
-def run_case(case: Case, preset: str) -> dict[str, bool]:
+def run_case(case: Case, params: dict[str, object], timed: list[Reading]) -> dict[str, bool]:
     windows = case_windows(case)
     layout = case.layout
     scoring = {"dispatch": "locality", "steps_per_window": case.interval}
     results = {
         "deepseek": summary(score_policy("deepseek", windows, layout, **scoring)),
-        "tape": summary(score_policy("tape", windows, layout, params={"preset": preset},
-                                     **scoring)),
+        "tape": summary(score_policy("tape", windows, layout, params=params, **scoring)),
     }
     source = incremental_source(layout)
     source(0, windows[0], None, windows[:0])  # warm-up, as score_policy does
     results["incremental"] = summary(score_replay(replay(source, windows), windows, layout,
                                                   **scoring))
-    reference = reference_seconds(windows, layout)
+    seconds = [reference_seconds(reading, windows, layout) for reading in timed]
+    reference = seconds[0]
+    numpy_seconds = seconds[-1]
     base = results["deepseek"]
     print(f"\n{case.name}: {windows.shape[0]} windows, {windows.shape[1]} layers, "
           f"{windows.shape[2]} experts, S={layout.num_replicas}, G={layout.num_gpus}, "
-          f"N={layout.num_nodes}; reference reading {reference * 1e3:.1f} ms per call")
+          f"N={layout.num_nodes}; reference "
+          + ", ".join(f"{reading.name.split(' (')[0]} {value * 1e3:.1f} ms per call"
+                      for reading, value in zip(timed, seconds)))
     print(f"  {'policy':<12} {'balance':>8} {'vs ds':>7} {'moved':>8} {'ratio':>6} "
-          f"{'IB ratio':>8} {'step':>6} {'ms/call':>8} {'x ref':>7}")
+          f"{'IB ratio':>8} {'step':>6} {'ms/call':>8} {'ref/ms':>8} {'numpy/ms':>8}")
     for name, result in results.items():
         print(f"  {name:<12} {result['balance']:8.4f} {result['balance'] - base['balance']:+7.4f} "
               f"{result['moved']:8.0f} {result['moved'] / base['moved']:6.3f} "
               f"{result['ib'] / base['ib']:8.3f} {result['step'] / base['step']:6.3f} "
-              f"{result['seconds'] * 1e3:8.2f} {result['seconds'] / reference:7.4f}")
+              f"{result['seconds'] * 1e3:8.2f} {reference / result['seconds']:7.1f}x "
+              f"{numpy_seconds / result['seconds']:7.1f}x")
     print(f"  inter-node tokens no placement can beat (knowing window i+1): "
           f"{locality_bound(windows, layout) / base['ib']:.3f} of deepseek's")
     tape_result = results["tape"]
@@ -195,13 +235,28 @@ def run_case(case: Case, preset: str) -> dict[str, bool]:
     return checks
 
 
+def parameter(text: str) -> tuple[str, float | int]:
+    """`NAME=VALUE` as (name, int or float value)."""
+    name, _, value = text.partition("=")
+    number = float(value)
+    return name, int(number) if number.is_integer() and name in INTEGER_PARAMETERS else number
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the first two traces")
     parser.add_argument("--preset", default="all", help="tape preset (default: all)")
+    parser.add_argument("--param", action="append", default=[], type=parameter,
+                        help="NAME=VALUE overriding a preset parameter (repeatable)")
     arguments = parser.parse_args()
+    params = {"preset": arguments.preset, **dict(arguments.param)}
+    timed = readings()
+    print(f"tape parameters: {params}")
+    print(f"reference to time against: {timed[0].name}")
+    if len(timed) == 1:
+        print("torch not installed: pip install torch==2.13.0 to time against the torch reading")
     cases = CASES[:2] if arguments.quick else CASES
-    outcomes = [run_case(case, arguments.preset) for case in cases]
+    outcomes = [run_case(case, params, timed) for case in cases]
     print("\nTargets met on every trace:")
     for name in outcomes[0]:
         met = sum(outcome[name] for outcome in outcomes)
