@@ -29,6 +29,9 @@ from tape.policies.tape_state import SlotState
 
 __all__ = ["balance_by_swaps"]
 
+_NO_GAIN = 1e300
+"""Added to the score of a swap that does not lower the pair's larger load: never chosen."""
+
 
 def balance_by_swaps(
     state: SlotState,
@@ -61,7 +64,7 @@ def balance_by_swaps(
     # A blocked swap (an expert onto a GPU that holds it) costs more than any swap can gain.
     penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
     # Columns of a layer's GPUs sorted by load: the heaviest `pairs`, then the lightest.
-    ends = np.r_[np.arange(num_gpus - 1, num_gpus - 1 - pairs, -1), np.arange(pairs)]
+    ends = np.concatenate([np.arange(num_gpus - 1, num_gpus - 1 - pairs, -1), np.arange(pairs)])
     slot_offset = np.arange(per_gpu)[None, :, None]
     experts_flat = state.experts.reshape(-1)
     slot_load_flat = state.slot_load.reshape(-1)
@@ -102,13 +105,14 @@ def balance_by_swaps(
             per_token = node_charge[pair_layer] * (node_key[0] != node_key[1])  # [P]
             charge -= load_flat[experts + pair_layer * num_experts] * nodes * per_token
 
-        # score[i, j, P]: heavy slot i with light slot j; |shift - gap / 2| then the charges.
-        deviation = slot_load[0, :, None, :] - slot_load[1, None, :, :]  # load moved
-        deviation -= half_gap
-        np.abs(deviation, out=deviation)
-        score = charge[0, :, None, :] + charge[1, None, :, :]
-        score += deviation
-        np.putmask(score, deviation >= half_gap, np.inf)  # no balance gain
+        # score[i, j, P]: heavy slot i with light slot j; |shift - gap / 2| (the pair's larger
+        # load after the swap, less the mean of the two), then the charges; one buffer.
+        score = slot_load[0, :, None, :] - slot_load[1, None, :, :]  # load moved
+        score -= half_gap
+        np.abs(score, out=score)
+        score += (score >= half_gap) * _NO_GAIN
+        score += charge[0, :, None, :]
+        score += charge[1, None, :, :]
         score = score.reshape(per_gpu * per_gpu, -1)
         best = score.argmin(axis=0)  # [P]
         gain = half_gap - score[best, np.arange(len(best))]
