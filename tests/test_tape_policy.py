@@ -9,9 +9,11 @@ import tape.policies.tape_policy  # noqa: F401  (registers "tape")
 from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
 from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_forecast import forecast_load
+from tape.policies.tape_forecast import CANDIDATES, forecast_load, smoothing_coefficients
 from tape.policies.tape_packing import dealt_placement, keep_previous_slots
 from tape.policies.tape_policy import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
+from tape.policies.tape_search import balance_by_swaps
+from tape.policies.tape_state import SlotState
 
 LAYOUT = Layout(num_replicas=40, num_groups=4, num_nodes=2, num_gpus=8)  # k = 5, E = 32
 
@@ -118,7 +120,7 @@ def test_identical_load_keeps_every_slot():
     placement = tape_policy(weight, LAYOUT)
     again = tape_policy(weight, LAYOUT, previous=placement, history=weight[None])
     assert moved_experts(placement.phy2log, again.phy2log, LAYOUT) == 0
-    assert np.array_equal(placement.phy2log, again.phy2log)
+    assert again is placement  # nothing changed: the placement in force is returned as is
 
 
 def test_previous_with_two_replicas_on_a_gpu_is_repaired():
@@ -228,6 +230,39 @@ def test_forecast_backtests_its_smoothing():
     assert np.allclose(forecast_load(np.array([a]), steady, 0.1), [a])
 
 
+def plain_forecast(weight, history, floor):
+    """The forecast read as plain loops: backtest every smoothing, keep the best level."""
+    windows = list(history[-15:]) + [weight]
+    shares = [w / w.sum(axis=1, keepdims=True) for w in windows]
+    best = None
+    for smoothing in floor ** np.linspace(1.0, 0.0, CANDIDATES):
+        level, error = shares[0].copy(), 0.0
+        for window in shares[1:]:
+            error += float(((level - window) ** 2).sum())
+            level = level + smoothing * (window - level)
+        if best is None or error <= best[0] * (1 + 1e-9):  # the largest smoothing on ties
+            best = (error, level)
+    level = best[1]
+    return level / level.sum(axis=1, keepdims=True) * weight.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("floor", [0.1, 0.4])
+def test_forecast_matches_a_plain_loop_backtest(floor):
+    rng = np.random.default_rng(20)
+    base = rng.random((3, 16)) * 100 + 1
+    windows = np.array([base * np.exp(rng.normal(0, 0.6, base.shape)) for _ in range(20)])
+    for count in (2, 5, 20):  # more than 16 windows: only the last 16 are read
+        expected = plain_forecast(windows[count - 1], windows[:count - 1], floor)
+        assert np.allclose(forecast_load(windows[count - 1], windows[:count - 1], floor), expected)
+
+
+def test_smoothing_coefficients_by_hand():
+    # Smoothing 1/2 over 3 windows: level_0 = s0, level_1 = s0/2 + s1/2,
+    # level_2 = s0/4 + s1/4 + s2/2.
+    weights = smoothing_coefficients(np.array([0.5]), 3)[0]
+    assert np.allclose(weights, [[1, 0, 0], [0.5, 0.5, 0], [0.25, 0.25, 0.5]])
+
+
 def plain_eplb_counts(load, slots):
     """DeepSeek EPLB's replicate_experts, read as a plain loop: next slot to max load/count."""
     counts = [1] * len(load)
@@ -243,6 +278,14 @@ def test_replica_counts_are_eplbs_without_spread_or_margin():
     counts = replica_counts(load, LAYOUT, node_spread=0.0, keep_margin=0.0, previous_counts=None)
     for layer in range(5):
         assert counts[layer].tolist() == plain_eplb_counts(load[layer].tolist(), 40)
+
+
+def test_replica_count_ties_go_to_the_lowest_expert():
+    # Integer loads with many equal per-replica loads (8 / 2 = 4 = 4 / 1): EPLB's greedy takes
+    # the lowest expert among equals at every step.
+    load = np.array([[8.0, 4.0, 4.0, 2.0, 2.0, 2.0, 1.0, 1.0] * 4])
+    counts = replica_counts(load, LAYOUT, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    assert counts[0].tolist() == plain_eplb_counts(load[0].tolist(), 40)
 
 
 def test_node_spread_and_keep_margin_steer_replica_counts():
@@ -281,8 +324,73 @@ def test_keep_previous_slots_puts_staying_experts_back():
     assert kept.tolist() == [[[0, 6, 2], [3, 4, 5]]]
 
 
+def plain_best_swap(state, layer, heavy, light, migration_weight, locality_weight):
+    """The objective's best swap between two GPUs, read as plain loops (tape_state doc)."""
+    layout, load = state.layout, state.load[layer]
+    mean = load.sum() / layout.num_gpus
+    node_of = layout.gpu_node
+    experts = state.experts[layer].tolist()
+    before = [set(np.flatnonzero(row)) for row in state.held_before[layer]]
+
+    def objective(placement):
+        gpu_load = [sum(load[e] / state.counts[layer, e] for e in row) for row in placement]
+        moves = sum(e not in before[g] for g, row in enumerate(placement) for e in row)
+        nodes = {e: {node_of[g] for g, row in enumerate(placement) if e in row} for e in
+                 range(len(load))}
+        cross = sum(load[e] * (layout.num_nodes - len(n)) / layout.num_nodes
+                    for e, n in nodes.items())
+        return (max(gpu_load[heavy], gpu_load[light]) / mean + migration_weight * moves
+                + locality_weight * cross / load.sum())
+
+    start, best = objective(experts), None
+    heavy_load = sum(load[e] / state.counts[layer, e] for e in experts[heavy])
+    for i, give in enumerate(experts[heavy]):
+        for j, take in enumerate(experts[light]):
+            if give in experts[light] or take in experts[heavy]:
+                continue
+            swapped = [row.copy() for row in experts]
+            swapped[heavy][i], swapped[light][j] = take, give
+            light_after = sum(load[e] / state.counts[layer, e] for e in swapped[light])
+            heavy_after = sum(load[e] / state.counts[layer, e] for e in swapped[heavy])
+            if max(heavy_after, light_after) >= heavy_load:
+                continue  # the pair's larger load must fall
+            gain = start - objective(swapped)
+            if gain > 1e-9 and (best is None or gain > best[0] + 1e-9):
+                best = (gain, i, j)
+    return best
+
+
+@pytest.mark.parametrize("migration_weight, locality_weight", [(0.0, 0.0), (0.3, 0.0),
+                                                                (0.05, 50.0)])
+def test_one_swap_round_makes_the_plain_loop_best_swap(migration_weight, locality_weight):
+    rng = np.random.default_rng(21)
+    load = np.round(np.exp(rng.normal(0.0, 1.0, (4, 32))) * 100.0)
+    counts = replica_counts(load, LAYOUT, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    experts = dealt_placement(load, counts, LAYOUT)
+    experts = np.stack([layer[rng.permutation(LAYOUT.num_gpus)] for layer in experts])
+    state = SlotState.build(load, experts.copy(), LAYOUT, in_force=True)
+    state.held_before = state.held_before[:, rng.permutation(LAYOUT.num_gpus)]  # other GPUs
+    gpu_load = state.gpu_load.copy()
+    expected = []
+    for layer in range(4):
+        order = np.argsort(gpu_load[layer])
+        heavy, light = order[-1], order[0]
+        best = plain_best_swap(state, layer, heavy, light, migration_weight, locality_weight)
+        expected.append(None if best is None else (heavy, best[1], light, best[2]))
+    balance_by_swaps(state, rounds=1, pairs=1, migration_weight=migration_weight,
+                     locality_weight=locality_weight, tolerance=0.0)
+    for layer, swap in enumerate(expected):
+        changed = np.argwhere(state.experts[layer] != experts[layer])
+        if swap is None:
+            assert len(changed) == 0
+        else:
+            heavy, i, light, j = swap
+            assert sorted(map(tuple, changed.tolist())) == sorted([(heavy, i), (light, j)])
+            assert state.experts[layer, heavy, i] == experts[layer, light, j]
+
+
 def test_presets_and_search_space_cover_every_parameter():
-    assert set(PRESETS) == {"balance", "balance-migration", "all"}
+    assert set(PRESETS) == {"balance", "balance-migration", "all", "fast"}
     for values in PRESETS.values():
         assert set(values) == set(PARAMETER_HELP)
     assert set(SEARCH_SPACE) == set(PARAMETER_HELP)
@@ -294,7 +402,7 @@ def test_presets_and_search_space_cover_every_parameter():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"preset": "fast"}, "unknown tape preset"),
+        ({"preset": "turbo"}, "unknown tape preset"),
         ({"speed": 3}, "unknown tape parameter"),
         ({"smoothing_floor": 0.0}, "smoothing_floor"),
         ({"smoothing_floor": 1.5}, "smoothing_floor"),
@@ -317,6 +425,8 @@ def test_bad_inputs_are_rejected():
         tape_policy(-skewed_load(0), LAYOUT)
     with pytest.raises(TraceError):
         tape_policy(skewed_load(0), LAYOUT, history=np.ones((2, 3, 32)))
+    with pytest.raises(TraceError, match="history"):
+        tape_policy(skewed_load(0), LAYOUT, history=np.full((2, 6, 32), np.nan))
     with pytest.raises(PlacementError):
         tape_policy(skewed_load(0), LAYOUT, previous=Placement(np.tile(np.arange(40) % 32, (5, 1)), 32))
     with pytest.raises(PolicyError, match="slots per GPU"):

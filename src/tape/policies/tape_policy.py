@@ -67,7 +67,7 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "migration_weight": (0.002, 0.2, "log"),
     "locality_weight": (0.0, 200.0, "float"),
     "tolerance": (0.0, 0.1, "float"),
-    "search_rounds": (1, 48, "int"),
+    "search_rounds": (0, 48, "int"),
     "pairs_per_round": (1, 8, "int"),
 }
 """Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
@@ -103,8 +103,20 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "search_rounds": 4,
         "pairs_per_round": 4,
     },
+    "fast": {
+        "smoothing_floor": 1.0,
+        "node_spread": 0.0,
+        "keep_margin": 0.1,
+        "migration_weight": 0.04,
+        "locality_weight": 0.0,
+        "tolerance": 0.0,
+        "search_rounds": 1,
+        "pairs_per_round": 8,
+    },
 }
-"""Parameter sets per objective: balance only; balance and migration; all three (default)."""
+"""Parameter sets per objective: balance only; balance and migration; all three (default);
+balance and migration at the least runtime (no forecast backtest, no locality terms, one round
+of swaps)."""
 
 _INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
 _UPPER_BOUNDS = {"smoothing_floor": 1.0}
@@ -250,7 +262,7 @@ def tape_policy(
         history: [W, L, E] tokens of the earlier windows, oldest first, or None. The forecast
             reads (and checks) the last 15 (`tape_forecast.MEMORY` - 1), none when
             `smoothing_floor` is 1.
-        preset: "balance", "balance-migration" or "all" (PRESETS).
+        preset: "balance", "balance-migration", "all" or "fast" (PRESETS).
         **params: overrides of the preset's parameters (PARAMETER_HELP, SEARCH_SPACE).
 
     Returns:
