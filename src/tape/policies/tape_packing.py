@@ -329,16 +329,13 @@ def keep_previous_slots(
     changed = np.unique(gpu[misplaced])  # flat GPUs
     new = experts.reshape(-1, per_gpu)[changed]  # [n, k]
     old = previous.reshape(-1, per_gpu)[changed]
-    same_old = old[:, :, None] == old[:, None, :]
-    first_of_its_expert = ~np.tril(same_old, k=-1).any(axis=2)
-    kept_slot = first_of_its_expert & (old[:, :, None] == new[:, None, :]).any(axis=2)
-    arrives = ~(new[:, :, None] == old[:, None, :]).any(axis=2)
-    # Arriving experts in their current order, then the kept ones (unused); free slots first.
-    arrivals = np.take_along_axis(new, np.argsort(~arrives, axis=1, kind="stable"), axis=1)
-    free_first = np.argsort(kept_slot, axis=1, kind="stable")
-    rank = np.empty_like(free_first)
-    np.put_along_axis(rank, free_first, np.broadcast_to(np.arange(per_gpu), free_first.shape), 1)
+    first_of_its_expert = ~np.tril(old[:, :, None] == old[:, None, :], k=-1).any(axis=2)
+    same = old[:, :, None] == new[:, None, :]  # [n, old slot, new slot]
+    kept_slot = first_of_its_expert & same.any(axis=2)
+    arrives = ~same.any(axis=1)  # [n, new slot]: the expert was not on the GPU
+    # As many arriving experts as free slots on every GPU: they fill them in slot order.
+    reordered = np.where(kept_slot, old, 0)
+    reordered.reshape(-1)[np.flatnonzero(~kept_slot)] = new.reshape(-1)[np.flatnonzero(arrives)]
     result = experts.copy()
-    result.reshape(-1, per_gpu)[changed] = np.where(
-        kept_slot, old, np.take_along_axis(arrivals, rank, axis=1))
+    result.reshape(-1, per_gpu)[changed] = reordered
     return result
