@@ -18,6 +18,8 @@ from tape.evolution.settings import SMALL_SYNTHETIC, EvaluationSettings
 from tape.placement import Placement
 
 SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
+# 1000 steps: the held-out quarter covers two window pairs, not one.
+LONGER = EvaluationSettings(version=2, **{**SMALL_SYNTHETIC, "synthetic_steps": 1000})
 HAS_TAPE_POLICY = importlib.util.find_spec("tape.policies.tape_policy") is not None
 
 
@@ -26,7 +28,7 @@ def spare_to_hot(weight, layout, *, previous=None, history=None, hot_share=0.0):
     the experts with the largest load per replica, the rest round-robin from expert 0."""
     layers, experts = weight.shape
     spare = layout.num_replicas - experts
-    greedy = int(round(hot_share * spare))
+    greedy = round(hot_share * spare)
     count = np.ones((layers, experts))
     columns = [np.tile(np.arange(experts), (layers, 1))]
     for _ in range(greedy):
@@ -132,16 +134,16 @@ needs_tape_policy = pytest.mark.skipif(not HAS_TAPE_POLICY, reason="tape policy 
 def test_tuning_the_tape_policy_beats_deepseek_and_the_program_runs_sandboxed(tmp_path):
     from tape.protocol import score_policy, score_program
 
-    result = tuning.tune(SMALL, trials=6, seed=0, holdout=0.25)
+    result = tuning.tune(LONGER, trials=6, seed=0, holdout=0.25)
     assert result.policy == "tape"
     assert result.tuned.metrics["combined_score"] >= result.deepseek.metrics["combined_score"]
-    paths = tuning.write_outputs(result, SMALL, tmp_path / "out", trials=6, seed=0,
+    paths = tuning.write_outputs(result, LONGER, tmp_path / "out", trials=6, seed=0,
                                  holdout=0.25)
     # The program file, run in the sandbox, places exactly as the tuned policy under the
     # protocol (it keeps its previous placement and the earlier windows itself).
-    sandboxed = score_program(paths["program"], SMALL.windows(), SMALL.layout(), version=2,
+    sandboxed = score_program(paths["program"], LONGER.windows(), LONGER.layout(), version=2,
                               timeout_s=30)
-    direct = score_policy("tape", SMALL.windows(), SMALL.layout(), version=2,
+    direct = score_policy("tape", LONGER.windows(), LONGER.layout(), version=2,
                           params=result.best_params)
     assert sandboxed.error is None
     for placed, expected in zip(sandboxed.placements, direct.placements):

@@ -57,8 +57,8 @@ class Placement:
         offsets = np.arange(num_layers, dtype=np.int64)[:, None] * num_experts
         logcnt = np.bincount((phy2log + offsets).ravel(), minlength=num_layers * num_experts)
         logcnt = logcnt.reshape(num_layers, num_experts)
-        missing = np.argwhere(logcnt == 0)
-        if len(missing):
+        if not logcnt.all():
+            missing = np.argwhere(logcnt == 0)
             layer, expert = missing[0]
             raise PlacementError(
                 f"expert {expert} of layer {layer} has no replica "
@@ -120,10 +120,14 @@ class Placement:
             )
         if log2phy.min() < -1 or log2phy.max() >= num_slots:
             raise PlacementError(f"log2phy holds slot ids outside [-1, {num_slots - 1}]")
-        valid = log2phy >= 0
-        expected_valid = np.arange(log2phy.shape[2]) < self.logcnt[..., None]
-        if np.any(valid != expected_valid):
-            counts = valid.sum(axis=2)
+        width = log2phy.shape[2]
+        flat = log2phy.reshape(-1)
+        valid = flat >= 0
+        # Entry r of expert e is a slot exactly when r < logcnt[e] (slots before padding).
+        expected = np.tile(np.arange(width), num_layers * self.num_experts)
+        expected = expected < np.repeat(self.logcnt.reshape(-1), width)
+        if not np.array_equal(valid, expected):
+            counts = (log2phy >= 0).sum(axis=2)
             if np.any(counts != self.logcnt):
                 layer, expert = np.argwhere(counts != self.logcnt)[0]
                 raise PlacementError(
@@ -131,23 +135,28 @@ class Placement:
                     f"{layer} but phy2log holds {self.logcnt[layer, expert]}"
                 )
             raise PlacementError("log2phy must list each expert's slots before its -1 padding")
-        layer_offsets = np.arange(num_layers, dtype=np.int64)[:, None, None] * num_slots
-        listed = np.where(valid, log2phy, 0) + layer_offsets
-        holds = self.phy2log.reshape(-1)[listed]
-        wrong = valid & (holds != np.arange(self.num_experts)[None, :, None])
-        if np.any(wrong):
-            layer, expert, rank = np.argwhere(wrong)[0]
-            slot = log2phy[layer, expert, rank]
+        # The L * S listed slots, by layer, expert and rank, as indices into phy2log's flat view.
+        listed = flat[valid] + np.repeat(np.arange(num_layers) * num_slots, num_slots)
+        experts = np.repeat(np.tile(np.arange(self.num_experts), num_layers),
+                            self.logcnt.reshape(-1))
+        holds = self.phy2log.reshape(-1).take(listed)
+        if not np.array_equal(holds, experts):
+            index = int(np.argmax(holds != experts))
+            layer, slot = divmod(int(listed[index]), num_slots)
             raise PlacementError(
-                f"log2phy puts expert {expert} of layer {layer} in slot {slot}, which phy2log "
-                f"gives to expert {self.phy2log[layer, slot]}"
+                f"log2phy puts expert {experts[index]} of layer {layer} in slot {slot}, which "
+                f"phy2log gives to expert {holds[index]}"
             )
-        times_listed = np.bincount(listed[valid], minlength=num_layers * num_slots)
-        if np.any(times_listed != 1):
-            index = int(np.argmax(times_listed != 1))
+        seen = np.zeros(num_layers * num_slots, dtype=bool)
+        seen[listed] = True  # L * S entries: all slots covered means each is listed once
+        if not seen.all():
+            index = int(np.argmin(seen))
+            times = np.bincount(listed, minlength=num_layers * num_slots)
+            twice = int(np.argmax(times > 1))
             raise PlacementError(
-                f"log2phy lists slot {index % num_slots} of layer {index // num_slots} "
-                f"{times_listed[index]} times; each slot must be listed exactly once"
+                f"log2phy lists slot {twice % num_slots} of layer {twice // num_slots} "
+                f"{times[twice]} times and slot {index % num_slots} of layer "
+                f"{index // num_slots} never; each slot must be listed exactly once"
             )
         return log2phy
 
