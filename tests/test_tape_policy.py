@@ -10,7 +10,12 @@ from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
 from tape.policies.tape_counts import replica_counts
 from tape.policies.tape_forecast import CANDIDATES, forecast_load, smoothing_coefficients
-from tape.policies.tape_packing import dealt_placement, keep_previous_slots
+from tape.policies.tape_packing import (
+    dealt_placement,
+    keep_previous_slots,
+    reassign_replicas,
+    repair_duplicates,
+)
 from tape.policies.tape_policy import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
 from tape.policies.tape_search import balance_by_swaps
 from tape.policies.tape_state import SlotState
@@ -128,6 +133,60 @@ def test_previous_with_two_replicas_on_a_gpu_is_repaired():
     bad = np.tile(np.concatenate([np.arange(32), [0, 0, 1, 1, 2, 2, 3, 3]]), (2, 1))
     placement = tape_policy(weight, LAYOUT, previous=Placement(bad, 32))
     check_invariants(placement, LAYOUT, weight)
+
+
+def test_one_repair_swap_can_fix_two_duplicates():
+    # GPU 0 holds expert 0 twice (slots 0, 1), GPU 1 expert 3 twice (slots 5, 6), all four at
+    # load 5: slot 1's closest partner is slot 5, and that one swap fixes both GPUs; slot 5
+    # then holds a 0 that is no duplicate (and could go nowhere: both GPUs hold a 0).
+    layout = Layout(num_replicas=8, num_groups=1, num_nodes=1, num_gpus=2)
+    load = np.array([[10.0, 1.0, 2.0, 10.0, 3.0, 4.0]])
+    state = SlotState.build(load, np.array([[[0, 0, 1, 2], [4, 3, 3, 5]]]), layout)
+    repair_duplicates(state, np.array([1, 5]))
+    experts = state.experts[0]
+    assert experts.tolist() == [[0, 3, 1, 2], [4, 0, 3, 5]]
+    held = np.zeros((2, 6), dtype=bool)
+    for gpu, row in enumerate(experts):
+        held[gpu, row] = True
+    assert np.array_equal(state.held[0], held)
+    assert np.allclose(state.gpu_load[0], (load[0] / state.counts[0])[experts].sum(axis=1))
+
+
+def check_state(state):
+    """Plain loops: the state's bookkeeping agrees with its experts."""
+    layout, (num_layers, num_experts) = state.layout, state.load.shape
+    for layer in range(num_layers):
+        rows = state.experts[layer].tolist()
+        assert all(len(set(row)) == len(row) for row in rows), "no expert twice on a GPU"
+        for gpu, row in enumerate(rows):
+            assert set(np.flatnonzero(state.held[layer, gpu])) == set(row)
+            load = sum(state.load[layer, e] / state.counts[layer, e] for e in row)
+            assert np.isclose(state.gpu_load[layer, gpu], load)
+        for node in range(layout.num_nodes):
+            gpus = range(node * layout.gpus_per_node, (node + 1) * layout.gpus_per_node)
+            for expert in range(num_experts):
+                assert state.node_replicas[layer, node, expert] == sum(
+                    rows[g].count(expert) for g in gpus)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refill_and_swaps_keep_the_bookkeeping_right(seed):
+    # 4 GPUs of 6 slots for 12 experts: hot experts get several replicas, and new replicas
+    # often find only GPUs that already hold their expert (the duplicate repair runs).
+    layout = Layout(num_replicas=24, num_groups=1, num_nodes=2, num_gpus=4)
+    first, second = skewed_load(seed, layers=8, experts=12, skew=1.5), skewed_load(
+        seed + 50, layers=8, experts=12, skew=1.5)
+    counts = replica_counts(first, layout, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    state = SlotState.build(second, dealt_placement(first, counts, layout), layout,
+                            in_force=True)
+    new_counts = replica_counts(second, layout, node_spread=1.0, keep_margin=0.0,
+                                previous_counts=state.counts)
+    reassign_replicas(state, new_counts, migration_weight=0.05, locality_weight=20.0)
+    assert np.array_equal(state.counts, new_counts)
+    check_state(state)
+    balance_by_swaps(state, rounds=3, pairs=2, migration_weight=0.05, locality_weight=20.0,
+                     tolerance=0.0)
+    check_state(state)
 
 
 def test_balance_preset_beats_a_plain_round_robin():

@@ -86,12 +86,18 @@ def repair_duplicates(
     (slots per GPU at most the experts). All layers at once, one replica per layer per round.
     """
     layout = state.layout
-    num_slots = layout.num_replicas
+    num_slots, per_gpu = layout.num_replicas, layout.slots_per_gpu
     experts = state.experts.reshape(-1)
     slot_load = state.slot_load.reshape(-1)
     held = state.held.reshape(-1)
     pending = np.sort(np.asarray(slots, dtype=np.int64))
     while len(pending):
+        # A swap may have moved a pending replica (or its twin) already: keep real duplicates.
+        gpu_slots = state.slot_gpu[pending][:, None] * per_gpu + np.arange(per_gpu)
+        twice = (experts[gpu_slots] == experts[pending][:, None]).sum(axis=1) > 1
+        pending = pending[twice]
+        if not len(pending):
+            break
         layer = pending // num_slots
         first = np.ones(len(pending), dtype=bool)
         first[1:] = layer[1:] != layer[:-1]
@@ -106,8 +112,13 @@ def repair_duplicates(
         distance = np.where(allowed, distance, np.inf)
         best = distance.argmin(axis=1)
         assert np.isfinite(distance[np.arange(len(now)), best]).all(), "k <= E gives a partner"
-        state.swap(now, candidates[np.arange(len(now)), best])
-        held[own_held + expert] = True  # the GPU keeps its other replica
+        partner = candidates[np.arange(len(now)), best]
+        partner_expert = experts[partner]
+        state.swap(now, partner)
+        # A GPU that held its expert twice (the replica's, maybe the partner's) still holds it.
+        for slot, gone in ((now, expert), (partner, partner_expert)):
+            gpu_slots = state.slot_gpu[slot][:, None] * per_gpu + np.arange(per_gpu)
+            held[state.slot_held[slot] + gone] = (experts[gpu_slots] == gone[:, None]).any(axis=1)
 
 
 def second_replicas(experts: np.ndarray) -> np.ndarray:
