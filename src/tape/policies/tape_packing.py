@@ -218,7 +218,8 @@ def reassign_replicas(
     freed_layer = freed // layout.num_replicas
     width = int(np.bincount(freed_layer).max())
     position = freed_layer * width + _group_ranks(freed_layer)  # flat [L, W] index
-    new_key = np.repeat(np.arange(counts.size), added)  # layer * E + expert, by layer
+    gaining = np.flatnonzero(added)
+    new_key = np.repeat(gaining, added[gaining])  # layer * E + expert, by layer
     assert len(new_key) == len(freed), "new replicas fill the freed slots"
     new_key = new_key[np.lexsort((-per_replica[new_key], new_key // num_experts))]
     padding = np.ones(num_layers * width, dtype=bool)
