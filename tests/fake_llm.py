@@ -57,7 +57,8 @@ class ScriptedLLM:
         prompt = body["messages"][-1]["content"]
         with self._lock:
             self.requests.append(body)
-        current = prompt.split("# Current Program", 1)[-1].split("\n```\n", 1)[0]
+        # The heading line alone: "# Current Program Information" comes first and is not it.
+        current = prompt.split("# Current Program\n", 1)[-1].split("\n```\n", 1)[0]
         for trigger, reply in self.rules:
             if trigger in current:
                 return reply

@@ -415,6 +415,12 @@ GREEDY = """    count = np.ones((layers, experts))
     first = np.tile(np.arange(experts), (layers, 1))
     phy2log = np.concatenate([first, np.stack(spare, axis=1)], axis=1)
 """
+# A harmless edit inside the evolve block: the LLM's answer when no scripted rule matches (an
+# answer that changes nothing is not a candidate, and a run without candidates fails).
+# OpenEvolve matches SEARCH blocks line by line, so an edited program gets the edit undone.
+KEEP = diff_reply("    layers, experts = weight.shape", "    layers, experts = weight.shape  # kept")
+UNDO_KEEP = ("shape  # kept", diff_reply("    layers, experts = weight.shape  # kept",
+                                         "    layers, experts = weight.shape"))
 RUN_CONFIG = {
     "checkpoint_interval": 1,
     "random_seed": 7,
@@ -445,7 +451,7 @@ def checkpoint_programs(folder: Path) -> list[dict]:
 
 def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path):
     improve = diff_reply(ROUND_ROBIN, GREEDY, "Give spare slots to the hottest experts.")
-    with ScriptedLLM([("np.tile(np.arange(num_replicas)", improve)], "No change.") as llm:
+    with ScriptedLLM([("np.tile(np.arange(num_replicas)", improve), UNDO_KEEP], KEEP) as llm:
         start = time.monotonic()
         result = start_run(tmp_path, llm, out="run", iterations=2)
         assert time.monotonic() - start < 60
@@ -557,7 +563,7 @@ def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     config = tmp_path / "openevolve.yaml"
     config.write_text(yaml.safe_dump(RUN_CONFIG))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with ScriptedLLM([], "No change.") as llm:
+    with ScriptedLLM([], KEEP) as llm:
         result = CliRunner().invoke(make_app(), [
             "evolve", "--version", "realistic", "--iterations", "1", "--trace", str(trace),
             "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
@@ -567,3 +573,26 @@ def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "best evolved program vs deepseek" in result.output
     assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
+
+
+def test_a_run_where_the_llm_never_gives_a_usable_answer_is_a_clear_error(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tape.synthetic import synthetic_trace
+
+    trace = tmp_path / "trace.npy"
+    np.save(trace, synthetic_trace(num_steps=400, num_layers=4, num_experts=32, num_groups=4))
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with ScriptedLLM([], "No change.") as llm:
+        result = CliRunner().invoke(make_app(), [
+            "evolve", "--version", "2", "--iterations", "1", "--trace", str(trace),
+            "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
+            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
+            "--out", str(tmp_path / "cli-run"),
+        ])
+    assert result.exit_code == 2, result.output
+    assert "the LLM gave no usable candidate program" in result.output
+    assert "Traceback" not in result.output
+    assert (tmp_path / "cli-run" / "checkpoints").is_dir()  # what ran is kept for --resume

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["TapeError", "LayoutError", "PlacementError", "TraceError", "ConfigError", "ProgramError"]
+__all__ = [
+    "ConfigError",
+    "EvolutionError",
+    "LayoutError",
+    "PlacementError",
+    "ProgramError",
+    "TapeError",
+    "TraceError",
+]
 
 
 class TapeError(ValueError):
@@ -27,3 +35,8 @@ class ConfigError(TapeError):
 
 class ProgramError(TapeError):
     """A user program (a file defining `rebalance_experts`) that cannot be loaded or run."""
+
+
+class EvolutionError(TapeError):
+    """An evolution run in which the LLM produced no candidate program (unreachable endpoint,
+    unknown model, answers in the wrong format)."""

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tape.errors import ConfigError
+from tape.errors import ConfigError, EvolutionError
 from tape.evolution import prompts
 from tape.evolution.configs import (
     DEFAULT_CONFIG,
@@ -182,8 +182,10 @@ def evolve(
 
     Raises:
         ConfigError: a bad config, no API key, a used output folder, mismatched resume settings.
+        EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
     """
     from openevolve import OpenEvolve
+    from openevolve import controller as openevolve_controller
 
     from tape.evolution import evaluator
 
@@ -229,14 +231,22 @@ def evolve(
         write_json_atomic(out_dir / MANIFEST, _manifest(settings, config_path, resolved))
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
+    # OpenEvolve >= 0.4.1 raises this when every iteration failed before producing a program.
+    no_candidate = getattr(openevolve_controller, "EvolutionFailedError", ())
     with _evaluation_environment(worker_settings), _openevolve_side_effects_undone():
         controller = OpenEvolve(
             initial_program_path=str(program_path), evaluation_file=evaluator.__file__,
             config=config, output_dir=str(out_dir),
         )
-        asyncio.run(
-            controller.run(iterations=iterations, checkpoint_path=str(resume) if resume else None)
-        )
+        try:
+            asyncio.run(controller.run(
+                iterations=iterations, checkpoint_path=str(resume) if resume else None))
+        except no_candidate as error:
+            raise EvolutionError(
+                f"the LLM gave no usable candidate program: {error}. Check that --api-base and "
+                f"--model reach a model that answers in OpenEvolve's format; the run's logs and "
+                f"checkpoints are in {out_dir}"
+            ) from None
 
     best_program = out_dir / "best" / "best_program.py"
     if not best_program.is_file():
