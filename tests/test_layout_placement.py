@@ -15,9 +15,9 @@ def test_layout_derived_maps():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_replicas=10, num_gpus=4, num_nodes=2), "multiple of num_gpus"),
-        (dict(num_replicas=12, num_gpus=6, num_nodes=4), "multiple of num_nodes"),
-        (dict(num_replicas=0), "positive integer"),
+        ({"num_replicas": 10, "num_gpus": 4, "num_nodes": 2}, "multiple of num_gpus"),
+        ({"num_replicas": 12, "num_gpus": 6, "num_nodes": 4}, "multiple of num_nodes"),
+        ({"num_replicas": 0}, "positive integer"),
     ],
 )
 def test_layout_rejects_impossible_arguments(kwargs, message):

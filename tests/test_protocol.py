@@ -1,10 +1,15 @@
 import numpy as np
 import pytest
 
-from tape import Layout, Placement, TapeError, TraceError
-from tape import metrics
+from tape import Layout, Placement, TapeError, TraceError, metrics
 from tape.protocol import (
-    VERSIONS, Replay, check_windows, combined_key, parse_version, replay, score_replay,
+    VERSIONS,
+    Replay,
+    check_windows,
+    combined_key,
+    parse_version,
+    replay,
+    score_replay,
 )
 
 LAYOUT = Layout(num_replicas=6, num_groups=2, num_nodes=2, num_gpus=2)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_torch_tensor", "to_numpy", "like_input"]
+__all__ = ["is_torch_tensor", "like_input", "to_numpy"]
 
 
 def is_torch_tensor(value: Any) -> bool:

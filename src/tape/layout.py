@@ -13,7 +13,7 @@ import numpy as np
 
 from tape.errors import LayoutError
 
-__all__ = ["Layout", "DEFAULT_LAYOUT"]
+__all__ = ["DEFAULT_LAYOUT", "Layout"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ the placement in force (or None), `history[W, L, E]` the loads of earlier window
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from tape.errors import TapeError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["Policy", "register", "get_policy", "policy_names", "PolicyError"]
+__all__ = ["Policy", "PolicyError", "get_policy", "policy_names", "register"]
 
 
 class PolicyError(TapeError):
