@@ -86,3 +86,26 @@ def test_realistic_score_is_the_fraction_of_ideal_throughput():
     # The first pair has nothing to migrate from.
     del values["migration_seconds"]
     assert _realistic_score(values, 10, 0.0) == pytest.approx(0.5)
+
+
+def test_timing_repeats_call_the_policy_again_and_keep_the_fastest(monkeypatch):
+    import tape.api
+    from tape.protocol import policy_source
+
+    durations = iter([0.5, 0.2, 0.3])
+    clock = [0.0]
+    calls = []
+    real_place = tape.api.place
+
+    def place(*args, **kwargs):
+        calls.append(kwargs["previous"])
+        clock[0] += next(durations)
+        return real_place(*args, **kwargs)
+
+    monkeypatch.setattr(tape.api, "place", place)
+    monkeypatch.setattr("tape.protocol.time.perf_counter", lambda: clock[0])
+    weight = np.arange(1.0, 9.0).reshape(2, 4)
+    source = policy_source("deepseek", LAYOUT, timing_repeats=3)
+    placement, seconds = source(0, weight, None, weight[None][:0])
+    assert len(calls) == 3 and seconds == pytest.approx(0.2)
+    assert placement.phy2log.shape == (2, LAYOUT.num_replicas)

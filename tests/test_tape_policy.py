@@ -128,11 +128,43 @@ def test_identical_load_keeps_every_slot():
     assert again is placement  # nothing changed: the placement in force is returned as is
 
 
-def test_previous_with_two_replicas_on_a_gpu_is_repaired():
+@pytest.mark.parametrize("keep_balancedness", [1.0, 0.0])
+def test_previous_with_two_replicas_on_a_gpu_is_repaired(keep_balancedness):
     weight = skewed_load(5, layers=2)
     bad = np.tile(np.concatenate([np.arange(32), [0, 0, 1, 1, 2, 2, 3, 3]]), (2, 1))
-    placement = tape_policy(weight, LAYOUT, previous=Placement(bad, 32))
+    placement = tape_policy(weight, LAYOUT, previous=Placement(bad, 32),
+                            keep_balancedness=keep_balancedness)
     check_invariants(placement, LAYOUT, weight)
+
+
+def plain_layer_balancedness(phy2log, weight, layout):
+    """Per layer: mean / max GPU load, each slot carrying its expert's load / replica count."""
+    values = []
+    for layer in range(weight.shape[0]):
+        row = phy2log[layer].tolist()
+        gpus = [0.0] * layout.num_gpus
+        for slot, expert in enumerate(row):
+            gpus[slot // layout.slots_per_gpu] += weight[layer, expert] / row.count(expert)
+        values.append(sum(gpus) / len(gpus) / max(gpus))
+    return np.array(values)
+
+
+def test_keep_balancedness_replans_only_the_layers_below_it():
+    weight = skewed_load(7, layers=12)
+    placement = tape_policy(weight, LAYOUT)
+    new = drifted(weight, 8, amount=0.8)
+    in_force = plain_layer_balancedness(placement.phy2log, new, LAYOUT)
+    threshold = float(np.median(in_force))
+    kept = in_force >= threshold
+    assert 0 < kept.sum() < len(kept)
+    result = tape_policy(new, LAYOUT, previous=placement, keep_balancedness=threshold)
+    replanned = tape_policy(new, LAYOUT, previous=placement)  # every layer
+    check_invariants(result, LAYOUT, new)
+    np.testing.assert_array_equal(result.phy2log[kept], placement.phy2log[kept])
+    np.testing.assert_array_equal(result.phy2log[~kept], replanned.phy2log[~kept])
+    assert not np.array_equal(replanned.phy2log[~kept], placement.phy2log[~kept])
+    # Nothing below the threshold: the placement in force is the answer, as it is.
+    assert tape_policy(new, LAYOUT, previous=placement, keep_balancedness=0.0) is placement
 
 
 def test_one_repair_swap_can_fix_two_duplicates():
@@ -470,6 +502,7 @@ def test_presets_and_search_space_cover_every_parameter():
         ({"pairs_per_round": 0}, "pairs_per_round"),
         ({"locality_weight": float("nan")}, "locality_weight"),
         ({"tolerance": True}, "tolerance"),
+        ({"keep_balancedness": 1.5}, "keep_balancedness must be in \\[0, 1\\]"),
     ],
 )
 def test_bad_parameters_are_rejected(kwargs, message):

@@ -31,6 +31,10 @@ from tape.protocol import ProgramScore, score_policy
 __all__ = ["SearchSpace", "TuneResult", "split_windows", "tune", "tuned_program_text",
            "write_outputs"]
 
+TIMING_REPEATS = 3
+"""Each policy call is timed by the fastest of this many (speed scores of versions 0, 3, 4 and
+realistic): single timings on a busy machine vary by tens of percent and would pick noise."""
+
 SearchSpace = dict[str, tuple[float, float, str]]
 """Parameter name -> (low, high, kind), kind one of "float", "int", "log" (log-uniform float)."""
 
@@ -159,7 +163,7 @@ def tune(
         return score_policy(
             policy_name, settings.windows()[part], layout, version=settings.version,
             params=params, model=model, cluster=cluster, dispatch=settings.dispatch,
-            steps_per_window=settings.window_steps()[part],
+            steps_per_window=settings.window_steps()[part], timing_repeats=TIMING_REPEATS,
         )
 
     def objective(trial: Any) -> float:

@@ -18,6 +18,11 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
 5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
+A layer whose placement in force already balances the forecast to at least `keep_balancedness`
+(GPU balancedness, mean / max GPU load) and holds no expert twice on a GPU is not replanned at
+all; when no layer needs it, the placement in force itself is the answer (threshold-triggered
+rebalancing, at almost no cost).
+
 Every expert gets at least one replica, every GPU the same number of slots, and no GPU two
 replicas of one expert. Deterministic: no randomness at all.
 """
@@ -57,6 +62,8 @@ PARAMETER_HELP: dict[str, str] = {
     "tolerance": "a layer within (1 + tolerance) x mean GPU load is left as it is",
     "search_rounds": "most rounds of swaps",
     "pairs_per_round": "heavy/light GPU pairs tried per round (at most G / 2 are used)",
+    "keep_balancedness": "a layer the placement in force balances at least this well (forecast "
+                         "GPU balancedness) is not replanned (1: replan every layer)",
 }
 """What each parameter of `tape` does, one line each (docs/tape-policy.md says more)."""
 
@@ -69,6 +76,7 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "tolerance": (0.0, 0.1, "float"),
     "search_rounds": (0, 48, "int"),
     "pairs_per_round": (1, 8, "int"),
+    "keep_balancedness": (0.3, 1.0, "float"),
 }
 """Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
 
@@ -82,6 +90,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.0,
         "search_rounds": 32,
         "pairs_per_round": 4,
+        "keep_balancedness": 1.0,
     },
     "balance-migration": {
         "smoothing_floor": 0.3,
@@ -92,6 +101,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.03,
         "search_rounds": 8,
         "pairs_per_round": 4,
+        "keep_balancedness": 1.0,
     },
     "all": {
         "smoothing_floor": 0.3,
@@ -102,6 +112,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.0,
         "search_rounds": 4,
         "pairs_per_round": 4,
+        "keep_balancedness": 1.0,
     },
     "fast": {
         "smoothing_floor": 1.0,
@@ -112,6 +123,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.0,
         "search_rounds": 1,
         "pairs_per_round": 8,
+        "keep_balancedness": 1.0,
     },
 }
 """Parameter sets per objective: balance only; balance and migration; all three (default);
@@ -119,7 +131,7 @@ balance and migration at the least runtime (no forecast backtest, no locality te
 of swaps)."""
 
 _INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
-_UPPER_BOUNDS = {"smoothing_floor": 1.0}
+_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0}
 _LOWER_BOUNDS = {"pairs_per_round": 1}
 
 
@@ -143,7 +155,8 @@ def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
         low = _LOWER_BOUNDS.get(name, 0)
         high = _UPPER_BOUNDS.get(name, np.inf)
         if not low <= value <= high or (name == "smoothing_floor" and value == 0):
-            bounds = "in (0, 1]" if name == "smoothing_floor" else f">= {low}"
+            bounds = {"smoothing_floor": "in (0, 1]", "keep_balancedness": "in [0, 1]"}.get(
+                name, f">= {low}")
             raise PolicyError(f"tape parameter {name} must be {bounds}, got {value!r}")
         settings[name] = int(value) if integer else float(value)
     return settings
@@ -279,9 +292,27 @@ def tape_policy(
     load = forecast_load(weight, history, settings["smoothing_floor"])
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
     if previous is None:
-        experts = _fresh_plan(load, layout, settings)
-    else:
-        experts = _incremental_plan(load, previous.phy2log.reshape(shape), layout, settings)
-        if np.array_equal(experts.reshape(num_layers, -1), previous.phy2log):
-            return previous  # every slot kept: the placement in force is the answer
+        return Placement(_fresh_plan(load, layout, settings).reshape(num_layers, -1), num_experts)
+    experts = previous.phy2log.reshape(shape)
+    replan = _balancedness_in_force(load, previous, layout) < settings["keep_balancedness"]
+    if not replan.all():  # a layer with two replicas of an expert on one GPU is always replanned
+        ordered = np.sort(experts, axis=2)
+        replan |= (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2))
+    if replan.all():
+        experts = _incremental_plan(load, experts, layout, settings)
+    elif replan.any():
+        experts = experts.copy()
+        experts[replan] = _incremental_plan(load[replan], experts[replan], layout, settings)
+    if np.array_equal(experts.reshape(num_layers, -1), previous.phy2log):
+        return previous  # every slot kept: the placement in force is the answer
     return Placement(experts.reshape(num_layers, -1), num_experts)
+
+
+def _balancedness_in_force(load: np.ndarray, previous: Placement, layout: Layout) -> np.ndarray:
+    """[L] GPU balancedness (mean / max GPU load) of `load` under the placement in force, 1 for
+    a layer without load."""
+    layers = np.arange(load.shape[0])[:, None]
+    slot_loads = load[layers, previous.phy2log] / previous.logcnt[layers, previous.phy2log]
+    gpu_loads = slot_loads.reshape(load.shape[0], layout.num_gpus, -1).sum(axis=2)
+    peak = gpu_loads.max(axis=1)
+    return np.divide(gpu_loads.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
