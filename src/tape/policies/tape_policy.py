@@ -18,7 +18,8 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
 5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
-A layer whose placement in force already balances the forecast to at least `keep_balancedness`
+With `keep_balancedness` below 1, a layer whose placement in force already balances the forecast to at
+least `keep_balancedness`
 (GPU balancedness, mean / max GPU load) and holds no expert twice on a GPU is not replanned at
 all; when no layer needs it, the placement in force itself is the answer (threshold-triggered
 rebalancing, at almost no cost).
@@ -107,10 +108,10 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "smoothing_floor": 0.3,
         "node_spread": 0.3,
         "keep_margin": 0.03,
-        "migration_weight": 0.04,
+        "migration_weight": 0.05,
         "locality_weight": 150.0,
         "tolerance": 0.0,
-        "search_rounds": 4,
+        "search_rounds": 3,
         "pairs_per_round": 4,
         "keep_balancedness": 1.0,
     },
@@ -294,7 +295,10 @@ def tape_policy(
     if previous is None:
         return Placement(_fresh_plan(load, layout, settings).reshape(num_layers, -1), num_experts)
     experts = previous.phy2log.reshape(shape)
-    replan = _balancedness_in_force(load, previous, layout) < settings["keep_balancedness"]
+    if settings["keep_balancedness"] >= 1.0:
+        replan = np.ones(num_layers, dtype=bool)
+    else:
+        replan = _balancedness_in_force(load, previous, layout) < settings["keep_balancedness"]
     if not replan.all():  # a layer with two replicas of an expert on one GPU is always replanned
         ordered = np.sort(experts, axis=2)
         replan |= (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2))
