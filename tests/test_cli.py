@@ -164,3 +164,11 @@ def test_compare_rejects_unknown_policy(small_trace):
 )
 def test_format_value(value, digits, text):
     assert format_value(value, digits) == text
+
+
+def test_a_long_error_stays_on_one_line(small_trace, good_program):
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
+                               "--interval", "1000", *SMALL_LAYOUT])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) > 80, lines

@@ -185,7 +185,8 @@ def handles_errors(command: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except TapeError as error:
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False)
+            # soft_wrap: one line however narrow the terminal (or 80 columns when piped)
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -150,7 +150,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"[dim]{setup.described}[/]", highlight=False)
             console.print(_metric_table(f"{program.name} (version {version_value})", score))
             if score.error:
-                error_console.print(f"[bold red]program failed:[/] {score.error}", highlight=False)
+                error_console.print(f"[bold red]program failed:[/] {score.error}", highlight=False,
+                                    soft_wrap=True)
         if score.error:
             raise typer.Exit(1)
 

@@ -175,7 +175,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"run folder:   {result.out_dir} (best/, checkpoints/, logs/, "
                       "best/tape_scores.json)", highlight=False)
         if result.best.error:
-            error_console.print(f"[bold red]best program failed:[/] {result.best.error}",
+            error_console.print(f"[bold red]best program failed:[/] {result.best.error}", soft_wrap=True,
                                 highlight=False)
 
     @app.command()
