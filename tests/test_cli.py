@@ -172,3 +172,12 @@ def test_a_long_error_stays_on_one_line(small_trace, good_program):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and len(lines[0]) > 80, lines
+
+
+def test_brackets_in_errors_and_paths_are_printed_as_written(tmp_path, good_program):
+    folder = tmp_path / "[run 1]"
+    folder.mkdir()
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace",
+                                 str(folder / "missing.npy"), *SMALL_LAYOUT])
+    assert result.exit_code == 2
+    assert "[run 1]/missing.npy" in result.output

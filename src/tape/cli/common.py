@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tape.errors import LayoutError, TapeError, TraceError
@@ -37,6 +38,7 @@ __all__ = [
     "VersionOption",
     "console",
     "error_console",
+    "escape",
     "handles_errors",
     "load_windows",
     "nodes_for",
@@ -186,7 +188,7 @@ def handles_errors(command: Any) -> Any:
             return command(*args, **kwargs)
         except TapeError as error:
             # soft_wrap: one line however narrow the terminal (or 80 columns when piped)
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -26,6 +26,7 @@ from tape.cli.common import (
     TraceOption,
     VersionOption,
     console,
+    escape,
     handles_errors,
     prepare,
     progress_bar,
@@ -155,12 +156,12 @@ def register(app: typer.Typer) -> None:
                                      "policies": summary}))
             return
         layout = setup.layout
-        console.print(f"[dim]{setup.described}; {layout.num_gpus} GPUs on {layout.num_nodes} "
+        console.print(f"[dim]{escape(setup.described)}; {layout.num_gpus} GPUs on {layout.num_nodes} "
                       f"nodes, {layout.num_replicas} slots; {dispatch} dispatch on "
                       f"{setup.cluster.name}[/]", highlight=False)
         console.print(_table(summary))
         if out is not None:
-            console.print(f"wrote {len(written)} files to {out}")
+            console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False)
 
 
 def _table(summary: dict[str, dict]) -> Table:
@@ -181,5 +182,5 @@ def _table(summary: dict[str, dict]) -> Table:
             ))
     errors = [f"{name}: {values['error']}" for name, values in summary.items() if values["error"]]
     if errors:
-        table.caption = "errors: " + "; ".join(errors)
+        table.caption = escape("errors: " + "; ".join(errors))
     return table

@@ -28,6 +28,7 @@ from tape.cli.common import (
     VersionOption,
     console,
     error_console,
+    escape,
     handles_errors,
     prepare,
     progress_bar,
@@ -147,10 +148,10 @@ def register(app: typer.Typer) -> None:
                        "trace": setup.described, **score.to_json()}
             typer.echo(to_json_text(payload))
         else:
-            console.print(f"[dim]{setup.described}[/]", highlight=False)
-            console.print(_metric_table(f"{program.name} (version {version_value})", score))
+            console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
+            console.print(_metric_table(escape(f"{program.name} (version {version_value})"), score))
             if score.error:
-                error_console.print(f"[bold red]program failed:[/] {score.error}", highlight=False,
+                error_console.print(f"[bold red]program failed:[/] {escape(score.error)}", highlight=False,
                                     soft_wrap=True)
         if score.error:
             raise typer.Exit(1)
@@ -207,8 +208,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(to_json_text(results))
             return
-        console.print(f"[dim]{setup.described}[/]", highlight=False)
-        table = Table(title=f"programs in {directory} (version {version_value})")
+        console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
+        table = Table(title=escape(f"programs in {directory} (version {version_value})"))
         columns = ("combined_score", "balancedness_score", "overall_balancedness",
                    "compute_balancedness", "efficiency", "gpu_balancedness")
         table.add_column("program")
@@ -216,6 +217,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(column, justify="right")
         table.add_column("error")
         for name, result in results.items():
-            table.add_row(name, *(format_value(result[c]) if c in result else "-" for c in columns),
-                          result["error"] or "")
+            table.add_row(escape(name),
+                          *(format_value(result[c]) if c in result else "-" for c in columns),
+                          escape(result["error"] or ""))
         console.print(table)

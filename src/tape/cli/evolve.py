@@ -31,6 +31,7 @@ from tape.cli.common import (
     VersionOption,
     console,
     error_console,
+    escape,
     handles_errors,
     nodes_for,
     progress_bar,
@@ -171,12 +172,12 @@ def register(app: typer.Typer) -> None:
             {"best_program.py": result.best, "deepseek": result.deepseek},
             version_metrics(settings.version),
         ))
-        console.print(f"best program: {result.best_program}", highlight=False)
+        console.print(f"best program: {result.best_program}", markup=False, highlight=False)
         console.print(f"run folder:   {result.out_dir} (best/, checkpoints/, logs/, "
-                      "best/tape_scores.json)", highlight=False)
+                      "best/tape_scores.json)", markup=False, highlight=False)
         if result.best.error:
-            error_console.print(f"[bold red]best program failed:[/] {result.best.error}", soft_wrap=True,
-                                highlight=False)
+            error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
+                                highlight=False, soft_wrap=True)
 
     @app.command()
     @handles_errors
@@ -234,4 +235,4 @@ def register(app: typer.Typer) -> None:
                 - result.deepseek.metrics["combined_score"])
         console.print(f"tuned - deepseek combined_score: {gain:+.4f}", highlight=False)
         for name, path in paths.items():
-            console.print(f"{name}: {path}", highlight=False)
+            console.print(f"{name}: {path}", markup=False, highlight=False)
