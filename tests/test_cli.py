@@ -181,3 +181,21 @@ def test_brackets_in_errors_and_paths_are_printed_as_written(tmp_path, good_prog
                                  str(folder / "missing.npy"), *SMALL_LAYOUT])
     assert result.exit_code == 2
     assert "[run 1]/missing.npy" in result.output
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir", "evolve", "tune"])
+def test_help_shows_the_trace_shape_and_whole_default_folders(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert ".npy/.npz [steps, layers, experts]" in text
+    assert "…" not in text  # nothing cut off
+    if command in ("evolve", "tune"):
+        assert f"tape-out/{command}-v4 for --version 4" in text
+
+
+def test_command_summaries_are_one_paragraph_without_line_breaks():
+    import typer.main
+
+    for name, command in typer.main.get_command(app).commands.items():
+        assert "\n" not in (command.help or "").split("\n\n")[0].strip(), name

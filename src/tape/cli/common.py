@@ -54,7 +54,7 @@ TraceOption = Annotated[
     Path | None,
     typer.Option(
         "--trace", help="Expert-load trace: expert-load.json, a folder of per-layer CSVs, an "
-        "SGLang .pt dump, or .npy/.npz [steps, layers, experts].",
+        "SGLang .pt dump, or .npy/.npz \\[steps, layers, experts].",
     ),
 ]
 SyntheticOption = Annotated[

@@ -125,8 +125,10 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Compare placement policies under the protocol (the default: all of them on the
-        built-in synthetic DeepSeek-V3 trace)."""
+        """Compare placement policies under the protocol, side by side.
+
+        Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
+        """
         names = _parse_policies(policies)
         version_value = parse_version(version)
         setup = prepare(

@@ -49,10 +49,10 @@ TimeoutOption = Annotated[
 MemoryOption = Annotated[
     int, typer.Option("--memory-mb", min=64, help="Memory a candidate may allocate, MB.")
 ]
-OutOption = Annotated[
-    Path | None, typer.Option("--out", help="Output folder (new or empty); default "
-                              "tape-out/<command>-<version>.")
-]
+def _out_option(command: str) -> Any:
+    return typer.Option("--out", help=f"Output folder (new or empty); default: "
+                        f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
+                        "realistic.")
 
 
 def _settings(**values: Any) -> Any:
@@ -118,8 +118,8 @@ def register(app: typer.Typer) -> None:
                                      "http://localhost:8000/v1 (vLLM) or :11434/v1 (ollama).")
         ] = None,
         model: Annotated[
-            list[str] | None, typer.Option("--model", help="LLM model name; repeat for an "
-                                           "ensemble (equal weights).")
+            list[str] | None, typer.Option("--model", metavar="<name>", help="LLM model name; "
+                                           "repeat for an ensemble (equal weights).")
         ] = None,
         api_key_env: Annotated[
             str | None, typer.Option("--api-key-env", help="Environment variable holding the "
@@ -134,13 +134,13 @@ def register(app: typer.Typer) -> None:
         ] = False,
         resume: Annotated[
             Path | None, typer.Option("--resume", help="Checkpoint folder to continue from: "
-                                      "<run>/checkpoints/checkpoint_N.")
+                                      "checkpoint_N in the run's checkpoints/ folder.")
         ] = None,
         initial: Annotated[
             Path | None, typer.Option("--initial", help="Program to start from (default: "
                                       "DeepSeek EPLB's policy in numpy).")
         ] = None,
-        out: OutOption = None,
+        out: Annotated[Path | None, _out_option("evolve")] = None,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
     ) -> None:
@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
         model: ModelOption = None,
         config: ConfigOption = None,
         dispatch: DispatchOption = "locality",
-        out: OutOption = None,
+        out: Annotated[Path | None, _out_option("tune")] = None,
     ) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
         from tape.evolution import tune as tuning
