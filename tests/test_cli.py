@@ -199,3 +199,26 @@ def test_command_summaries_are_one_paragraph_without_line_breaks():
 
     for name, command in typer.main.get_command(app).commands.items():
         assert "\n" not in (command.help or "").split("\n\n")[0].strip(), name
+
+
+@pytest.mark.parametrize("command", [["compare", "--policies", "deepseek"], ["evaluate-dir"],
+                                     ["tune", "--trials", "1"], ["evolve"]])
+@pytest.mark.parametrize("kind", ["file", "used folder"])
+def test_out_that_is_a_file_or_holds_results_is_refused_untouched(tmp_path, small_trace,
+                                                                   good_program, command, kind):
+    if command == ["evolve"] and kind == "used folder":
+        pytest.skip("tape evolve's own message points at --resume")
+    if command == ["evaluate-dir"]:
+        command = ["evaluate-dir", str(good_program.parent)]
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "manifest.json").write_text("mine")
+    result = runner.invoke(app, [*command, "--trace", str(small_trace), "--interval", "10",
+                                 "--out", str(out), *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert ("is a file" if kind == "file" else "already holds files") in result.output
+    assert (out.read_text() if kind == "file" else (out / "manifest.json").read_text()) == "mine"
+    assert "Traceback" not in result.output

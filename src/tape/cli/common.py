@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tape.errors import LayoutError, TapeError, TraceError
+from tape.errors import ConfigError, LayoutError, TapeError, TraceError
 from tape.files import write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
@@ -36,6 +36,7 @@ __all__ = [
     "SyntheticOption",
     "TraceOption",
     "VersionOption",
+    "check_out_folder",
     "console",
     "error_console",
     "escape",
@@ -109,6 +110,17 @@ class Setup:
                        "nodes": layout.num_nodes, "gpus": layout.num_gpus},
             "model": dataclasses.asdict(self.model), "cluster": dataclasses.asdict(self.cluster),
         }
+
+
+def check_out_folder(out: Path | None, *, must_be_empty: bool = True) -> None:
+    """ConfigError if --out is a file, or (with `must_be_empty`) a folder that already holds
+    files: a run never mixes its results with another's. Checked before any work is done."""
+    if out is None or not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
+    if must_be_empty and any(out.iterdir()):
+        raise ConfigError(f"--out {out} already holds files; choose a new or empty folder")
 
 
 def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:

@@ -25,6 +25,7 @@ from tape.cli.common import (
     SyntheticOption,
     TraceOption,
     VersionOption,
+    check_out_folder,
     console,
     escape,
     handles_errors,
@@ -130,6 +131,7 @@ def register(app: typer.Typer) -> None:
         Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
         """
         names = _parse_policies(policies)
+        check_out_folder(out)
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,

@@ -26,6 +26,7 @@ from tape.cli.common import (
     SyntheticOption,
     TraceOption,
     VersionOption,
+    check_out_folder,
     console,
     error_console,
     escape,
@@ -186,6 +187,7 @@ def register(app: typer.Typer) -> None:
         programs = sorted(path for path in directory.glob("*.py") if path.is_file())
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
+        check_out_folder(out)
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,

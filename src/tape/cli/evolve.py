@@ -29,6 +29,7 @@ from tape.cli.common import (
     SyntheticOption,
     TraceOption,
     VersionOption,
+    check_out_folder,
     console,
     error_console,
     escape,
@@ -155,6 +156,7 @@ def register(app: typer.Typer) -> None:
         )
         if initial is not None and not initial.is_file():
             raise ConfigError(f"initial program {initial} does not exist")
+        check_out_folder(out, must_be_empty=False)  # a used folder: run.evolve's hint (--resume)
         if out is None:
             out = resume.resolve().parent.parent if resume else _default_out("evolve",
                                                                              settings.version)
@@ -208,7 +210,6 @@ def register(app: typer.Typer) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
         from tape.evolution import tune as tuning
         from tape.evolution.prompts import version_metrics
-        from tape.evolution.settings import require_new_folder
 
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
@@ -216,7 +217,7 @@ def register(app: typer.Typer) -> None:
             cluster=cluster, moe_model=model, presets=config, dispatch=dispatch,
         )
         out = out if out is not None else _default_out("tune", settings.version)
-        require_new_folder(out)
+        check_out_folder(out)
         with progress_bar("tuning", trials) as advance:
             result = tuning.tune(
                 settings, trials=trials, seed=sampler_seed, holdout=holdout, progress=advance
