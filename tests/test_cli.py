@@ -222,3 +222,11 @@ def test_out_that_is_a_file_or_holds_results_is_refused_untouched(tmp_path, smal
     assert ("is a file" if kind == "file" else "already holds files") in result.output
     assert (out.read_text() if kind == "file" else (out / "manifest.json").read_text()) == "mine"
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["compare", "evaluate"])
+def test_negative_seed_is_a_usage_error(good_program, command):
+    extra = [str(good_program)] if command == "evaluate" else []
+    result = runner.invoke(app, [command, *extra, "--synthetic", "--seed", "-1", *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert "--seed" in result.output and "Traceback" not in result.output

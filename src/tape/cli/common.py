@@ -63,7 +63,7 @@ SyntheticOption = Annotated[
                        "(the default when no --trace is given).")
 ]
 IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed of the synthetic trace.")]
+SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
 ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
 GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
 NodesOption = Annotated[
