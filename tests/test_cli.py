@@ -230,3 +230,10 @@ def test_negative_seed_is_a_usage_error(good_program, command):
     result = runner.invoke(app, [command, *extra, "--synthetic", "--seed", "-1", *SMALL_LAYOUT])
     assert result.exit_code == 2, result.output
     assert "--seed" in result.output and "Traceback" not in result.output
+
+
+def test_tune_rejects_a_negative_sampler_seed(small_trace, tmp_path):
+    result = runner.invoke(app, ["tune", "--trace", str(small_trace), "--sampler-seed", "-1",
+                                 "--trials", "1", "--out", str(tmp_path / "tune"), *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert "--sampler-seed" in result.output and not (tmp_path / "tune").exists()

@@ -191,7 +191,8 @@ def register(app: typer.Typer) -> None:
                                 "kept out of tuning, for an unbiased comparison (0: none).")
         ] = 0.25,
         sampler_seed: Annotated[
-            int, typer.Option("--sampler-seed", help="Seed of Optuna's TPE sampler.")
+            int, typer.Option("--sampler-seed", min=0, max=2**32 - 1,
+                             help="Seed of Optuna's TPE sampler.")
         ] = 0,
         trace: TraceOption = None,
         synthetic: SyntheticOption = False,
