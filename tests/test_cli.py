@@ -237,3 +237,12 @@ def test_tune_rejects_a_negative_sampler_seed(small_trace, tmp_path):
                                  "--trials", "1", "--out", str(tmp_path / "tune"), *SMALL_LAYOUT])
     assert result.exit_code == 2, result.output
     assert "--sampler-seed" in result.output and not (tmp_path / "tune").exists()
+
+
+def test_evaluate_and_evaluate_dir_point_at_each_other(good_program):
+    result = runner.invoke(app, ["evaluate", str(good_program.parent)])
+    assert result.exit_code == 2 and "tape evaluate-dir" in result.output, result.output
+    result = runner.invoke(app, ["evaluate-dir", str(good_program)])
+    assert result.exit_code == 2 and "`tape evaluate " in result.output, result.output
+    result = runner.invoke(app, ["evaluate-dir", str(good_program.parent / "missing")])
+    assert result.exit_code == 2 and "does not exist" in result.output, result.output

@@ -135,6 +135,9 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Score one program: rebalance on each window, score on the next, average the pairs."""
+        if program.is_dir():
+            raise ProgramError(f"{program} is a folder; score every program in it with "
+                               f"`tape evaluate-dir {program}`")
         if not program.is_file():
             raise ProgramError(f"program {program} does not exist")
         version_value = parse_version(version)
@@ -182,8 +185,11 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Score every .py program in a folder and print a summary table."""
+        if directory.is_file():
+            raise ProgramError(f"{directory} is a file; score one program with "
+                               f"`tape evaluate {directory}`")
         if not directory.is_dir():
-            raise ProgramError(f"{directory} is not a folder")
+            raise ProgramError(f"folder {directory} does not exist")
         programs = sorted(path for path in directory.glob("*.py") if path.is_file())
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
