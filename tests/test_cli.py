@@ -246,3 +246,20 @@ def test_evaluate_and_evaluate_dir_point_at_each_other(good_program):
     assert result.exit_code == 2 and "`tape evaluate " in result.output, result.output
     result = runner.invoke(app, ["evaluate-dir", str(good_program.parent / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
+
+
+def test_compare_table_never_cuts_numbers_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from tape.cli.compare import _ROWS, DEFAULT_POLICIES, _table
+
+    keys = [key for _, rows in _ROWS for key, _, scale in rows if scale == 1]
+    summary = {name: {**dict.fromkeys(keys, 0.00123456), "error": None}
+               for name in DEFAULT_POLICIES}
+    console = Console(width=80, file=io.StringIO())
+    console.print(_table(summary))
+    text = console.file.getvalue()
+    assert text.count("0.00123") == len(keys) * len(DEFAULT_POLICIES)
+    assert "…" not in text

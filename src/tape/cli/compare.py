@@ -172,7 +172,7 @@ def _table(summary: dict[str, dict]) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics)."""
     table = Table(title="policies under the protocol (means over window pairs)",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    table.add_column("metric", no_wrap=True)
+    table.add_column("metric")  # labels wrap in a narrow terminal; numbers are never cut
     for name in summary:
         table.add_column(name.replace("-", "-\n"), justify="right", no_wrap=True, min_width=6)
     for section, rows in _ROWS:
