@@ -263,3 +263,17 @@ def test_compare_table_never_cuts_numbers_at_80_columns():
     text = console.file.getvalue()
     assert text.count("0.00123") == len(keys) * len(DEFAULT_POLICIES)
     assert "…" not in text
+
+
+def test_evaluate_dir_lists_errors_below_the_table_and_leaves_no_blank_lines(
+        tmp_path, small_trace, good_program):
+    folder = tmp_path / "programs"
+    folder.mkdir()
+    (folder / "good.py").write_text(good_program.read_text())
+    (folder / "broken.py").write_text("def rebalance_experts(*args):\n    raise RuntimeError('x')\n")
+    result = runner.invoke(app, ["evaluate-dir", str(folder), "--trace", str(small_trace),
+                                 "--interval", "10", *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    assert "(failed)" in result.stdout
+    assert result.stderr.splitlines() == [
+        "broken.py failed: rebalance_experts raised RuntimeError: x (line 2 of the program)"]

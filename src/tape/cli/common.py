@@ -180,10 +180,12 @@ def load_windows(
 
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar on stderr; yields a callable that advances it by one."""
+    """A rich progress bar on stderr; yields a callable that advances it by one. Shown only
+    on a terminal: piped or redirected, a bar would leave a blank line each time."""
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=error_console, transient=True, disable=not enabled,
+        console=error_console, transient=True,
+        disable=not enabled or not error_console.is_terminal,
     )
     with progress:
         task = progress.add_task(description, total=total)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from tape import __version__
@@ -97,6 +98,30 @@ def _metric_table(title: str, score: ProgramScore) -> Table:
         table.add_row("[bold]other[/]", "")
         for name in rest:
             table.add_row(f"  {name}", format_value(score.metrics[name]))
+    return table
+
+
+# Columns of evaluate-dir's summary: (metric key, header stacked to fit 80 columns).
+_SUMMARY_COLUMNS = (
+    ("combined_score", "combined\nscore"),
+    ("balancedness_score", "balanced-\nness\nscore"),
+    ("overall_balancedness", "overall\nbalanced-\nness"),
+    ("compute_balancedness", "compute\nbalanced-\nness"),
+    ("efficiency", "effici-\nency"),
+    ("gpu_balancedness", "GPU\nbalanced-\nness"),
+)
+
+
+def _summary_table(title: str, results: dict[str, dict[str, Any]]) -> Table:
+    """One row a program; its error, if any, is printed below the table, not squeezed in."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("program", overflow="fold")
+    for _, header in _SUMMARY_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, result in results.items():
+        values = (format_value(result[key]) if key in result else "-"
+                  for key, _ in _SUMMARY_COLUMNS)
+        table.add_row(escape(name) + (" [red](failed)[/]" if result["error"] else ""), *values)
     return table
 
 
@@ -217,15 +242,9 @@ def register(app: typer.Typer) -> None:
             typer.echo(to_json_text(results))
             return
         console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
-        table = Table(title=escape(f"programs in {directory} (version {version_value})"))
-        columns = ("combined_score", "balancedness_score", "overall_balancedness",
-                   "compute_balancedness", "efficiency", "gpu_balancedness")
-        table.add_column("program")
-        for column in columns:
-            table.add_column(column, justify="right")
-        table.add_column("error")
+        console.print(_summary_table(
+            escape(f"programs in {directory} (version {version_value})"), results))
         for name, result in results.items():
-            table.add_row(escape(name),
-                          *(format_value(result[c]) if c in result else "-" for c in columns),
-                          escape(result["error"] or ""))
-        console.print(table)
+            if result["error"]:
+                error_console.print(f"[bold red]{escape(name)} failed:[/] "
+                                    f"{escape(result['error'])}", highlight=False, soft_wrap=True)
