@@ -277,3 +277,13 @@ def test_evaluate_dir_lists_errors_below_the_table_and_leaves_no_blank_lines(
     assert "(failed)" in result.stdout
     assert result.stderr.splitlines() == [
         "broken.py failed: rebalance_experts raised RuntimeError: x (line 2 of the program)"]
+
+
+def test_evolve_checks_the_trace_before_making_its_folder(tmp_path, small_trace):
+    out = tmp_path / "evolve"
+    result = runner.invoke(app, ["evolve", "--trace", str(small_trace), "--interval", "1000",
+                                 "--out", str(out), *SMALL_LAYOUT],
+                           env={"OPENAI_API_KEY": "unused"})
+    assert result.exit_code == 2, result.output
+    assert "at least 2 windows" in result.output
+    assert not out.exists()

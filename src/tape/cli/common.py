@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,6 +42,7 @@ __all__ = [
     "escape",
     "handles_errors",
     "load_windows",
+    "loading",
     "nodes_for",
     "prepare",
     "progress_bar",
@@ -140,7 +141,7 @@ def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
 def prepare(
     *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
     groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
-    dispatch: str, config: Path | None,
+    dispatch: str, config: Path | None, show_progress: bool = True,
 ) -> Setup:
     """Check the flags, load presets and the trace; raise TapeError naming what is wrong."""
     from tape.dispatch import check_dispatch
@@ -149,7 +150,8 @@ def prepare(
     model_spec, cluster_spec = load_config(config, model=model, cluster=cluster)
     nodes = nodes_for(nodes, gpus, cluster_spec)
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
-    windows, described, steps = load_windows(trace, synthetic, interval, seed, layout)
+    with loading(trace, show_progress):
+        windows, described, steps = load_windows(trace, synthetic, interval, seed, layout)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
@@ -176,6 +178,15 @@ def load_windows(
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
     described = f"{source}: {describe(loads)}, {windows.shape[0]} windows of {interval} steps"
     return windows, described, steps
+
+
+def loading(trace: Path | None, enabled: bool = True) -> Any:
+    """A spinner on stderr (terminal only) while a trace is read or the synthetic one made:
+    seconds for the synthetic DeepSeek-V3 trace, minutes for a large expert-load.json."""
+    if not enabled or not error_console.is_terminal:
+        return nullcontext()
+    what = f"reading {escape(str(trace))}" if trace is not None else "making the synthetic trace"
+    return error_console.status(f"{what} ...")
 
 
 @contextmanager

@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config,
+            dispatch=dispatch, config=config, show_progress=not as_json,
         )
         pairs = setup.windows.shape[0] - 1
         with progress_bar("policies x window pairs", len(names) * (pairs + 1),

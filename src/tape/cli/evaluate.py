@@ -169,7 +169,7 @@ def register(app: typer.Typer) -> None:
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config,
+            dispatch=dispatch, config=config, show_progress=not as_json,
         )
         score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
         if as_json:
@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config,
+            dispatch=dispatch, config=config, show_progress=not as_json,
         )
         results: dict[str, dict[str, Any]] = {}
         for program in programs:

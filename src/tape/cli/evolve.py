@@ -34,6 +34,7 @@ from tape.cli.common import (
     error_console,
     escape,
     handles_errors,
+    loading,
     nodes_for,
     progress_bar,
 )
@@ -63,7 +64,10 @@ def _settings(**values: Any) -> Any:
         raise TraceError("give either --trace PATH or --synthetic, not both")
     _, cluster_spec = load_config(values["presets"], cluster=values["cluster"])
     values["nodes"] = nodes_for(values["nodes"], values["gpus"], cluster_spec)
-    return EvaluationSettings(**values)
+    settings = EvaluationSettings(**values)
+    with loading(settings.trace):
+        settings.windows()  # cached: a bad trace is an error before any folder is made
+    return settings
 
 
 def _default_out(command: str, version: int | str) -> Path:
