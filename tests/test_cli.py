@@ -287,3 +287,12 @@ def test_evolve_checks_the_trace_before_making_its_folder(tmp_path, small_trace)
     assert result.exit_code == 2, result.output
     assert "at least 2 windows" in result.output
     assert not out.exists()
+
+
+def test_evaluate_refuses_a_program_that_is_not_a_python_file(tmp_path, small_trace):
+    program = tmp_path / "policy.txt"
+    program.write_text("def rebalance_experts(*args):\n    pass\n")
+    result = runner.invoke(app, ["evaluate", str(program), "--trace", str(small_trace),
+                                 "--interval", "10", *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert "not a .py file" in result.output

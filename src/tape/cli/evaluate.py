@@ -165,6 +165,9 @@ def register(app: typer.Typer) -> None:
                                f"`tape evaluate-dir {program}`")
         if not program.is_file():
             raise ProgramError(f"program {program} does not exist")
+        if program.suffix != ".py":
+            raise ProgramError(f"program {program} is not a .py file; give a Python file that "
+                               "defines rebalance_experts")
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
