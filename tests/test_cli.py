@@ -296,3 +296,11 @@ def test_evaluate_refuses_a_program_that_is_not_a_python_file(tmp_path, small_tr
                                  "--interval", "10", *SMALL_LAYOUT])
     assert result.exit_code == 2, result.output
     assert "not a .py file" in result.output
+
+
+def test_tape_version_prints_the_package_version():
+    from tape import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"tape {__version__}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 __all__ = ["app", "main"]
@@ -13,6 +15,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from tape import __version__
+
+        typer.echo(f"tape {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                           help="Print TAPE's version and exit (after a command, --version "
+                           "is the scoring version).")
+    ] = False,
+) -> None:
+    """TAPE: place, score, evolve and show expert placements for MoE serving."""
 
 
 def _register_commands() -> None:
