@@ -171,3 +171,26 @@ def test_tape_tune_from_the_command_line(tmp_path):
     assert "tuned - deepseek combined_score" in result.output
     for name in ("best_params.json", "tuned_program.py", "tune_manifest.json"):
         assert Path(tmp_path / "tuned" / name).is_file()
+
+
+@needs_tape_policy
+def test_tape_tune_realistic_with_a_single_held_out_pair(tmp_path):
+    # One held-out pair has no rebalance to migrate: its migration column shows "-".
+    import typer
+    from typer.testing import CliRunner
+
+    from tape.cli.evolve import register
+    from tape.synthetic import synthetic_trace
+
+    app = typer.Typer()
+    register(app)
+    trace = tmp_path / "trace.npy"
+    np.save(trace, synthetic_trace(num_steps=350, num_layers=4, num_experts=32, num_groups=4))
+    result = CliRunner().invoke(app, [
+        "tune", "--version", "realistic", "--trials", "2", "--trace", str(trace),
+        "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
+        "--out", str(tmp_path / "tuned"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "tuned - deepseek combined_score" in result.output
+    assert "Traceback" not in result.output

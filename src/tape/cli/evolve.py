@@ -85,7 +85,9 @@ def _comparison_table(title: str, scores: dict[str, ProgramScore], metrics: tupl
         if score.error is not None:
             table.add_row(name, "0", *("-" for _ in metrics))
             continue
-        table.add_row(name, *(f"{score.metrics[m]:.4f}" for m in ("combined_score", *metrics)))
+        # A metric a run could not measure (migration with a single window pair) shows "-".
+        table.add_row(name, *(f"{score.metrics[m]:.4f}" if m in score.metrics else "-"
+                              for m in ("combined_score", *metrics)))
     return table
 
 
