@@ -20,7 +20,7 @@ from fake_llm import ScriptedLLM, diff_reply
 from openevolve.config import Config
 from openevolve.utils.code_utils import parse_evolve_blocks
 
-from tape.errors import ConfigError
+from tape.errors import ConfigError, TapeError
 from tape.evolution import configs, evaluator, prompts, run
 from tape.evolution.settings import (
     ENVIRONMENT,
@@ -501,6 +501,43 @@ def test_a_stray_tape_variable_stops_the_run_before_openevolve_starts(tmp_path, 
     config = tmp_path / "openevolve.yaml"
     config.write_text(yaml.safe_dump(RUN_CONFIG))
     with pytest.raises(ConfigError, match="unknown evaluation variable.*TAPE_VERISON"):
+        run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
+                   llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
+                   environ={})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "given", "reason"),
+    [
+        ("max_iteration: 3\n", {}, r"unknown key\(s\) max_iteration"),
+        ("llm: [1, 2\nmax_iterations: 3\n", {}, "not valid YAML"),
+        ("max_iterations: 3\n", {"initial_program": "missing.py"}, "missing.py cannot be read"),
+        ("max_iterations: 3\n", {"trace": "missing.json"}, "missing.json"),
+        ("max_iterations: 3\n", {"presets": "openevolve.yaml"}, "unknown section"),
+    ],
+)
+def test_a_bad_input_stops_the_run_before_its_folder_is_made(tmp_path, text, given, reason):
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(text)
+    given = {name: tmp_path / value for name, value in given.items()}
+    initial = given.pop("initial_program", None)
+    settings = EvaluationSettings(version=2, **SMALL_SYNTHETIC, **given)
+    with pytest.raises(TapeError, match=reason):
+        run.evolve(settings, out_dir=tmp_path / "out", iterations=1, config_path=config,
+                   llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
+                   initial_program=initial, environ={})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_while_writing_the_run_folder_removes_it(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_json_atomic", full_disk)
+    config = tmp_path / "openevolve.yaml"
+    config.write_text("max_iterations: 3\n")
+    with pytest.raises(OSError, match="No space left"):
         run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
                    llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
                    environ={})

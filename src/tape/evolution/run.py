@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -80,7 +81,8 @@ def _evaluation_bound(settings: EvaluationSettings) -> float:
 # -- the run folder --------------------------------------------------------------------------
 
 
-def _prepare_folder(out_dir: Path, resume: Path | None) -> None:
+def _check_folder(out_dir: Path, resume: Path | None) -> None:
+    """ConfigError unless `out_dir` can hold a new run, or `resume` is a checkpoint of its run."""
     if resume is not None:
         if not (resume / "metadata.json").is_file():
             raise ConfigError(f"{resume} is not an OpenEvolve checkpoint (no metadata.json)")
@@ -94,7 +96,38 @@ def _prepare_folder(out_dir: Path, resume: Path | None) -> None:
         out_dir, f"continue its run with --resume {out_dir}/checkpoints/checkpoint_N, or choose "
         "another --out"
     )
+
+
+def _initial_source(initial_program: Path | None) -> str:
+    """The program the run starts from: the user's file, or DeepSeek's policy in numpy."""
+    if initial_program is None:
+        return prompts.initial_program_text()
+    try:
+        return Path(initial_program).read_text()
+    except OSError as error:
+        raise ConfigError(
+            f"initial program {initial_program} cannot be read: {error.strerror or error}"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"initial program {initial_program} is not UTF-8 text") from None
+
+
+@contextmanager
+def _removed_on_failure(out_dir: Path) -> Iterator[None]:
+    """Make `out_dir` (absent or empty); if the block fails, leave it as it was found."""
+    existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for entry in out_dir.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        if not existed:
+            out_dir.rmdir()
+        raise
 
 
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
@@ -181,7 +214,9 @@ def evolve(
         environ: where the API key is looked up (None: `os.environ`).
 
     Raises:
-        ConfigError: a bad config, no API key, a used output folder, mismatched resume settings.
+        ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
+            used output folder, mismatched resume settings (all before the run folder is made).
+        TraceError: a trace that cannot be read or does not fit the layout (also before).
         EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
     """
     from openevolve import OpenEvolve
@@ -196,7 +231,8 @@ def evolve(
     EvaluationSettings.from_environment(stray)  # a stray TAPE_* variable would fail every worker
     out_dir = Path(out_dir)
     resume = Path(resume) if resume is not None else None
-    _prepare_folder(out_dir, resume)
+    # Everything the user gave is checked before the run folder is made, so a mistake leaves none.
+    _check_folder(out_dir, resume)
     if resume is not None:
         _check_resumed_settings(out_dir, settings)
     if config_path is None:
@@ -210,6 +246,8 @@ def evolve(
     )
     config, saved_config = resolved.config, resolved.saved
     windows = settings.windows()
+    model, cluster = settings.specs()
+    source = _initial_source(initial_program) if resume is None else None
     bound = _evaluation_bound(settings)
     if config.evaluator.timeout < bound:
         logging.getLogger(__name__).warning(
@@ -221,14 +259,12 @@ def evolve(
 
     program_path = out_dir / "initial_program.py"
     windows_path = out_dir / "windows.npz"
-    if resume is None:
-        source = (
-            Path(initial_program).read_text() if initial_program else prompts.initial_program_text()
-        )
-        program_path.write_text(source)
-        settings.save_windows(windows_path)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
-        write_json_atomic(out_dir / MANIFEST, _manifest(settings, config_path, resolved))
+    if source is not None:
+        with _removed_on_failure(out_dir):
+            program_path.write_text(source)
+            settings.save_windows(windows_path)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+            write_json_atomic(out_dir / MANIFEST, _manifest(settings, config_path, resolved))
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     # OpenEvolve >= 0.4.1 raises this when every iteration failed before producing a program.
@@ -252,7 +288,6 @@ def evolve(
     if not best_program.is_file():
         raise ConfigError(f"OpenEvolve wrote no best program to {best_program}; see {out_dir}/logs")
     best = evaluator.score_candidate(best_program, worker_settings)
-    model, cluster = settings.specs()
     deepseek = score_policy(
         "deepseek", windows, settings.layout(), version=settings.version, model=model,
         cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.window_steps(),
