@@ -157,7 +157,9 @@ def main() -> None:
             m.numpy() for m in torch_reference.rebalance_experts(torch.from_numpy(w), *ARGS)
         ]
     for reading, reference in references.items():
-        print(f"\nQuality, deepseek vs the {reading}, per window:")
+        print(f"\nQuality, deepseek vs the {reading}, per window (double replicas: a GPU "
+              f"holding two replicas of one expert; ours only when an expert has more replicas "
+              f"than its node has GPUs, {LAYOUT.gpus_per_node}):")
         print(
             f"{'window':>6s}{'max slot load rel. diff':>26s}{'GPU bal. ours':>15s}"
             f"{'reference':>11s}{'double replicas ours':>22s}{'reference':>11s}"
