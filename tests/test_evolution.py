@@ -26,6 +26,7 @@ from tape.evolution.settings import (
     ENVIRONMENT,
     SMALL_SYNTHETIC,
     EvaluationSettings,
+    require_new_folder,
 )
 from tape.policies import get_policy
 from tape.protocol import replay
@@ -86,6 +87,17 @@ def test_settings_round_trip_through_the_environment():
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
     with pytest.raises(Exception, match=reason):
         EvaluationSettings.from_environment(environment)
+
+
+def test_an_output_folder_must_be_new_or_empty_and_not_a_file(tmp_path):
+    require_new_folder(tmp_path / "new")
+    require_new_folder(tmp_path)
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(ConfigError, match="already holds files; choose another --out"):
+        require_new_folder(tmp_path)
+    with pytest.raises(ConfigError, match=r"old.txt is a file, not a folder; give a folder \(new "
+                       r"or empty\) as --out"):
+        require_new_folder(tmp_path / "old.txt")
 
 
 def test_a_config_is_found_by_path_or_shipped_name(tmp_path):

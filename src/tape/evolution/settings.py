@@ -202,8 +202,11 @@ SMALL_SYNTHETIC: dict[str, int] = {
 
 
 def require_new_folder(path: Path, hint: str = "choose another --out") -> None:
-    """ConfigError unless `path` is absent or empty: a run never mixes its files with another's."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    """ConfigError unless `path` is absent or an empty folder: a run never mixes its files with
+    another's."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a folder; give a folder (new or empty) as --out")
+    if path.exists() and any(path.iterdir()):
         raise ConfigError(f"output folder {path} already holds files; {hint}")
 
 
