@@ -100,7 +100,7 @@ def test_an_output_folder_must_be_new_or_empty_and_not_a_file(tmp_path):
         require_new_folder(tmp_path / "old.txt")
 
 
-def test_a_config_is_found_by_path_or_shipped_name(tmp_path):
+def test_a_config_is_found_by_path_or_shipped_name(tmp_path, monkeypatch):
     assert configs.find_config("local") == configs.shipped_config("local")
     own = tmp_path / "mine.yaml"
     own.write_text("max_iterations: 3\n")
@@ -109,6 +109,16 @@ def test_a_config_is_found_by_path_or_shipped_name(tmp_path):
         configs.find_config("missing.yaml")
     with pytest.raises(ConfigError, match="no shipped config 'gemeni'; shipped: gemini, local"):
         configs.find_config("gemeni")
+    monkeypatch.chdir(tmp_path)
+    for name in ("runs", "runs.yaml", "local"):
+        (tmp_path / name).mkdir()
+    for given in ("runs", str(tmp_path / "runs"), "runs.yaml"):
+        with pytest.raises(ConfigError, match=r"runs(\.yaml)? is a folder, not a YAML file"):
+            configs.find_config(given)
+    assert configs.find_config("local") == configs.shipped_config("local")  # not ./local/
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        configs.resolve_config(tmp_path / "runs", version=2, iterations=None,
+                               llm=configs.LLMChoice(), full_rewrite=False, environ={})
 
 
 def test_configure_sets_the_variables_and_clears_the_others():

@@ -88,10 +88,21 @@ def find_config(name_or_path: str) -> Path:
     """A config given as a path (a .yaml/.yml name or one with a folder), else a shipped name."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or len(path.parts) > 1 or path.is_file():
-        if not path.is_file():
-            raise ConfigError(f"OpenEvolve config {path} does not exist")
+        _require_file(path)
         return path
+    if path.is_dir() and name_or_path not in shipped_config_names():
+        _require_file(path)
     return shipped_config(name_or_path)
+
+
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(
+            f"OpenEvolve config {path} is a folder, not a YAML file; give a .yaml file or a "
+            f"shipped config's name ({', '.join(shipped_config_names())})"
+        )
+    if not path.is_file():
+        raise ConfigError(f"OpenEvolve config {path} does not exist")
 
 
 def shipped_config(name: str) -> Path:
@@ -103,8 +114,7 @@ def shipped_config(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"OpenEvolve config {path} does not exist")
+    _require_file(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
