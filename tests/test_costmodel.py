@@ -468,3 +468,8 @@ def test_bad_config_files_are_errors(tmp_path, text, message):
 def test_a_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+
+
+def test_a_folder_given_as_config_file_is_named_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML/JSON file"):
+        load_config(tmp_path)

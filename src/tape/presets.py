@@ -175,6 +175,8 @@ def load_config(
     sections: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML/JSON file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
