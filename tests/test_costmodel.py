@@ -465,6 +465,32 @@ def test_bad_config_files_are_errors(tmp_path, text, message):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("c.yaml", "model:\n  top_k: [1, 2\ncluster: {}\n",
+         ("c.yaml is not valid YAML: line 3, column 8: expected ',' or ']', but got ':' (while "
+          "parsing a flow sequence that starts at line 2, column 10)")),
+        ("t.yaml", "model:\n\ttop_k: 8\n",
+         ("t.yaml is not valid YAML: line 2, column 1: found character '\\t' that cannot start "
+          "any token (while scanning for the next token)")),
+        ("z.yaml", "model: \x01\n",
+         ("z.yaml is not valid YAML: unacceptable character #x0001: special characters are not "
+          "allowed")),
+        ("c.json", '{"model": {"top_k": 8,}}',
+         ("c.json is not valid JSON: line 1, column 23: Expecting property name enclosed in "
+          "double quotes")),
+    ],
+)
+def test_a_syntax_error_in_a_config_file_is_one_line_naming_the_place(tmp_path, name, text,
+                                                                       message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"config file {tmp_path / message}"
+
+
 def test_a_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")

@@ -379,6 +379,24 @@ def test_unknown_config_keys_are_errors(tmp_path):
         resolve(tmp_path, {**LOCAL, "max_iteration": 5}, {})
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"llm:\n  models: [{name: m}\nmax_iterations: 3\n",
+         ("is not valid YAML: line 3, column 1: expected ',' or ']', but got '<scalar>' (while "
+          "parsing a flow sequence that starts at line 2, column 11)")),
+        (b"max_iterations: 3\xff\n", "is not UTF-8 text"),
+    ],
+)
+def test_an_unreadable_config_is_one_line_naming_the_place(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        configs.resolve_config(path, version=2, iterations=None, llm=configs.LLMChoice(),
+                               full_rewrite=False, environ={})
+    assert str(caught.value) == f"OpenEvolve config {path} {message}"
+
+
 def test_the_command_line_overrides_the_config(tmp_path):
     config = {**LOCAL, "prompt": {"system_message": "My own instructions."}}
     path = tmp_path / "c.yaml"

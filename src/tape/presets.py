@@ -27,6 +27,7 @@ __all__ = [
     "cluster_preset",
     "load_config",
     "model_preset",
+    "syntax_error_line",
 ]
 
 
@@ -162,6 +163,30 @@ def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
     return _build(type(base), base.name, fields, where)
 
 
+def syntax_error_line(error: Exception) -> str:
+    """A YAML or JSON syntax error in one line: where it is (line, column) and what is wrong.
+
+    PyYAML's own message spans several lines (the text, a caret, a mark per clause).
+    """
+    if isinstance(error, json.JSONDecodeError):
+        return f"line {error.lineno}, column {error.colno}: {error.msg}"
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return str(error).splitlines()[0]
+    mark, problem = error.problem_mark, error.problem
+    if problem is None:
+        mark, problem = error.context_mark, error.context
+    text = " ".join(str(problem).split())
+    if mark is not None:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    if error.problem is not None and error.context is not None:
+        context = " ".join(error.context.split())
+        if error.context_mark is not None:
+            context += (f" that starts at line {error.context_mark.line + 1}, column "
+                        f"{error.context_mark.column + 1}")
+        text += f" ({context})"
+    return text
+
+
 def load_config(
     path: str | Path | None = None,
     *,
@@ -179,11 +204,16 @@ def load_config(
             raise ConfigError(f"config file {path} is a folder, not a YAML/JSON file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
         try:
             text = path.read_text()
-            sections = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"config file {path} is not valid YAML/JSON: {error}") from None
+            sections = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(
+                f"config file {path} is not valid {kind}: {syntax_error_line(error)}"
+            ) from None
         sections = sections or {}
         if not isinstance(sections, dict):
             raise ConfigError(f"config file {path} must hold a mapping with model:/cluster:")

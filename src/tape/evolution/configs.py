@@ -23,6 +23,7 @@ import yaml
 
 from tape.errors import ConfigError
 from tape.evolution import prompts
+from tape.presets import syntax_error_line
 
 __all__ = [
     "DEFAULT_API_KEY_VARIABLE",
@@ -117,8 +118,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     _require_file(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"OpenEvolve config {path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"OpenEvolve config {path} is not valid YAML: {error}") from None
+        raise ConfigError(
+            f"OpenEvolve config {path} is not valid YAML: {syntax_error_line(error)}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"OpenEvolve config {path} must hold a mapping")
     return data
