@@ -465,6 +465,20 @@ def test_bad_config_files_are_errors(tmp_path, text, message):
         load_config(path)
 
 
+def test_a_config_file_error_names_the_file_and_section_in_plain_text(tmp_path):
+    path = tmp_path / "c3.yaml"
+    path.write_text("model:\n  topk: 3\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(
+        f"config file {path}, section model: unknown key(s) topk; known: bytes_per_parameter,"
+    )
+    path.write_text("cluster: [h800]\n")
+    with pytest.raises(ConfigError, match=r"c3.yaml, section cluster: must be a mapping of "
+                       r"preset fields, got a list"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [

@@ -228,10 +228,15 @@ def load_config(
         ("model", model, "deepseek-v3", model_preset),
         ("cluster", cluster, "h800", cluster_preset),
     ):
-        overrides = dict(sections.get(section) or {})
+        where = (f"config file {path}, section {section}" if path is not None
+                 else f"{section} preset")
+        overrides = sections.get(section) or {}
         if not isinstance(overrides, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
+            raise ConfigError(
+                f"{where}: must be a mapping of preset fields, got a {type(overrides).__name__}"
+            )
+        overrides = dict(overrides)
         preset_name = choice or overrides.pop("preset", None) or default
         overrides.pop("preset", None)
-        specs.append(_override(build(preset_name), overrides, f"{path or 'flags'} [{section}]"))
+        specs.append(_override(build(preset_name), overrides, where))
     return specs[0], specs[1]
