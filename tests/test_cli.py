@@ -224,6 +224,24 @@ def test_out_that_is_a_file_or_holds_results_is_refused_untouched(tmp_path, smal
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("command", [["compare", "--policies", "deepseek"], ["evaluate-dir"]])
+def test_overwrite_writes_into_a_used_out_folder(tmp_path, small_trace, good_program, command):
+    if command == ["evaluate-dir"]:
+        command = ["evaluate-dir", str(good_program.parent)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("an earlier run")
+    (out / "notes.txt").write_text("mine")
+    arguments = [*command, "--trace", str(small_trace), "--interval", "10", "--out", str(out),
+                 *SMALL_LAYOUT]
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2 and "pass --overwrite" in refused.output
+    result = runner.invoke(app, [*arguments, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())  # replaced by this run's
+    assert (out / "notes.txt").read_text() == "mine"  # other files are left alone
+
+
 @pytest.mark.parametrize("command", ["compare", "evaluate"])
 def test_negative_seed_is_a_usage_error(good_program, command):
     extra = [str(good_program)] if command == "evaluate" else []

@@ -30,6 +30,7 @@ __all__ = [
     "JsonOption",
     "ModelOption",
     "NodesOption",
+    "OverwriteOption",
     "ReplicasOption",
     "SeedOption",
     "Setup",
@@ -76,6 +77,10 @@ VersionOption = Annotated[
     str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Write into an --out folder that already holds files, "
+                       "replacing files of the same names.")
+]
 ClusterOption = Annotated[
     str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100.")
 ]
@@ -113,15 +118,18 @@ class Setup:
         }
 
 
-def check_out_folder(out: Path | None, *, must_be_empty: bool = True) -> None:
+def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
+                     overwrite_flag: bool = False) -> None:
     """ConfigError if --out is a file, or (with `must_be_empty`) a folder that already holds
-    files: a run never mixes its results with another's. Checked before any work is done."""
+    files: a run never mixes its results with another's unless asked to (`overwrite_flag`: the
+    command has --overwrite, and the message names it). Checked before any work is done."""
     if out is None or not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
     if must_be_empty and any(out.iterdir()):
-        raise ConfigError(f"--out {out} already holds files; choose a new or empty folder")
+        hint = ", or pass --overwrite to replace its files" if overwrite_flag else ""
+        raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
 def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:

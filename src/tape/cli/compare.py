@@ -20,6 +20,7 @@ from tape.cli.common import (
     JsonOption,
     ModelOption,
     NodesOption,
+    OverwriteOption,
     ReplicasOption,
     SeedOption,
     SyntheticOption,
@@ -125,13 +126,14 @@ def register(app: typer.Typer) -> None:
         dispatch: DispatchOption = "locality",
         config: ConfigOption = None,
         as_json: JsonOption = False,
+        overwrite: OverwriteOption = False,
     ) -> None:
         """Compare placement policies under the protocol, side by side.
 
         Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
         """
         names = _parse_policies(policies)
-        check_out_folder(out)
+        check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,

@@ -21,6 +21,7 @@ from tape.cli.common import (
     JsonOption,
     ModelOption,
     NodesOption,
+    OverwriteOption,
     ReplicasOption,
     SeedOption,
     Setup,
@@ -211,6 +212,7 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
+        overwrite: OverwriteOption = False,
     ) -> None:
         """Score every .py program in a folder and print a summary table."""
         if directory.is_file():
@@ -221,7 +223,7 @@ def register(app: typer.Typer) -> None:
         programs = sorted(path for path in directory.glob("*.py") if path.is_file())
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
-        check_out_folder(out)
+        check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
