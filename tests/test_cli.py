@@ -150,6 +150,37 @@ def test_compare_writes_the_notebook_outputs(tmp_path, small_trace):
     assert csv_rows[0] == "layer,GPU0,GPU1,GPU2,GPU3" and len(csv_rows) == 1 + 3
 
 
+def test_compare_takes_policies_with_presets_and_parameters(tmp_path, small_trace):
+    out = tmp_path / "compare"
+    specs = "deepseek,tape:fast,tape:preset=all:migration_weight=0.5"
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", specs, "--out", str(out), *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert list(comparison) == specs.split(",")
+    for stem in ("tape_fast", "tape_preset_all_migration_weight_0.5"):
+        assert (out / f"{stem}_gpu_loads.csv").is_file()
+    heavy = comparison["tape:preset=all:migration_weight=0.5"]["moved_experts"]
+    assert heavy <= comparison["deepseek"]["moved_experts"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tape:turbo", "unknown tape preset 'turbo'"),
+    ("deepseek:k=2", "policy 'deepseek' has no parameter 'k'"),
+    ("tape:=3", "cannot read '=3'"),
+    ("tape:search_rounds=1.5", "search_rounds must be an integer"),
+])
+def test_compare_rejects_bad_policy_parameters_before_running(tmp_path, small_trace, spec,
+                                                             message):
+    out = tmp_path / "compare"
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", f"deepseek,{spec}", "--out", str(out),
+                                 *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_compare_rejects_unknown_policy(small_trace):
     result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
                                  "--policies", "deepseek,nope", *SMALL_LAYOUT])

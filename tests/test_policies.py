@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tape import Layout, Placement
 from tape.api import place
-from tape.policies import PolicyError, policy_names
+from tape.policies import PolicyError, parse_policy_spec, policy_names
 from tape.policies.bldm import bldm_packing
 from tape.policies.packing import (
     balanced_packing,
@@ -454,3 +454,26 @@ def test_min_moves_rejects_itself_and_bad_tolerances():
         place(weight, layout, "min-moves", tolerance=-1)
     with pytest.raises(PolicyError, match="unknown policy"):
         place(weight, layout, "min-moves", base="nope")
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("deepseek", ("deepseek", {})),
+    (" tape : fast ", ("tape", {"preset": "fast"})),
+    ("tape:preset=all:migration_weight=0.1:search_rounds=2",
+     ("tape", {"preset": "all", "migration_weight": 0.1, "search_rounds": 2})),
+    ("replicate-hot:k=2", ("replicate-hot", {"k": 2})),
+])
+def test_policy_specs_are_read(spec, expected):
+    assert parse_policy_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope:fast", "unknown policy 'nope'"),
+    ("tape:=1", "cannot read '=1'"),
+    ("tape:k=", "cannot read 'k='"),
+    ("tape:a b=1", "cannot read 'a b=1'"),
+    ("tape:fast:preset=all", "'preset' is given twice"),
+])
+def test_bad_policy_specs_are_errors(spec, message):
+    with pytest.raises(PolicyError, match=message):
+        parse_policy_spec(spec)

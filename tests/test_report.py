@@ -1,7 +1,7 @@
 import pytest
 
 from tape.protocol import ProgramScore
-from tape.report import runtime_stats, summarize
+from tape.report import _file_stems, runtime_stats, summarize
 
 
 def _score(balance, moved, ib, seconds):
@@ -32,3 +32,9 @@ def test_summarize_compares_every_policy_with_deepseek():
 def test_summarize_without_deepseek_has_no_ratios():
     summary = summarize({"tape": _score(0.8, 1.0, 1.0, [0.001])})
     assert "moved_experts_ratio" not in summary["tape"]
+
+
+def test_file_stems_are_safe_and_distinct():
+    stems = _file_stems(["deepseek", "tape:fast", "tape/fast", "tape:preset=all:k=1"])
+    assert stems == {"deepseek": "deepseek", "tape:fast": "tape_fast",
+                     "tape/fast": "tape_fast_2", "tape:preset=all:k=1": "tape_preset_all_k_1"}

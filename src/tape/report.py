@@ -7,6 +7,7 @@ output folder it is given (with a manifest).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 
 from tape.files import write_json_atomic, write_table_csv
 from tape.layout import Layout
+from tape.policies import parse_policy_spec
 from tape.presets import ClusterSpec, ModelSpec
 from tape.protocol import ProgramScore, score_policy, window_steps
 
@@ -40,14 +42,20 @@ def compare_policies(
     steps_per_window: int | Sequence[int] = 1,
     progress: Callable[[], None] | None = None,
 ) -> dict[str, ProgramScore]:
-    """Score every policy in `policies` on `windows` (same windows, same layout, same run)."""
-    return {
-        name: score_policy(
-            name, windows, layout, version=version, model=model, cluster=cluster,
-            dispatch=dispatch, steps_per_window=steps_per_window, progress=progress,
+    """Score every policy in `policies` on `windows` (same windows, same layout, same run).
+
+    Each entry is a policy name or a spec with parameters (`tape.policies.parse_policy_spec`,
+    for example "tape:fast"); the result is keyed by the entries as given.
+    """
+    results = {}
+    for spec in policies:
+        name, params = parse_policy_spec(spec)
+        results[spec] = score_policy(
+            name, windows, layout, version=version, params=params or None, model=model,
+            cluster=cluster, dispatch=dispatch, steps_per_window=steps_per_window,
+            progress=progress,
         )
-        for name in policies
-    }
+    return results
 
 
 def runtime_stats(seconds: Sequence[float]) -> dict[str, float]:
@@ -120,14 +128,16 @@ def write_comparison(
 
     written: list[Path] = []
     columns = [f"GPU{gpu}" for gpu in range(layout.num_gpus)]
+    stems = _file_stems(list(results))
     for name, score in results.items():
+        stem = stems[name]
         loads = evaluated_gpu_loads(score, windows, layout)
-        csv_path = out / f"{name}_gpu_loads.csv"
+        csv_path = out / f"{stem}_gpu_loads.csv"
         write_table_csv(csv_path, loads, columns, "layer")
         written.append(csv_path)
-        written.append(plot_heatmap(loads, out / f"{name}_gpu_loads_heatmap.png",
+        written.append(plot_heatmap(loads, out / f"{stem}_gpu_loads_heatmap.png",
                                     f"{name}: normalized GPU loads per layer"))
-        written.append(plot_boxplot(loads, out / f"{name}_gpu_loads_boxplot.png",
+        written.append(plot_boxplot(loads, out / f"{stem}_gpu_loads_boxplot.png",
                                     f"{name}: GPU load distribution across layers"))
         last = len(score.placements) - 1
         times = layer_times(
@@ -135,7 +145,7 @@ def write_comparison(
             model, cluster, steps=window_steps(steps_per_window, last + 1),
         )
         written.append(plot_timeline(
-            times.compute, times.comm, out / f"{name}_timeline.png",
+            times.compute, times.comm, out / f"{stem}_timeline.png",
             f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
         ))
     summary = {
@@ -149,3 +159,16 @@ def write_comparison(
     write_json_atomic(manifest_path, {**manifest, "files": [p.name for p in written]})
     written.append(manifest_path)
     return written
+
+
+def _file_stems(names: list[str]) -> dict[str, str]:
+    """A file-name stem per policy label: characters other than letters, digits, '.', '-' and
+    '_' become '_' ("tape:fast" -> "tape_fast"); a stem taken already gets "_2", "_3", ..."""
+    stems: dict[str, str] = {}
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        candidate, number = stem, 2
+        while candidate in stems.values():
+            candidate, number = f"{stem}_{number}", number + 1
+        stems[name] = candidate
+    return stems

@@ -10,6 +10,7 @@ from rich import box
 from rich.table import Table
 
 from tape import __version__
+from tape.api import place
 from tape.cli.common import (
     ClusterOption,
     ConfigOption,
@@ -23,6 +24,7 @@ from tape.cli.common import (
     OverwriteOption,
     ReplicasOption,
     SeedOption,
+    Setup,
     SyntheticOption,
     TraceOption,
     VersionOption,
@@ -35,7 +37,7 @@ from tape.cli.common import (
 )
 from tape.cli.evaluate import format_value
 from tape.files import to_json_text
-from tape.policies import PolicyError, get_policy, policy_names
+from tape.policies import PolicyError, parse_policy_spec, policy_names
 from tape.protocol import parse_version
 from tape.report import compare_policies, summarize, write_comparison
 
@@ -92,8 +94,17 @@ def _parse_policies(text: str | None) -> list[str]:
     if not names:
         raise PolicyError("--policies is empty; give names separated by commas")
     for name in names:
-        get_policy(name)  # raises PolicyError naming the known policies
+        parse_policy_spec(name)  # raises PolicyError naming the known policies
     return list(dict.fromkeys(names))
+
+
+def _check_policy_params(specs: list[str], setup: Setup) -> None:
+    """PolicyError for parameters a policy rejects, from one call on the first window, before
+    the comparison runs (a bad value for the last policy would otherwise end a long run)."""
+    for spec in specs:
+        name, params = parse_policy_spec(spec)
+        if params:
+            place(setup.windows[0], setup.layout, name, **params)
 
 
 def register(app: typer.Typer) -> None:
@@ -106,8 +117,9 @@ def register(app: typer.Typer) -> None:
         synthetic: SyntheticOption = False,
         policies: Annotated[
             str | None,
-            typer.Option("--policies", help="Comma-separated policy names (default: all "
-                         "built-in policies)."),
+            typer.Option("--policies", help="Comma-separated policies (default: all built-in "
+                         "ones), each NAME[:PRESET][:KEY=VALUE...], for example: deepseek, tape:fast, "
+                         "tape:migration_weight=0.1 (a preset or parameters of tape)."),
         ] = None,
         out: Annotated[
             Path | None,
@@ -140,6 +152,7 @@ def register(app: typer.Typer) -> None:
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
             dispatch=dispatch, config=config, show_progress=not as_json,
         )
+        _check_policy_params(names, setup)
         pairs = setup.windows.shape[0] - 1
         with progress_bar("policies x window pairs", len(names) * (pairs + 1),
                           not as_json) as advance:

@@ -12,7 +12,7 @@ the placement in force (or None), `history[W, L, E]` the loads of earlier window
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from tape.errors import TapeError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["Policy", "PolicyError", "get_policy", "policy_names", "register"]
+__all__ = ["Policy", "PolicyError", "get_policy", "parse_policy_spec", "policy_names", "register"]
 
 
 class PolicyError(TapeError):
@@ -73,3 +73,39 @@ def policy_names() -> list[str]:
     """Names of all registered policies, sorted."""
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A policy name and its parameters from `NAME[:PRESET][:KEY=VALUE...]`.
+
+    For example "tape:fast" (preset "fast"), "tape:preset=all:migration_weight=0.1" or
+    "replicate-hot:k=2". A bare word after the name is the `preset` parameter; values that read
+    as integers or floats become numbers, others stay strings. The name must be registered
+    (`PolicyError` otherwise); whether the policy takes the parameters is checked when it runs.
+    """
+    name, *parts = [part.strip() for part in spec.strip().split(":")]
+    get_policy(name)
+    params: dict[str, Any] = {}
+    for part in parts:
+        key, equals, text = part.partition("=")
+        if not equals:
+            key, text = "preset", part
+        key, text = key.strip(), text.strip()
+        if not key or not text or not key.isidentifier():
+            raise PolicyError(
+                f"cannot read {part!r} in policy {spec!r}; expected NAME[:PRESET][:KEY=VALUE...],"
+                f" for example tape:fast or tape:preset=all:migration_weight=0.1"
+            )
+        if key in params:
+            raise PolicyError(f"parameter {key!r} is given twice in policy {spec!r}")
+        params[key] = _number_or_text(text)
+    return name, params
+
+
+def _number_or_text(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
