@@ -297,21 +297,25 @@ def test_evaluate_and_evaluate_dir_point_at_each_other(good_program):
     assert result.exit_code == 2 and "does not exist" in result.output, result.output
 
 
-def test_compare_table_never_cuts_numbers_at_80_columns():
+@pytest.mark.parametrize("policies", [
+    None, ["deepseek", "tape:fast", "tape:preset=all:migration_weight=0.1",
+           "min-moves:tolerance=0.05"]])
+def test_compare_table_never_cuts_numbers_at_80_columns(policies):
     import io
 
     from rich.console import Console
 
     from tape.cli.compare import _ROWS, DEFAULT_POLICIES, _table
 
+    policies = policies or DEFAULT_POLICIES
     keys = [key for _, rows in _ROWS for key, _, scale in rows if scale == 1]
-    summary = {name: {**dict.fromkeys(keys, 0.00123456), "error": None}
-               for name in DEFAULT_POLICIES}
+    summary = {name: {**dict.fromkeys(keys, 0.00123456), "error": None} for name in policies}
     console = Console(width=80, file=io.StringIO())
     console.print(_table(summary))
     text = console.file.getvalue()
-    assert text.count("0.00123") == len(keys) * len(DEFAULT_POLICIES)
+    assert text.count("0.00123") == len(keys) * len(policies)
     assert "…" not in text
+    assert "metric" in text and "moved experts" in text  # the label column keeps its width
 
 
 def test_evaluate_dir_lists_errors_below_the_table_and_leaves_no_blank_lines(

@@ -187,9 +187,12 @@ def _table(summary: dict[str, dict]) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics)."""
     table = Table(title="policies under the protocol (means over window pairs)",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    table.add_column("metric")  # labels wrap in a narrow terminal; numbers are never cut
+    # Labels wrap in a narrow terminal; numbers are never cut; a header breaks after each '-'
+    # and ':' of its policy ("tape:fast" over two lines).
+    table.add_column("metric", min_width=12)
     for name in summary:
-        table.add_column(name.replace("-", "-\n"), justify="right", no_wrap=True, min_width=6)
+        header = name.replace("-", "-\n").replace(":", ":\n")
+        table.add_column(header, justify="right", no_wrap=True, min_width=6)
     for section, rows in _ROWS:
         if not any(key in values for key, _, _ in rows for values in summary.values()):
             continue
