@@ -84,10 +84,16 @@ def check_loads(
         source: what the array came from (a file name), to start error messages with.
 
     Raises:
-        TraceError: not three non-empty dimensions, non-numeric, NaN or infinite or negative
-            values, or L or E other than asked.
+        TraceError: ragged, not three non-empty dimensions, non-numeric, NaN or infinite or
+            negative values, or L or E other than asked.
     """
-    array = to_numpy(loads)
+    try:
+        array = to_numpy(loads)
+    except ValueError:
+        raise TraceError(
+            f"{source}: loads must be a rectangular array [steps, layers, experts], got ragged "
+            f"nested sequences"
+        ) from None
     if array.dtype.kind not in "iuf":
         raise TraceError(f"{source}: loads must be numbers, got dtype {array.dtype}")
     if array.ndim != 3 or 0 in array.shape:
@@ -227,8 +233,14 @@ def _read_expert_load_json(path: Path) -> np.ndarray:
 
 
 def _one_line(error: Exception) -> str:
-    """ijson's (yajl's) multi-line parse error as one line: the reason and the text near it."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """ijson's (yajl's) multi-line parse error as one line: the reason and the text near it.
+
+    yajl's C backend gives its message as bytes when the text near the error is not UTF-8.
+    """
+    message = error.args[0] if len(error.args) == 1 else str(error)
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", errors="replace")
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     reason = lines[0] if lines else type(error).__name__
     if len(lines) > 2:
         reason += f" near {lines[1]!r}"
@@ -356,7 +368,9 @@ def _steps_from_array(array: np.ndarray, path: Path) -> np.ndarray:
     return check_loads(array, source=str(path))
 
 
-def write_expert_load_json(loads: Any, path: str | os.PathLike, *, indent: int | None = None):
+def write_expert_load_json(
+    loads: Any, path: str | os.PathLike, *, indent: int | None = None
+) -> None:
     """Write a trace `[steps, L, E]` as `{"load_history": [{"logical_expert_load": ...}, ...]}`.
 
     Written one step at a time (never the whole text in memory). Whole-number loads are
