@@ -78,14 +78,6 @@ class Traffic:
     ib_sent_tokens: np.ndarray
     ib_received_tokens: np.ndarray
 
-    @property
-    def num_layers(self) -> int:
-        return self.computed_tokens.shape[0]
-
-    @property
-    def num_gpus(self) -> int:
-        return self.computed_tokens.shape[1]
-
 
 def check_dispatch(dispatch: str) -> str:
     """Return `dispatch` if it names a policy in DISPATCH_POLICIES; `ConfigError` otherwise."""

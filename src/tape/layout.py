@@ -13,7 +13,7 @@ import numpy as np
 
 from tape.errors import LayoutError
 
-__all__ = ["DEFAULT_LAYOUT", "Layout"]
+__all__ = ["Layout"]
 
 
 @dataclass(frozen=True)
@@ -86,5 +86,3 @@ class Layout:
         """[S] int64: the node of each slot."""
         return self.gpu_node[self.slot_gpu]
 
-
-DEFAULT_LAYOUT = Layout()
