@@ -1,4 +1,4 @@
-"""TAPE: place, score, evolve and show expert placements for Mixture-of-Experts serving.
+"""TAPE: place, score, evolve and show expert placements for Mixture-of-Experts (MoE) serving.
 
 Glossary:
     layer (L)        an MoE layer; every array is batched over layers.
@@ -15,9 +15,24 @@ Glossary:
     logcnt[L, E]     replicas of each logical expert (>= 1).
     weight / load[L, E]
                      tokens routed to each logical expert in a window of forward steps.
-    window           `interval` consecutive forward steps of a trace, summed.
+    trace            loads[steps, L, E]: the tokens routed to each expert in each forward step.
+    window (W)       `interval` consecutive forward steps of a trace, summed; a windowed trace
+                     or a policy's history is [W, L, E].
     policy           a function from a window's load (and optionally the previous placement and
                      earlier windows) to a placement.
+    EPLB             DeepSeek's Expert Parallelism Load Balancer; its `rebalance_experts` is the
+                     entry point TAPE's matches, and the `deepseek` policy reproduces it.
+    seed             the project TAPE started from: an OpenEvolve evaluator of EPLB policies and
+                     a notebook; TAPE reproduces its metrics ("tape" metrics, `tape.metrics`)
+                     and its baseline policies.
+    version          which score ranks policies: the seed's 0, 2, 3, 4 (`tape.metrics`) or
+                     "realistic" (the cost model's, `tape.protocol`).
+    NVLink, IB       the links within a node (NVLink) and between nodes (InfiniBand, IB).
+    dispatch         how a GPU sends its tokens to an expert's replicas: "uniform" or
+                     "locality" (`tape.dispatch`); "combine" sends the results back.
+    migration        the weight copies that turn one placement into the next.
+    FP8, BF16        8-bit float and bfloat16 number formats (weights, bytes per token).
+    GEMM             a (grouped) matrix multiply: an expert's compute.
 """
 
 from __future__ import annotations
