@@ -16,7 +16,7 @@ several experts on one GPU or node).
 
 Computation, with s = weight[l, e] / G (a source GPU's share), c[g, e] the replicas of e on GPU
 g, r[e] all replicas of e, h[n, e] the GPUs of node n holding e, m[n, e] the replicas on node n,
-k[e] the nodes holding e, and P = G / N GPUs a node. Every sum over experts is a batched
+q[e] the nodes holding e, and P = G / N GPUs a node. Every sum over experts is a batched
 matrix-vector product over layers: no loop, no [G, G] matrix.
 
     uniform   each source sends s * c[g, e] / r[e] to GPU g. So a GPU keeps sum_e c s / r,
@@ -25,7 +25,7 @@ matrix-vector product over layers: no loop, no [G, G] matrix.
     locality  a source keeps s if it holds e; else sends s over NVLink if its node holds e;
               else s over InfiniBand. Received, on a GPU holding e (so in a node holding e):
               from the P - h[n, e] GPUs of its node that do not hold e, c / m[n, e] of their s
-              each (NVLink); from the P (N - k[e]) GPUs of nodes without e, c / r of their s
+              each (NVLink); from the P (N - q[e]) GPUs of nodes without e, c / r of their s
               each (InfiniBand).
 
 Under both policies every replica of an expert with tokens gets some: a GPU holding the expert

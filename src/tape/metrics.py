@@ -74,7 +74,7 @@ def _mean_over_max(numerator: float, denominator: float) -> float:
 
 
 def _layer_balancedness(loads: np.ndarray) -> float:
-    """Sum over layers of the mean load / sum over layers of the max load, `loads[L, X]`."""
+    """Sum over layers of the mean load / sum over layers of the max, `loads` [L, S] or [L, G]."""
     return _mean_over_max(loads.mean(axis=1).sum(), loads.max(axis=1).sum())
 
 

@@ -7,7 +7,8 @@ GPUs, rebalanced on window i of 100 steps and scored on window i + 1, mean over 
 `expert-load.json`, 1,170 steps); measured: 0.652-0.677 on seeds 0-9, mean 0.663.
 docs/traces.md gives the other measured numbers (same-window, perfect forecast, `tape`).
 
-The model, step by step (all randomness from `np.random.default_rng(seed)`):
+The model, step by step (all randomness from `np.random.default_rng(seed)`; sd: standard
+deviation):
 
 1. Tokens per forward step: a decode step (probability 1 - `PREFILL_FRACTION`) carries tens to
    hundreds of tokens, a prefill step thousands; both log-uniform in their range.
