@@ -34,6 +34,7 @@ import numpy as np
 
 from tape.arrays import to_numpy
 from tape.errors import TraceError
+from tape.files import atomic_output
 
 __all__ = [
     "check_loads",
@@ -373,12 +374,12 @@ def write_expert_load_json(
 ) -> None:
     """Write a trace `[steps, L, E]` as `{"load_history": [{"logical_expert_load": ...}, ...]}`.
 
-    Written one step at a time (never the whole text in memory). Whole-number loads are
-    written as integers.
+    Written one step at a time (never the whole text in memory), into a temporary file that
+    replaces `path` only when complete. Whole-number loads are written as integers.
 
     Args:
         loads: `[steps, L, E]` non-negative finite loads.
-        path: the `.json` file to write (its folder must exist).
+        path: the `.json` file to write (its folder is made if missing).
         indent: None for compact lines (one step a line), or spaces per nesting level as
             `json.dump(indent=...)` lays it out (one number a line, as the public file).
     """
@@ -389,7 +390,7 @@ def write_expert_load_json(
     entry_open = f'{pad * 2}{{{newline}{pad * 3}"{_JSON_LOAD_KEY}": '
     entry_close = f"{newline}{pad * 2}}}"
     separator = ",\n" if indent is not None else "\n,"
-    with open(path, "w", encoding="ascii") as file:
+    with atomic_output(Path(path)) as temporary, open(temporary, "w", encoding="ascii") as file:
         file.write(f'{{{newline}{pad}"load_history": [\n')
         for index, step in enumerate(loads):
             file.write(separator if index else "")
