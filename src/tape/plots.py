@@ -1,11 +1,14 @@
-"""Figures: normalized GPU-load heatmaps, box plots and per-layer timelines (matplotlib, Agg).
+"""Figures: normalized GPU-load heatmaps, box plots and per-layer timelines (matplotlib).
 
 Every function writes one PNG atomically and returns its path; nothing is shown on screen.
+Figures are `matplotlib.figure.Figure` objects, not pyplot's: no GUI backend is needed, and the
+caller's pyplot backend and open figures are left alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,13 +20,12 @@ __all__ = ["normalize_rows", "plot_boxplot", "plot_heatmap", "plot_timeline"]
 _ANNOTATE_MAX_CELLS = 600
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float) -> tuple[Any, Any]:
+    """A new figure of `width` x `height` inches and its one axes (matplotlib imported here)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
 
 
 def normalize_rows(gpu_loads: np.ndarray) -> np.ndarray:
@@ -33,7 +35,8 @@ def normalize_rows(gpu_loads: np.ndarray) -> np.ndarray:
     return np.divide(gpu_loads, sums, out=np.zeros_like(gpu_loads), where=sums > 0)
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
     with atomic_output(Path(path)) as temporary:
         figure.savefig(temporary, format="png", dpi=110)
     return Path(path)
@@ -41,10 +44,9 @@ def _save(figure, path: Path) -> Path:
 
 def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
     """Heatmap of per-layer normalized GPU loads [L, G] (layers down, GPUs across)."""
-    plt = _pyplot()
     normalized = normalize_rows(gpu_loads)
     layers, gpus = normalized.shape
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.35 * gpus + 2), max(4.0, 0.16 * layers + 2)))
+    figure, axes = _figure(max(6.0, 0.35 * gpus + 2), max(4.0, 0.16 * layers + 2))
     image = axes.imshow(normalized, aspect="auto", cmap="Reds", interpolation="nearest")
     figure.colorbar(image, ax=axes, label="normalized load")
     if layers * gpus <= _ANNOTATE_MAX_CELLS:
@@ -55,20 +57,15 @@ def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
     axes.set_xlabel("GPU")
     axes.set_ylabel("layer")
     axes.set_title(title)
-    figure.tight_layout()
-    try:
-        return _save(figure, path)
-    finally:
-        plt.close(figure)
+    return _save(figure, path)
 
 
 def plot_boxplot(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
     """Box plot per GPU of the normalized loads across layers, the ideal 1/G line and the
     overall standard deviation."""
-    plt = _pyplot()
     normalized = normalize_rows(gpu_loads)
     gpus = normalized.shape[1]
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.3 * gpus + 2), 4.5))
+    figure, axes = _figure(max(6.0, 0.3 * gpus + 2), 4.5)
     axes.boxplot(normalized, positions=np.arange(gpus))
     axes.axhline(1.0 / gpus, color="tab:blue", linewidth=1, label=f"ideal 1/G = {1 / gpus:.4f}")
     overall_std = float(normalized.std())
@@ -83,11 +80,7 @@ def plot_boxplot(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
     axes.set_ylabel("normalized load")
     axes.set_title(title)
     axes.legend(loc="upper left", fontsize=8)
-    figure.tight_layout()
-    try:
-        return _save(figure, path)
-    finally:
-        plt.close(figure)
+    return _save(figure, path)
 
 
 def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str) -> Path:
@@ -96,7 +89,6 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str)
 
     Layer time is the slowest GPU's compute + communication; the others idle until it finishes.
     """
-    plt = _pyplot()
     compute = np.asarray(compute, dtype=np.float64)
     comm = np.asarray(comm, dtype=np.float64)
     busy = compute + comm
@@ -104,7 +96,7 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str)
     idle = layer_time[:, None] - busy
     layers = np.arange(compute.shape[0])
     scale = 1e6  # microseconds
-    figure, axes = plt.subplots(figsize=(max(7.0, 0.18 * len(layers) + 3), 4.5))
+    figure, axes = _figure(max(7.0, 0.18 * len(layers) + 3), 4.5)
     axes.bar(layers, compute.mean(axis=1) * scale, label="compute (mean GPU)", color="tab:green")
     axes.bar(layers, comm.mean(axis=1) * scale, bottom=compute.mean(axis=1) * scale,
              label="communication (mean GPU)", color="tab:orange")
@@ -116,8 +108,4 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str)
     axes.set_ylabel("time per step (µs)")
     axes.set_title(title)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    try:
-        return _save(figure, path)
-    finally:
-        plt.close(figure)
+    return _save(figure, path)
