@@ -43,7 +43,7 @@ from tape.errors import PlacementError, ProgramError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["ENTRY_POINT", "SandboxedProgram"]
+__all__ = ["ENTRY_POINT", "STARTUP_SECONDS", "SandboxedProgram"]
 
 ENTRY_POINT = "rebalance_experts"
 """The function a program must define."""

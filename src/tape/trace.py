@@ -37,6 +37,7 @@ from tape.errors import TraceError
 from tape.files import atomic_output
 
 __all__ = [
+    "STEPS_PER_BLOCK",
     "check_loads",
     "describe",
     "load_trace",
