@@ -85,7 +85,8 @@ def test_settings_round_trip_through_the_environment():
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
-    with pytest.raises(Exception, match=reason):
+    # TapeError, not any Exception: a KeyError or TypeError with a like message must fail here.
+    with pytest.raises(TapeError, match=reason):
         EvaluationSettings.from_environment(environment)
 
 
