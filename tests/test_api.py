@@ -70,7 +70,12 @@ def test_policy_parameters_are_passed_on():
     weight = np.arange(16.0)[None, :]
     with pytest.raises(PolicyError, match="k must be 2"):
         rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot", k=1)
-    rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot", k=2)
+    phy2log, _, logcnt = rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot", k=2)
+    # Worked by hand: GPU g homes experts 4g..4g+3 and copies the 2 hottest it does not home:
+    # 15 and 14 on GPUs 0-2; GPU 3 homes both, so it takes 11 and 10.
+    np.testing.assert_array_equal(phy2log, [[0, 1, 2, 3, 15, 14, 4, 5, 6, 7, 15, 14,
+                                             8, 9, 10, 11, 15, 14, 12, 13, 14, 15, 11, 10]])
+    np.testing.assert_array_equal(logcnt[0, 10:], [2, 2, 1, 1, 4, 4])
 
 
 @pytest.mark.parametrize(
