@@ -289,11 +289,17 @@ def synthetic_trace(
         num_groups: expert groups of consecutive ids (DeepSeek-V3: 8); divides E.
         top_k: experts each token picks (DeepSeek-V3: 8).
         topk_groups: groups each token may pick from (DeepSeek-V3: 4).
-        seed: seed of `np.random.default_rng`; the same arguments give the same trace.
+        seed: seed of `np.random.default_rng`, a non-negative integer; the same arguments
+            give the same trace.
 
     Returns:
         [steps, L, E] float64 whole token counts. In every step, each layer's counts sum to
         `tokens * top_k` (the same tokens for every layer) and no count exceeds `tokens`.
+
+    Raises:
+        TraceError: an argument that is not a positive integer (the seed: non-negative), or
+            group sizes that do not fit (num_groups must divide E, topk_groups <= num_groups,
+            top_k <= the experts of topk_groups groups).
     """
     num_steps = _positive_int(num_steps, "num_steps")
     num_layers = _positive_int(num_layers, "num_layers")
@@ -301,6 +307,8 @@ def synthetic_trace(
     num_groups = _positive_int(num_groups, "num_groups")
     top_k = _positive_int(top_k, "top_k")
     topk_groups = _positive_int(topk_groups, "topk_groups")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TraceError(f"seed must be a non-negative integer, got {seed!r}")
     if num_experts % num_groups:
         raise TraceError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
     if topk_groups > num_groups:
