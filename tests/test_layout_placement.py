@@ -54,7 +54,7 @@ def test_placement_keeps_policy_replica_order():
         ([[0, 1, 1]], None, [[1, 2, 0]], "no replica"),
         ([[0, 1, 7]], None, [[1, 1, 1]], r"expert ids in \[0, 7\]"),
         ([[0, 1, 2]], [[[0], [1], [1]]], [[1, 1, 1]], "phy2log gives to expert"),
-        ([[0, 1, 2]], None, [[1, 1, 2]], "logcnt"),
+        ([[0, 1, 2]], None, [[1, 1, 2]], r"logcnt\[0, 2\] = 2 but phy2log holds 1 replicas"),
         ([[0, 1, float("nan")]], None, [[1, 1, 1]], "NaN"),
         ([0, 1, 2], None, [[1, 1, 1]], "2 dimensions"),
         ([[0, 1, 2]], [[[0, -1], [1, -1], [-1, 2]]], [[1, 1, 1]], "before its -1 padding"),
@@ -69,8 +69,12 @@ def test_placement_rejects_bad_maps(phy2log, log2phy, logcnt, message):
 
 def test_placement_validate_against_layout():
     layout = Layout(num_replicas=6, num_groups=1, num_nodes=1, num_gpus=2)
-    Placement(np.array([[0, 1, 2, 0, 1, 2]]), 3).validate(layout, num_layers=1)
-    with pytest.raises(PlacementError, match="num_replicas = 6"):
+    placement = Placement(np.array([[0, 1, 2, 0, 1, 2]]), 3)
+    assert placement.validate(layout, num_layers=1) is placement
+    with pytest.raises(PlacementError, match="phy2log has 1 layers, expected 2"):
+        placement.validate(layout, num_layers=2)
+    with pytest.raises(PlacementError, match="phy2log has 4 slots per layer, expected "
+                       "num_replicas = 6"):
         Placement(np.array([[0, 1, 2, 0]]), 3).validate(layout)
 
 
