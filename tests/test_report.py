@@ -1,7 +1,10 @@
+import numpy as np
 import pytest
 
+from tape import Layout, Placement
+from tape.plots import normalize_rows
 from tape.protocol import ProgramScore
-from tape.report import _file_stems, runtime_stats, summarize
+from tape.report import _file_stems, evaluated_gpu_loads, runtime_stats, summarize
 
 
 def _score(balance, moved, ib, seconds):
@@ -16,6 +19,11 @@ def test_runtime_stats_in_milliseconds():
                                    "runtime_min_ms": 1.0, "runtime_max_ms": 3.0})
 
 
+def test_runtime_stats_of_one_call_have_no_spread():
+    assert runtime_stats([0.004]) == pytest.approx({"runtime_mean_ms": 4.0, "runtime_std_ms": 0.0,
+                                                    "runtime_min_ms": 4.0, "runtime_max_ms": 4.0})
+
+
 def test_summarize_compares_every_policy_with_deepseek():
     summary = summarize({
         "deepseek": _score(0.75, 1000.0, 40.0, [0.004, 0.004]),
@@ -26,12 +34,36 @@ def test_summarize_compares_every_policy_with_deepseek():
     assert tape["moved_experts_ratio"] == pytest.approx(0.1)
     assert tape["ib_tokens_ratio"] == pytest.approx(0.85)
     assert tape["runtime_ratio"] == pytest.approx(0.5)
+    assert tape["step_time_ratio"] == pytest.approx(1.0)  # 0.01 s for both
     assert summary["deepseek"]["moved_experts_ratio"] == pytest.approx(1.0)
 
 
 def test_summarize_without_deepseek_has_no_ratios():
     summary = summarize({"tape": _score(0.8, 1.0, 1.0, [0.001])})
     assert "moved_experts_ratio" not in summary["tape"]
+    # A baseline that failed gives no ratios either.
+    broken = ProgramScore(metrics={"combined_score": 0.0}, error="it broke", seconds=[0.001])
+    failed = summarize({"deepseek": broken, "tape": _score(0.8, 1.0, 1.0, [0.001])})
+    assert failed["deepseek"]["error"] == "it broke"
+    assert not any(key.endswith(("_ratio", "_gain")) for key in failed["tape"])
+
+
+def test_evaluated_gpu_loads_score_placement_i_on_window_i_plus_one_by_hand():
+    # 2 GPUs of 2 slots, 3 experts. Placement 0 ([0 0 | 1 2]) on window 1 (loads 4, 2, 6):
+    # GPU0 = 4/2 + 4/2 = 4, GPU1 = 2 + 6 = 8. Placement 1 ([0 1 | 2 2]) on window 2 (8, 0, 2):
+    # GPU0 = 8 + 0 = 8, GPU1 = 2/2 + 2/2 = 2. Summed over the pairs: [12, 10]. Window 0 is
+    # only ever rebalanced on, so its loads (9, 9, 9) must not show.
+    layout = Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=2)
+    windows = np.array([[[9.0, 9.0, 9.0]], [[4.0, 2.0, 6.0]], [[8.0, 0.0, 2.0]]])
+    placements = [Placement([[0, 0, 1, 2]], 3), Placement([[0, 1, 2, 2]], 3)]
+    score = ProgramScore(metrics={}, placements=placements, seconds=[0.001, 0.001])
+    np.testing.assert_allclose(evaluated_gpu_loads(score, windows, layout), [[12.0, 10.0]])
+
+
+def test_normalize_rows_by_hand():
+    # Each layer's GPU loads over their sum; an all-zero layer stays zero (no 0 / 0).
+    np.testing.assert_allclose(normalize_rows([[1.0, 3.0], [0.0, 0.0], [2.0, 2.0]]),
+                               [[0.25, 0.75], [0.0, 0.0], [0.5, 0.5]])
 
 
 def test_file_stems_are_safe_and_distinct():
