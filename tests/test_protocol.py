@@ -56,7 +56,13 @@ def test_score_replay_scores_placement_i_on_window_i_plus_one():
         (score.metrics["balancedness_score"] + score.metrics["speed_score"]) / 2
     )
     # Migration is counted between consecutive placements only: one value per later pair.
-    assert len(score.per_pair["moved_experts"]) == len(placements) - 1
+    # Worked by hand (GPU0 = slots 0-2, GPU1 = slots 3-5, one GPU a node), per layer:
+    #   [0 1 2 | 3 0 1] -> [3 2 1 | 0 3 2]: slot 0 gets 3 and slot 5 gets 2, which their GPUs
+    #   did not hold (2 moves); slots 1-4 take experts their GPU held (local copies).
+    #   [3 2 1 | 0 3 2] -> [0 2 1 | 3 1 0]: slot 0 gets 0 and slot 4 gets 1 (2 moves).
+    # Two layers: 4 moved experts per rebalance.
+    assert score.per_pair["moved_experts"] == [4.0, 4.0]
+    assert score.metrics["moved_experts"] == 4.0
     for version in VERSIONS:
         assert combined_key(version) in score.metrics
 
