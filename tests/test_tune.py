@@ -68,10 +68,10 @@ def test_split_windows_keeps_the_last_share_out():
 @pytest.mark.parametrize(
     ("space", "reason"),
     [
-        ({}, "empty"),
-        ({"x": (1.0, 0.0, "float")}, "low < high"),
-        ({"x": (0.0, 1.0, "normal")}, "kind in float, int, log"),
-        ({"x": (0.0, 1.0, "log")}, "needs low > 0"),
+        ({}, "the search space is empty"),
+        ({"x": (1.0, 0.0, "float")}, r"entry x=\(1.0, 0.0, 'float'\) must be .* with low < high"),
+        ({"x": (0.0, 1.0, "normal")}, r"entry x=\(0.0, 1.0, 'normal'\) .* kind in float, int, log"),
+        ({"x": (0.0, 1.0, "log")}, "log-scaled parameter x needs low > 0, got 0.0"),
     ],
 )
 def test_bad_search_spaces_are_rejected(stand_in, space, reason):
