@@ -28,6 +28,7 @@ __all__ = [
     "GroupsOption",
     "IntervalOption",
     "JsonOption",
+    "MemoryOption",
     "ModelOption",
     "NodesOption",
     "OverwriteOption",
@@ -35,6 +36,7 @@ __all__ = [
     "SeedOption",
     "Setup",
     "SyntheticOption",
+    "TimeoutOption",
     "TraceOption",
     "VersionOption",
     "check_out_folder",
@@ -77,6 +79,13 @@ VersionOption = Annotated[
     str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, help="Seconds one call of a program may take "
+                        "before its process is killed.")
+]
+MemoryOption = Annotated[
+    int, typer.Option("--memory-mb", min=64, help="Memory a program's process may allocate, MB.")
+]
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Write into an --out folder that already holds files, "
                        "replacing files of the same names.")

@@ -19,6 +19,7 @@ from tape.cli.common import (
     GroupsOption,
     IntervalOption,
     JsonOption,
+    MemoryOption,
     ModelOption,
     NodesOption,
     OverwriteOption,
@@ -26,6 +27,7 @@ from tape.cli.common import (
     SeedOption,
     Setup,
     SyntheticOption,
+    TimeoutOption,
     TraceOption,
     VersionOption,
     check_out_folder,
@@ -62,10 +64,6 @@ METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=0.1, help="Seconds a program's call may take.")
-]
-MemoryOption = Annotated[int, typer.Option("--memory-mb", min=64, help="Memory limit, MB.")]
 
 
 def format_value(value: float, digits: int = 4) -> str:

@@ -22,11 +22,13 @@ from tape.cli.common import (
     GpusOption,
     GroupsOption,
     IntervalOption,
+    MemoryOption,
     ModelOption,
     NodesOption,
     ReplicasOption,
     SeedOption,
     SyntheticOption,
+    TimeoutOption,
     TraceOption,
     VersionOption,
     check_out_folder,
@@ -44,13 +46,7 @@ from tape.protocol import ProgramScore, parse_version
 
 __all__ = ["register"]
 
-TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=0.1, help="Seconds one call of a candidate may take "
-                        "before its process is killed.")
-]
-MemoryOption = Annotated[
-    int, typer.Option("--memory-mb", min=64, help="Memory a candidate may allocate, MB.")
-]
+
 def _out_option(command: str) -> Any:
     return typer.Option("--out", help=f"Output folder (new or empty); default: "
                         f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
