@@ -20,8 +20,6 @@ import yaml
 from tape.errors import ConfigError
 
 __all__ = [
-    "CLUSTER_NAMES",
-    "MODEL_NAMES",
     "ClusterSpec",
     "ModelSpec",
     "cluster_preset",
@@ -101,8 +99,6 @@ def _builtin() -> dict[str, dict[str, dict[str, Any]]]:
     return yaml.safe_load(text)
 
 
-MODEL_NAMES = ("deepseek-v3",)
-CLUSTER_NAMES = ("h800", "h100")
 
 
 def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:

@@ -30,6 +30,7 @@ __all__ = [
     "check_windows",
     "combined_key",
     "parse_version",
+    "policy_source",
     "replay",
     "score_policy",
     "score_program",

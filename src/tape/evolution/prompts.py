@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tape.errors import ConfigError
 from tape.protocol import VERSIONS, parse_version
 
 __all__ = ["initial_program_text", "objective", "system_message", "version_metrics"]
@@ -25,7 +26,8 @@ def _asset_text(name: str) -> str:
 @lru_cache(maxsize=1)
 def _objectives() -> dict[str, Any]:
     data = yaml.safe_load(_asset_text("objectives.yaml"))
-    assert set(data["versions"]) == {str(version) for version in VERSIONS}, "objectives.yaml"
+    if set(data["versions"]) != {str(version) for version in VERSIONS}:
+        raise ConfigError("evolve_assets/objectives.yaml must describe every scoring version")
     return data
 
 

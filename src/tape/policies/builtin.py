@@ -8,3 +8,5 @@ from tape.policies import (  # noqa: F401
     tape_policy,
     vanilla,
 )
+
+__all__: list[str] = []

@@ -45,7 +45,7 @@ from tape.policies.packing import (
     take_rows,
 )
 
-__all__ = ["deepseek"]
+__all__ = ["deepseek", "hierarchical_placement"]
 
 
 @register("deepseek")

@@ -51,7 +51,7 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         num_slots: slots per row, at least n.
     """
     rows, num_experts = weight.shape
-    assert num_slots >= num_experts
+    assert num_slots >= num_experts, "every expert needs a slot"
     if weight.dtype != np.float32:
         weight = np.asarray(weight, dtype=np.float64)
     weight_flat = weight.reshape(-1)
@@ -154,7 +154,7 @@ def balanced_packing(
         p * c .. p * c + c - 1 (c = n / num_packs), in the order the greedy gave them.
     """
     rows, num_items = weight.shape
-    assert num_items % num_packs == 0
+    assert num_items % num_packs == 0, "items must fill the packs equally"
     capacity = num_items // num_packs
     if capacity == 1:
         return np.broadcast_to(np.arange(num_items, dtype=np.int64), (rows, num_items)).copy()
