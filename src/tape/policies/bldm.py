@@ -105,7 +105,8 @@ def bldm_packing(weight: np.ndarray, num_packs: int) -> np.ndarray:
         if np.array_equal(next_root, root):
             break
         root = next_root
-    last = representative[row, alive.argmax(axis=1)]  # [X, P]: the final subsets in order
+    # [rows, num_packs]: the final subsets in order
+    last = representative[row, alive.argmax(axis=1)]
     pack_of_root = np.zeros((rows, num_items), dtype=np.int64)
     pack_of_root[row[:, None], last] = np.arange(num_packs)
     pack = take_rows(pack_of_root, root)  # [X, n]: each item's pack

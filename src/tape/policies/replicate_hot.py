@@ -67,7 +67,7 @@ def replicate_hot(
         )
 
     # The first k + E/G hottest experts hold the k hottest that a GPU does not home.
-    candidates = descending_order(weight)[:, : spare + own_per_gpu]  # [L, T]
+    candidates = descending_order(weight)[:, : spare + own_per_gpu]  # [L, k + E/G]
     home = candidates // own_per_gpu
     gpu = np.arange(num_gpus)[None, :, None]
     eligible = home[:, None, :] != gpu  # [L, G, T]

@@ -26,7 +26,8 @@ __all__ = ["replica_counts"]
 
 
 def _largest(values: np.ndarray, count: int) -> np.ndarray:
-    """[L, M] bool: the `count` largest values of each row, ties to the lowest index.
+    """[L, M] bool (M = the rows' width): the `count` largest values of each row, ties to
+    the lowest index.
 
     Ties so broken are EPLB's: its greedy takes the lowest expert among equally loaded ones.
     """
@@ -89,6 +90,7 @@ def replica_counts(
         widest = min(limit, max(nodes, by_count, by_load))
     replica = np.arange(2, widest + 1)  # [J]: the j of each column
     worth = 1.0 / (replica - 1) + node_spread * (replica <= nodes)  # [J] per token of load
+    # Rows: the C = `candidates` chosen experts of every layer; columns: replicas 2..J + 1.
     value = chosen_load.reshape(-1, 1) * worth  # [L * C, J]
     if keep:
         existing = replica <= previous_counts.reshape(-1)[chosen][:, None]  # [L * C, J]

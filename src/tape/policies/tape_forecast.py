@@ -34,7 +34,8 @@ _TIE = 1e-9
 
 
 def smoothing_coefficients(smoothings: np.ndarray, num_windows: int) -> np.ndarray:
-    """[A, T, T] float64: `c[a, t, u]`, the weight of window u in the level after window t.
+    """[A, T, T] float64 (A smoothings, T windows): `c[a, t, u]`, the weight of window u in
+    the level after window t.
 
     The level after window t, with smoothing s = smoothings[a], is `sum_u c[a, t, u] shares[u]`:
     `(1 - s)^t` for u = 0 (the first window starts the level), `s (1 - s)^(t - u)` for
