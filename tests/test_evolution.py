@@ -215,6 +215,23 @@ def test_evaluate_scores_the_initial_program_under_each_version(version):
         assert metrics["combined_score"] > 0
 
 
+def test_candidate_metrics_are_the_versions_metrics_and_zero_for_a_failed_program():
+    from tape.protocol import ProgramScore
+
+    measured = {"combined_score": 0.5, "balancedness_score": 0.8, "speed_score": 0.2,
+                "communication_score": 0.3, "avg_raw_time": 0.01, "moved_experts": 7.0}
+    assert evaluator.candidate_metrics(ProgramScore(metrics=measured), 0) == {
+        "combined_score": 0.5, "balancedness_score": 0.8, "speed_score": 0.2,
+        "avg_raw_time": 0.01}
+    # One pair has no migration: the realistic version leaves migration_seconds out.
+    realistic = {"combined_score": 0.4, "gpu_balancedness": 0.9, "locality_score": 0.7,
+                 "step_time_s": 2.0, "balanced_compute_time_s": 1.0, "avg_raw_time": 0.01}
+    assert evaluator.candidate_metrics(ProgramScore(metrics=realistic), "realistic") == realistic
+    failed = evaluator.candidate_metrics(ProgramScore.failed("it broke"), 4)
+    assert failed == dict.fromkeys(("combined_score", "balancedness_score", "speed_score",
+                                    "communication_score", "weight_copy_score"), 0.0)
+
+
 SLEEPS = (
     "import time\n\ndef rebalance_experts(w, s, g, n, gpus):\n    while True:\n"
     "        time.sleep(1)\n"
