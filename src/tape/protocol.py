@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tape import metrics
+from tape.arrays import to_numpy
 from tape.costmodel import migration_metrics, realistic_metrics
 from tape.errors import ProgramError, TapeError, TraceError
 from tape.layout import Layout
@@ -68,7 +69,14 @@ def parse_version(value: int | str) -> int | str:
 
 def check_windows(windows: np.ndarray, layout: Layout) -> np.ndarray:
     """Validate windowed loads [W, L, E] against `layout`; return them as float64."""
-    windows = np.asarray(windows, dtype=np.float64)
+    try:
+        array = to_numpy(windows)
+    except ValueError:
+        raise TraceError("windowed loads must be a rectangular array [windows, layers, experts], "
+                         "got ragged nested sequences") from None
+    if array.dtype.kind not in "iuf":
+        raise TraceError(f"windowed loads must be numbers, got dtype {array.dtype}")
+    windows = np.asarray(array, dtype=np.float64)
     if windows.ndim != 3:
         raise TraceError(f"windowed loads must be [windows, layers, experts], got {windows.shape}")
     if windows.shape[0] < 2:
