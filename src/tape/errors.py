@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 __all__ = [
     "ConfigError",
     "EvolutionError",
@@ -10,6 +12,7 @@ __all__ = [
     "ProgramError",
     "TapeError",
     "TraceError",
+    "checked_integer",
 ]
 
 
@@ -40,3 +43,13 @@ class ProgramError(TapeError):
 class EvolutionError(TapeError):
     """An evolution run in which the LLM produced no candidate program (unreachable endpoint,
     unknown model, answers in the wrong format)."""
+
+
+def checked_integer(value: object, name: str, error: type[TapeError], minimum: int = 1) -> int:
+    """`value` as an int if it is an integer (not a bool) of at least `minimum`; else `error`
+    saying "NAME must be a positive integer" (or "a non-negative integer", "an integer >= m")."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        wanted = {1: "a positive integer", 0: "a non-negative integer"}.get(
+            minimum, f"an integer >= {minimum}")
+        raise error(f"{name} must be {wanted}, got {value!r}")
+    return int(value)

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
-from tape.errors import LayoutError
+from tape.errors import LayoutError, checked_integer
 
 __all__ = ["Layout"]
 
@@ -34,9 +34,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "num_groups", "num_nodes", "num_gpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+            checked_integer(getattr(self, name), name, LayoutError)
         if self.num_gpus % self.num_nodes:
             raise LayoutError(
                 f"num_gpus ({self.num_gpus}) must be a multiple of num_nodes ({self.num_nodes})"

@@ -53,7 +53,7 @@ from math import comb
 import numpy as np
 from scipy.signal import lfilter
 
-from tape.errors import TraceError
+from tape.errors import TraceError, checked_integer
 
 __all__ = [
     "BURST_SKEW",
@@ -110,12 +110,6 @@ SAMPLING_BLOCK_STEPS = 50
 
 MAX_GROUP_SETS = 5000
 """Largest number of group sets C(num_groups, topk_groups) the routing model enumerates."""
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise TraceError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _group_sets(num_groups: int, topk_groups: int) -> np.ndarray:
@@ -301,14 +295,13 @@ def synthetic_trace(
             group sizes that do not fit (num_groups must divide E, topk_groups <= num_groups,
             top_k <= the experts of topk_groups groups).
     """
-    num_steps = _positive_int(num_steps, "num_steps")
-    num_layers = _positive_int(num_layers, "num_layers")
-    num_experts = _positive_int(num_experts, "num_experts")
-    num_groups = _positive_int(num_groups, "num_groups")
-    top_k = _positive_int(top_k, "top_k")
-    topk_groups = _positive_int(topk_groups, "topk_groups")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TraceError(f"seed must be a non-negative integer, got {seed!r}")
+    num_steps = checked_integer(num_steps, "num_steps", TraceError)
+    num_layers = checked_integer(num_layers, "num_layers", TraceError)
+    num_experts = checked_integer(num_experts, "num_experts", TraceError)
+    num_groups = checked_integer(num_groups, "num_groups", TraceError)
+    top_k = checked_integer(top_k, "top_k", TraceError)
+    topk_groups = checked_integer(topk_groups, "topk_groups", TraceError)
+    checked_integer(seed, "seed", TraceError, minimum=0)
     if num_experts % num_groups:
         raise TraceError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
     if topk_groups > num_groups:

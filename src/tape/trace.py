@@ -33,7 +33,7 @@ import ijson
 import numpy as np
 
 from tape.arrays import to_numpy
-from tape.errors import TraceError
+from tape.errors import TraceError, checked_integer
 from tape.files import atomic_output
 
 __all__ = [
@@ -138,8 +138,7 @@ def window_loads(loads: Any, interval: int = 100) -> np.ndarray:
     Raises:
         TraceError: `interval` not a positive integer, or a malformed trace.
     """
-    if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
-        raise TraceError(f"interval must be a positive integer number of steps, got {interval!r}")
+    checked_integer(interval, "interval", TraceError)
     loads = check_loads(loads)
     starts = np.arange(0, loads.shape[0], interval)
     return np.add.reduceat(loads, starts, axis=0)

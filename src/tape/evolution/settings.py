@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tape.errors import ConfigError, TraceError
+from tape.errors import ConfigError, TraceError, checked_integer
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
@@ -103,13 +103,8 @@ class EvaluationSettings:
             raise ConfigError("give either a trace or a windows file, not both")
         for name in ("interval", "synthetic_steps", "synthetic_layers", "synthetic_experts",
                      "memory_mb"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or (
-            self.seed < 0
-        ):
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+            checked_integer(getattr(self, name), name, ConfigError)
+        checked_integer(self.seed, "seed", ConfigError, minimum=0)
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
