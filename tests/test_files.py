@@ -1,12 +1,14 @@
 """tape.files: every result file appears whole or not at all."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tape.files import atomic_output, to_json_text, write_json_atomic, write_table_csv
+from tape.trace import load_trace, write_expert_load_json
 
 
 def test_atomic_output_moves_the_file_into_place_only_on_success(tmp_path):
@@ -46,3 +48,35 @@ def test_json_text_takes_numpy_values_and_paths_and_refuses_other_objects(tmp_pa
     assert list(tmp_path.iterdir()) == []  # the failed write left nothing behind
     write_json_atomic(path, data)
     assert path.read_text().endswith("\n") and json.loads(path.read_text())["a"] == [0, 1, 2]
+
+
+def _umask_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # Written through a temporary file, yet readable as any new file is (not mkstemp's 0o600).
+    write_json_atomic(tmp_path / "a.json", {"a": 1})
+    write_table_csv(tmp_path / "b.csv", np.ones((2, 2)), ["x", "y"], "layer")
+    write_expert_load_json(np.ones((1, 1, 2)), tmp_path / "c.json")
+    for name in ("a.json", "b.csv", "c.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == _umask_mode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv", "c.json"]
+
+
+def test_an_interrupted_trace_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.json"
+    write_expert_load_json(np.ones((1, 1, 2)), path)
+    before = path.read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tape.trace._step_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_expert_load_json(np.zeros((3, 1, 2)), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
+    np.testing.assert_array_equal(load_trace(path), np.ones((1, 1, 2)))

@@ -70,3 +70,26 @@ def test_file_stems_are_safe_and_distinct():
     stems = _file_stems(["deepseek", "tape:fast", "tape/fast", "tape:preset=all:k=1"])
     assert stems == {"deepseek": "deepseek", "tape:fast": "tape_fast",
                      "tape/fast": "tape_fast_2", "tape:preset=all:k=1": "tape_preset_all_k_1"}
+
+
+def test_plots_leave_pyplot_and_the_callers_backend_alone(tmp_path):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import matplotlib
+matplotlib.use("svg")
+import numpy as np
+from tape.plots import plot_boxplot, plot_heatmap, plot_timeline
+loads = np.arange(12, dtype=float).reshape(3, 4)
+out = {str(tmp_path)!r}
+paths = [plot_heatmap(loads, out + "/h.png", "h"), plot_boxplot(loads, out + "/b.png", "b"),
+         plot_timeline(loads * 1e-6, loads * 2e-6, out + "/t.png", "t")]
+assert all(open(p, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n" for p in paths)
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr

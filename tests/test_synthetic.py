@@ -266,3 +266,16 @@ def test_round_trip_through_json(tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(TraceError, match=message):
         synthetic_trace(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, "a", 1.5, True, None])
+def test_a_bad_seed_is_a_trace_error(seed):
+    with pytest.raises(TraceError, match="seed must be a non-negative integer"):
+        synthetic.synthetic_trace(num_steps=3, num_layers=1, seed=seed)
+
+
+def test_a_numpy_integer_seed_is_a_seed():
+    np.testing.assert_array_equal(
+        synthetic.synthetic_trace(num_steps=3, num_layers=1, seed=np.int64(3)),
+        synthetic.synthetic_trace(num_steps=3, num_layers=1, seed=3),
+    )

@@ -276,3 +276,18 @@ def test_json_longer_than_one_block(tmp_path):
     write_expert_load_json(loads, tmp_path / "long.json")
     assert np.array_equal(load_trace(tmp_path / "long.json"), loads)
     assert np.array_equal(window_loads(loads, 100)[0], loads[:100].sum(axis=0))
+
+
+def test_a_binary_json_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bin.json"
+    path.write_bytes(b'\xff\xfe{"load_history": []}')
+    with pytest.raises(TraceError, match="malformed JSON") as caught:
+        load_trace(path)
+    message = str(caught.value)
+    assert "\n" not in message and "b'" not in message and str(path) in message
+
+
+@pytest.mark.parametrize("loads", [[[1.0, 2.0], [3.0]], [[[1.0, 2.0], [3.0]]]])
+def test_ragged_loads_are_a_trace_error(loads):
+    with pytest.raises(TraceError, match="ragged"):
+        check_loads(loads)
