@@ -93,3 +93,13 @@ assert "matplotlib.pyplot" not in sys.modules
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_summarize_takes_a_failed_run_without_timings():
+    good = ProgramScore({"gpu_balancedness": 0.5, "combined_score": 1.0}, seconds=[0.002])
+    failed = ProgramScore.failed("it raised")
+    summary = summarize({"deepseek": failed, "mine": good})
+    assert summary["deepseek"]["error"] == "it raised"
+    assert "runtime_mean_ms" not in summary["deepseek"]
+    assert summary["mine"]["runtime_mean_ms"] == pytest.approx(2.0)
+    assert "gpu_balancedness_gain" not in summary["mine"]  # no ratios against a failed baseline

@@ -85,7 +85,9 @@ def summarize(results: dict[str, ProgramScore], baseline: str = "deepseek"
     each policy's gain over it (GPU balancedness) and ratios to it (moves, inter-node tokens,
     step time, runtime), under the names of RELATIVE_METRICS."""
     summary = {
-        name: {**score.metrics, **runtime_stats(score.seconds), "error": score.error}
+        # A failed run may have no timings: then no runtime statistics.
+        name: {**score.metrics, **(runtime_stats(score.seconds) if score.seconds else {}),
+               "error": score.error}
         for name, score in results.items()
     }
     reference = summary.get(baseline)
