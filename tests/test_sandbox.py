@@ -134,7 +134,8 @@ def test_a_program_that_eats_memory_is_contained(tmp_path):
         """,
     )
     program = SandboxedProgram(path, timeout_s=30, memory_mb=300)
-    assert_fails(program, window(), "exceeded the memory limit of 300 MB")
+    assert_fails(program, window(),
+                 "rebalance_experts raised MemoryError: it exceeded the memory limit of 300 MB")
 
 
 def test_a_program_that_raises_reports_the_error_and_its_line(tmp_path):

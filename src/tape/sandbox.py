@@ -111,7 +111,8 @@ def _remove_secrets() -> None:
 
 def _describe_exception(error: BaseException, program_path: str, memory_mb: int) -> str:
     if isinstance(error, MemoryError):
-        return f"exceeded the memory limit of {memory_mb} MB (MemoryError)"
+        # Read after "raised" or "failed:": "rebalance_experts raised MemoryError: ...".
+        return f"MemoryError: it exceeded the memory limit of {memory_mb} MB"
     where = ""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         if frame.filename == program_path:
