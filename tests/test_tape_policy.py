@@ -495,8 +495,8 @@ def test_presets_and_search_space_cover_every_parameter():
     [
         ({"preset": "turbo"}, "unknown tape preset"),
         ({"speed": 3}, "unknown tape parameter"),
-        ({"smoothing_floor": 0.0}, "smoothing_floor"),
-        ({"smoothing_floor": 1.5}, "smoothing_floor"),
+        ({"smoothing_floor": 0.0}, r"smoothing_floor must be in \(0, 1\], got 0.0"),
+        ({"smoothing_floor": 1.5}, r"smoothing_floor must be in \(0, 1\], got 1.5"),
         ({"migration_weight": -1.0}, "migration_weight"),
         ({"search_rounds": 2.5}, "search_rounds"),
         ({"pairs_per_round": 0}, "pairs_per_round"),
@@ -513,13 +513,13 @@ def test_bad_parameters_are_rejected(kwargs, message):
 def test_bad_inputs_are_rejected():
     from tape.errors import PlacementError, TraceError
 
-    with pytest.raises(TraceError):
+    with pytest.raises(TraceError, match="weight must hold finite, non-negative"):
         tape_policy(-skewed_load(0), LAYOUT)
-    with pytest.raises(TraceError):
+    with pytest.raises(TraceError, match=r"history must be \[windows, 6, 32\], got \(2, 3, 32\)"):
         tape_policy(skewed_load(0), LAYOUT, history=np.ones((2, 3, 32)))
     with pytest.raises(TraceError, match="history"):
         tape_policy(skewed_load(0), LAYOUT, history=np.full((2, 6, 32), np.nan))
-    with pytest.raises(PlacementError):
+    with pytest.raises(PlacementError, match="phy2log has 5 layers, expected 6"):
         tape_policy(skewed_load(0), LAYOUT, previous=Placement(np.tile(np.arange(40) % 32, (5, 1)), 32))
     with pytest.raises(PolicyError, match="slots per GPU"):
         tape_policy(np.ones((1, 2)), Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=1))
