@@ -85,6 +85,7 @@ def test_policy_parameters_are_passed_on():
         (WEIGHT[None], ARGS, TraceError, "2 dimensions"),
         (np.zeros((0, 12)), ARGS, TraceError, "empty"),
         (np.array([["a"] * 12]), ARGS, TraceError, "numbers"),
+        (WEIGHT > 4, ARGS, TraceError, "must hold numbers, got dtype bool"),
         (np.where(WEIGHT == 4, np.nan, WEIGHT), ARGS, TraceError, "NaN"),
         (np.where(WEIGHT == 4, np.inf, WEIGHT), ARGS, TraceError, "infinite"),
         (np.where(WEIGHT == 4, -1, WEIGHT), ARGS, TraceError, "negative"),

@@ -127,7 +127,7 @@ def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
         raise TraceError(f"{name} must have {ndim} dimensions, got shape {list(array.shape)}")
     if array.size == 0:
         raise TraceError(f"{name} is empty (shape {list(array.shape)})")
-    if array.dtype.kind not in "biuf":
+    if array.dtype.kind not in "iuf":
         raise TraceError(f"{name} must hold numbers, got dtype {array.dtype}")
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):

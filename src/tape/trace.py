@@ -250,7 +250,7 @@ def _one_line(error: Exception) -> str:
     return reason
 
 
-def _join_blocks(blocks: list[np.ndarray], num_steps: int) -> np.ndarray:
+def _join_blocks(blocks: list[np.ndarray | None], num_steps: int) -> np.ndarray:
     """Concatenate blocks of steps into [num_steps, L, E], freeing each block once copied."""
     joined = np.empty((num_steps, *blocks[0].shape[1:]))
     for index in range(len(blocks)):
