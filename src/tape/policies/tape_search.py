@@ -30,7 +30,8 @@ from tape.policies.tape_state import SlotState
 __all__ = ["balance_by_swaps"]
 
 _NO_GAIN = 1e300
-"""Added to the score of a swap that does not lower the pair's larger load: never chosen."""
+"""The score of a swap that does not lower the pair's larger load (charges added to it do not
+change it): never chosen."""
 
 
 def balance_by_swaps(
@@ -110,7 +111,7 @@ def balance_by_swaps(
         score = slot_load[0, :, None, :] - slot_load[1, None, :, :]  # load moved
         score -= half_gap
         np.abs(score, out=score)
-        score += (score >= half_gap) * _NO_GAIN
+        np.putmask(score, score >= half_gap, _NO_GAIN)
         score += charge[0, :, None, :]
         score += charge[1, None, :, :]
         score = score.reshape(per_gpu * per_gpu, -1)

@@ -181,7 +181,6 @@ class SlotState:
         held[second_held + first] = True
         # Two swaps of one layer may move replicas of one expert out of (or into) one node.
         first_node, second_node = self.slot_node[first_slot], self.slot_node[second_slot]
-        moves = np.concatenate([first_node + first, second_node + second,
-                                second_node + first, first_node + second])
-        change = np.repeat(np.array([-1, -1, 1, 1]), len(first))
-        np.add.at(self.node_replicas.reshape(-1), moves, change)
+        node_replicas = self.node_replicas.reshape(-1)
+        np.subtract.at(node_replicas, np.concatenate([first_node + first, second_node + second]), 1)
+        np.add.at(node_replicas, np.concatenate([second_node + first, first_node + second]), 1)
