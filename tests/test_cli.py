@@ -365,3 +365,17 @@ def test_tape_version_prints_the_package_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == f"tape {__version__}"
+
+
+def test_evaluate_dir_exits_1_when_no_program_scored(tmp_path, small_trace, good_program):
+    folder = tmp_path / "programs"
+    folder.mkdir()
+    (folder / "broken.py").write_text("def rebalance_experts(*args):\n    raise RuntimeError('x')\n")
+    arguments = ["evaluate-dir", str(folder), "--trace", str(small_trace), "--interval", "10",
+                 *SMALL_LAYOUT]
+    failed = runner.invoke(app, arguments)
+    assert failed.exit_code == 1 and "broken.py failed" in failed.output
+    as_json = runner.invoke(app, [*arguments, "--json"])
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["broken.py"]["error"]
+    (folder / "good.py").write_text(good_program.read_text())
+    assert runner.invoke(app, arguments).exit_code == 0  # one program scored

@@ -212,7 +212,11 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
         overwrite: OverwriteOption = False,
     ) -> None:
-        """Score every .py program in a folder and print a summary table."""
+        """Score every .py program in a folder and print a summary table.
+
+        Exit code 1 when no program scored (every one failed), as `tape evaluate` for a program
+        that fails.
+        """
         if directory.is_file():
             raise ProgramError(f"{directory} is a file; score one program with "
                                f"`tape evaluate {directory}`")
@@ -243,11 +247,14 @@ def register(app: typer.Typer) -> None:
             })
         if as_json:
             typer.echo(to_json_text(results))
-            return
-        console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
-        console.print(_summary_table(
-            escape(f"programs in {directory} (version {version_value})"), results))
-        for name, result in results.items():
-            if result["error"]:
-                error_console.print(f"[bold red]{escape(name)} failed:[/] "
-                                    f"{escape(result['error'])}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
+            console.print(_summary_table(
+                escape(f"programs in {directory} (version {version_value})"), results))
+            for name, result in results.items():
+                if result["error"]:
+                    error_console.print(f"[bold red]{escape(name)} failed:[/] "
+                                        f"{escape(result['error'])}", highlight=False,
+                                        soft_wrap=True)
+        if all(result["error"] for result in results.values()):
+            raise typer.Exit(1)  # nothing scored, as `tape evaluate` on a failing program
