@@ -379,3 +379,17 @@ def test_evaluate_dir_exits_1_when_no_program_scored(tmp_path, small_trace, good
     assert as_json.exit_code == 1 and json.loads(as_json.stdout)["broken.py"]["error"]
     (folder / "good.py").write_text(good_program.read_text())
     assert runner.invoke(app, arguments).exit_code == 0  # one program scored
+
+
+def test_out_under_a_file_is_refused_before_the_run(tmp_path, small_trace):
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", "deepseek", "--out", str(small_trace / "sub"),
+                                 *SMALL_LAYOUT])
+    assert result.exit_code == 2 and "which is a file" in result.output
+
+
+def test_a_huge_count_is_a_usage_error(small_trace):
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval",
+                                 str(10**20), "--policies", "deepseek", *SMALL_LAYOUT])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "interval" in result.output

@@ -18,6 +18,7 @@ def test_layout_derived_maps():
         ({"num_replicas": 10, "num_gpus": 4, "num_nodes": 2}, "multiple of num_gpus"),
         ({"num_replicas": 12, "num_gpus": 6, "num_nodes": 4}, "multiple of num_nodes"),
         ({"num_replicas": 0}, "positive integer"),
+        ({"num_replicas": 2**40}, "num_replicas must be at most 2147483647"),
     ],
 )
 def test_layout_rejects_impossible_arguments(kwargs, message):

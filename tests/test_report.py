@@ -103,3 +103,11 @@ def test_summarize_takes_a_failed_run_without_timings():
     assert "runtime_mean_ms" not in summary["deepseek"]
     assert summary["mine"]["runtime_mean_ms"] == pytest.approx(2.0)
     assert "gpu_balancedness_gain" not in summary["mine"]  # no ratios against a failed baseline
+
+
+def test_a_long_label_gets_a_short_distinct_stem():
+    long_a = "tape:migration_weight=0." + "0" * 260 + "1"
+    long_b = "tape:migration_weight=0." + "0" * 260 + "2"
+    stems = _file_stems([long_a, long_b])
+    assert all(len(stem) == 120 for stem in stems.values())
+    assert stems[long_a] != stems[long_b]

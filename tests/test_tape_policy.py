@@ -503,6 +503,8 @@ def test_presets_and_search_space_cover_every_parameter():
         ({"locality_weight": float("nan")}, "locality_weight"),
         ({"tolerance": True}, "tolerance"),
         ({"keep_balancedness": 1.5}, "keep_balancedness must be in \\[0, 1\\]"),
+        ({"search_rounds": 10**20}, r"search_rounds must be in \[0, 1e\+06\]"),
+        ({"locality_weight": 1e300}, r"locality_weight must be in \[0, 1e\+06\]"),
     ],
 )
 def test_bad_parameters_are_rejected(kwargs, message):

@@ -45,11 +45,19 @@ class EvolutionError(TapeError):
     unknown model, answers in the wrong format)."""
 
 
+MAX_INTEGER = 2**31 - 1
+"""Largest count, size or seed `checked_integer` accepts (beyond it numpy overflows or a
+policy would loop for ever)."""
+
+
 def checked_integer(value: object, name: str, error: type[TapeError], minimum: int = 1) -> int:
     """`value` as an int if it is an integer (not a bool) of at least `minimum`; else `error`
-    saying "NAME must be a positive integer" (or "a non-negative integer", "an integer >= m")."""
+    saying "NAME must be a positive integer" (or "a non-negative integer", "an integer >= m"),
+    or that it must be at most MAX_INTEGER."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         wanted = {1: "a positive integer", 0: "a non-negative integer"}.get(
             minimum, f"an integer >= {minimum}")
         raise error(f"{name} must be {wanted}, got {value!r}")
+    if value > MAX_INTEGER:
+        raise error(f"{name} must be at most {MAX_INTEGER}, got {value!r}")
     return int(value)

@@ -7,6 +7,7 @@ output folder it is given (with a manifest).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -163,12 +164,20 @@ def write_comparison(
     return written
 
 
+_LONGEST_STEM = 120
+"""Longest file-name stem of a policy's files (the longest suffix adds about 25 characters)."""
+
+
 def _file_stems(names: list[str]) -> dict[str, str]:
     """A file-name stem per policy label: characters other than letters, digits, '.', '-' and
-    '_' become '_' ("tape:fast" -> "tape_fast"); a stem taken already gets "_2", "_3", ..."""
+    '_' become '_' ("tape:fast" -> "tape_fast"); a stem longer than _LONGEST_STEM is cut and
+    ends in a hash of the label; a stem taken already gets "_2", "_3", ..."""
     stems: dict[str, str] = {}
     for name in names:
         stem = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        if len(stem) > _LONGEST_STEM:  # file names have a length limit (255 bytes)
+            digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+            stem = f"{stem[:_LONGEST_STEM - 11]}_{digest}"
         candidate, number = stem, 2
         while candidate in stems.values():
             candidate, number = f"{stem}_{number}", number + 1

@@ -132,7 +132,12 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
     """ConfigError if --out is a file, or (with `must_be_empty`) a folder that already holds
     files: a run never mixes its results with another's unless asked to (`overwrite_flag`: the
     command has --overwrite, and the message names it). Checked before any work is done."""
-    if out is None or not out.exists():
+    if out is None:
+        return
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--out {out} lies under {parent}, which is a file; give a folder")
+    if not out.exists():
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")

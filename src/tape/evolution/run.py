@@ -279,7 +279,8 @@ def evolve(
                 iterations=iterations, checkpoint_path=str(resume) if resume else None))
         except no_candidate as error:
             raise EvolutionError(
-                f"the LLM gave no usable candidate program: {error}. Check that --api-base and "
+                f"the LLM gave no usable candidate program: {str(error).rstrip('.')}. Check "
+                f"that --api-base and "
                 f"--model reach a model that answers in OpenEvolve's format; the run's logs and "
                 f"checkpoints are in {out_dir}"
             ) from None

@@ -241,7 +241,9 @@ def reassign_replicas(
     # `penalty`, more than any other choice costs.
     replica = new_expert[:, :, None]  # [L, W, 1]
     gpu_index = free_gpu[:, None, :] * num_experts + replica  # [L, W, W]
-    penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
+    # Per layer, so that a layer's plan does not depend on how heavy the other layers are.
+    penalty = (1e6 * (1.0 + migration_weight + locality_weight)
+               * state.total_load.reshape(-1, 1, 1))  # [L, 1, 1]
     cost = penalty * held[gpu_index]
     if state.held_before is not None and migration_weight:
         mean = state.mean_gpu_load[:, None, None]
@@ -263,7 +265,7 @@ def reassign_replicas(
     twin_step, twin_layer, twin_later = np.unravel_index(twins, (width, num_layers, width))
     bounds = np.searchsorted(twin_step, np.arange(width + 1)).tolist()
     same_gpu = (free_gpu[:, :, None] == free_gpu[:, None, :]) & ~padding[:, None, :]
-    twin_update = penalty * same_gpu[twin_layer]  # [m, W, W]
+    twin_update = penalty[twin_layer] * same_gpu[twin_layer]  # [m, W, W]
     if use_locality:
         same_node = free_node[twin_layer][:, :, None] == free_node[twin_layer][:, None, :]
         gained = same_node & ~in_node[twin_layer, twin_later][:, :, None]

@@ -30,6 +30,7 @@ replicas of one expert. Deterministic: no randomness at all.
 
 from __future__ import annotations
 
+import math
 from numbers import Integral, Real
 from typing import Any
 
@@ -132,7 +133,10 @@ balance and migration at the least runtime (no forecast backtest, no locality te
 of swaps)."""
 
 _INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
-_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0}
+# Charges and rounds far beyond any useful value would overflow the costs' arithmetic.
+_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0, "node_spread": 1e6,
+                 "keep_margin": 1e6, "migration_weight": 1e6, "locality_weight": 1e6,
+                 "tolerance": 1e6, "search_rounds": 10**6, "pairs_per_round": 10**6}
 _LOWER_BOUNDS = {"pairs_per_round": 1}
 
 
@@ -150,14 +154,14 @@ def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
     for name, value in params.items():
         integer = name in _INTEGER_PARAMETERS
         kind = Integral if integer else Real
-        if isinstance(value, bool) or not isinstance(value, kind) or not np.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
             expected = "an integer" if integer else "a finite number"
             raise PolicyError(f"tape parameter {name} must be {expected}, got {value!r}")
         low = _LOWER_BOUNDS.get(name, 0)
         high = _UPPER_BOUNDS.get(name, np.inf)
         if not low <= value <= high or (name == "smoothing_floor" and value == 0):
             bounds = {"smoothing_floor": "in (0, 1]", "keep_balancedness": "in [0, 1]"}.get(
-                name, f">= {low}")
+                name, f"in [{low}, {high:g}]")
             raise PolicyError(f"tape parameter {name} must be {bounds}, got {value!r}")
         settings[name] = int(value) if integer else float(value)
     return settings
