@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from tape import metrics
-from tape.arrays import to_numpy
 from tape.costmodel import migration_metrics, realistic_metrics
 from tape.errors import ProgramError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.presets import ClusterSpec, ModelSpec, cluster_preset, model_preset
+from tape.trace import check_loads
 
 __all__ = [
     "VERSIONS",
@@ -69,23 +69,12 @@ def parse_version(value: int | str) -> int | str:
 
 def check_windows(windows: np.ndarray, layout: Layout) -> np.ndarray:
     """Validate windowed loads [W, L, E] against `layout`; return them as float64."""
-    try:
-        array = to_numpy(windows)
-    except ValueError:
-        raise TraceError("windowed loads must be a rectangular array [windows, layers, experts], "
-                         "got ragged nested sequences") from None
-    if array.dtype.kind not in "iuf":
-        raise TraceError(f"windowed loads must be numbers, got dtype {array.dtype}")
-    windows = np.asarray(array, dtype=np.float64)
-    if windows.ndim != 3:
-        raise TraceError(f"windowed loads must be [windows, layers, experts], got {windows.shape}")
+    windows = check_loads(windows, source="windowed loads", unit="window")
     if windows.shape[0] < 2:
         raise TraceError(
             f"the protocol needs at least 2 windows (rebalance on one, score on the next), got "
             f"{windows.shape[0]}: use a longer trace or a smaller --interval"
         )
-    if not np.all(np.isfinite(windows)) or np.any(windows < 0):
-        raise TraceError("loads must be finite and non-negative")
     layout.check_experts(windows.shape[2])
     return windows
 

@@ -76,6 +76,7 @@ def check_loads(
     num_layers: int | None = None,
     num_experts: int | None = None,
     source: str = "loads",
+    unit: str = "step",
 ) -> np.ndarray:
     """Validate a trace array and return it as float64 `[steps, L, E]` (no copy if it is one).
 
@@ -84,6 +85,8 @@ def check_loads(
         num_layers, num_experts: the L and E the trace must have (e.g. from the model or the
             cluster), or None to accept any.
         source: what the array came from (a file name), to start error messages with.
+        unit: what the first axis counts, for error messages ("step", or "window" for loads
+            already summed into windows).
 
     Raises:
         TraceError: ragged, not three non-empty dimensions, non-numeric, NaN or infinite or
@@ -93,14 +96,14 @@ def check_loads(
         array = to_numpy(loads)
     except ValueError:
         raise TraceError(
-            f"{source}: loads must be a rectangular array [steps, layers, experts], got ragged "
+            f"{source}: loads must be a rectangular array [{unit}s, layers, experts], got ragged "
             f"nested sequences"
         ) from None
     if array.dtype.kind not in "iuf":
         raise TraceError(f"{source}: loads must be numbers, got dtype {array.dtype}")
     if array.ndim != 3 or 0 in array.shape:
         raise TraceError(
-            f"{source}: loads must have shape [steps, layers, experts], all non-empty, "
+            f"{source}: loads must have shape [{unit}s, layers, experts], all non-empty, "
             f"got {array.shape}"
         )
     array = np.asarray(array, dtype=np.float64)
@@ -108,14 +111,14 @@ def check_loads(
     if bad.any():
         step, layer, expert = np.argwhere(bad)[0]
         raise TraceError(
-            f"{source}: load of expert {expert} in layer {layer} at step {step} is "
+            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
             f"{array[step, layer, expert]} ({int(bad.sum())} NaN or infinite values in all)"
         )
     if array.min() < 0:
         step, layer, expert = np.argwhere(array < 0)[0]
         raise TraceError(
-            f"{source}: load of expert {expert} in layer {layer} at step {step} is negative "
-            f"({array[step, layer, expert]}); loads are token counts"
+            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is negative "
+            f"({array[step, layer, expert]}); loads are non-negative token counts"
         )
     for expected, actual, name in (
         (num_layers, array.shape[1], "layers"),
