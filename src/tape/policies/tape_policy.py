@@ -18,11 +18,10 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
 5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
-With `keep_balancedness` below 1, a layer whose placement in force already balances the forecast to at
-least `keep_balancedness`
-(GPU balancedness, mean / max GPU load) and holds no expert twice on a GPU is not replanned at
-all; when no layer needs it, the placement in force itself is the answer (threshold-triggered
-rebalancing, at almost no cost).
+With `keep_balancedness` below 1, a layer whose placement in force already balances the
+forecast to at least `keep_balancedness` (GPU balancedness, mean / max GPU load) and holds no
+expert twice on a GPU is not replanned at all; when no layer needs it, the placement in force
+itself is the answer (threshold-triggered rebalancing, at almost no cost).
 
 Every expert gets at least one replica, every GPU the same number of slots, and no GPU two
 replicas of one expert. Deterministic: no randomness at all.
@@ -304,8 +303,7 @@ def tape_policy(
     else:
         replan = _balancedness_in_force(load, previous, layout) < settings["keep_balancedness"]
     if not replan.all():  # a layer with two replicas of an expert on one GPU is always replanned
-        ordered = np.sort(experts, axis=2)
-        replan |= (ordered[:, :, 1:] == ordered[:, :, :-1]).any(axis=(1, 2))
+        replan |= second_replicas(experts).any(axis=(1, 2))
     if replan.all():
         experts = _incremental_plan(load, experts, layout, settings)
     elif replan.any():
@@ -319,8 +317,6 @@ def tape_policy(
 def _balancedness_in_force(load: np.ndarray, previous: Placement, layout: Layout) -> np.ndarray:
     """[L] GPU balancedness (mean / max GPU load) of `load` under the placement in force, 1 for
     a layer without load."""
-    layers = np.arange(load.shape[0])[:, None]
-    slot_loads = load[layers, previous.phy2log] / previous.logcnt[layers, previous.phy2log]
-    gpu_loads = slot_loads.reshape(load.shape[0], layout.num_gpus, -1).sum(axis=2)
+    gpu_loads = previous.gpu_loads(load, layout.num_gpus)
     peak = gpu_loads.max(axis=1)
     return np.divide(gpu_loads.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
