@@ -648,7 +648,8 @@ def test_tape_evolve_without_a_key_explains_how_to_set_one(tmp_path, monkeypatch
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
+def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str):
+    """`tape evolve` for one iteration on a small trace, the scripted LLM answering `reply`."""
     from typer.testing import CliRunner
 
     from tape.synthetic import synthetic_trace
@@ -658,35 +659,24 @@ def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     config = tmp_path / "openevolve.yaml"
     config.write_text(yaml.safe_dump(RUN_CONFIG))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with ScriptedLLM([], KEEP) as llm:
-        result = CliRunner().invoke(make_app(), [
-            "evolve", "--version", "realistic", "--iterations", "1", "--trace", str(trace),
+    with ScriptedLLM([], reply) as llm:
+        return CliRunner().invoke(make_app(), [
+            "evolve", "--version", version, "--iterations", "1", "--trace", str(trace),
             "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
             "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
             "--out", str(tmp_path / "cli-run"),
         ])
+
+
+def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
+    result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP)
     assert result.exit_code == 0, result.output
     assert "best evolved program vs deepseek" in result.output
     assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
 
 
 def test_a_run_where_the_llm_never_gives_a_usable_answer_is_a_clear_error(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from tape.synthetic import synthetic_trace
-
-    trace = tmp_path / "trace.npy"
-    np.save(trace, synthetic_trace(num_steps=400, num_layers=4, num_experts=32, num_groups=4))
-    config = tmp_path / "openevolve.yaml"
-    config.write_text(yaml.safe_dump(RUN_CONFIG))
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with ScriptedLLM([], "No change.") as llm:
-        result = CliRunner().invoke(make_app(), [
-            "evolve", "--version", "2", "--iterations", "1", "--trace", str(trace),
-            "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
-            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
-            "--out", str(tmp_path / "cli-run"),
-        ])
+    result = evolve_from_the_command_line(tmp_path, monkeypatch, "2", "No change.")
     assert result.exit_code == 2, result.output
     assert "the LLM gave no usable candidate program" in result.output
     assert "Traceback" not in result.output

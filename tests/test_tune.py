@@ -151,8 +151,8 @@ def test_tuning_the_tape_policy_beats_deepseek_and_the_program_runs_sandboxed(tm
     assert sandboxed.metrics["combined_score"] == pytest.approx(direct.metrics["combined_score"])
 
 
-@needs_tape_policy
-def test_tape_tune_from_the_command_line(tmp_path):
+def tune_from_the_command_line(tmp_path, steps: int, version: str, trials: int):
+    """`tape tune` on a small synthetic trace of `steps` steps, into tmp_path / "tuned"."""
     import typer
     from typer.testing import CliRunner
 
@@ -162,11 +162,17 @@ def test_tape_tune_from_the_command_line(tmp_path):
     app = typer.Typer()
     register(app)
     trace = tmp_path / "trace.npy"
-    np.save(trace, synthetic_trace(num_steps=600, num_layers=4, num_experts=32, num_groups=4))
-    result = CliRunner().invoke(app, [
-        "tune", "--version", "2", "--trials", "3", "--trace", str(trace), "--replicas", "48",
-        "--groups", "4", "--nodes", "2", "--gpus", "8", "--out", str(tmp_path / "tuned"),
+    np.save(trace, synthetic_trace(num_steps=steps, num_layers=4, num_experts=32, num_groups=4))
+    return CliRunner().invoke(app, [
+        "tune", "--version", version, "--trials", str(trials), "--trace", str(trace),
+        "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
+        "--out", str(tmp_path / "tuned"),
     ])
+
+
+@needs_tape_policy
+def test_tape_tune_from_the_command_line(tmp_path):
+    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=3)
     assert result.exit_code == 0, result.output
     assert "tuned - deepseek combined_score" in result.output
     for name in ("best_params.json", "tuned_program.py", "tune_manifest.json"):
@@ -176,21 +182,7 @@ def test_tape_tune_from_the_command_line(tmp_path):
 @needs_tape_policy
 def test_tape_tune_realistic_with_a_single_held_out_pair(tmp_path):
     # One held-out pair has no rebalance to migrate: its migration column shows "-".
-    import typer
-    from typer.testing import CliRunner
-
-    from tape.cli.evolve import register
-    from tape.synthetic import synthetic_trace
-
-    app = typer.Typer()
-    register(app)
-    trace = tmp_path / "trace.npy"
-    np.save(trace, synthetic_trace(num_steps=350, num_layers=4, num_experts=32, num_groups=4))
-    result = CliRunner().invoke(app, [
-        "tune", "--version", "realistic", "--trials", "2", "--trace", str(trace),
-        "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
-        "--out", str(tmp_path / "tuned"),
-    ])
+    result = tune_from_the_command_line(tmp_path, steps=350, version="realistic", trials=2)
     assert result.exit_code == 0, result.output
     assert "tuned - deepseek combined_score" in result.output
     assert "Traceback" not in result.output
