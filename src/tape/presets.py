@@ -25,6 +25,7 @@ __all__ = [
     "cluster_preset",
     "load_config",
     "model_preset",
+    "read_mapping_file",
     "syntax_error_line",
 ]
 
@@ -159,6 +160,31 @@ def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:
     return _build(type(base), base.name, fields, where)
 
 
+def read_mapping_file(path: Path, what: str, expected: str = "a mapping") -> dict[str, Any]:
+    """The mapping a YAML file (JSON for a `.json` suffix) holds; empty for an empty file.
+
+    Raises ConfigError, naming the file as `what` (e.g. "config file"), when the path is a
+    folder or missing, the text is not UTF-8 or not valid YAML/JSON (one line: where and what,
+    `syntax_error_line`), or it does not hold `expected`, a mapping.
+    """
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a YAML/JSON file")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_text()
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{what} {path} is not valid {kind}: {syntax_error_line(error)}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold {expected}")
+    return data
+
+
 def syntax_error_line(error: Exception) -> str:
     """A YAML or JSON syntax error in one line: where it is (line, column) and what is wrong.
 
@@ -196,23 +222,7 @@ def load_config(
     sections: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder, not a YAML/JSON file")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        kind = "JSON" if path.suffix == ".json" else "YAML"
-        try:
-            text = path.read_text()
-            sections = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {path} is not UTF-8 text") from None
-        except (json.JSONDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(
-                f"config file {path} is not valid {kind}: {syntax_error_line(error)}"
-            ) from None
-        sections = sections or {}
-        if not isinstance(sections, dict):
-            raise ConfigError(f"config file {path} must hold a mapping with model:/cluster:")
+        sections = read_mapping_file(path, "config file", "a mapping with model:/cluster:")
         unknown = sorted(set(sections) - {"model", "cluster"})
         if unknown:
             raise ConfigError(

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
 from tape.errors import ConfigError
 from tape.evolution import prompts
-from tape.presets import syntax_error_line
+from tape.presets import read_mapping_file
 
 __all__ = [
     "DEFAULT_API_KEY_VARIABLE",
@@ -115,18 +113,8 @@ def shipped_config(name: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    _require_file(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"OpenEvolve config {path} is not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(
-            f"OpenEvolve config {path} is not valid YAML: {syntax_error_line(error)}"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"OpenEvolve config {path} must hold a mapping")
-    return data
+    _require_file(path)  # its folder message names the shipped configs
+    return read_mapping_file(path, "OpenEvolve config")
 
 
 def _check_keys(data: Mapping[str, Any], path: Path) -> None:
