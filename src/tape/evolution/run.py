@@ -280,9 +280,8 @@ def evolve(
         except no_candidate as error:
             raise EvolutionError(
                 f"the LLM gave no usable candidate program: {str(error).rstrip('.')}. Check "
-                f"that --api-base and "
-                f"--model reach a model that answers in OpenEvolve's format; the run's logs and "
-                f"checkpoints are in {out_dir}"
+                f"that --api-base and --model reach a model that answers in OpenEvolve's "
+                f"format; the run's logs and checkpoints are in {out_dir}"
             ) from None
 
     best_program = out_dir / "best" / "best_program.py"
