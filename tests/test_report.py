@@ -1,10 +1,23 @@
+import csv
+import json
+
 import numpy as np
 import pytest
 
 from tape import Layout, Placement
 from tape.plots import normalize_rows
-from tape.protocol import ProgramScore
-from tape.report import _file_stems, evaluated_gpu_loads, runtime_stats, summarize
+from tape.presets import cluster_preset, model_preset
+from tape.protocol import ProgramScore, score_policy
+from tape.report import (
+    _file_stems,
+    evaluated_gpu_loads,
+    pair_series,
+    runtime_stats,
+    summarize,
+    write_comparison,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _score(balance, moved, ib, seconds):
@@ -81,11 +94,12 @@ import sys
 import matplotlib
 matplotlib.use("svg")
 import numpy as np
-from tape.plots import plot_boxplot, plot_heatmap, plot_timeline
+from tape.plots import plot_boxplot, plot_comparison, plot_heatmap, plot_timeline
 loads = np.arange(12, dtype=float).reshape(3, 4)
 out = {str(tmp_path)!r}
 paths = [plot_heatmap(loads, out + "/h.png", "h"), plot_boxplot(loads, out + "/b.png", "b"),
-         plot_timeline(loads * 1e-6, loads * 2e-6, out + "/t.png", "t")]
+         plot_timeline(loads * 1e-6, loads * 2e-6, out + "/t.png", "t"),
+         plot_comparison({{"a": {{"gpu_balancedness": [0.5]}}}}, out + "/c.png", "c")]
 assert all(open(p, "rb").read(8) == b"\\x89PNG\\r\\n\\x1a\\n" for p in paths)
 assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
 assert "matplotlib.pyplot" not in sys.modules
@@ -111,3 +125,67 @@ def test_a_long_label_gets_a_short_distinct_stem():
     stems = _file_stems([long_a, long_b])
     assert all(len(stem) == 120 for stem in stems.values())
     assert stems[long_a] != stems[long_b]
+
+
+def test_pair_series_puts_migration_on_the_last_pairs_and_none_where_a_pair_has_no_value():
+    # Three pairs; migration (moved_experts) exists from the second pair on; ib_tokens absent.
+    score = ProgramScore({}, per_pair={"gpu_balancedness": [0.5, 0.6, 0.7],
+                                       "moved_experts": [4.0, 2.0],
+                                       "policy_seconds": [0.1, 0.2, 0.3]})
+    assert pair_series(score, ["gpu_balancedness", "moved_experts", "ib_tokens"]) == {
+        "gpu_balancedness": [0.5, 0.6, 0.7],
+        "moved_experts": [None, 4.0, 2.0],
+        "ib_tokens": [None, None, None],
+    }
+
+
+@pytest.fixture(scope="module")
+def comparison_folder(tmp_path_factory):
+    """write_comparison on a tiny run: deepseek over 3 window pairs, and a failed policy."""
+    layout = Layout(num_replicas=6, num_groups=2, num_nodes=2, num_gpus=2)
+    windows = np.random.default_rng(0).pareto(1.5, size=(4, 2, 4)) + 0.1
+    model, cluster = model_preset(), cluster_preset()
+    # The failed run keeps a per-pair value from before it failed: still no rows for it.
+    broken = ProgramScore({"combined_score": 0.0}, per_pair={"gpu_balancedness": [0.9]},
+                          error="it raised")
+    results = {
+        "deepseek": score_policy("deepseek", windows, layout, model=model, cluster=cluster),
+        "broken": broken,
+    }
+    out = tmp_path_factory.mktemp("comparison")
+    written = write_comparison(out, results, windows, layout, model=model, cluster=cluster,
+                               dispatch="locality", steps_per_window=1,
+                               manifest={"command": "compare"})
+    return out, results, written
+
+
+def test_per_window_csv_has_one_row_per_pair_with_per_pairs_values(comparison_folder):
+    out, results, _ = comparison_folder
+    with open(out / "comparison_per_window.csv", newline="") as file:
+        reader = csv.reader(file)
+        header = next(reader)
+        rows = list(reader)
+    assert header == ["policy", "pair", "gpu_balancedness", "moved_experts", "ib_tokens",
+                      "step_time_s", "policy_seconds"]
+    # The failed policy has no rows; deepseek has one per pair, in pair order.
+    assert [(row[0], row[1]) for row in rows] == [("deepseek", "0"), ("deepseek", "1"),
+                                                  ("deepseek", "2")]
+    per_pair = results["deepseek"].per_pair
+    for metric in ("gpu_balancedness", "ib_tokens", "step_time_s", "policy_seconds"):
+        column = header.index(metric)
+        assert [float(row[column]) for row in rows] == per_pair[metric]
+    # Migration exists from the second pair on: the first pair's cell is empty, not 0.
+    moved = [row[header.index("moved_experts")] for row in rows]
+    assert len(per_pair["moved_experts"]) == 2
+    assert moved[0] == "" and [float(cell) for cell in moved[1:]] == per_pair["moved_experts"]
+
+
+def test_comparison_png_is_written_and_listed_with_the_csv_in_the_manifest(comparison_folder):
+    out, _, written = comparison_folder
+    assert (out / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"comparison_per_window.csv", "comparison.png"} <= set(files)
+    assert {out / "comparison_per_window.csv", out / "comparison.png"} <= set(written)
+    # The failed policy gets no per-policy files; its error is in comparison.json.
+    assert not list(out.glob("broken*"))
+    assert json.loads((out / "comparison.json").read_text())["broken"]["error"] == "it raised"

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "to_json_text", "write_json_atomic", "write_table_csv"]
+__all__ = [
+    "atomic_output",
+    "to_json_text",
+    "write_json_atomic",
+    "write_records_csv",
+    "write_table_csv",
+]
 
 
 @contextmanager
@@ -67,3 +75,29 @@ def write_table_csv(path: Path, rows: np.ndarray, columns: Sequence[str], index_
     lines += [",".join([str(i), *(repr(float(v)) for v in row)]) for i, row in enumerate(rows)]
     with atomic_output(path) as temporary:
         temporary.write_text("\n".join(lines) + "\n")
+
+
+def _csv_cell(value: str | float | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return repr(float(value))
+
+
+def write_records_csv(
+    path: Path, columns: Sequence[str], rows: Iterable[Sequence[str | float | None]]
+) -> None:
+    """Write rows of mixed cells as CSV under a header, never leaving a half-written file.
+
+    Cells: text as it is (quoted where CSV needs it), integers as integers, floats in full
+    (`repr`), None as an empty cell (a value that does not exist, not a zero).
+    """
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_csv_cell(value) for value in row] for row in rows)
+    with atomic_output(path) as temporary:
+        temporary.write_text(text.getvalue())

@@ -1,4 +1,5 @@
-"""Figures: normalized GPU-load heatmaps, box plots and per-layer timelines (matplotlib).
+"""Figures: normalized GPU-load heatmaps, box plots, per-layer timelines and the policies'
+comparison over window pairs (matplotlib).
 
 Every function writes one PNG atomically and returns its path; nothing is shown on screen.
 Figures are `matplotlib.figure.Figure` objects, not pyplot's: no GUI backend is needed, and the
@@ -7,6 +8,7 @@ caller's pyplot backend and open figures are left alone.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +16,26 @@ import numpy as np
 
 from tape.files import atomic_output
 
-__all__ = ["normalize_rows", "plot_boxplot", "plot_heatmap", "plot_timeline"]
+__all__ = [
+    "COMPARISON_PANELS",
+    "normalize_rows",
+    "plot_boxplot",
+    "plot_comparison",
+    "plot_heatmap",
+    "plot_timeline",
+]
 
 # Annotate heatmap cells with their value only when there are few enough to read.
 _ANNOTATE_MAX_CELLS = 600
 
 
-def _figure(width: float, height: float) -> tuple[Any, Any]:
-    """A new figure of `width` x `height` inches and its one axes (matplotlib imported here)."""
+def _figure(width: float, height: float, rows: int = 1) -> tuple[Any, Any]:
+    """A new figure of `width` x `height` inches and its axes (matplotlib imported here): one
+    axes, or with `rows` > 1 an array of `rows` axes stacked over a shared x axis."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height))
-    return figure, figure.subplots()
+    return figure, figure.subplots(rows, 1, sharex=True)
 
 
 def normalize_rows(gpu_loads: np.ndarray) -> np.ndarray:
@@ -108,4 +118,73 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str)
     axes.set_ylabel("time per step (µs)")
     axes.set_title(title)
     axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+# Panels of the comparison figure, top to bottom: (per-pair metric, y label, scale, what an
+# empty panel says).
+COMPARISON_PANELS = (
+    ("gpu_balancedness", "GPU balancedness", 1.0, "no values"),
+    ("moved_experts", "moved experts\nper rebalance", 1.0,
+     "no values: migration is scored from the second pair on"),
+    ("ib_tokens", "inter-node (IB)\ntokens", 1.0, "no values"),
+    ("step_time_s", "step time (ms)", 1e3, "no values"),
+)
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _policy_colors(count: int) -> list[Any]:
+    """`count` distinct colours: tab10 up to 10, tab20 up to 20, then evenly along viridis."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](index) for index in range(count)]
+    if count <= 20:
+        return [colormaps["tab20"](index) for index in range(count)]
+    return list(colormaps["viridis"](np.linspace(0.0, 1.0, count)))
+
+
+def plot_comparison(
+    series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, title: str
+) -> Path:
+    """The policies over window pairs: one panel per metric of COMPARISON_PANELS, stacked over
+    a shared x axis (pair i: placed on window i, scored on window i + 1), one line with
+    markers per policy in the same colour and marker in every panel, one legend.
+
+    `series[policy][metric]` holds one value per pair, None where the pair has none (migration
+    before the second pair); a missing metric has no value at any pair.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    pairs = max([1, *(len(values) for metrics in series.values() for values in metrics.values())])
+    figure, panels = _figure(min(16.0, max(9.0, 0.08 * pairs + 6)), 2.2 * len(COMPARISON_PANELS),
+                             rows=len(COMPARISON_PANELS))
+    colors = _policy_colors(len(series))
+    marker_size = 6.0 if pairs <= 20 else 4.0 if pairs <= 50 else 2.5
+    x = np.arange(pairs)
+    for axes, (metric, label, scale, empty_note) in zip(panels, COMPARISON_PANELS, strict=True):
+        drawn = False
+        for index, (policy, metrics) in enumerate(series.items()):
+            values = np.full(pairs, np.nan)
+            known = metrics.get(metric, ())
+            for pair, value in enumerate(known):
+                if value is not None:
+                    values[pair] = float(value) * scale
+            drawn = drawn or bool(np.isfinite(values).any())
+            axes.plot(x, values, color=colors[index], marker=_MARKERS[index % len(_MARKERS)],
+                      markersize=marker_size, linewidth=1.2, label=policy)
+        if not drawn:
+            axes.text(0.5, 0.5, empty_note, transform=axes.transAxes, ha="center", va="center",
+                      fontsize=9, color="gray")
+            axes.set_yticks([])
+        axes.set_ylabel(label, fontsize=9)
+        axes.grid(True, alpha=0.3)
+    panels[-1].set_xlim(-0.5, pairs - 0.5)
+    panels[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    panels[-1].set_xlabel("window pair (placed on window i, scored on window i + 1)")
+    panels[0].set_title(title)
+    if series:
+        panels[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                         title="policy", title_fontsize=8)
     return _save(figure, path)

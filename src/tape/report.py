@@ -1,8 +1,11 @@
 """Comparing policies under the protocol, and writing the comparison's files.
 
 `compare_policies` scores each registered policy on the same windows; `write_comparison` writes
-per-policy GPU-load CSVs, heatmaps, box plots and timelines, and one JSON of everything, into the
-output folder it is given (with a manifest).
+into the output folder it is given, with a manifest: per policy, a GPU-load CSV, heatmap, box
+plot and timeline; over all policies, `comparison_per_window.csv` (one row per policy and window
+pair: GPU balancedness, moved experts, inter-node tokens, step time, policy seconds; empty where
+a pair has no value), `comparison.png` (those metrics pair by pair, one line per policy) and
+`comparison.json` (every mean, ratio and per-pair list).
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from tape.files import write_json_atomic, write_table_csv
+from tape.files import write_json_atomic, write_records_csv, write_table_csv
 from tape.layout import Layout
 from tape.policies import parse_policy_spec
 from tape.presets import ClusterSpec, ModelSpec
 from tape.protocol import ProgramScore, score_policy, window_steps
 
 __all__ = [
+    "PER_WINDOW_METRICS",
     "RELATIVE_METRICS",
     "compare_policies",
     "evaluated_gpu_loads",
+    "pair_series",
     "runtime_stats",
     "summarize",
     "write_comparison",
@@ -105,6 +110,25 @@ def summarize(results: dict[str, ProgramScore], baseline: str = "deepseek"
     return summary
 
 
+# Per-pair metrics of comparison_per_window.csv, in column order.
+PER_WINDOW_METRICS = ("gpu_balancedness", "moved_experts", "ib_tokens", "step_time_s",
+                      "policy_seconds")
+
+
+def pair_series(score: ProgramScore, metrics: Sequence[str]) -> dict[str, list[float | None]]:
+    """Each of `metrics` at every pair of `score`'s run, None where a pair has no value.
+
+    A per-pair list shorter than the run's pairs covers its last pairs (migration metrics start
+    at the second pair); a metric absent from `per_pair` has no value at any pair.
+    """
+    pairs = max((len(values) for values in score.per_pair.values()), default=0)
+    series: dict[str, list[float | None]] = {}
+    for metric in metrics:
+        values = score.per_pair.get(metric, [])
+        series[metric] = [None] * (pairs - len(values)) + [float(value) for value in values]
+    return series
+
+
 def evaluated_gpu_loads(score: ProgramScore, windows: np.ndarray, layout: Layout) -> np.ndarray:
     """[L, G] GPU loads of each pair's placement on its evaluation window, summed over pairs."""
     return sum(
@@ -127,12 +151,14 @@ def write_comparison(
 ) -> list[Path]:
     """Write the comparison's CSVs, plots and JSON into `out`; return the paths written."""
     from tape.costmodel import layer_times, traffic
-    from tape.plots import plot_boxplot, plot_heatmap, plot_timeline
+    from tape.plots import plot_boxplot, plot_comparison, plot_heatmap, plot_timeline
 
     written: list[Path] = []
     columns = [f"GPU{gpu}" for gpu in range(layout.num_gpus)]
     stems = _file_stems(list(results))
     for name, score in results.items():
+        if score.error is not None:
+            continue  # a failed run has no placements: its error is in comparison.json
         stem = stems[name]
         loads = evaluated_gpu_loads(score, windows, layout)
         csv_path = out / f"{stem}_gpu_loads.csv"
@@ -151,6 +177,17 @@ def write_comparison(
             times.compute, times.comm, out / f"{stem}_timeline.png",
             f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
         ))
+    series = {name: pair_series(score, PER_WINDOW_METRICS)
+              for name, score in results.items() if score.error is None}
+    table_path = out / "comparison_per_window.csv"
+    write_records_csv(table_path, ["policy", "pair", *PER_WINDOW_METRICS], [
+        [name, pair, *(values[metric][pair] for metric in PER_WINDOW_METRICS)]
+        for name, values in series.items()
+        for pair in range(len(values[PER_WINDOW_METRICS[0]]))
+    ])
+    written.append(table_path)
+    written.append(plot_comparison(series, out / "comparison.png",
+                                   "policies window pair by window pair"))
     summary = {
         name: {**values, "per_pair": results[name].per_pair}
         for name, values in summarize(results).items()
