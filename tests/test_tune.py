@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_tuning_the_tape_policy_beats_deepseek_and_the_program_runs_sandboxed(tm
     assert sandboxed.metrics["combined_score"] == pytest.approx(direct.metrics["combined_score"])
 
 
-def tune_from_the_command_line(tmp_path, steps: int, version: str, trials: int):
+def tune_from_the_command_line(tmp_path, steps: int, version: str, trials: int, *extra: str):
     """`tape tune` on a small synthetic trace of `steps` steps, into tmp_path / "tuned"."""
     import typer
     from typer.testing import CliRunner
@@ -166,7 +167,7 @@ def tune_from_the_command_line(tmp_path, steps: int, version: str, trials: int):
     return CliRunner().invoke(app, [
         "tune", "--version", version, "--trials", str(trials), "--trace", str(trace),
         "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
-        "--out", str(tmp_path / "tuned"),
+        "--out", str(tmp_path / "tuned"), *extra,
     ])
 
 
@@ -186,3 +187,15 @@ def test_tape_tune_realistic_with_a_single_held_out_pair(tmp_path):
     assert result.exit_code == 0, result.output
     assert "tuned - deepseek combined_score" in result.output
     assert "Traceback" not in result.output
+
+
+def test_tape_tune_without_optuna_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` fails as if not installed
+    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=3)
+    assert result.exit_code == 2, result.output
+    message = (
+        "error: tape tune needs the evolve extra, but optuna is not installed; install it with "
+        "pip install -e '.[evolve]' in a checkout of TAPE, or pip install 'tape-moe[evolve]'"
+    )
+    assert result.output.strip().splitlines() == [message]
+    assert not (tmp_path / "tuned").exists()

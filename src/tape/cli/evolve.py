@@ -148,8 +148,9 @@ def register(app: typer.Typer) -> None:
         memory_mb: MemoryOption = 4096,
     ) -> None:
         """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
-        from tape.evolution import configs, run
+        from tape.evolution import configs, require_extra, run
 
+        require_extra("openevolve", "tape evolve")  # before the trace is read
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
             seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
@@ -211,9 +212,11 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path | None, _out_option("tune")] = None,
     ) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
+        from tape.evolution import require_extra
         from tape.evolution import tune as tuning
         from tape.evolution.prompts import version_metrics
 
+        require_extra("optuna", "tape tune")  # before the trace is read
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
             seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,

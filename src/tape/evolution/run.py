@@ -219,6 +219,9 @@ def evolve(
         TraceError: a trace that cannot be read or does not fit the layout (also before).
         EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
     """
+    from tape.evolution import require_extra
+
+    require_extra("openevolve", "tape evolve")
     from openevolve import OpenEvolve
     from openevolve import controller as openevolve_controller
 

@@ -145,8 +145,9 @@ def tune(
         search_space, presets: override what is searched and what is tried first.
         progress: called after every trial.
     """
-    import optuna
+    from tape.evolution import require_extra
 
+    optuna = require_extra("optuna", "tape tune")
     if trials < 1:
         raise ConfigError(f"trials must be at least 1, got {trials}")
     if search_space is None:
