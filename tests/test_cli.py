@@ -393,3 +393,65 @@ def test_a_huge_count_is_a_usage_error(small_trace):
                                  str(10**20), "--policies", "deepseek", *SMALL_LAYOUT])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "interval" in result.output
+
+
+def _interrupt_on(monkeypatch, target, name):
+    """Make the writer `target` (a dotted path) raise KeyboardInterrupt when it writes `name`,
+    as Ctrl-C would midway through a run's output."""
+    import importlib
+
+    module_name, attribute = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    writer = getattr(module, attribute)
+
+    def interrupted(path, *args, **kwargs):
+        if path.name == name:
+            raise KeyboardInterrupt
+        return writer(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, attribute, interrupted)
+
+
+@pytest.mark.parametrize("command, writer, name", [
+    # deepseek's CSV and plots are written by the time comparison_per_window.csv is
+    (["compare", "--policies", "deepseek"], "tape.report.write_records_csv",
+     "comparison_per_window.csv"),
+    (["evaluate-dir"], "tape.cli.evaluate.write_json_atomic", "manifest.json"),
+])
+@pytest.mark.parametrize("used", [False, True])
+def test_ctrl_c_leaves_out_as_it_was(tmp_path, small_trace, good_program, monkeypatch, command,
+                                     writer, name, used):
+    if command == ["evaluate-dir"]:
+        command = ["evaluate-dir", str(good_program.parent)]
+    out = tmp_path / "results"
+    if used:
+        out.mkdir()
+        (out / "manifest.json").write_text("an earlier run")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _interrupt_on(monkeypatch, writer, name)
+    result = runner.invoke(app, [*command, "--trace", str(small_trace), "--interval", "10",
+                                 "--out", str(out), *SMALL_LAYOUT,
+                                 *(["--overwrite"] if used else [])])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip() == f"interrupted; nothing written to {out}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder left
+    if used:
+        assert [p.name for p in out.iterdir()] == ["manifest.json"]
+        assert (out / "manifest.json").read_text() == "an earlier run"
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", [["compare", "--policies", "deepseek"], ["evaluate-dir"]])
+def test_out_that_cannot_be_written_is_refused_before_any_work(good_program, monkeypatch,
+                                                               command):
+    if command == ["evaluate-dir"]:
+        command = ["evaluate-dir", str(good_program.parent)]
+
+    def no_work(**kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(f"tape.cli.{command[0].split('-')[0]}.prepare", no_work)
+    result = runner.invoke(app, [*command, "--synthetic", "--out", "/proc/tape-out"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "error: cannot write to --out /proc/tape-out: No such file or directory"]

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tape.files import atomic_output, to_json_text, write_json_atomic, write_table_csv
+from tape.files import (
+    atomic_output,
+    staged_folder,
+    to_json_text,
+    write_json_atomic,
+    write_table_csv,
+)
 from tape.trace import load_trace, write_expert_load_json
 
 
@@ -80,3 +86,52 @@ def test_an_interrupted_trace_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]
     np.testing.assert_array_equal(load_trace(path), np.ones((1, 1, 2)))
+
+
+def _entries(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_staged_folder_moves_a_new_folder_in_whole(tmp_path):
+    out = tmp_path / "new" / "out"
+    with staged_folder(out) as staging:
+        (staging / "a.csv").write_text("a")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "b.json").write_text("b")
+        assert not out.exists()  # nothing at --out while the run writes
+        assert staging.parent == out.parent and staging.name.startswith(".")
+    assert _entries(out) == ["a.csv", "sub"] and (out / "sub" / "b.json").read_text() == "b"
+    assert _entries(out.parent) == ["out"]  # no staging folder left
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_staged_folder_leaves_nothing_when_the_run_stops(tmp_path, interruption):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(interruption), staged_folder(out) as staging:
+        (staging / "a.csv").write_text("a")
+        raise interruption
+    assert _entries(tmp_path) == []  # neither --out, nor the staging folder, nor `new`
+
+
+def test_staged_folder_keeps_old_files_until_the_new_ones_are_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.csv").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as staging:
+        (staging / "a.csv").write_text("half")
+        raise KeyboardInterrupt
+    assert _entries(out) == ["a.csv", "notes.txt"] and (out / "a.csv").read_text() == "old"
+    with staged_folder(out) as staging:
+        (staging / "a.csv").write_text("new")
+        assert (out / "a.csv").read_text() == "old"
+    assert _entries(out) == ["a.csv", "notes.txt"]
+    assert (out / "a.csv").read_text() == "new" and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_staged_folder_fails_before_the_block_where_it_cannot_write():
+    ran = []
+    with pytest.raises(OSError), staged_folder(Path("/proc/tape-out")):
+        ran.append(True)
+    assert not ran

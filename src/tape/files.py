@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import os
+import shutil
+import signal
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "atomic_output",
+    "staged_folder",
     "to_json_text",
     "write_json_atomic",
     "write_records_csv",
@@ -45,6 +48,76 @@ def atomic_output(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield a hidden staging folder for a run's results; they appear in `out` all together if
+    the block succeeds, or not at all if it fails or is interrupted.
+
+    A new `out` is staged beside it (`.NAME.staging-PID` in the same parent, made with any
+    missing parents), so that one rename moves the whole folder in. An existing `out` is staged
+    inside it (`.staging-PID`): its old files stay untouched until the block has succeeded, and
+    then the new files replace them, moved one by one with Ctrl-C held off. The staging folder
+    is made, and a probe file written into it and removed, before the block runs: an `out` that
+    cannot be written raises OSError before any work. On failure the staging folder goes, with
+    the parents made for it.
+    """
+    out = Path(out)
+    inside = out.is_dir()
+    parent = out if inside else Path(os.path.abspath(out)).parent
+    staging = parent / (f".staging-{os.getpid()}" if inside
+                        else f".{out.name}.staging-{os.getpid()}")
+    made: list[Path] = []  # folders made for the run, outermost first
+    try:
+        for folder in reversed([parent, *parent.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run with this pid
+        staging.mkdir()
+        probe = staging / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+        yield staging
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile
+                break
+        raise
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Move the staged files into `out` (the whole folder if `out` does not exist), with
+    Ctrl-C held off."""
+    try:
+        held = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread, which alone receives signals
+        held = None
+    try:
+        if out.is_dir():
+            _move_into(staging, out)
+            staging.rmdir()
+        else:
+            os.rename(staging, out)
+    finally:
+        if held is not None:
+            signal.signal(signal.SIGINT, held)
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Move every file under `source` to the same place under `target`, replacing files."""
+    for entry in source.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            (target / entry.name).mkdir(exist_ok=True)
+            _move_into(entry, target / entry.name)
+            entry.rmdir()
+        else:
+            os.replace(entry, target / entry.name)
 
 
 def _json_default(value: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tape.errors import ConfigError, LayoutError, TapeError, TraceError
-from tape.files import write_json_atomic
+from tape.files import staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
@@ -47,6 +47,7 @@ __all__ = [
     "load_windows",
     "loading",
     "nodes_for",
+    "output_folder",
     "prepare",
     "progress_bar",
     "write_json_atomic",
@@ -146,6 +147,34 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the line to print (what happened to the output)."""
+
+
+@contextmanager
+def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
+    """Where a command with --out and --overwrite writes its results: a staging folder whose
+    files appear in --out all together when the block succeeds, or not at all
+    (`tape.files.staged_folder`); None without --out. Before the block, --out is checked
+    (`check_out_folder`: a used folder only with --overwrite) and written to, so that a path
+    that cannot be written fails before any work, with a one-line error. Ctrl-C in the block
+    leaves --out as it was and says so."""
+    check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
+    if out is None:
+        yield None
+        return
+    stack = ExitStack()
+    try:
+        staging = stack.enter_context(staged_folder(out))
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
+    with stack:
+        try:
+            yield staging
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; nothing written to {out}") from None
+
+
 def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
     """--nodes, or else G / the cluster preset's GPUs per node (1 node for a smaller G)."""
     if nodes is not None:
@@ -226,7 +255,8 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
 
 def handles_errors(command: Any) -> Any:
-    """Decorator: a `TapeError` (a user mistake) becomes a one-line error and exit code 2."""
+    """Decorator: a `TapeError` (a user mistake) becomes a one-line error and exit code 2;
+    Ctrl-C, one line and exit code 130."""
     import functools
 
     @functools.wraps(command)
@@ -237,5 +267,9 @@ def handles_errors(command: Any) -> Any:
             # soft_wrap: one line however narrow the terminal (or 80 columns when piped)
             error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as interruption:
+            error_console.print(str(interruption) or "interrupted", markup=False,
+                                highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper

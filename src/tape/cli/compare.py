@@ -28,10 +28,10 @@ from tape.cli.common import (
     SyntheticOption,
     TraceOption,
     VersionOption,
-    check_out_folder,
     console,
     escape,
     handles_errors,
+    output_folder,
     prepare,
     progress_bar,
 )
@@ -145,31 +145,31 @@ def register(app: typer.Typer) -> None:
         Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
         """
         names = _parse_policies(policies)
-        check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
         version_value = parse_version(version)
-        setup = prepare(
-            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
-            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config, show_progress=not as_json,
-        )
-        _check_policy_params(names, setup)
-        pairs = setup.windows.shape[0] - 1
-        with progress_bar("policies x window pairs", len(names) * (pairs + 1),
-                          not as_json) as advance:
-            results = compare_policies(
-                names, setup.windows, setup.layout, version=version_value, model=setup.model,
-                cluster=setup.cluster, dispatch=dispatch, steps_per_window=setup.window_steps,
-                progress=advance,
+        with output_folder(out, overwrite) as staging:
+            setup = prepare(
+                trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
+                model=model, dispatch=dispatch, config=config, show_progress=not as_json,
             )
+            _check_policy_params(names, setup)
+            pairs = setup.windows.shape[0] - 1
+            with progress_bar("policies x window pairs", len(names) * (pairs + 1),
+                              not as_json) as advance:
+                results = compare_policies(
+                    names, setup.windows, setup.layout, version=version_value,
+                    model=setup.model, cluster=setup.cluster, dispatch=dispatch,
+                    steps_per_window=setup.window_steps, progress=advance,
+                )
+            if staging is not None:
+                manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
+                            "version": version_value, "policies": names, **setup.manifest()}
+                written = write_comparison(
+                    staging, results, setup.windows, setup.layout, model=setup.model,
+                    cluster=setup.cluster, dispatch=dispatch,
+                    steps_per_window=setup.window_steps, manifest=manifest,
+                )
         summary = summarize(results)
-        if out is not None:
-            manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
-                        "version": version_value, "policies": names, **setup.manifest()}
-            written = write_comparison(
-                out, results, setup.windows, setup.layout, model=setup.model,
-                cluster=setup.cluster, dispatch=dispatch, steps_per_window=setup.window_steps,
-                manifest=manifest,
-            )
         if as_json:
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
                                      "policies": summary}))
@@ -181,7 +181,6 @@ def register(app: typer.Typer) -> None:
         console.print(_table(summary))
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False)
-
 
 def _table(summary: dict[str, dict]) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics)."""

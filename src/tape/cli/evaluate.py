@@ -30,11 +30,11 @@ from tape.cli.common import (
     TimeoutOption,
     TraceOption,
     VersionOption,
-    check_out_folder,
     console,
     error_console,
     escape,
     handles_errors,
+    output_folder,
     prepare,
     progress_bar,
     write_json_atomic,
@@ -225,26 +225,27 @@ def register(app: typer.Typer) -> None:
         programs = sorted(path for path in directory.glob("*.py") if path.is_file())
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
-        check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
         version_value = parse_version(version)
-        setup = prepare(
-            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
-            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config, show_progress=not as_json,
-        )
-        results: dict[str, dict[str, Any]] = {}
-        for program in programs:
-            score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
-            results[program.name] = {"program": str(program), "version": version_value,
-                                     "trace": setup.described, **score.to_json()}
-            if out is not None:
-                write_json_atomic(out / f"{program.stem}_result.json", results[program.name])
-        if out is not None:
-            write_json_atomic(out / "manifest.json", {
-                "command": "evaluate-dir", "tape_version": __version__,
-                "directory": str(directory), "version": version_value, "seed": seed,
-                **setup.manifest(), "programs": sorted(results),
-            })
+        with output_folder(out, overwrite) as staging:
+            setup = prepare(
+                trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
+                model=model, dispatch=dispatch, config=config, show_progress=not as_json,
+            )
+            results: dict[str, dict[str, Any]] = {}
+            for program in programs:
+                score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
+                results[program.name] = {"program": str(program), "version": version_value,
+                                         "trace": setup.described, **score.to_json()}
+                if staging is not None:
+                    write_json_atomic(staging / f"{program.stem}_result.json",
+                                      results[program.name])
+            if staging is not None:
+                write_json_atomic(staging / "manifest.json", {
+                    "command": "evaluate-dir", "tape_version": __version__,
+                    "directory": str(directory), "version": version_value, "seed": seed,
+                    **setup.manifest(), "programs": sorted(results),
+                })
         if as_json:
             typer.echo(to_json_text(results))
         else:
