@@ -455,3 +455,47 @@ def test_out_that_cannot_be_written_is_refused_before_any_work(good_program, mon
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
         "error: cannot write to --out /proc/tape-out: No such file or directory"]
+
+
+@pytest.fixture()
+def four_expert_trace(tmp_path):
+    """8 slots on one GPU for 4 experts: replicate-hot and tape cannot place it."""
+    path = tmp_path / "four.npy"
+    np.save(path, np.random.default_rng(0).poisson(5.0, size=(20, 2, 4)).astype(float))
+    return path
+
+
+ONE_GPU = ["--replicas", "8", "--groups", "2", "--nodes", "1", "--gpus", "1"]
+
+
+def test_default_compare_skips_a_policy_that_cannot_place_the_layout(four_expert_trace):
+    result = runner.invoke(app, ["compare", "--trace", str(four_expert_trace), "--interval",
+                                 "10", "--json", *ONE_GPU])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert list(data["policies"]) == ["vanilla", "deepseek", "bldm", "min-moves"]
+    assert set(data["skipped"]) == {"replicate-hot", "tape"}
+    notes = result.stderr.splitlines()
+    assert len(notes) == 2 and notes[0].startswith("note: skipped replicate-hot: replicate-hot "
+                                                   "needs k (4) distinct experts")
+
+
+def test_a_named_policy_that_cannot_place_the_layout_is_an_error(four_expert_trace):
+    result = runner.invoke(app, ["compare", "--trace", str(four_expert_trace), "--interval",
+                                 "10", "--policies", "deepseek,replicate-hot", *ONE_GPU])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: replicate-hot needs k (4) distinct experts")
+
+
+def test_default_compare_with_no_policy_left_is_an_error(four_expert_trace, monkeypatch):
+    from tape.policies import PolicyError
+
+    def refuse(weight, layout, name, **params):
+        raise PolicyError(f"{name} refuses")
+
+    monkeypatch.setattr("tape.cli.compare.place", refuse)
+    result = runner.invoke(app, ["compare", "--trace", str(four_expert_trace), "--interval",
+                                 "10", *ONE_GPU])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: no built-in policy can place this layout (vanilla: vanilla refuses; ")

@@ -29,6 +29,7 @@ from tape.cli.common import (
     TraceOption,
     VersionOption,
     console,
+    error_console,
     escape,
     handles_errors,
     output_folder,
@@ -98,13 +99,31 @@ def _parse_policies(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_policy_params(specs: list[str], setup: Setup) -> None:
-    """PolicyError for parameters a policy rejects, from one call on the first window, before
-    the comparison runs (a bad value for the last policy would otherwise end a long run)."""
+def _usable_policies(specs: list[str], setup: Setup, named: bool
+                     ) -> tuple[list[str], dict[str, str]]:
+    """The policies that can place the first window, and why each other one cannot.
+
+    One call each, before the comparison runs: a bad parameter, or a policy that cannot handle
+    the layout, would otherwise end a long run at its turn. A policy the user named (`named`)
+    that fails is an error (PolicyError); a default one is skipped, with the reason. An error
+    too when no policy is left.
+    """
+    usable: list[str] = []
+    skipped: dict[str, str] = {}
     for spec in specs:
         name, params = parse_policy_spec(spec)
-        if params:
+        try:
             place(setup.windows[0], setup.layout, name, **params)
+        except PolicyError as error:
+            if named:
+                raise
+            skipped[spec] = str(error)
+        else:
+            usable.append(spec)
+    if not usable:
+        reasons = "; ".join(f"{spec}: {reason}" for spec, reason in skipped.items())
+        raise PolicyError(f"no built-in policy can place this layout ({reasons})")
+    return usable, skipped
 
 
 def register(app: typer.Typer) -> None:
@@ -152,7 +171,10 @@ def register(app: typer.Typer) -> None:
                 replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
                 model=model, dispatch=dispatch, config=config, show_progress=not as_json,
             )
-            _check_policy_params(names, setup)
+            names, skipped = _usable_policies(names, setup, named=policies is not None)
+            for spec, reason in skipped.items():
+                error_console.print(f"note: skipped {spec}: {reason}", markup=False,
+                                    highlight=False, soft_wrap=True)
             pairs = setup.windows.shape[0] - 1
             with progress_bar("policies x window pairs", len(names) * (pairs + 1),
                               not as_json) as advance:
@@ -163,7 +185,8 @@ def register(app: typer.Typer) -> None:
                 )
             if staging is not None:
                 manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
-                            "version": version_value, "policies": names, **setup.manifest()}
+                            "version": version_value, "policies": names, "skipped": skipped,
+                            **setup.manifest()}
                 written = write_comparison(
                     staging, results, setup.windows, setup.layout, model=setup.model,
                     cluster=setup.cluster, dispatch=dispatch,
@@ -172,7 +195,7 @@ def register(app: typer.Typer) -> None:
         summary = summarize(results)
         if as_json:
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
-                                     "policies": summary}))
+                                     "policies": summary, "skipped": skipped}))
             return
         layout = setup.layout
         console.print(f"[dim]{escape(setup.described)}; {layout.num_gpus} GPUs on {layout.num_nodes} "
