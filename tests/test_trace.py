@@ -1,7 +1,9 @@
 """Trace loading, validation, windowing and JSON writing (tape.trace)."""
 
+import io
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,16 @@ def test_csv_folder_with_unequal_rows_sums_columns_into_one_step(tmp_path):
     loads = load_trace(tmp_path)
     assert loads.shape == (1, 2, 3)
     assert loads[0].tolist() == [[5, 7, 9], [3, 0, 3]]
+    # One step cannot be cut into windows, and the error says why (it once read "needs at
+    # least 2 windows ... got 1: use a longer trace or a smaller --interval").
+    with pytest.raises(
+        TraceError, match=r"single step \(1 step x 2 layers x 3 experts\)"
+    ) as caught:
+        window_loads(loads, 1)
+    assert (
+        "CSV files is read as one step (each layer file's column sums) when its files have "
+        "different row counts" in str(caught.value)
+    )
 
 
 def test_csv_folder_with_one_row_per_file(tmp_path):
@@ -78,8 +90,75 @@ def test_sglang_dump_needs_torch(tmp_path, monkeypatch):
     dump = tmp_path / "expert_distribution.pt"
     dump.write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.raises(TraceError, match=r"expert_distribution\.pt: .*pip install torch"):
+    with pytest.raises(TraceError, match=r"expert_distribution\.pt: .*needs PyTorch") as caught:
         load_trace(dump)
+    # The torch extra (with the version TAPE was tested with), not a bare `pip install torch`.
+    assert "`pip install -e '.[torch]'`" in str(caught.value)
+    assert "a CPU build of torch is enough" in str(caught.value)
+
+
+def _numpy_bytes(save, **arrays) -> bytes:
+    buffer = io.BytesIO()
+    save(buffer, **arrays)
+    return buffer.getvalue()
+
+
+NPZ = _numpy_bytes(np.savez, loads=np.ones((300, 2, 4)))
+NPZ_COMPRESSED = _numpy_bytes(np.savez_compressed, loads=np.arange(2400.0).reshape(300, 2, 4))
+NPY = _numpy_bytes(lambda buffer, loads: np.save(buffer, loads), loads=np.ones((300, 2, 4)))
+
+
+def _zip_of(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        # Truncated archives once raised zipfile.BadZipFile, a traceback.
+        ("trace.npz", NPZ[:200], r"not a valid \.npz file, truncated or damaged\? \(File is not"),
+        ("trace.npz", NPZ[:20], r"not a valid \.npz file, truncated or damaged\?"),
+        ("trace.npz", NPZ[:-30], r"not a valid \.npz file, truncated or damaged\?"),
+        ("trace.npz", NPZ_COMPRESSED[:-200], r"not a valid \.npz file, truncated or damaged\?"),
+        ("trace.npz", NPZ[:3], r"not a valid \.npy or \.npz file \(it starts with neither"),
+        ("trace.npy", NPY[:200], r"not a valid \.npy file, truncated or damaged\?"),
+        ("trace.npy", NPY[:8], r"not a valid \.npy file, truncated or damaged\?"),
+        # An empty file was an EOFError, which the command line showed as a bare "Aborted.".
+        ("trace.npy", b"", r"empty file \(expected a \.npy or \.npz array\)"),
+        ("trace.npz", b"", r"empty file"),
+        ("trace.npz", b"hello", r"not a valid \.npy or \.npz file"),
+        ("trace.npz", _numpy_bytes(np.savez), r"expected one array .*, found none"),
+        ("trace.npz", _zip_of("loads.txt", b"1,2"), r"'loads\.txt' in the archive is not a \.npy"),
+        (
+            "trace.npz",
+            _zip_of(
+                "loads.npy",
+                _numpy_bytes(
+                    lambda buffer, loads: np.save(buffer, loads), loads=np.array([{}], dtype=object)
+                ),
+            ),
+            r"holds Python objects \(an object array\), not numbers",
+        ),
+    ],
+)
+def test_damaged_numpy_files_are_one_line_errors(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(TraceError, match=message) as caught:
+        load_trace(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_every_truncation_of_a_numpy_file_is_a_trace_error(tmp_path):
+    for name, data in (("t.npz", NPZ), ("c.npz", NPZ_COMPRESSED), ("t.npy", NPY)):
+        path = tmp_path / name
+        for length in range(0, len(data), len(data) // 30):
+            path.write_bytes(data[:length])
+            with pytest.raises(TraceError, match=f"{name}: (empty|not a valid)"):
+                load_trace(path)
 
 
 def test_sglang_dump_with_torch(tmp_path):
@@ -94,8 +173,22 @@ def test_sglang_dump_with_torch(tmp_path):
     assert np.array_equal(load_trace(tmp_path / "bare.pt"), expected)
     with pytest.raises(TraceError, match=r"wrong_key\.pt: no 'logical_count'.*physical_count"):
         load_trace(tmp_path / "wrong_key.pt")
-    with pytest.raises(TraceError, match=r"garbage\.pt: torch\.load cannot read it"):
-        load_trace(tmp_path / "garbage.pt")
+    torch.save({"logical_count": np.ones((2, 3, 4))}, tmp_path / "numpy_inside.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "dict.pt").read_bytes()[:300])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, reason in [
+        ("garbage.pt", r"Unsupported operand"),
+        ("numpy_inside.pt", r"Unsupported global"),
+        ("truncated.pt", r"zip archive"),
+    ]:
+        # torch.load's error is many lines telling how to load unsafely: one line of it is kept.
+        with pytest.raises(
+            TraceError, match=rf"{name}: torch\.load cannot read it .*{reason}"
+        ) as caught:
+            load_trace(tmp_path / name)
+        assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
+    with pytest.raises(TraceError, match=r"empty\.pt: empty file"):
+        load_trace(tmp_path / "empty.pt")
 
 
 def _steps_json(*steps: object) -> str:
@@ -113,14 +206,14 @@ BAD_JSON = [
     ("[[1, 2]]", "expected a JSON object with a 'load_history' list, got a JSON list"),
     ('{"load_history": [{"load": [[1]]}]}', r"load_history\[0\] has no 'logical_expert_load'"),
     ('{"load_history": [[[1]]]}', r"load_history\[0\] has no 'logical_expert_load'"),
-    (_steps_json([[1, 2], [3]]), "ragged load at step 0: layer 1 has 1 experts, layer 0 has 2"),
+    (_steps_json([[1, 2], [3]]), "ragged load at step 0: layer 1 has 1 expert, layer 0 has 2"),
     (
         _steps_json([[1, 2], [3, 4]], [[1, 2], [3, 4], [5, 6]]),
         "ragged load at step 1: 3 layers x 2 experts, step 0 has 2 x 2",
     ),
     (
         _steps_json([[1, 2]], [[1, 2]], [[1, 2, 3]]),
-        "ragged load at step 2: 1 layers x 3 experts, step 0 has 1 x 2",
+        "ragged load at step 2: 1 layer x 3 experts, step 0 has 1 x 2",
     ),
     (_steps_json([]), "step 0: logical_expert_load has no layers"),
     (_steps_json([[1, 2], []]), "step 0: logical_expert_load must be a list of per-layer lists"),
@@ -149,8 +242,13 @@ BAD_CSV = [
         {"l0.csv": "1,2\n", "l1.csv": "1,2,3\n"},
         r"l1\.csv: 3 experts \(columns\), but l0\.csv has 2",
     ),
-    ({"l0.csv": "e0,e1\n1,2\n"}, r"l0\.csv: not a CSV of numbers without a header"),
-    ({"l0.csv": "1,2\n3\n"}, r"l0\.csv: not a CSV of numbers"),
+    ({"l0.csv": "e0,e1\n1,2\n"}, r"l0\.csv: not a CSV .*: row 1, column 1 holds 'e0', not a"),
+    ({"l0.csv": "1,2\n3,x\n"}, r"row 2, column 2 holds 'x', not a number$"),
+    ({"l0.csv": "1,2,\n"}, r"row 1, column 3 is empty$"),
+    # numpy's own words were "changed from 2 to 1 at row 2; use `usecols` to select a subset".
+    ({"l0.csv": "1,2\n3\n"}, r"l0\.csv: not a CSV .*: row 2 has 1 value, the rows before it 2 "),
+    ({"l0.csv": "1,2\n3,4,5\n"}, r"row 2 has 3 values, the rows before it 2"),
+    ({"l0.csv": "1,2\n", "l1.csv": "1\n"}, r"l1\.csv: 1 expert \(columns\), but l0\.csv has 2$"),
     ({"l0.csv": ""}, r"l0\.csv: empty CSV file"),
     ({"l0.csv": "1,-2\n"}, "expert 1 in layer 0 at step 0 is negative"),
     ({"l0.csv": "1,nan\n"}, r"expert 1 in layer 0 at step 0 is nan"),
@@ -165,6 +263,7 @@ def test_bad_csv_folder_raises_trace_error(tmp_path, files, message):
     with pytest.raises(TraceError, match=message) as caught:
         load_trace(tmp_path)
     assert str(tmp_path) in str(caught.value)
+    assert "usecols" not in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_other_bad_files(tmp_path):
@@ -183,7 +282,7 @@ def test_other_bad_files(tmp_path):
     with pytest.raises(TraceError, match=r"nan\.npy: load of expert 1 in layer 0 at step 0 is nan"):
         load_trace(tmp_path / "nan.npy")
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
-    with pytest.raises(TraceError, match=r"broken\.npy: numpy cannot read it"):
+    with pytest.raises(TraceError, match=r"broken\.npy: not a valid \.npy or \.npz file"):
         load_trace(tmp_path / "broken.npy")
 
 
@@ -224,7 +323,7 @@ def test_window_loads_rejects_bad_interval(interval):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    steps=st.integers(1, 30),
+    steps=st.integers(2, 30),  # a single step is refused (test_csv_folder_with_unequal_rows...)
     interval=st.integers(1, 12),
     seed=st.integers(0, 2**31),
 )

@@ -17,7 +17,9 @@ MoE layer in each forward step. `load_trace` reads every format of SPEC "Trace f
   `[steps, L, E]` (needs PyTorch, imported only here).
 - `*.npy` / `*.npz`: an array `[steps, L, E]` (an `.npz` with one array, or an array `loads`).
 
-In `.pt`, `.npy` and `.npz` files an array `[L, E]` is read as a single step.
+In `.pt`, `.npy` and `.npz` files an array `[L, E]` is read as a single step. A single-step
+trace loads, but `window_loads` refuses it with a message that names these cases: no interval
+cuts one step into the two windows a replay needs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import json
 import os
 import re
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,11 @@ __all__ = [
 STEPS_PER_BLOCK = 64
 """Steps of a JSON trace parsed into one block before the blocks are joined."""
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_NUMPY_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+"""What numpy's readers raise on a damaged `.npy` or `.npz` (BadZipFile is not an OSError)."""
+
 _JSON_ENTRIES = "load_history.item"
 _JSON_LOAD_KEY = "logical_expert_load"
 _JSON_KINDS = {
@@ -65,9 +74,12 @@ _JSON_KINDS = {
 def describe(loads: np.ndarray) -> str:
     """A short description of a trace's shape, e.g. "1170 steps x 58 layers x 256 experts"."""
     names = ("step", "layer", "expert")
-    return " x ".join(
-        f"{size} {name}{'' if size == 1 else 's'}" for size, name in zip(np.shape(loads), names)
-    )
+    return " x ".join(_count(size, name) for size, name in zip(np.shape(loads), names))
+
+
+def _count(number: int, noun: str) -> str:
+    """A count and its noun, plural unless the count is 1: "1 expert", "2 experts"."""
+    return f"{number} {noun}{'' if int(number) == 1 else 's'}"
 
 
 def check_loads(
@@ -110,9 +122,10 @@ def check_loads(
     bad = ~np.isfinite(array)
     if bad.any():
         step, layer, expert = np.argwhere(bad)[0]
+        in_all = _count(int(bad.sum()), "NaN or infinite value")
         raise TraceError(
             f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
-            f"{array[step, layer, expert]} ({int(bad.sum())} NaN or infinite values in all)"
+            f"{array[step, layer, expert]} ({in_all} in all)"
         )
     if array.min() < 0:
         step, layer, expert = np.argwhere(array < 0)[0]
@@ -139,10 +152,19 @@ def window_loads(loads: Any, interval: int = 100) -> np.ndarray:
     (the public 1,170-step trace gives 12 windows at interval 100).
 
     Raises:
-        TraceError: `interval` not a positive integer, or a malformed trace.
+        TraceError: `interval` not a positive integer, a malformed trace, or a trace of a single
+            step (no interval cuts it into the two or more windows the protocol compares).
     """
     checked_integer(interval, "interval", TraceError)
     loads = check_loads(loads)
+    if loads.shape[0] == 1:
+        raise TraceError(
+            f"the trace holds a single step ({describe(loads)}), and no --interval cuts one "
+            f"step into the 2 or more windows a replay needs: a folder of CSV files is read as "
+            f"one step (each layer file's column sums) when its files have different row counts "
+            f"or one row each (for steps, give every file the same rows: row r is step r), and "
+            f"so is an array [layers, experts] in a .npy, .npz or .pt file"
+        )
     starts = np.arange(0, loads.shape[0], interval)
     return np.add.reduceat(loads, starts, axis=0)
 
@@ -195,8 +217,8 @@ def _step_array(entry: Any, step: int, path: Path) -> np.ndarray:
     for layer, row in enumerate(rows):
         if len(row) != len(rows[0]):
             raise TraceError(
-                f"{path}: ragged load at step {step}: layer {layer} has {len(row)} experts, "
-                f"layer 0 has {len(rows[0])}"
+                f"{path}: ragged load at step {step}: layer {layer} has "
+                f"{_count(len(row), 'expert')}, layer 0 has {len(rows[0])}"
             )
     try:
         array = np.array(rows)
@@ -221,9 +243,9 @@ def _read_expert_load_json(path: Path) -> np.ndarray:
                     first_shape = array.shape
                 elif array.shape != first_shape:
                     raise TraceError(
-                        f"{path}: ragged load at step {step}: {array.shape[0]} layers x "
-                        f"{array.shape[1]} experts, step 0 has {first_shape[0]} x "
-                        f"{first_shape[1]}"
+                        f"{path}: ragged load at step {step}: "
+                        f"{_count(array.shape[0], 'layer')} x {_count(array.shape[1], 'expert')}, "
+                        f"step 0 has {first_shape[0]} x {first_shape[1]}"
                     )
                 if num_steps % STEPS_PER_BLOCK == 0:
                     blocks.append(np.empty((STEPS_PER_BLOCK, *first_shape)))
@@ -251,6 +273,15 @@ def _one_line(error: Exception) -> str:
     if "NaN" in reason or "Infinity" in reason:
         reason += "; JSON has no NaN or Infinity"
     return reason
+
+
+def _first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error's message (or of a text); an error without a
+    message gives its type's name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
 
 
 def _join_blocks(blocks: list[np.ndarray | None], num_steps: int) -> np.ndarray:
@@ -293,10 +324,31 @@ def _read_csv_layer(file: Path) -> np.ndarray:
             warnings.simplefilter("ignore", UserWarning)
             array = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as error:
-        raise TraceError(f"{file}: not a CSV of numbers without a header ({error})") from None
+        raise TraceError(
+            f"{file}: not a CSV of numbers without a header: {_csv_reason(error)}"
+        ) from None
     if array.size == 0:
         raise TraceError(f"{file}: empty CSV file (expected rows of per-expert loads)")
     return array
+
+
+def _csv_reason(error: ValueError) -> str:
+    """numpy.loadtxt's error in our words: rows counted from 1 (numpy counts some from 0) and
+    without its hint about `usecols`, an argument of numpy that TAPE's user cannot pass."""
+    message = _first_line(error)
+    columns = re.search(r"number of columns changed from (\d+) to (\d+) at row (\d+)", message)
+    if columns:
+        before, after, row = columns.groups()
+        return (
+            f"row {row} has {_count(after, 'value')}, the rows before it {before} (one value an "
+            f"expert)"
+        )
+    number = re.search(r"could not convert string (.*) to \w+ at row (\d+), column (\d+)", message)
+    if number:
+        text, row, column = number.groups()
+        what = "is empty" if text in ("''", '""') else f"holds {text}, not a number"
+        return f"row {int(row) + 1}, column {column} {what}"
+    return message.split("; use `usecols`")[0]
 
 
 def _read_csv_folder(folder: Path) -> np.ndarray:
@@ -311,7 +363,8 @@ def _read_csv_folder(folder: Path) -> np.ndarray:
     for file, layer in zip(files, layers):
         if layer.shape[1] != num_experts:
             raise TraceError(
-                f"{file}: {layer.shape[1]} experts (columns), but {files[0].name} has {num_experts}"
+                f"{file}: {_count(layer.shape[1], 'expert')} (columns), but {files[0].name} has "
+                f"{num_experts}"
             )
     if len({layer.shape[0] for layer in layers}) == 1:
         loads = np.stack(layers, axis=1)
@@ -325,13 +378,21 @@ def _read_torch_dump(path: Path) -> np.ndarray:
         import torch
     except ImportError:
         raise TraceError(
-            f"{path}: reading a .pt expert-distribution dump needs PyTorch; "
-            f"install it with `pip install torch`"
+            f"{path}: reading a .pt expert-distribution dump needs PyTorch: install TAPE's "
+            f"torch extra, `pip install -e '.[torch]'` in the TAPE checkout (a CPU build of "
+            f"torch is enough)"
         ) from None
+    if path.stat().st_size == 0:
+        raise TraceError(f"{path}: empty file (expected a torch.save dump)")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (torch.load raises many kinds: pickle, zip, ...)
-        raise TraceError(f"{path}: torch.load cannot read it ({error})") from None
+        raise TraceError(
+            f"{path}: torch.load cannot read it safely as tensors; truncated, damaged or not "
+            f"a torch dump? ({_torch_reason(error)})"
+        ) from None
     if isinstance(data, dict):
         if "logical_count" not in data:
             raise TraceError(
@@ -348,20 +409,59 @@ def _read_torch_dump(path: Path) -> np.ndarray:
     return _steps_from_array(data.detach().to(device="cpu", dtype=torch.float64).numpy(), path)
 
 
+def _torch_reason(error: Exception) -> str:
+    """The gist of torch.load's error, one sentence: its safe loader (`weights_only=True`)
+    explains at length how to load unsafely, which TAPE never does."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    message = re.sub(r"^\s*\[enforce fail at [^\]]*\][\s.]*", "", message)
+    reason = _first_line(message) or type(error).__name__
+    return reason.split(". ")[0].rstrip(".")
+
+
 def _read_numpy(path: Path) -> np.ndarray:
+    """An `.npy` or `.npz` file's array; any file numpy cannot read is a one-line TraceError.
+
+    numpy decides the format by the file's first bytes, not its name, and reads an `.npz`'s
+    arrays only when asked, so a damaged archive fails at either step, with errors of many
+    kinds (zip, zlib, EOF, value): each becomes a TraceError naming the file.
+    """
+    with open(path, "rb") as file:
+        magic = file.read(len(_NPY_MAGIC))
+    if not magic:
+        raise TraceError(f"{path}: empty file (expected a .npy or .npz array)")
+    if not magic.startswith((_NPY_MAGIC, *_ZIP_MAGICS)):
+        raise TraceError(
+            f"{path}: not a valid .npy or .npz file (it starts with neither numpy's .npy "
+            f"header nor a zip header)"
+        )
+    kind = ".npy" if magic.startswith(_NPY_MAGIC) else ".npz"
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise TraceError(f"{path}: numpy cannot read it ({error})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            names = data.files
-            if len(names) != 1 and "loads" not in names:
-                raise TraceError(
-                    f"{path}: expected one array or an array named 'loads', found "
-                    f"{', '.join(names) or 'none'}"
-                )
-            data = data["loads" if "loads" in names else names[0]]
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                names = data.files
+                if len(names) != 1 and "loads" not in names:
+                    raise TraceError(
+                        f"{path}: expected one array or an array named 'loads', found "
+                        f"{', '.join(names) or 'none'}"
+                    )
+                name = "loads" if "loads" in names else names[0]
+                data = data[name]
+                if not isinstance(data, np.ndarray):
+                    raise TraceError(f"{path}: {name!r} in the archive is not a .npy array")
+    except TraceError:
+        raise
+    except _NUMPY_READ_ERRORS as error:
+        if "allow_pickle" in str(error):
+            raise TraceError(
+                f"{path}: holds Python objects (an object array), not numbers; TAPE does not "
+                f"unpickle files"
+            ) from None
+        raise TraceError(
+            f"{path}: not a valid {kind} file, truncated or damaged? ({_first_line(error)})"
+        ) from None
     return _steps_from_array(data, path)
 
 
