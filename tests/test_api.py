@@ -114,11 +114,27 @@ def test_unknown_parameter_names_the_accepted_ones():
         rebalance_experts(WEIGHT, *ARGS, policy="min-moves", bin=10)
 
 
+@pytest.mark.parametrize("policy", ["tape", "deepseek"])
+@pytest.mark.parametrize(
+    "previous, message",
+    [
+        (np.arange(16), r"must have shape \[layers, num_replicas\] = \[2, 16\].*got \[16\]$"),
+        # Too few slots: once read as "expert 0 of layer 0 has no replica".
+        (np.tile(np.arange(12), (2, 1))[:, :10], r"= \[2, 16\].*got \[2, 10\]$"),
+        (np.tile(np.arange(12), (2, 1)), r"= \[2, 16\].*got \[2, 12\]$"),
+        (np.zeros((3, 16)), r"= \[2, 16\].*got \[3, 16\]$"),
+        ([[0, 1], [2]], "must be a rectangular array"),
+        (np.full((2, 16), 12), r"^previous_phy2log holds expert ids in \[12, 12\]"),
+        (np.zeros((2, 16)), "^previous_phy2log: expert 1 of layer 0 has no replica"),
+    ],
+)
+def test_a_bad_previous_phy2log_is_named_with_its_expected_shape(policy, previous, message):
+    # Checked for every policy, also for deepseek, which ignores it (as the docstring says).
+    with pytest.raises(PlacementError, match=message):
+        rebalance_experts(WEIGHT, *ARGS, policy=policy, previous_phy2log=previous)
+
+
 def test_previous_placement_and_history_are_checked():
-    with pytest.raises(PlacementError, match="2 dimensions"):
-        rebalance_experts(WEIGHT, *ARGS, previous_phy2log=np.arange(16))
-    with pytest.raises(PlacementError, match="expected 2 layers, 16 slots"):
-        rebalance_experts(WEIGHT, *ARGS, previous_phy2log=np.tile(np.arange(12), (2, 1)))
     with pytest.raises(TraceError, match=r"history must have shape \[windows, 2, 12\]"):
         rebalance_experts(WEIGHT, *ARGS, history=np.zeros((3, 2, 11)))
     with pytest.raises(TraceError, match="history holds negative"):

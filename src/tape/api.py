@@ -45,7 +45,9 @@ def rebalance_experts(
         num_gpus: G, GPUs.
         policy: a registered policy name (see `tape.policies.policy_names()`).
         previous_phy2log: optional [L, S] expert of each slot in the placement in force, for
-            policies that limit expert moves.
+            policies that limit expert moves (`tape`, `min-moves`). It is checked for every
+            policy, also for those that ignore it (the other baselines): a wrong shape or an
+            expert without a slot raises `PlacementError`.
         history: optional [W, L, E] loads of earlier windows, oldest first, for policies that
             forecast.
         **params: the policy's own parameters.
@@ -58,9 +60,10 @@ def rebalance_experts(
     """
     load = _load_array(weight, "weight", 2)
     layout = Layout(num_replicas, num_groups, num_nodes, num_gpus)
+    layout.check_experts(load.shape[1])
     previous = None
     if previous_phy2log is not None:
-        previous = Placement(to_numpy(previous_phy2log), load.shape[1])
+        previous = _previous_placement(previous_phy2log, load.shape, layout.num_replicas)
     placement = place(load, layout, policy, previous=previous, history=history, **params)
     return tuple(like_input(array, weight) for array in placement.as_tuple())
 
@@ -120,6 +123,34 @@ def place(
     return placement.validate(layout, num_layers)
 
 
+def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: int) -> Placement:
+    """`previous_phy2log` as a Placement, or a PlacementError that names it and its shape."""
+    num_layers, num_experts = load_shape
+    try:
+        array = to_numpy(value)
+    except ValueError:
+        raise PlacementError(
+            f"previous_phy2log must be a rectangular array [layers, num_replicas] = "
+            f"[{num_layers}, {num_replicas}], got ragged nested sequences"
+        ) from None
+    if array.shape != (num_layers, num_replicas):
+        raise PlacementError(
+            f"previous_phy2log must have shape [layers, num_replicas] = [{num_layers}, "
+            f"{num_replicas}] (the layers of weight, one expert id per slot), got "
+            f"{list(array.shape)}"
+        )
+    try:
+        return Placement(array, num_experts)
+    except PlacementError as error:
+        message = str(error)
+        message = (
+            message.replace("phy2log", "previous_phy2log", 1)
+            if message.startswith("phy2log ")
+            else f"previous_phy2log: {message}"
+        )
+        raise PlacementError(message) from None
+
+
 def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
     """`value` as a float64 array of `ndim` dimensions, finite, non-negative and not empty."""
     array = to_numpy(value)
@@ -151,4 +182,6 @@ def _check_params(name: str, function: Any, params: dict[str, Any]) -> None:
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         takes = f"its parameters are: {', '.join(accepted)}" if accepted else "it takes none"
-        raise PolicyError(f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}")
+        raise PolicyError(
+            f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}"
+        )
