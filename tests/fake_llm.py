@@ -2,7 +2,9 @@
 
 It answers `POST /v1/chat/completions` with the first scripted reply whose trigger text occurs in
 the prompt's "# Current Program" section (the whole last user message if it has none), else with
-the default reply; `GET /v1/models` lists one model. Every request body is kept in `requests`.
+the default reply; `GET /v1/models` lists one model (or answers `models_status`, to stand for a
+server without that route or one that refuses the key). Every request body is kept in
+`requests`.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ class ScriptedLLM:
     Args:
         rules: (trigger, reply) pairs; the first whose trigger is in the prompt answers.
         default: the reply when no trigger matches.
+        models_status: the HTTP status of `GET /v1/models` (200: a list of one model).
     """
 
-    def __init__(self, rules: list[tuple[str, str]], default: str) -> None:
+    def __init__(self, rules: list[tuple[str, str]], default: str, models_status: int = 200
+                 ) -> None:
         self.rules = rules
         self.default = default
+        self.models_status = models_status
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -80,7 +85,9 @@ class ScriptedLLM:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path.rstrip("/").endswith("/models") and server.models_status != 200:
+                    self._send({"error": {"message": "scripted status"}}, server.models_status)
+                elif self.path.rstrip("/").endswith("/models"):
                     self._send({"object": "list", "data": [{"id": "scripted", "object": "model"}]})
                 else:
                     self._send({"error": {"message": f"no route {self.path}"}}, 404)

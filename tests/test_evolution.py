@@ -596,10 +596,9 @@ def test_a_failure_while_writing_the_run_folder_removes_it(tmp_path, monkeypatch
     monkeypatch.setattr(run, "write_json_atomic", full_disk)
     config = tmp_path / "openevolve.yaml"
     config.write_text("max_iterations: 3\n")
-    with pytest.raises(OSError, match="No space left"):
+    with ScriptedLLM([], KEEP) as llm, pytest.raises(OSError, match="No space left"):
         run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
-                   llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
-                   environ={})
+                   llm=configs.LLMChoice(api_base=llm.base_url, models=("m",)), environ={})
     assert not (tmp_path / "out").exists()
 
 
@@ -623,6 +622,83 @@ def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):
     artifacts = json.loads(stuck[0]["artifacts_json"])
     assert "timed out after 1 s; its process was killed" in artifacts["failure_reason"]
     assert "hottest = np.argmax" in result.best_program.read_text()
+
+
+# -- the LLM endpoint's preflight ------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A local TCP port that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_endpoint_that_answers_passes_the_preflight_whatever_its_status():
+    from tape.evolution.endpoint import check_endpoint
+
+    with ScriptedLLM([], KEEP) as llm:
+        assert check_endpoint(llm.base_url, "k", key_variable="MY_KEY") is None
+        llm.models_status = 404  # a server without /models: not worth a word
+        assert check_endpoint(llm.base_url, "k", key_variable="MY_KEY") is None
+        llm.models_status = 401
+        warning = check_endpoint(llm.base_url + "/", "k", key_variable="MY_KEY")
+        assert f"{llm.base_url}/ refused the API key (HTTP 401 for GET {llm.base_url}/models)" \
+            in warning and "check MY_KEY" in warning
+        llm.models_status = 500
+        assert "answered HTTP 500" in check_endpoint(llm.base_url, None, key_variable="K")
+
+
+@pytest.mark.parametrize(
+    ("api_base", "reason"),
+    [
+        ("http://127.0.0.1:{port}/v1", ("cannot reach the LLM endpoint http://127.0.0.1:{port}/v1: "
+                                        "Connection refused (GET http://127.0.0.1:{port}/v1/models)")),
+        ("localhost:8000/v1", "'localhost:8000/v1' is not an http(s) URL"),
+    ],
+)
+def test_an_endpoint_that_cannot_be_reached_is_an_error(api_base, reason):
+    from tape.evolution.endpoint import check_endpoint
+
+    port = closed_port()
+    with pytest.raises(ConfigError) as caught:
+        check_endpoint(api_base.format(port=port), None, key_variable="K")
+    assert reason.format(port=port) in str(caught.value)
+
+
+def test_an_endpoint_that_never_answers_times_out():
+    import socket
+
+    from tape.evolution.endpoint import check_endpoint
+
+    with socket.socket() as silent:  # accepts connections (the backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=r"no answer within 0.2 s \(GET "):
+            check_endpoint(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", None,
+                           key_variable="K", timeout_s=0.2)
+        assert time.monotonic() - start < 2
+
+
+def test_tape_evolve_with_a_closed_port_stops_before_the_run_folder(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    base = f"http://127.0.0.1:{closed_port()}/v1"
+    result = CliRunner().invoke(make_app(), [
+        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 2, result.output
+    message = (
+        f"error: cannot reach the LLM endpoint {base}: Connection refused (GET {base}/models); "
+        "check --api-base (or llm.api_base in the config) and that the server is running"
+    )
+    assert result.output.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -664,29 +740,40 @@ def test_tape_evolve_without_openevolve_says_how_to_install_it(tmp_path, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str):
-    """`tape evolve` for one iteration on a small trace, the scripted LLM answering `reply`."""
-    from typer.testing import CliRunner
-
+def small_trace_options(tmp_path) -> list[str]:
+    """--trace (a small synthetic trace of 4 windows, written to tmp_path) and its layout."""
     from tape.synthetic import synthetic_trace
 
     trace = tmp_path / "trace.npy"
     np.save(trace, synthetic_trace(num_steps=400, num_layers=4, num_experts=32, num_groups=4))
+    return ["--trace", str(trace), "--replicas", "48", "--groups", "4", "--nodes", "2",
+            "--gpus", "8"]
+
+
+def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str,
+                                 models_status: int = 200):
+    """`tape evolve` for one iteration on a small trace, the scripted LLM answering `reply`
+    (and `models_status` to the preflight's GET /models)."""
+    from typer.testing import CliRunner
+
     config = tmp_path / "openevolve.yaml"
     config.write_text(yaml.safe_dump(RUN_CONFIG))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with ScriptedLLM([], reply) as llm:
+    with ScriptedLLM([], reply, models_status=models_status) as llm:
         return CliRunner().invoke(make_app(), [
-            "evolve", "--version", version, "--iterations", "1", "--trace", str(trace),
-            "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
+            "evolve", "--version", version, "--iterations", "1", *small_trace_options(tmp_path),
             "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
             "--out", str(tmp_path / "cli-run"),
         ])
 
 
-def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
-    result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP)
+def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch, caplog):
+    # A server that refuses GET /models with 401 may still serve chat: a warning, not an error.
+    result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP,
+                                          models_status=401)
     assert result.exit_code == 0, result.output
+    assert any("refused the API key (HTTP 401" in record.getMessage()
+               for record in caplog.records)
     assert "best evolved program vs deepseek" in result.output
     assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
 

@@ -5,7 +5,8 @@
 1. resolves the OpenEvolve config (`tape.evolution.configs`): a shipped or the user's YAML,
    checked strictly, with the command line applied, the version's objective in the system
    message and the API key from the environment (never from a file);
-2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower;
+2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower, and
+   checks that the LLM endpoint answers at all (`tape.evolution.endpoint`);
 3. writes the run folder: `initial_program.py`, `config.yaml` (the resolved config, key left
    out), `windows.npz` (the windows every candidate is scored on, computed once) and
    `tape_evolve.json` (the manifest);
@@ -130,6 +131,20 @@ def _removed_on_failure(out_dir: Path) -> Iterator[None]:
         raise
 
 
+def _check_endpoints(resolved: ResolvedConfig) -> None:
+    """ConfigError if an LLM endpoint of the run cannot be reached; a warning if it answers
+    with an error status (401/403: the key)."""
+    from tape.evolution.endpoint import check_endpoint
+
+    llm = resolved.config.llm
+    endpoints = dict.fromkeys((model.api_base or llm.api_base, model.api_key or llm.api_key)
+                              for model in llm.models)
+    for api_base, api_key in endpoints:
+        warning = check_endpoint(api_base, api_key, key_variable=resolved.key_variable)
+        if warning is not None:
+            logging.getLogger(__name__).warning("%s", warning)
+
+
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
@@ -215,7 +230,8 @@ def evolve(
 
     Raises:
         ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
-            used output folder, mismatched resume settings (all before the run folder is made).
+            used output folder, mismatched resume settings, an LLM endpoint that cannot be
+            reached (all before the run folder is made).
         TraceError: a trace that cannot be read or does not fit the layout (also before).
         EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
     """
@@ -259,6 +275,8 @@ def evolve(
         )
         config.evaluator.timeout = int(np.ceil(bound))
         saved_config.setdefault("evaluator", {})["timeout"] = config.evaluator.timeout
+
+    _check_endpoints(resolved)  # a wrong --api-base stops here, not after every iteration failed
 
     program_path = out_dir / "initial_program.py"
     windows_path = out_dir / "windows.npz"
