@@ -767,6 +767,27 @@ def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str
         ])
 
 
+def test_an_initial_program_that_fails_stops_tape_evolve_before_the_run_folder(tmp_path,
+                                                                               monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    raises = write(tmp_path, "raise.py", RAISES)
+    with ScriptedLLM([], KEEP) as llm:
+        result = CliRunner().invoke(make_app(), [
+            "evolve", "--version", "2", "--iterations", "1", *small_trace_options(tmp_path),
+            "--initial", str(raises),
+            "--api-base", llm.base_url, "--model", "scripted", "--config", "local",
+            "--out", str(tmp_path / "out"),
+        ])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: initial program {raises} fails, so evolution would start from a score of 0: "
+        "rebalance_experts raised ZeroDivisionError: division by zero"), result.output
+    assert not (tmp_path / "out").exists() and llm.requests == []
+
+
 def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch, caplog):
     # A server that refuses GET /models with 401 may still serve chat: a warning, not an error.
     result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP,

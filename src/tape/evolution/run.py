@@ -5,8 +5,9 @@
 1. resolves the OpenEvolve config (`tape.evolution.configs`): a shipped or the user's YAML,
    checked strictly, with the command line applied, the version's objective in the system
    message and the API key from the environment (never from a file);
-2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower, and
-   checks that the LLM endpoint answers at all (`tape.evolution.endpoint`);
+2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower, checks
+   that the LLM endpoint answers at all (`tape.evolution.endpoint`) and that the user's initial
+   program scores without failing;
 3. writes the run folder: `initial_program.py`, `config.yaml` (the resolved config, key left
    out), `windows.npz` (the windows every candidate is scored on, computed once) and
    `tape_evolve.json` (the manifest);
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tape.errors import ConfigError, EvolutionError
+from tape.errors import ConfigError, EvolutionError, ProgramError
 from tape.evolution import prompts
 from tape.evolution.configs import (
     DEFAULT_CONFIG,
@@ -111,6 +112,19 @@ def _initial_source(initial_program: Path | None) -> str:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"initial program {initial_program} is not UTF-8 text") from None
+
+
+def _check_initial_program(path: Path, settings: EvaluationSettings) -> None:
+    """ProgramError naming the failure if the user's initial program scores 0 by failing (it
+    raises, times out, returns a bad placement): evolution would start from nothing."""
+    from tape.evolution import evaluator
+
+    score = evaluator.score_candidate(path, settings)
+    if score.error is not None:
+        raise ProgramError(
+            f"initial program {path} fails, so evolution would start from a score of 0: "
+            f"{score.error}"
+        )
 
 
 @contextmanager
@@ -232,6 +246,7 @@ def evolve(
         ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
             used output folder, mismatched resume settings, an LLM endpoint that cannot be
             reached (all before the run folder is made).
+        ProgramError: the initial program fails when scored (also before).
         TraceError: a trace that cannot be read or does not fit the layout (also before).
         EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
     """
@@ -277,6 +292,8 @@ def evolve(
         saved_config.setdefault("evaluator", {})["timeout"] = config.evaluator.timeout
 
     _check_endpoints(resolved)  # a wrong --api-base stops here, not after every iteration failed
+    if source is not None and initial_program is not None:
+        _check_initial_program(Path(initial_program), settings)
 
     program_path = out_dir / "initial_program.py"
     windows_path = out_dir / "windows.npz"
