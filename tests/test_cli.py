@@ -308,7 +308,7 @@ def test_evaluate_and_evaluate_dir_point_at_each_other(good_program):
 @pytest.mark.parametrize("policies", [
     None, ["deepseek", "tape:fast", "tape:preset=all:migration_weight=0.1",
            "min-moves:tolerance=0.05"]])
-def test_compare_table_never_cuts_numbers_at_80_columns(policies):
+def test_compare_table_never_cuts_numbers_or_wraps_labels_at_80_columns(policies):
     import io
 
     from rich.console import Console
@@ -316,14 +316,40 @@ def test_compare_table_never_cuts_numbers_at_80_columns(policies):
     from tape.cli.compare import _ROWS, DEFAULT_POLICIES, _table
 
     policies = policies or DEFAULT_POLICIES
-    keys = [key for _, rows in _ROWS for key, _, scale in rows if scale == 1]
-    summary = {name: {**dict.fromkeys(keys, 0.00123456), "error": None} for name in policies}
+    keys = ["combined_score", *(key for _, rows in _ROWS for key, _, scale in rows if scale == 1)]
+    # -0.00123: the widest number the table shows (8 characters)
+    summary = {name: {**dict.fromkeys(keys, -0.00123456), "error": None} for name in policies}
     console = Console(width=80, file=io.StringIO())
-    console.print(_table(summary))
+    console.print(_table(summary, "realistic"))
     text = console.file.getvalue()
-    assert text.count("0.00123") == len(keys) * len(policies)
+    assert text.count("-0.00123") == len(keys) * len(policies)
     assert "…" not in text
-    assert "metric" in text and "moved" in text  # the label column keeps a width
+    lines = text.splitlines()
+    labels = ["score (realistic)", *(section for section, _ in _ROWS),
+              *(f"  {label}" for _, rows in _ROWS for _, label, _ in rows)]
+    for label in labels:  # each on one line of its own, not wrapped
+        assert any(line.startswith(label + " ") for line in lines), label
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_compare_table_shows_the_chosen_versions_score_first(small_trace):
+    arguments = ["compare", "--trace", str(small_trace), "--interval", "10", "--policies",
+                 "vanilla,deepseek", *SMALL_LAYOUT]
+    for version, label, same_as in (("2", "score (v2)", "  seed v2 "),
+                                    ("realistic", "score (realistic)", "  realistic ")):
+        result = runner.invoke(app, [*arguments, "--version", version])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        row = lines[1 + next(i for i, line in enumerate(lines) if line.startswith("───"))]
+        assert row.startswith(label + " ")  # first, below the header
+        # the chosen version's numbers (all but v2 time the policy: they differ run to run)
+        numbers = row.split()[-2:]
+        assert numbers == next(line for line in lines if line.startswith(same_as)).split()[-2:]
+        if version == "2":
+            scores = json.loads(runner.invoke(app, [*arguments, "--version", "2",
+                                                    "--json"]).stdout)["policies"]
+            assert numbers == [format_value(scores[name]["combined_score"], 3)
+                               for name in ("vanilla", "deepseek")]
 
 
 def test_evaluate_dir_lists_errors_below_the_table_and_leaves_no_blank_lines(

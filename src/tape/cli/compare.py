@@ -46,12 +46,14 @@ __all__ = ["DEFAULT_POLICIES", "register"]
 
 DEFAULT_POLICIES = ("vanilla", "deepseek", "bldm", "replicate-hot", "min-moves", "tape")
 
-# Rows of the comparison table: (section, [(metric key, label, scale)]).
+# Rows of the comparison table: (section, [(metric key, label, scale)]). Labels (18 characters
+# at most, indented) fit one line at 80 columns beside six policies of 8-character numbers.
+# IB: inter-node (InfiniBand); NVLink: intra-node.
 _ROWS = (
-    ("balance, next window", (
-        ("balancedness_score", "slot balancedness", 1),
-        ("gpu_balancedness", "GPU balancedness", 1),
-        ("overall_balancedness", "overall balancedness", 1),
+    ("balance", (
+        ("balancedness_score", "slot balance", 1),
+        ("gpu_balancedness", "GPU balance", 1),
+        ("overall_balancedness", "overall balance", 1),
     )),
     ("combined score", (
         ("combined_score_v0", "seed v0", 1),
@@ -67,14 +69,14 @@ _ROWS = (
         ("migration_seconds", "migration ms", 1e3),
     )),
     ("per window", (
-        ("ib_tokens", "inter-node tokens", 1),
-        ("nvlink_tokens", "intra-node tokens", 1),
+        ("ib_tokens", "IB tokens", 1),
+        ("nvlink_tokens", "NVLink tokens", 1),
         ("step_time_s", "step time ms", 1e3),
     )),
     ("against deepseek", (
-        ("gpu_balancedness_gain", "GPU balancedness gain", 1),
-        ("moved_experts_ratio", "moved experts ratio", 1),
-        ("ib_tokens_ratio", "inter-node tokens ratio", 1),
+        ("gpu_balancedness_gain", "GPU balance gain", 1),
+        ("moved_experts_ratio", "moves ratio", 1),
+        ("ib_tokens_ratio", "IB tokens ratio", 1),
         ("step_time_ratio", "step time ratio", 1),
         ("runtime_ratio", "runtime ratio", 1),
     )),
@@ -201,20 +203,26 @@ def register(app: typer.Typer) -> None:
         console.print(f"[dim]{escape(setup.described)}; {layout.num_gpus} GPUs on {layout.num_nodes} "
                       f"nodes, {layout.num_replicas} slots; {dispatch} dispatch on "
                       f"{setup.cluster.name}[/]", highlight=False)
-        console.print(_table(summary))
+        console.print(_table(summary, version_value))
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False)
 
-def _table(summary: dict[str, dict]) -> Table:
-    """Metrics down, policies across (the table stays narrow however many metrics)."""
+def _table(summary: dict[str, dict], version: int | str) -> Table:
+    """Metrics down, policies across (the table stays narrow however many metrics); first the
+    combined score of the chosen `version`, in bold."""
     table = Table(title="policies under the protocol (means over window pairs)",
-                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    # Labels wrap in a narrow terminal; numbers are never cut; a header breaks after each '-'
-    # and ':' of its policy ("tape:fast" over two lines).
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    # Labels fit at 80 columns (they would wrap in a narrower terminal); numbers are never cut;
+    # a header breaks after each '-' and ':' of its policy ("tape:fast" over two lines).
     table.add_column("metric", min_width=12)
     for name in summary:
         header = name.replace("-", "-\n").replace(":", ":\n")
         table.add_column(header, justify="right", no_wrap=True, min_width=6)
+    label = f"score (v{version})" if isinstance(version, int) else f"score ({version})"
+    table.add_row(f"[bold]{label}[/]", *(
+        f"[bold]{format_value(values['combined_score'], digits=3)}[/]"
+        if "combined_score" in values else "-" for values in summary.values()
+    ))
     for section, rows in _ROWS:
         if not any(key in values for key, _, _ in rows for values in summary.values()):
             continue
