@@ -232,11 +232,28 @@ def test_help_shows_the_trace_shape_and_whole_default_folders(command):
         assert f"tape-out/{command}-v4 for --version 4" in text
 
 
-def test_command_summaries_are_one_paragraph_without_line_breaks():
+def test_command_help_paragraphs_have_no_line_breaks():
+    # typer's help keeps a paragraph's line breaks: "for a program" / "that fails."
     import typer.main
 
     for name, command in typer.main.get_command(app).commands.items():
-        assert "\n" not in (command.help or "").split("\n\n")[0].strip(), name
+        for paragraph in (command.help or "").split("\n\n"):
+            assert "\n" not in paragraph.strip(), (name, paragraph)
+
+
+@pytest.mark.parametrize("command", [[], ["compare"], ["evaluate-dir"], ["evolve"], ["tune"]])
+def test_help_shows_flags_without_a_placeholder(command):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    flags = [line for line in result.output.splitlines()
+             if any(f"│ {flag} " in line for flag in ("--help", "--synthetic", "--json",
+                                                       "--overwrite", "--version"))]
+    assert any("--help" in line for line in flags)
+    for line in flags:
+        if "--version" in line and command:
+            assert "<str>" in line, line  # the scoring version takes a value
+        else:
+            assert "<" not in line, line
 
 
 @pytest.mark.parametrize("command, kind", [

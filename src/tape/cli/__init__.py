@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 __all__ = ["app", "main"]
 
+
+def _no_flag_placeholders(params: list[Any]) -> list[Any]:
+    """`params`, their flags (options that take no value, such as --synthetic and --help) given
+    an empty metavar: typer's help shows the `<bool>` type of a flag otherwise, as if it took
+    one (`--synthetic <bool>`)."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
+
+class _TapeGroup(TyperGroup):
+    """The `tape` command group; its commands' help shows flags without a placeholder."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _no_flag_placeholders(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _no_flag_placeholders(command.get_params(ctx))
+        return command
+
+
 app = typer.Typer(
     name="tape",
+    cls=_TapeGroup,
     help="TAPE: place, score, evolve and show expert placements for MoE serving.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

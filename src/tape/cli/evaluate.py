@@ -214,8 +214,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score every .py program in a folder and print a summary table.
 
-        Exit code 1 when no program scored (every one failed), as `tape evaluate` for a program
-        that fails.
+        Exits with code 1 when every program failed, as `tape evaluate` on a failing program.
         """
         if directory.is_file():
             raise ProgramError(f"{directory} is a file; score one program with "
