@@ -255,7 +255,11 @@ def test_secrets_are_removed_from_the_childs_environment(tmp_path, monkeypatch):
     [
         ("def rebalance_experts(:\n    pass\n", "syntax error in the program, line 1"),
         ("def something_else():\n    pass\n", "defines no function `rebalance_experts`"),
-        ("import torch\n", "program needs torch: pip install torch==2.13.0"),
+        # The torch extra, not a bare pin of one torch version.
+        (
+            "import torch\n",
+            r"imports torch, which is not installed: .* `pip install -e '\.\[torch\]'` .*CPU",
+        ),
         ("import no_such_module_here\n", "imports a missing module: no_such_module_here"),
         ("raise KeyError('at import')\n", "importing the program failed: KeyError: 'at import'"),
     ],

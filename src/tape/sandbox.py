@@ -18,7 +18,10 @@ memory, crash, return garbage or look through its caller's stack for data it sho
 - outputs are checked in the child (a 3-tuple of integer arrays of the right shapes) and again in
   the parent (`Placement.from_maps(...).validate(...)`: consistent maps, every expert replicated);
 - the seconds reported are measured in the child around the call alone, with a clock bound
-  before the program was imported.
+  before the program was imported;
+- what the program prints (stdout and stderr) is not shown: the child keeps its last few hundred
+  characters, and they reach the parent only inside the reason of a call that raised ("...; its
+  last output: ...").
 
 Every failure raises `tape.errors.ProgramError` with a one-line reason. The sandbox contains
 faults and hides data; it is not a security boundary against code written to attack TAPE itself
@@ -53,7 +56,10 @@ STARTUP_SECONDS = 120.0
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 _OUTPUT_TAIL_CHARS = 300
-_TORCH_HINT = "program needs torch: pip install torch==2.13.0"
+_TORCH_HINT = (
+    "the program imports torch, which is not installed: install TAPE's torch extra, "
+    "`pip install -e '.[torch]'` in the TAPE checkout (a CPU build of torch is enough)"
+)
 
 
 def _one_line(text: str, limit: int = 500) -> str:
