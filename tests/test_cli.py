@@ -90,6 +90,20 @@ def test_evaluate_prints_a_table(small_trace, good_program):
         (scores["balancedness_score"] + scores["communication_score"]) / 2)
 
 
+@pytest.mark.parametrize("version, section", [("2", "seed (tape) metrics"),
+                                              ("realistic", "realistic model")])
+def test_evaluate_lists_the_combined_score_under_its_versions_heading(
+        small_trace, good_program, version, section):
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
+                                 "--interval", "10", "--version", version, *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    names = [line.split("│")[1].rstrip() for line in result.stdout.splitlines()
+             if line.count("│") == 3]
+    heading = max(i for i, name in enumerate(names[:names.index("   combined_score")])
+                  if not name.startswith("   "))
+    assert names[heading].strip() == section
+
+
 def test_program_without_rebalance_experts_scores_zero_with_reason(tmp_path, small_trace):
     program = tmp_path / "empty.py"
     program.write_text("x = 1\n")

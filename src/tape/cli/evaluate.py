@@ -45,10 +45,11 @@ from tape.protocol import ProgramScore, parse_version, score_program
 
 __all__ = ["METRIC_SECTIONS", "format_value", "register"]
 
-# Rows of the metric table, in sections; other keys follow under "other".
+# Rows of the metric table, in sections; other keys follow under "other". The combined score
+# of the chosen version (combined_score) comes first in its version's section.
 METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     "seed (tape) metrics": (
-        "combined_score", "balancedness_score", "speed_score", "communication_score",
+        "balancedness_score", "speed_score", "communication_score",
         "weight_copy_score", "avg_raw_time", "combined_score_v0", "combined_score_v2",
         "combined_score_v3", "combined_score_v4",
     ),
@@ -80,12 +81,15 @@ def format_value(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _metric_table(title: str, score: ProgramScore) -> Table:
+def _metric_table(title: str, score: ProgramScore, version: int | str) -> Table:
     table = Table(title=title, show_lines=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     shown: set[str] = set()
+    home = "realistic model" if version == "realistic" else "seed (tape) metrics"
     for section, names in METRIC_SECTIONS.items():
+        if section == home:
+            names = ("combined_score", *names)
         rows = [name for name in names if name in score.metrics]
         if rows:
             table.add_row(f"[bold]{section}[/]", "")
@@ -180,7 +184,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(to_json_text(payload))
         else:
             console.print(f"[dim]{escape(setup.described)}[/]", highlight=False)
-            console.print(_metric_table(escape(f"{program.name} (version {version_value})"), score))
+            console.print(_metric_table(escape(f"{program.name} (version {version_value})"), score,
+                                        version_value))
             if score.error:
                 error_console.print(f"[bold red]program failed:[/] {escape(score.error)}", highlight=False,
                                     soft_wrap=True)
