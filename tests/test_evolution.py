@@ -751,19 +751,20 @@ def small_trace_options(tmp_path) -> list[str]:
 
 
 def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str,
-                                 models_status: int = 200):
-    """`tape evolve` for one iteration on a small trace, the scripted LLM answering `reply`
-    (and `models_status` to the preflight's GET /models)."""
+                                 *options: str, models_status: int = 200, **config_changes):
+    """`tape evolve` for one iteration on a small trace into tmp_path / "cli-run", the scripted
+    LLM answering `reply` (and `models_status` to the preflight's GET /models), RUN_CONFIG with
+    `config_changes`, more command-line `options`."""
     from typer.testing import CliRunner
 
     config = tmp_path / "openevolve.yaml"
-    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    config.write_text(yaml.safe_dump({**RUN_CONFIG, **config_changes}))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with ScriptedLLM([], reply, models_status=models_status) as llm:
         return CliRunner().invoke(make_app(), [
             "evolve", "--version", version, "--iterations", "1", *small_trace_options(tmp_path),
             "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
-            "--out", str(tmp_path / "cli-run"),
+            "--out", str(tmp_path / "cli-run"), *options,
         ])
 
 
@@ -804,4 +805,74 @@ def test_a_run_where_the_llm_never_gives_a_usable_answer_is_a_clear_error(tmp_pa
     assert result.exit_code == 2, result.output
     assert "the LLM gave no usable candidate program" in result.output
     assert "Traceback" not in result.output
-    assert (tmp_path / "cli-run" / "checkpoints").is_dir()  # what ran is kept for --resume
+    # What ran is kept, and the message names the checkpoint that --resume takes.
+    checkpoint = tmp_path / "cli-run" / "checkpoints" / "checkpoint_1"
+    assert (checkpoint / "metadata.json").is_file()
+    assert f"--resume {checkpoint} continues it" in result.output
+    again = evolve_from_the_command_line(tmp_path, monkeypatch, "2", KEEP)
+    assert again.exit_code == 2
+    assert f"continue its run with --resume {checkpoint}, replace the run with --overwrite" \
+        in again.output
+
+
+def test_a_failed_run_without_a_checkpoint_says_so_and_is_replaced_with_overwrite(
+        tmp_path, monkeypatch):
+    result = evolve_from_the_command_line(tmp_path, monkeypatch, "2", "No change.",
+                                          checkpoint_interval=100)
+    out = tmp_path / "cli-run"
+    assert result.exit_code == 2, result.output
+    assert not (out / "checkpoints").exists()
+    assert f"the run's logs are in {out / 'logs'}; it wrote no checkpoint: run again with " \
+        "--overwrite or another --out" in result.output
+    again = evolve_from_the_command_line(tmp_path, monkeypatch, "2", KEEP)
+    assert again.exit_code == 2
+    assert "--resume" not in again.output
+    assert "its run wrote no checkpoint, so there is nothing to resume; replace the run with " \
+        "--overwrite" in again.output
+    (out / "notes.txt").write_text("mine")  # not the run's: --overwrite keeps it
+    replaced = evolve_from_the_command_line(tmp_path, monkeypatch, "2", KEEP, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert f"to continue:  --resume {out / 'checkpoints' / 'checkpoint_1'}" in replaced.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def used_folder_error(tmp_path, out: Path, **options) -> str:
+    """The error of run.evolve into `out` (it stops at the folder check, before anything)."""
+    with pytest.raises(ConfigError) as caught:
+        run.evolve(SMALL, out_dir=out, iterations=1, config_path=tmp_path / "unused.yaml",
+                   llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
+                   environ={}, **options)
+    return str(caught.value)
+
+
+def test_a_used_folder_names_the_newest_real_checkpoint_or_none(tmp_path):
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / run.MANIFEST).write_text("{}")
+    assert used_folder_error(tmp_path, out).endswith(
+        "its run wrote no checkpoint, so there is nothing to resume; replace the run with "
+        "--overwrite, remove the folder, or choose another --out")
+    for iteration, complete in ((1, True), (10, True), (20, False)):  # 20: metadata missing
+        folder = out / "checkpoints" / f"checkpoint_{iteration}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "metadata.json").write_text("{}")
+    newest = out / "checkpoints" / "checkpoint_10"
+    assert run.newest_checkpoint(out) == newest
+    assert f"continue its run with --resume {newest}," in used_folder_error(tmp_path, out)
+    missing = out / "checkpoints" / "checkpoint_20"
+    assert used_folder_error(tmp_path, out, resume=missing) == (
+        f"{missing} is not an OpenEvolve checkpoint (no metadata.json); the newest checkpoint "
+        f"of that run is {newest}")
+    assert "give one" in used_folder_error(tmp_path, out, resume=newest, overwrite=True)
+
+
+def test_overwrite_replaces_only_a_tape_evolve_run(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    assert used_folder_error(tmp_path, other) == (
+        f"output folder {other} already holds files; choose another --out")
+    assert used_folder_error(tmp_path, other, overwrite=True) == (
+        f"--overwrite replaces an earlier tape evolve run, but {other} holds none (no "
+        f"{run.MANIFEST}); choose another --out")

@@ -144,6 +144,11 @@ def register(app: typer.Typer) -> None:
                                       "DeepSeek EPLB's policy in numpy).")
         ] = None,
         out: Annotated[Path | None, _out_option("evolve")] = None,
+        overwrite: Annotated[
+            bool, typer.Option("--overwrite", help="Replace an earlier tape evolve run in --out "
+                               "(its best/, checkpoints/, logs/ and TAPE's files; other files "
+                               "are kept).")
+        ] = False,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
     ) -> None:
@@ -159,7 +164,8 @@ def register(app: typer.Typer) -> None:
         )
         if initial is not None and not initial.is_file():
             raise ConfigError(f"initial program {initial} does not exist")
-        check_out_folder(out, must_be_empty=False)  # a used folder: run.evolve's hint (--resume)
+        # A used folder: run.evolve's hint (--resume with its newest checkpoint, or --overwrite).
+        check_out_folder(out, must_be_empty=False)
         if out is None:
             out = resume.resolve().parent.parent if resume else _default_out("evolve",
                                                                              settings.version)
@@ -169,6 +175,7 @@ def register(app: typer.Typer) -> None:
             llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
                               api_key_env=api_key_env),
             full_rewrite=full_rewrite, resume=resume, initial_program=initial,
+            overwrite=overwrite,
         )
         from tape.evolution.prompts import version_metrics
 
@@ -177,9 +184,16 @@ def register(app: typer.Typer) -> None:
             {"best_program.py": result.best, "deepseek": result.deepseek},
             version_metrics(settings.version),
         ))
-        console.print(f"best program: {result.best_program}", markup=False, highlight=False)
-        console.print(f"run folder:   {result.out_dir} (best/, checkpoints/, logs/, "
-                      "best/tape_scores.json)", markup=False, highlight=False)
+        # soft_wrap: a path is never broken over two lines (it is meant to be copied)
+        console.print(f"best program: {result.best_program}", markup=False, highlight=False,
+                      soft_wrap=True)
+        held = [f"{name}/" for name in ("best", "checkpoints", "logs")
+                if (result.out_dir / name).is_dir()]
+        console.print(f"run folder:   {result.out_dir} ({', '.join(held)}, "
+                      "best/tape_scores.json)", markup=False, highlight=False, soft_wrap=True)
+        if result.newest_checkpoint is not None:
+            console.print(f"to continue:  --resume {result.newest_checkpoint}", markup=False,
+                          highlight=False, soft_wrap=True)
         if result.best.error:
             error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
                                 highlight=False, soft_wrap=True)
@@ -242,4 +256,4 @@ def register(app: typer.Typer) -> None:
                 - result.deepseek.metrics["combined_score"])
         console.print(f"tuned - deepseek combined_score: {gain:+.4f}", highlight=False)
         for name, path in paths.items():
-            console.print(f"{name}: {path}", markup=False, highlight=False)
+            console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)

@@ -17,7 +17,9 @@
    `best/tape_scores.json`.
 
 Resuming (`resume=checkpoint folder`) continues a run in its own folder with the same evaluation
-settings (a mismatch is an error, so scores stay comparable).
+settings (a mismatch is an error, so scores stay comparable); `overwrite` replaces an earlier run
+in the folder instead. A used folder's error says which applies: `--resume` naming the newest
+checkpoint that exists, or `--overwrite` when the earlier run wrote none.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from tape.files import write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import STARTUP_SECONDS
 
-__all__ = ["MANIFEST", "EvolveResult", "evolve"]
+__all__ = ["MANIFEST", "RUN_ENTRIES", "EvolveResult", "evolve", "newest_checkpoint"]
 
 MANIFEST = "tape_evolve.json"
 """The run folder's manifest."""
@@ -66,12 +68,14 @@ class EvolveResult:
         best_program: `best/best_program.py` in it.
         best: the best program's TAPE scores (every metric).
         deepseek: the `deepseek` policy's scores on the same windows, for comparison.
+        newest_checkpoint: the checkpoint `--resume` would continue from (None: none written).
     """
 
     out_dir: Path
     best_program: Path
     best: ProgramScore
     deepseek: ProgramScore
+    newest_checkpoint: Path | None = None
 
 
 def _evaluation_bound(settings: EvaluationSettings) -> float:
@@ -83,21 +87,74 @@ def _evaluation_bound(settings: EvaluationSettings) -> float:
 # -- the run folder --------------------------------------------------------------------------
 
 
-def _check_folder(out_dir: Path, resume: Path | None) -> None:
-    """ConfigError unless `out_dir` can hold a new run, or `resume` is a checkpoint of its run."""
+RUN_ENTRIES = ("best", "checkpoints", "logs", "initial_program.py", "config.yaml",
+               "windows.npz", MANIFEST)
+"""What a run writes into its folder (OpenEvolve's `evolution_trace*` files too, when its config
+turns them on); `overwrite` removes these and nothing else."""
+
+
+def newest_checkpoint(out_dir: Path) -> Path | None:
+    """The run's checkpoint with the highest iteration (`checkpoints/checkpoint_N` holding
+    OpenEvolve's metadata.json), or None when it has none."""
+    found = [
+        (int(folder.name.removeprefix("checkpoint_")), folder)
+        for folder in Path(out_dir).glob("checkpoints/checkpoint_*")
+        if folder.name.removeprefix("checkpoint_").isdigit() and (folder / "metadata.json").is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _run_entries(out_dir: Path) -> list[Path]:
+    """The entries of an earlier run in `out_dir`."""
+    named = [out_dir / name for name in RUN_ENTRIES]
+    return [path for path in named if path.exists()] + sorted(out_dir.glob("evolution_trace*"))
+
+
+def _check_folder(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
+    """ConfigError unless `out_dir` can hold a new run (with `overwrite`: unless it is empty or
+    holds an earlier run), or `resume` is a checkpoint of its run."""
     if resume is not None:
+        if overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it; give one")
         if not (resume / "metadata.json").is_file():
-            raise ConfigError(f"{resume} is not an OpenEvolve checkpoint (no metadata.json)")
+            newest = newest_checkpoint(resume.parent.parent)
+            hint = f"; the newest checkpoint of that run is {newest}" if newest else ""
+            raise ConfigError(f"{resume} is not an OpenEvolve checkpoint (no metadata.json){hint}")
         if resume.resolve().parent.parent != out_dir.resolve():
             raise ConfigError(
                 f"a run resumes in its own folder: {resume} belongs to "
                 f"{resume.resolve().parent.parent}, not {out_dir}"
             )
         return
-    require_new_folder(
-        out_dir, f"continue its run with --resume {out_dir}/checkpoints/checkpoint_N, or choose "
-        "another --out"
-    )
+    earlier_run = (out_dir / MANIFEST).is_file()
+    if overwrite and not out_dir.is_file():  # a file: require_new_folder says so
+        if out_dir.is_dir() and any(out_dir.iterdir()) and not earlier_run:
+            raise ConfigError(
+                f"--overwrite replaces an earlier tape evolve run, but {out_dir} holds none (no "
+                f"{MANIFEST}); choose another --out"
+            )
+        return
+    newest = newest_checkpoint(out_dir)
+    if newest is not None:
+        hint = (f"continue its run with --resume {newest}, replace the run with --overwrite, or "
+                "choose another --out")
+    elif earlier_run:
+        hint = ("its run wrote no checkpoint, so there is nothing to resume; replace the run "
+                "with --overwrite, remove the folder, or choose another --out")
+    else:
+        hint = "choose another --out"
+    require_new_folder(out_dir, hint)
+
+
+def _what_is_kept(out_dir: Path) -> str:
+    """Where a failed run's logs are and what to do next: resume from its newest checkpoint if
+    it wrote one, else start again."""
+    logs = out_dir / "logs"
+    where = f"the run's logs are in {logs}" if logs.is_dir() else f"the run folder is {out_dir}"
+    newest = newest_checkpoint(out_dir)
+    if newest is not None:
+        return f"{where}; --resume {newest} continues it"
+    return f"{where}; it wrote no checkpoint: run again with --overwrite or another --out"
 
 
 def _initial_source(initial_program: Path | None) -> str:
@@ -129,13 +186,15 @@ def _check_initial_program(path: Path, settings: EvaluationSettings) -> None:
 
 @contextmanager
 def _removed_on_failure(out_dir: Path) -> Iterator[None]:
-    """Make `out_dir` (absent or empty); if the block fails, leave it as it was found."""
+    """Make `out_dir` if absent; if the block fails, remove what it added (and the folder if it
+    made it), so the folder is left as it was found."""
     existed = out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = set(out_dir.iterdir())
     try:
         yield
     except BaseException:
-        for entry in out_dir.iterdir():
+        for entry in set(out_dir.iterdir()) - before:
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
@@ -227,6 +286,7 @@ def evolve(
     resume: Path | None = None,
     initial_program: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    overwrite: bool = False,
 ) -> EvolveResult:
     """Run OpenEvolve on `rebalance_experts` under `settings` (see the module doc).
 
@@ -241,6 +301,8 @@ def evolve(
         resume: a checkpoint folder (`<run>/checkpoints/checkpoint_N`) to continue from.
         initial_program: the program to start from (None: DeepSeek's policy in numpy).
         environ: where the API key is looked up (None: `os.environ`).
+        overwrite: `out_dir` may hold an earlier run; its files (`RUN_ENTRIES`) are removed
+            once every check has passed, other files are kept.
 
     Raises:
         ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
@@ -266,7 +328,7 @@ def evolve(
     out_dir = Path(out_dir)
     resume = Path(resume) if resume is not None else None
     # Everything the user gave is checked before the run folder is made, so a mistake leaves none.
-    _check_folder(out_dir, resume)
+    _check_folder(out_dir, resume, overwrite)
     if resume is not None:
         _check_resumed_settings(out_dir, settings)
     if config_path is None:
@@ -297,6 +359,12 @@ def evolve(
 
     program_path = out_dir / "initial_program.py"
     windows_path = out_dir / "windows.npz"
+    if overwrite:
+        for entry in _run_entries(out_dir):
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     if source is not None:
         with _removed_on_failure(out_dir):
             program_path.write_text(source)
@@ -319,7 +387,7 @@ def evolve(
             raise EvolutionError(
                 f"the LLM gave no usable candidate program: {str(error).rstrip('.')}. Check "
                 f"that --api-base and --model reach a model that answers in OpenEvolve's "
-                f"format; the run's logs and checkpoints are in {out_dir}"
+                f"format; {_what_is_kept(out_dir)}"
             ) from None
 
     best_program = out_dir / "best" / "best_program.py"
@@ -335,7 +403,7 @@ def evolve(
         {"version": settings.version, "program": best.to_json(),
          "deepseek": deepseek.to_json()},
     )
-    return EvolveResult(out_dir, best_program, best, deepseek)
+    return EvolveResult(out_dir, best_program, best, deepseek, newest_checkpoint(out_dir))
 
 
 def _manifest(settings: EvaluationSettings, config_path: Path, resolved: ResolvedConfig
