@@ -119,8 +119,12 @@ def test_program_without_rebalance_experts_scores_zero_with_reason(tmp_path, sma
     "arguments, message",
     [
         (["--trace", "/no/such/trace.json"], "no such trace file"),
-        (["--replicas", "10"], "multiple of num_gpus"),
-        (["--replicas", "4", "--gpus", "4"], "at least the number of experts"),
+        # the flags a user typed, not the library's argument names (num_replicas, ...)
+        (["--replicas", "10"], "error: --replicas (10) must be a multiple of --gpus (4)"),
+        (["--replicas", "4", "--gpus", "4"], "error: --replicas (4) must be at least the"),
+        (["--replicas", "0"], "error: --replicas must be a positive integer, got 0"),
+        (["--groups", "3"], "error: --groups (3) must divide the number of experts (8)"),
+        (["--nodes", "3"], "error: --gpus (4) must be a multiple of --nodes (3)"),
         (["--version", "7"], "unknown version"),
         (["--dispatch", "nearest"], "unknown dispatch"),
     ],
@@ -134,7 +138,25 @@ def test_user_mistakes_get_one_line_errors(small_trace, good_program, arguments,
     result = runner.invoke(app, ["evaluate", str(good_program), *flat])
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "num_" not in result.output
+
+
+def test_synthetic_trace_errors_name_the_groups_flag():
+    result = runner.invoke(app, ["compare", "--synthetic", "--groups", "2", "--policies",
+                                 "deepseek"])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: the synthetic DeepSeek-V3 trace cannot have --groups "
+                                    "2: topk_groups (4) must be at most --groups (2)")
+
+
+def test_counts_of_one_are_singular(tmp_path):
+    path = tmp_path / "trace.npy"
+    np.save(path, np.ones((3, 1, 4)))
+    result = runner.invoke(app, ["compare", "--trace", str(path), "--interval", "1",
+                                 "--policies", "deepseek", "--replicas", "4", "--groups", "1",
+                                 "--nodes", "1", "--gpus", "1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert ", 3 windows of 1 step; 1 GPU on 1 node, 4 slots;" in result.stdout
 
 
 def test_evaluate_dir_writes_one_result_per_program(tmp_path, small_trace, good_program):

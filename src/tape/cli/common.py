@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ __all__ = [
     "VersionOption",
     "check_out_folder",
     "console",
+    "count",
     "error_console",
     "escape",
+    "flag_names",
     "handles_errors",
     "load_windows",
     "loading",
@@ -147,6 +150,22 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
+def count(number: int, noun: str) -> str:
+    """A count and its noun, plural unless the count is 1: "1 GPU", "4 GPUs"."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+_FLAGS = {"num_replicas": "--replicas", "num_groups": "--groups", "num_nodes": "--nodes",
+          "num_gpus": "--gpus"}
+
+
+def flag_names(message: str) -> str:
+    """`message` with the layout's argument names (num_gpus, ...) as the flags that set them
+    (--gpus, ...): the library's messages name its arguments, a CLI user typed flags."""
+    return re.sub(r"\b(?:num_replicas|num_groups|num_nodes|num_gpus)\b",
+                  lambda match: _FLAGS[match[0]], message)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with the line to print (what happened to the output)."""
 
@@ -219,7 +238,11 @@ def load_windows(
     if trace is None:
         from tape.synthetic import synthetic_trace
 
-        loads = synthetic_trace(num_groups=layout.num_groups, seed=seed)
+        try:
+            loads = synthetic_trace(num_groups=layout.num_groups, seed=seed)
+        except TraceError as error:
+            raise TraceError(f"the synthetic DeepSeek-V3 trace cannot have --groups "
+                             f"{layout.num_groups}: {flag_names(str(error))}") from None
         source = f"synthetic DeepSeek-V3 trace (seed {seed})"
     else:
         loads = load_trace(trace)
@@ -227,7 +250,8 @@ def load_windows(
     windows = check_windows(window_loads(loads, interval), layout)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
-    described = f"{source}: {describe(loads)}, {windows.shape[0]} windows of {interval} steps"
+    described = (f"{source}: {describe(loads)}, {count(windows.shape[0], 'window')} of "
+                 f"{count(interval, 'step')}")
     return windows, described, steps
 
 
@@ -255,8 +279,8 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
 
 
 def handles_errors(command: Any) -> Any:
-    """Decorator: a `TapeError` (a user mistake) becomes a one-line error and exit code 2;
-    Ctrl-C, one line and exit code 130."""
+    """Decorator: a `TapeError` (a user mistake) becomes a one-line error and exit code 2, a
+    `LayoutError` naming the flags (`flag_names`); Ctrl-C, one line and exit code 130."""
     import functools
 
     @functools.wraps(command)
@@ -264,8 +288,10 @@ def handles_errors(command: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except TapeError as error:
+            message = flag_names(str(error)) if isinstance(error, LayoutError) else str(error)
             # soft_wrap: one line however narrow the terminal (or 80 columns when piped)
-            error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                                soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as interruption:
             error_console.print(str(interruption) or "interrupted", markup=False,

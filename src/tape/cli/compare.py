@@ -29,6 +29,7 @@ from tape.cli.common import (
     TraceOption,
     VersionOption,
     console,
+    count,
     error_console,
     escape,
     handles_errors,
@@ -200,9 +201,9 @@ def register(app: typer.Typer) -> None:
                                      "policies": summary, "skipped": skipped}))
             return
         layout = setup.layout
-        console.print(f"[dim]{escape(setup.described)}; {layout.num_gpus} GPUs on {layout.num_nodes} "
-                      f"nodes, {layout.num_replicas} slots; {dispatch} dispatch on "
-                      f"{setup.cluster.name}[/]", highlight=False)
+        console.print(f"[dim]{escape(setup.described)}; {count(layout.num_gpus, 'GPU')} on "
+                      f"{count(layout.num_nodes, 'node')}, {count(layout.num_replicas, 'slot')}; "
+                      f"{dispatch} dispatch on {setup.cluster.name}[/]", highlight=False)
         console.print(_table(summary, version_value))
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False)
