@@ -72,7 +72,7 @@ def test_placement_validate_against_layout():
     layout = Layout(num_replicas=6, num_groups=1, num_nodes=1, num_gpus=2)
     placement = Placement(np.array([[0, 1, 2, 0, 1, 2]]), 3)
     assert placement.validate(layout, num_layers=1) is placement
-    with pytest.raises(PlacementError, match="phy2log has 1 layers, expected 2"):
+    with pytest.raises(PlacementError, match="phy2log has 1 layer, expected 2"):
         placement.validate(layout, num_layers=2)
     with pytest.raises(PlacementError, match="phy2log has 4 slots per layer, expected "
                        "num_replicas = 6"):

@@ -13,6 +13,7 @@ __all__ = [
     "TapeError",
     "TraceError",
     "checked_integer",
+    "counted",
 ]
 
 
@@ -48,6 +49,11 @@ class EvolutionError(TapeError):
 MAX_INTEGER = 2**31 - 1
 """Largest count, size or seed `checked_integer` accepts (beyond it numpy overflows or a
 policy would loop for ever)."""
+
+
+def counted(number: int, noun: str) -> str:
+    """A count and its noun for messages, plural unless the count is 1: "1 expert", "2 experts"."""
+    return f"{number} {noun}{'' if int(number) == 1 else 's'}"
 
 
 def checked_integer(value: object, name: str, error: type[TapeError], minimum: int = 1) -> int:

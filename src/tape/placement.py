@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tape.arrays import to_numpy
-from tape.errors import PlacementError, TraceError
+from tape.errors import PlacementError, TraceError, counted
 from tape.layout import Layout
 
 __all__ = ["Placement"]
@@ -170,7 +170,7 @@ class Placement:
                 f"{layout.num_replicas}"
             )
         if num_layers is not None and self.num_layers != num_layers:
-            raise PlacementError(f"phy2log has {self.num_layers} layers, expected {num_layers}")
+            raise PlacementError(f"phy2log has {counted(self.num_layers, 'layer')}, expected {num_layers}")
         return self
 
     def checked_load(self, weight: Any) -> np.ndarray:

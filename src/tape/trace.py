@@ -37,7 +37,7 @@ import ijson
 import numpy as np
 
 from tape.arrays import to_numpy
-from tape.errors import TraceError, checked_integer
+from tape.errors import TraceError, checked_integer, counted
 from tape.files import atomic_output
 
 __all__ = [
@@ -74,12 +74,7 @@ _JSON_KINDS = {
 def describe(loads: np.ndarray) -> str:
     """A short description of a trace's shape, e.g. "1170 steps x 58 layers x 256 experts"."""
     names = ("step", "layer", "expert")
-    return " x ".join(_count(size, name) for size, name in zip(np.shape(loads), names))
-
-
-def _count(number: int, noun: str) -> str:
-    """A count and its noun, plural unless the count is 1: "1 expert", "2 experts"."""
-    return f"{number} {noun}{'' if int(number) == 1 else 's'}"
+    return " x ".join(counted(size, name) for size, name in zip(np.shape(loads), names))
 
 
 def check_loads(
@@ -122,7 +117,7 @@ def check_loads(
     bad = ~np.isfinite(array)
     if bad.any():
         step, layer, expert = np.argwhere(bad)[0]
-        in_all = _count(int(bad.sum()), "NaN or infinite value")
+        in_all = counted(int(bad.sum()), "NaN or infinite value")
         raise TraceError(
             f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
             f"{array[step, layer, expert]} ({in_all} in all)"
@@ -218,7 +213,7 @@ def _step_array(entry: Any, step: int, path: Path) -> np.ndarray:
         if len(row) != len(rows[0]):
             raise TraceError(
                 f"{path}: ragged load at step {step}: layer {layer} has "
-                f"{_count(len(row), 'expert')}, layer 0 has {len(rows[0])}"
+                f"{counted(len(row), 'expert')}, layer 0 has {len(rows[0])}"
             )
     try:
         array = np.array(rows)
@@ -244,7 +239,7 @@ def _read_expert_load_json(path: Path) -> np.ndarray:
                 elif array.shape != first_shape:
                     raise TraceError(
                         f"{path}: ragged load at step {step}: "
-                        f"{_count(array.shape[0], 'layer')} x {_count(array.shape[1], 'expert')}, "
+                        f"{counted(array.shape[0], 'layer')} x {counted(array.shape[1], 'expert')}, "
                         f"step 0 has {first_shape[0]} x {first_shape[1]}"
                     )
                 if num_steps % STEPS_PER_BLOCK == 0:
@@ -340,7 +335,7 @@ def _csv_reason(error: ValueError) -> str:
     if columns:
         before, after, row = columns.groups()
         return (
-            f"row {row} has {_count(after, 'value')}, the rows before it {before} (one value an "
+            f"row {row} has {counted(after, 'value')}, the rows before it {before} (one value an "
             f"expert)"
         )
     number = re.search(r"could not convert string (.*) to \w+ at row (\d+), column (\d+)", message)
@@ -363,7 +358,7 @@ def _read_csv_folder(folder: Path) -> np.ndarray:
     for file, layer in zip(files, layers):
         if layer.shape[1] != num_experts:
             raise TraceError(
-                f"{file}: {_count(layer.shape[1], 'expert')} (columns), but {files[0].name} has "
+                f"{file}: {counted(layer.shape[1], 'expert')} (columns), but {files[0].name} has "
                 f"{num_experts}"
             )
     if len({layer.shape[0] for layer in layers}) == 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tape.errors import counted
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
@@ -55,7 +56,7 @@ def replicate_hot(
         k = spare
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k != spare:
         raise PolicyError(
-            f"replicate-hot gives each GPU its {own_per_gpu} own experts plus k copies, so "
+            f"replicate-hot gives each GPU its own {counted(own_per_gpu, 'expert')} plus k copies, so "
             f"num_replicas must be E + k * G; with num_replicas = {layout.num_replicas}, "
             f"E = {num_experts} and G = {num_gpus}, k must be {spare}, got {k!r} "
             f"(leave k unset to use it)"
