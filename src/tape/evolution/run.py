@@ -48,7 +48,12 @@ from tape.evolution.configs import (
     resolve_config,
     shipped_config,
 )
-from tape.evolution.settings import ENVIRONMENT, EvaluationSettings, require_new_folder
+from tape.evolution.settings import (
+    ENVIRONMENT,
+    EvaluationSettings,
+    removed_on_failure,
+    require_new_folder,
+)
 from tape.files import write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import STARTUP_SECONDS
@@ -182,26 +187,6 @@ def _check_initial_program(path: Path, settings: EvaluationSettings) -> None:
             f"initial program {path} fails, so evolution would start from a score of 0: "
             f"{score.error}"
         )
-
-
-@contextmanager
-def _removed_on_failure(out_dir: Path) -> Iterator[None]:
-    """Make `out_dir` if absent; if the block fails, remove what it added (and the folder if it
-    made it), so the folder is left as it was found."""
-    existed = out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.iterdir())
-    try:
-        yield
-    except BaseException:
-        for entry in set(out_dir.iterdir()) - before:
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        if not existed:
-            out_dir.rmdir()
-        raise
 
 
 def _check_endpoints(resolved: ResolvedConfig) -> None:
@@ -366,7 +351,7 @@ def evolve(
             else:
                 entry.unlink()
     if source is not None:
-        with _removed_on_failure(out_dir):
+        with removed_on_failure(out_dir):
             program_path.write_text(source)
             settings.save_windows(windows_path)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
