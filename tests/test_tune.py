@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -199,3 +200,109 @@ def test_tape_tune_without_optuna_says_how_to_install_it(tmp_path, monkeypatch):
     )
     assert result.output.strip().splitlines() == [message]
     assert not (tmp_path / "tuned").exists()
+
+
+def test_only_finished_trials_are_listed_when_presets_outnumber_the_trials(stand_in):
+    presets = {"round robin": {"hot_share": 0.0}, "greedy": {"hot_share": 1.0}}
+    result = tuning.tune(SMALL, trials=1, holdout=0.0, policy=stand_in, search_space=SPACE,
+                         presets=presets)
+    assert result.trials == [{"number": 0, "params": {"hot_share": 0.0},
+                              "combined_score": result.trials[0]["combined_score"]}]
+    assert result.trials[0]["combined_score"] is not None and not result.interrupted
+
+
+class OptunaRecords(logging.Handler):
+    """Keeps what Optuna logs (its logger does not propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def optuna_records():
+    handler = OptunaRecords()
+    logging.getLogger("optuna").addHandler(handler)
+    yield handler.messages
+    logging.getLogger("optuna").removeHandler(handler)
+
+
+def interrupt_at_call(monkeypatch, number: int) -> None:
+    """Ctrl-C (once) in the `number`th policy run of tape tune (1: the first trial's)."""
+    calls = []
+    score_policy = tuning.score_policy
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return score_policy(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "score_policy", interrupted)
+
+
+@needs_tape_policy
+def test_ctrl_c_during_tape_tune_keeps_the_finished_trials(tmp_path, monkeypatch,
+                                                           optuna_records):
+    interrupt_at_call(monkeypatch, 3)  # during the third trial
+    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=5)
+    assert result.exit_code == 130, result.output
+    assert "interrupted after 2 of 5 trials: the results are those of the finished trials" \
+        in result.output
+    assert "Traceback" not in result.output and optuna_records == []  # no "Trial 2 failed"
+    manifest = json.loads((tmp_path / "tuned" / "tune_manifest.json").read_text())
+    assert manifest["interrupted"] is True and manifest["finished_trials"] == 2
+    assert [trial["number"] for trial in manifest["trial_history"]] == [0, 1]
+    assert (tmp_path / "tuned" / "tuned_program.py").is_file()
+
+
+@needs_tape_policy
+def test_ctrl_c_before_any_trial_finished_writes_nothing(tmp_path, monkeypatch, optuna_records):
+    interrupt_at_call(monkeypatch, 1)
+    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=5)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines() == [
+        "interrupted before any trial finished; nothing written"]
+    assert optuna_records == [] and not (tmp_path / "tuned").exists()
+
+
+def test_an_interrupted_write_leaves_no_folder(stand_in, tmp_path, monkeypatch):
+    result = tuning.tune(SMALL, trials=1, holdout=0.0, policy=stand_in, search_space=SPACE)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning, "tuned_program_text", interrupted)  # the second file of three
+    with pytest.raises(KeyboardInterrupt):
+        tuning.write_outputs(result, SMALL, tmp_path / "out", trials=1, seed=0, holdout=0.0)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_tape_policy
+def test_tape_tune_says_when_the_tuned_parameters_score_below_the_defaults(tmp_path, monkeypatch):
+    from tape.protocol import ProgramScore
+
+    def scored(combined: float) -> ProgramScore:
+        return ProgramScore(metrics={"combined_score": combined, "balancedness_score": 0.5,
+                                     "communication_score": 0.25})
+
+    below = tuning.TuneResult(
+        policy="tape", best_params={"tolerance": 0.05}, tuned=scored(0.31234),
+        defaults=scored(0.3234), deepseek=scored(0.3), trials=[], tuning_windows=6,
+        evaluation_windows=6,
+    )
+    monkeypatch.setattr(tuning, "tune", lambda *args, **kwargs: below)
+    result = tune_from_the_command_line(tmp_path, 600, "2", 1, "--holdout", "0")
+    assert result.exit_code == 0, result.output
+    assert "warning: on the 6 windows the tuned parameters score below the tape policy's " \
+        "defaults (0.3123 < 0.3234); they are written all the same" in result.output
+    assert "tape tune, version 2: all 6 windows" in result.output
+    # The table fits 80 columns (CliRunner's width): no header or number is cut.
+    assert "…" not in result.output
+    header = next(line for line in result.output.splitlines() if "tape tuned" in line)
+    assert header.split() == ["metric", "tape", "tuned", "tape", "defaults", "deepseek"]
+    assert json.loads((tmp_path / "tuned" / "best_params.json").read_text())["params"] == {
+        "tolerance": 0.05}  # the tuned parameters, as reported

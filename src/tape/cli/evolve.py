@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from tape.cli.common import (
@@ -73,17 +74,22 @@ def _default_out(command: str, version: int | str) -> Path:
 
 def _comparison_table(title: str, scores: dict[str, ProgramScore], metrics: tuple[str, ...]
                       ) -> Table:
-    table = Table(title=title)
-    table.add_column("program")
+    """Metrics down, programs across: readable at 80 columns whatever the version's metrics."""
+    from tape.cli.evaluate import format_value
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("metric")
+    for name in scores:
+        table.add_column(name, justify="right", no_wrap=True)
     for metric in ("combined_score", *metrics):
-        table.add_column(metric, justify="right")
-    for name, score in scores.items():
-        if score.error is not None:
-            table.add_row(name, "0", *("-" for _ in metrics))
-            continue
-        # A metric a run could not measure (migration with a single window pair) shows "-".
-        table.add_row(name, *(f"{score.metrics[m]:.4f}" if m in score.metrics else "-"
-                              for m in ("combined_score", *metrics)))
+        cells = []
+        for score in scores.values():
+            if score.error is not None:  # a failed program scores 0 and measures nothing
+                cells.append("0" if metric == "combined_score" else "-")
+            else:  # a metric a run could not measure (migration, one window pair) shows "-"
+                cells.append(format_value(score.metrics[metric]) if metric in score.metrics
+                             else "-")
+        table.add_row(metric, *cells)
     return table
 
 
@@ -228,7 +234,6 @@ def register(app: typer.Typer) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
         from tape.evolution import require_extra
         from tape.evolution import tune as tuning
-        from tape.evolution.prompts import version_metrics
 
         require_extra("optuna", "tape tune")  # before the trace is read
         settings = _settings(
@@ -238,22 +243,54 @@ def register(app: typer.Typer) -> None:
         )
         out = out if out is not None else _default_out("tune", settings.version)
         check_out_folder(out)
-        with progress_bar("tuning", trials) as advance:
-            result = tuning.tune(
-                settings, trials=trials, seed=sampler_seed, holdout=holdout, progress=advance
+        finished: list[int] = []  # one entry a finished trial
+        try:
+            with progress_bar("tuning", trials) as advance:
+                result = tuning.tune(settings, trials=trials, seed=sampler_seed, holdout=holdout,
+                                     progress=lambda: (finished.append(1), advance()))
+            paths = tuning.write_outputs(
+                result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
             )
-        paths = tuning.write_outputs(
-            result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
+        except KeyboardInterrupt:  # no finished trial, or a second Ctrl-C while finishing up
+            when = "before any trial finished" if not finished else "before the results were written"
+            error_console.print(f"interrupted {when}; nothing written", highlight=False)
+            raise typer.Exit(130) from None
+        _print_tune_result(result, settings.version, holdout, paths, trials)
+        if result.interrupted:
+            raise typer.Exit(130)
+
+
+def _print_tune_result(result: Any, version: int | str, holdout: float, paths: dict[str, Path],
+                       trials: int) -> None:
+    """The comparison table, the gain over deepseek, a warning when the tuned parameters score
+    below the defaults, the files written, and a line if the search was interrupted."""
+    from tape.evolution.prompts import version_metrics
+
+    windows = result.evaluation_windows
+    console.print(_comparison_table(
+        f"tape tune, version {version}: "
+        + (f"{windows} held-out windows" if holdout else f"all {windows} windows"),
+        {"tape tuned": result.tuned, "tape defaults": result.defaults,
+         "deepseek": result.deepseek},
+        version_metrics(version),
+    ))
+    tuned = result.tuned.metrics["combined_score"]
+    gain = tuned - result.deepseek.metrics["combined_score"]
+    console.print(f"tuned - deepseek combined_score: {gain:+.4f}", highlight=False)
+    if result.tuned_below_defaults:
+        defaults = result.defaults.metrics["combined_score"]
+        error_console.print(
+            f"[bold yellow]warning:[/] on the {windows} {'held-out ' if holdout else ''}windows "
+            f"the tuned parameters score below the tape policy's defaults ({tuned:.4f} < "
+            f"{defaults:.4f}); they are written all the same. More --trials or a longer trace "
+            "may help",
+            highlight=False, soft_wrap=True,
         )
-        where = "held-out" if holdout else "all"
-        console.print(_comparison_table(
-            f"tape tune, version {settings.version}: {result.evaluation_windows} {where} windows",
-            {"tape (tuned)": result.tuned, "tape (defaults)": result.defaults,
-             "deepseek": result.deepseek},
-            version_metrics(settings.version),
-        ))
-        gain = (result.tuned.metrics["combined_score"]
-                - result.deepseek.metrics["combined_score"])
-        console.print(f"tuned - deepseek combined_score: {gain:+.4f}", highlight=False)
-        for name, path in paths.items():
-            console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+    for name, path in paths.items():
+        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+    if result.interrupted:
+        error_console.print(
+            f"[bold yellow]interrupted[/] after {len(result.trials)} of {trials} trials: the "
+            "results are those of the finished trials (tune_manifest.json: \"interrupted\": true)",
+            highlight=False, soft_wrap=True,
+        )

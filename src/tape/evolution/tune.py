@@ -3,8 +3,9 @@
 Each trial runs the policy with the trial's parameters through the evaluation protocol on the
 same windows, layout and scoring version as `tape evolve` (`EvaluationSettings`), and Optuna's
 TPE sampler (seeded) maximizes `combined_score`. The policy's presets are tried first (clipped
-into the search ranges), so the result is never worse than the best of them on the tuning
-windows.
+into the search ranges, as many as there are trials), so the result is never worse than the best
+of those on the tuning windows; on held-out windows it may score below the policy's defaults
+(`TuneResult.tuned_below_defaults`).
 
 With `holdout > 0` the last windows are kept out of tuning: the tuned parameters, the policy's
 defaults and the `deepseek` policy are then compared on windows the search never saw, so a
@@ -12,7 +13,8 @@ reported gain is not an artifact of fitting the tuning windows.
 
 Outputs (`write_outputs`): `best_params.json`, `tuned_program.py` (a `rebalance_experts` file
 that calls `tape.api.rebalance_experts(..., policy="tape", **params)`, usable wherever a program
-is expected, e.g. `tape evaluate` or `tape evolve --initial`) and `tune_manifest.json`.
+is expected, e.g. `tape evaluate` or `tape evolve --initial`) and `tune_manifest.json`
+(settings, the finished trials, full scores, and whether the search was interrupted).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tape.errors import ConfigError
-from tape.evolution.settings import EvaluationSettings, require_new_folder
+from tape.evolution.settings import EvaluationSettings, removed_on_failure, require_new_folder
 from tape.files import write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 
@@ -51,10 +53,13 @@ class TuneResult:
         tuned: the policy with `best_params`, scored on the evaluation windows.
         defaults: the policy with its default parameters, on the evaluation windows.
         deepseek: the `deepseek` policy, on the evaluation windows.
-        trials: each trial's number, parameters and combined score on the tuning windows.
+        trials: each finished trial's number, parameters and combined score on the tuning
+            windows (a trial that was queued but never ran, or was interrupted, is left out).
         tuning_windows: how many windows the search scored on.
         evaluation_windows: how many windows the comparison scored on (the same windows when
             nothing was held out).
+        interrupted: the search was stopped (Ctrl-C) before all its trials ran; the result is
+            that of the finished ones.
     """
 
     policy: str
@@ -65,6 +70,12 @@ class TuneResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
     tuning_windows: int = 0
     evaluation_windows: int = 0
+    interrupted: bool = False
+
+    @property
+    def tuned_below_defaults(self) -> bool:
+        """The tuned parameters score below the policy's defaults on the evaluation windows."""
+        return self.tuned.metrics["combined_score"] < self.defaults.metrics["combined_score"]
 
 
 def split_windows(num_windows: int, holdout: float) -> tuple[slice, slice]:
@@ -144,6 +155,9 @@ def tune(
         policy: a registered policy name; "tape" reads its SEARCH_SPACE and PRESETS.
         search_space, presets: override what is searched and what is tried first.
         progress: called after every trial.
+
+    A KeyboardInterrupt (Ctrl-C) during the search stops it: the result is that of the
+    finished trials, with `interrupted` set. With no finished trial it is raised again.
     """
     from tape.evolution import require_extra
 
@@ -173,8 +187,11 @@ def tune(
             progress()
         return score
 
+    # ERROR: Optuna's "Trial N failed" warning (with a traceback) would repeat an error that is
+    # raised anyway, or report a Ctrl-C that ends the search on purpose.
     verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    interrupted = False
     try:
         study = optuna.create_study(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
@@ -183,11 +200,17 @@ def tune(
             start = _clipped(preset, search_space)
             if start:
                 study.enqueue_trial(start)
-        study.optimize(objective, n_trials=trials)
+        try:
+            study.optimize(objective, n_trials=trials)
+        except KeyboardInterrupt:
+            interrupted = True
     finally:
         optuna.logging.set_verbosity(verbosity)
 
-    best_params = dict(study.best_params)
+    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise KeyboardInterrupt  # only an interrupted search ends with no finished trial
+    best_params = dict(max(finished, key=lambda trial: trial.value).params)
     return TuneResult(
         policy=policy,
         best_params=best_params,
@@ -196,10 +219,11 @@ def tune(
         deepseek=run("deepseek", evaluation, None),
         trials=[
             {"number": trial.number, "params": trial.params, "combined_score": trial.value}
-            for trial in study.trials
+            for trial in finished
         ],
         tuning_windows=len(settings.windows()[tuning]),
         evaluation_windows=len(settings.windows()[evaluation]),
+        interrupted=interrupted,
     )
 
 
@@ -254,12 +278,21 @@ def write_outputs(
     result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
     holdout: float,
 ) -> dict[str, Path]:
-    """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`."""
-    from importlib.metadata import version as package_version
-
+    """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`
+    (all three or, if writing fails or is interrupted, none)."""
     out_dir = Path(out_dir)
     require_new_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with removed_on_failure(out_dir):
+        return _write_outputs(result, settings, out_dir, trials=trials, seed=seed,
+                              holdout=holdout)
+
+
+def _write_outputs(
+    result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
+    holdout: float,
+) -> dict[str, Path]:
+    from importlib.metadata import version as package_version
+
     paths = {
         "params": out_dir / "best_params.json",
         "program": out_dir / "tuned_program.py",
@@ -279,6 +312,8 @@ def write_outputs(
         "windows": settings.describe_source(),
         "settings": settings.to_json(),
         "trials": trials,
+        "finished_trials": len(result.trials),
+        "interrupted": result.interrupted,
         "seed": seed,
         "holdout": holdout,
         "tuning_windows": result.tuning_windows,
