@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tape.errors import ConfigError, LayoutError, TapeError, TraceError
+from tape.errors import ConfigError, LayoutError, TapeError, TraceError, counted
 from tape.files import staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
@@ -42,7 +42,6 @@ __all__ = [
     "VersionOption",
     "check_out_folder",
     "console",
-    "count",
     "error_console",
     "escape",
     "flag_names",
@@ -150,11 +149,6 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
-def count(number: int, noun: str) -> str:
-    """A count and its noun, plural unless the count is 1: "1 GPU", "4 GPUs"."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
 _FLAGS = {"num_replicas": "--replicas", "num_groups": "--groups", "num_nodes": "--nodes",
           "num_gpus": "--gpus"}
 
@@ -250,8 +244,8 @@ def load_windows(
     windows = check_windows(window_loads(loads, interval), layout)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
-    described = (f"{source}: {describe(loads)}, {count(windows.shape[0], 'window')} of "
-                 f"{count(interval, 'step')}")
+    described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
+                 f"{counted(interval, 'step')}")
     return windows, described, steps
 
 

@@ -29,7 +29,6 @@ from tape.cli.common import (
     TraceOption,
     VersionOption,
     console,
-    count,
     error_console,
     escape,
     handles_errors,
@@ -38,6 +37,7 @@ from tape.cli.common import (
     progress_bar,
 )
 from tape.cli.evaluate import format_value
+from tape.errors import counted
 from tape.files import to_json_text
 from tape.policies import PolicyError, parse_policy_spec, policy_names
 from tape.protocol import parse_version
@@ -201,8 +201,8 @@ def register(app: typer.Typer) -> None:
                                      "policies": summary, "skipped": skipped}))
             return
         layout = setup.layout
-        console.print(f"[dim]{escape(setup.described)}; {count(layout.num_gpus, 'GPU')} on "
-                      f"{count(layout.num_nodes, 'node')}, {count(layout.num_replicas, 'slot')}; "
+        console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
+                      f"{counted(layout.num_nodes, 'node')}, {counted(layout.num_replicas, 'slot')}; "
                       f"{dispatch} dispatch on {setup.cluster.name}[/]", highlight=False)
         console.print(_table(summary, version_value))
         if out is not None:
