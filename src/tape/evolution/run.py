@@ -51,10 +51,9 @@ from tape.evolution.configs import (
 from tape.evolution.settings import (
     ENVIRONMENT,
     EvaluationSettings,
-    removed_on_failure,
     require_new_folder,
 )
-from tape.files import write_json_atomic
+from tape.files import staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import STARTUP_SECONDS
 
@@ -351,11 +350,11 @@ def evolve(
             else:
                 entry.unlink()
     if source is not None:
-        with removed_on_failure(out_dir):
-            program_path.write_text(source)
-            settings.save_windows(windows_path)
-            (out_dir / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
-            write_json_atomic(out_dir / MANIFEST, _manifest(settings, config_path, resolved))
+        with staged_folder(out_dir) as staging:  # the four files appear together or not at all
+            (staging / program_path.name).write_text(source)
+            settings.save_windows(staging / windows_path.name)
+            (staging / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+            write_json_atomic(staging / MANIFEST, _manifest(settings, config_path, resolved))
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     # OpenEvolve >= 0.4.1 raises this when every iteration failed before producing a program.

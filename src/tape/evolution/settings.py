@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +23,7 @@ from tape.errors import ConfigError, TraceError, checked_integer
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
-__all__ = ["ENVIRONMENT", "SMALL_SYNTHETIC", "EvaluationSettings", "removed_on_failure",
-           "require_new_folder"]
+__all__ = ["ENVIRONMENT", "SMALL_SYNTHETIC", "EvaluationSettings", "require_new_folder"]
 
 ENVIRONMENT: dict[str, str] = {
     "version": "TAPE_VERSION",
@@ -206,26 +203,6 @@ def require_new_folder(path: Path, hint: str = "choose another --out") -> None:
         raise ConfigError(f"{path} is a file, not a folder; give a folder (new or empty) as --out")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"output folder {path} already holds files; {hint}")
-
-
-@contextmanager
-def removed_on_failure(out_dir: Path) -> Iterator[None]:
-    """Make `out_dir` if absent; if the block fails, remove what it added (and the folder if it
-    made it), so the folder is left as it was found."""
-    existed = out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    before = set(out_dir.iterdir())
-    try:
-        yield
-    except BaseException:
-        for entry in set(out_dir.iterdir()) - before:
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        if not existed:
-            out_dir.rmdir()
-        raise
 
 
 _INTEGER_FIELDS = frozenset(

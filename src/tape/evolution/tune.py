@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tape.errors import ConfigError
-from tape.evolution.settings import EvaluationSettings, removed_on_failure, require_new_folder
-from tape.files import write_json_atomic
+from tape.evolution.settings import EvaluationSettings, require_new_folder
+from tape.files import staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 
 __all__ = ["SearchSpace", "TuneResult", "split_windows", "tune", "tuned_program_text",
@@ -282,9 +282,10 @@ def write_outputs(
     (all three or, if writing fails or is interrupted, none)."""
     out_dir = Path(out_dir)
     require_new_folder(out_dir)
-    with removed_on_failure(out_dir):
-        return _write_outputs(result, settings, out_dir, trials=trials, seed=seed,
-                              holdout=holdout)
+    with staged_folder(out_dir) as staging:
+        written = _write_outputs(result, settings, staging, trials=trials, seed=seed,
+                                 holdout=holdout)
+    return {key: out_dir / path.name for key, path in written.items()}
 
 
 def _write_outputs(
