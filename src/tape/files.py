@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "STAGING_PREFIX",
+    "CommitError",
     "atomic_output",
+    "probe_writable",
     "staged_folder",
     "to_json_text",
     "write_json_atomic",
@@ -50,60 +53,114 @@ def atomic_output(path: Path) -> Iterator[Path]:
             os.unlink(temporary)
 
 
+STAGING_PREFIX = ".staging-"
+"""Name prefix of a run's staging folder inside an existing --out (`staged_folder`); a hidden
+sibling of a new --out is named `.NAME.staging-...`."""
+
+
+class CommitError(OSError):
+    """The staged results could not be moved into --out; `staging` still holds them."""
+
+    def __init__(self, out: Path, staging: Path, reason: str) -> None:
+        super().__init__(f"could not move the results into {out} ({reason}); they are in "
+                         f"{staging}")
+        self.staging = staging
+
+
+def _staging_place(out: Path) -> tuple[Path, Path, bool]:
+    """(out as an absolute path, symbolic links resolved; the folder to stage in; whether out
+    is an existing folder)."""
+    out = Path(os.path.realpath(out))
+    inside = out.is_dir()
+    token = uuid.uuid4().hex[:12]
+    staging = out / f"{STAGING_PREFIX}{token}" if inside else out.parent / (
+        f".{out.name}.staging-{token}")
+    return out, staging, inside
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents; return those made, outermost first."""
+    made = []
+    for each in reversed([folder, *folder.parents]):
+        if not each.exists():
+            each.mkdir()
+            made.append(each)
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:  # something else was put there meanwhile
+            break
+
+
+def probe_writable(out: Path) -> None:
+    """Raise OSError unless results can be staged for `out` (`staged_folder`): make the staging
+    folder, write and remove a probe file in it, then remove it and any parents made for it."""
+    out, staging, inside = _staging_place(out)
+    made = [] if inside else _make_parents(out.parent)
+    try:
+        staging.mkdir()
+        try:
+            (staging / ".probe").write_bytes(b"")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        _remove_made(made)
+
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Yield a hidden staging folder for a run's results; they appear in `out` all together if
     the block succeeds, or not at all if it fails or is interrupted.
 
-    A new `out` is staged beside it (`.NAME.staging-PID` in the same parent, made with any
-    missing parents), so that one rename moves the whole folder in. An existing `out` is staged
-    inside it (`.staging-PID`): its old files stay untouched until the block has succeeded, and
-    then the new files replace them, moved one by one with Ctrl-C held off. The staging folder
-    is made, and a probe file written into it and removed, before the block runs: an `out` that
-    cannot be written raises OSError before any work. On failure the staging folder goes, with
-    the parents made for it.
+    `out` is taken as an absolute path with symbolic links resolved. A new `out` is staged
+    beside it (`.NAME.staging-TOKEN` in the same parent, made with any missing parents), so
+    that one rename moves the whole folder in; if another run made `out` meanwhile, nothing is
+    mixed into it: CommitError, and the results stay in the staging folder. An existing `out`
+    is staged inside it (`.staging-TOKEN`): its old files stay untouched until the block has
+    succeeded, and then the new files replace them, moved one by one with Ctrl-C held off; if
+    a move fails, CommitError, and the files not moved stay in the staging folder. The staging
+    folder (a fresh random name, never another run's) is made, and a probe file written into
+    it and removed, before the block runs: an `out` that cannot be written raises OSError
+    before any work. If the block fails, the staging folder goes, with the parents made for it.
     """
-    out = Path(out)
-    inside = out.is_dir()
-    parent = out if inside else Path(os.path.abspath(out)).parent
-    staging = parent / (f".staging-{os.getpid()}" if inside
-                        else f".{out.name}.staging-{os.getpid()}")
-    made: list[Path] = []  # folders made for the run, outermost first
+    out, staging, inside = _staging_place(out)
+    made = [] if inside else _make_parents(out.parent)
     try:
-        for folder in reversed([parent, *parent.parents]):
-            if not folder.exists():
-                folder.mkdir()
-                made.append(folder)
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run with this pid
         staging.mkdir()
         probe = staging / ".probe"
         probe.write_bytes(b"")
         probe.unlink()
         yield staging
-        _commit(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:  # something else was put there meanwhile
-                break
+        _remove_made(made)
         raise
+    _commit(staging, out, inside)
 
 
-def _commit(staging: Path, out: Path) -> None:
-    """Move the staged files into `out` (the whole folder if `out` does not exist), with
-    Ctrl-C held off."""
+def _commit(staging: Path, out: Path, inside: bool) -> None:
+    """Move the staged files into `out` (the whole folder if `out` was new), with Ctrl-C held
+    off; CommitError (the staging folder kept) if that fails."""
     try:
         held = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread, which alone receives signals
         held = None
     try:
-        if out.is_dir():
+        if inside:
             _move_into(staging, out)
             staging.rmdir()
+        elif os.path.lexists(out):  # made by another run meanwhile (rename would merge it)
+            raise CommitError(out, staging, "another run made it meanwhile")
         else:
             os.rename(staging, out)
+    except CommitError:
+        raise
+    except OSError as error:
+        raise CommitError(out, staging, error.strerror or str(error)) from None
     finally:
         if held is not None:
             signal.signal(signal.SIGINT, held)

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tape.errors import ConfigError, LayoutError, TapeError, TraceError, counted
-from tape.files import staged_folder, write_json_atomic
+from tape.files import STAGING_PREFIX, CommitError, probe_writable, staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
@@ -41,6 +41,7 @@ __all__ = [
     "TraceOption",
     "VersionOption",
     "check_out_folder",
+    "check_out_writable",
     "console",
     "error_console",
     "escape",
@@ -144,7 +145,8 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
-    if must_be_empty and any(out.iterdir()):
+    # A staging folder left by a killed run (`tape.files.staged_folder`) is not a result.
+    if must_be_empty and any(not entry.name.startswith(STAGING_PREFIX) for entry in out.iterdir()):
         hint = ", or pass --overwrite to replace its files" if overwrite_flag else ""
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
@@ -181,11 +183,27 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
         staging = stack.enter_context(staged_folder(out))
     except OSError as error:
         raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
-    with stack:
-        try:
-            yield staging
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted; nothing written to {out}") from None
+    try:
+        with stack:
+            try:
+                yield staging
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted; nothing written to {out}") from None
+    except CommitError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_out_writable(out: Path | None, *, must_be_empty: bool = True,
+                       overwrite_flag: bool = False) -> None:
+    """`check_out_folder`, then ConfigError unless results can be staged for --out
+    (`tape.files.probe_writable`): for commands that write --out only after long work."""
+    check_out_folder(out, must_be_empty=must_be_empty, overwrite_flag=overwrite_flag)
+    if out is None:
+        return
+    try:
+        probe_writable(out)
+    except OSError as error:
+        raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
 
 
 def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
