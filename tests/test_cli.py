@@ -578,3 +578,47 @@ def test_default_compare_with_no_policy_left_is_an_error(four_expert_trace, monk
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines()[-1].startswith(
         "error: no built-in policy can place this layout (vanilla: vanilla refuses; ")
+
+
+def test_a_killed_runs_staging_folder_is_not_a_used_out(tmp_path, small_trace):
+    out = tmp_path / "results"
+    (out / ".staging-0123456789ab").mkdir(parents=True)  # left by a run killed with SIGKILL
+    args = ["compare", "--policies", "deepseek", "--trace", str(small_trace), "--interval", "10",
+            *SMALL_LAYOUT, "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").exists()
+    (out / "notes.txt").write_text("a real file")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "already holds files" in result.stderr
+
+
+def test_results_that_cannot_be_moved_in_are_a_one_line_error_naming_where_they_are(
+        tmp_path, small_trace, monkeypatch):
+    out = tmp_path / "results"
+
+    def made_meanwhile(*args, **kwargs):
+        out.mkdir()
+        return {}
+
+    monkeypatch.setattr("tape.cli.compare.write_comparison", made_meanwhile)
+    result = runner.invoke(app, ["compare", "--policies", "deepseek", "--trace", str(small_trace),
+                                 "--interval", "10", *SMALL_LAYOUT, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "another run made it meanwhile" in result.stderr and "Traceback" not in result.output
+    kept = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert len(kept) == 1 and str(kept[0]) in result.stderr.replace("\n", "")
+
+
+def test_sigterm_ends_the_command_like_an_error_so_its_output_is_cleaned_up(monkeypatch):
+    import signal
+
+    import tape.cli
+
+    installed = {}
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.update({signum: handler}))
+    monkeypatch.setattr(tape.cli, "app", lambda: None)
+    tape.cli.main()
+    with pytest.raises(SystemExit) as caught:
+        installed[signal.SIGTERM](signal.SIGTERM, None)
+    assert caught.value.code == 128 + signal.SIGTERM

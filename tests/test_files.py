@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from tape.files import (
+    CommitError,
     atomic_output,
+    probe_writable,
     staged_folder,
     to_json_text,
     write_json_atomic,
@@ -104,7 +106,7 @@ def test_staged_folder_moves_a_new_folder_in_whole(tmp_path):
     assert _entries(out.parent) == ["out"]  # no staging folder left
 
 
-@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError, SystemExit])
 def test_staged_folder_leaves_nothing_when_the_run_stops(tmp_path, interruption):
     out = tmp_path / "new" / "out"
     with pytest.raises(interruption), staged_folder(out) as staging:
@@ -135,3 +137,54 @@ def test_staged_folder_fails_before_the_block_where_it_cannot_write():
     with pytest.raises(OSError), staged_folder(Path("/proc/tape-out")):
         ran.append(True)
     assert not ran
+
+
+def test_staged_folder_writes_through_a_symbolic_link_and_resolves_dot_dot(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("link").symlink_to("target")  # dangling: its target does not exist yet
+    with staged_folder(Path("link")) as staging:
+        (staging / "a.csv").write_text("a")
+    assert _entries(tmp_path / "target") == ["a.csv"] and Path("link").is_symlink()
+    Path("here").mkdir()
+    with staged_folder(Path("nope/../here")) as staging:  # `nope` need not exist
+        (staging / "b.csv").write_text("b")
+    assert _entries(tmp_path / "here") == ["b.csv"]
+    assert sorted(_entries(tmp_path)) == ["here", "link", "target"]
+
+
+def test_staged_folder_never_merges_into_a_folder_another_run_made_meanwhile(tmp_path):
+    out = tmp_path / "out"
+    with (pytest.raises(CommitError, match="another run made it meanwhile") as caught,
+          staged_folder(out) as staging):
+        (staging / "mine.csv").write_text("mine")
+        out.mkdir()  # the other run
+        (out / "theirs.csv").write_text("theirs")
+    assert _entries(out) == ["theirs.csv"]
+    kept = caught.value.staging
+    assert _entries(kept) == ["mine.csv"] and str(kept) in str(caught.value)
+
+
+def test_each_staging_folder_is_new_and_a_left_one_is_not_touched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    left = out / ".staging-left-by-a-killed-run"
+    left.mkdir()
+    (left / "x").write_text("x")
+    with staged_folder(out) as first, staged_folder(out) as second:
+        assert first != second and first.parent == second.parent == out
+        (first / "a.csv").write_text("a")
+        (second / "b.csv").write_text("b")
+    assert _entries(out) == [".staging-left-by-a-killed-run", "a.csv", "b.csv"]
+    assert (left / "x").read_text() == "x"
+
+
+def test_probe_writable_leaves_nothing_and_fails_where_it_cannot_write(tmp_path):
+    probe_writable(tmp_path / "new" / "out")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    probe_writable(existing)
+    assert _entries(tmp_path) == ["existing"] and _entries(existing) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError):
+        probe_writable(tmp_path / "file" / "out")
+    assert _entries(tmp_path) == ["existing", "file"]

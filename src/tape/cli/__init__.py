@@ -73,6 +73,15 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (`kill`, `timeout`, a batch system's cancel) ends the command like an error
+    does, so that what it was writing is cleaned up (`tape.files.staged_folder`); exit 143."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     app()
