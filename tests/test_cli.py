@@ -145,8 +145,15 @@ def test_synthetic_trace_errors_name_the_groups_flag():
     result = runner.invoke(app, ["compare", "--synthetic", "--groups", "2", "--policies",
                                  "deepseek"])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: the synthetic DeepSeek-V3 trace cannot have --groups "
-                                    "2: topk_groups (4) must be at most --groups (2)")
+    assert result.output.startswith("error: cannot make the synthetic DeepSeek-V3 trace with "
+                                    "--groups 2 and --seed 0: topk_groups (4) must be at most "
+                                    "--groups (2)")
+
+
+def test_a_seed_beyond_the_largest_integer_is_refused_by_the_option():
+    result = runner.invoke(app, ["compare", "--seed", "3000000000", "--policies", "deepseek"])
+    assert result.exit_code == 2
+    assert "--seed" in result.output and "--groups" not in result.output
 
 
 def test_counts_of_one_are_singular(tmp_path):

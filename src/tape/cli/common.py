@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tape.errors import ConfigError, LayoutError, TapeError, TraceError, counted
+from tape.errors import MAX_INTEGER, ConfigError, LayoutError, TapeError, TraceError, counted
 from tape.files import STAGING_PREFIX, CommitError, probe_writable, staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
@@ -71,7 +71,8 @@ SyntheticOption = Annotated[
                        "(the default when no --trace is given).")
 ]
 IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
-SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
+SeedOption = Annotated[int, typer.Option("--seed", min=0, max=MAX_INTEGER,
+                                         help="Seed of the synthetic trace.")]
 ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
 GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
 NodesOption = Annotated[
@@ -253,8 +254,9 @@ def load_windows(
         try:
             loads = synthetic_trace(num_groups=layout.num_groups, seed=seed)
         except TraceError as error:
-            raise TraceError(f"the synthetic DeepSeek-V3 trace cannot have --groups "
-                             f"{layout.num_groups}: {flag_names(str(error))}") from None
+            raise TraceError(f"cannot make the synthetic DeepSeek-V3 trace with --groups "
+                             f"{layout.num_groups} and --seed {seed}: "
+                             f"{flag_names(str(error))}") from None
         source = f"synthetic DeepSeek-V3 trace (seed {seed})"
     else:
         loads = load_trace(trace)
