@@ -629,3 +629,17 @@ def test_sigterm_ends_the_command_like_an_error_so_its_output_is_cleaned_up(monk
     with pytest.raises(SystemExit) as caught:
         installed[signal.SIGTERM](signal.SIGTERM, None)
     assert caught.value.code == 128 + signal.SIGTERM
+
+
+def test_policy_errors_name_the_flags_in_errors_and_skip_notes(tmp_path, small_trace):
+    named = runner.invoke(app, ["compare", "--policies", "replicate-hot", "--trace",
+                                str(small_trace), "--interval", "10", "--replicas", "12",
+                                "--groups", "2", "--nodes", "1", "--gpus", "3"])
+    assert named.exit_code == 2, named.output
+    skipped = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                  "--replicas", "12", "--groups", "2", "--nodes", "1",
+                                  "--gpus", "3"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped replicate-hot" in skipped.stderr
+    for output in (named.stderr, skipped.stderr):
+        assert "--gpus" in output and "num_gpus" not in output

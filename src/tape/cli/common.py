@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tape.errors import MAX_INTEGER, ConfigError, LayoutError, TapeError, TraceError, counted
 from tape.files import STAGING_PREFIX, CommitError, probe_writable, staged_folder, write_json_atomic
 from tape.layout import Layout
+from tape.policies import PolicyError
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
 __all__ = [
@@ -302,7 +303,9 @@ def handles_errors(command: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except TapeError as error:
-            message = flag_names(str(error)) if isinstance(error, LayoutError) else str(error)
+            # A policy's or the layout's message names the library's arguments (num_gpus, ...).
+            named = isinstance(error, (LayoutError, PolicyError))
+            message = flag_names(str(error)) if named else str(error)
             # soft_wrap: one line however narrow the terminal (or 80 columns when piped)
             error_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
                                 soft_wrap=True)

@@ -31,6 +31,7 @@ from tape.cli.common import (
     console,
     error_console,
     escape,
+    flag_names,
     handles_errors,
     output_folder,
     prepare,
@@ -120,7 +121,7 @@ def _usable_policies(specs: list[str], setup: Setup, named: bool
         except PolicyError as error:
             if named:
                 raise
-            skipped[spec] = str(error)
+            skipped[spec] = flag_names(str(error))
         else:
             usable.append(spec)
     if not usable:
