@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -159,6 +160,141 @@ def test_every_truncation_of_a_numpy_file_is_a_trace_error(tmp_path):
             path.write_bytes(data[:length])
             with pytest.raises(TraceError, match=f"{name}: (empty|not a valid)"):
                 load_trace(path)
+
+
+def _npy_header(shape, write_header=np.lib.format.write_array_header_1_0) -> bytes:
+    buffer = io.BytesIO()
+    write_header(buffer, {"shape": shape, "fortran_order": False, "descr": "<f8"})
+    return buffer.getvalue()
+
+
+HUGE = (10**6, 58, 256)  # 118,784,000,000 bytes of float64
+HUGE_SAYS = r"says 118,784,000,000 bytes of data, \(1000000, 58, 256\) float64"
+
+
+def _deflated_zip_of(name: str, data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        # A 1 KB file whose header claims 118 GB was a MemoryError traceback (numpy allocates
+        # the array its header describes before reading it).
+        (
+            "huge.npy",
+            _npy_header(HUGE) + bytes(900),
+            rf"its header {HUGE_SAYS}, the file has 900\)",
+        ),
+        (
+            "huge2.npy",
+            _npy_header(HUGE, np.lib.format.write_array_header_2_0) + bytes(900),
+            rf"its header {HUGE_SAYS}, the file has 900\)",
+        ),
+        (
+            "huge.npz",
+            _zip_of("loads.npy", _npy_header(HUGE) + bytes(900)),
+            rf"the header of 'loads\.npy' {HUGE_SAYS}, the member has 900\)",
+        ),
+        (
+            "deflated.npz",
+            _deflated_zip_of("trace", _npy_header(HUGE) + bytes(900)),
+            rf"the header of 'trace' {HUGE_SAYS}, the member has 900\)",
+        ),
+        ("negative.npy", _npy_header((-1, 2, 4)) + bytes(64), r"gives the shape \(-1, 2, 4\)"),
+        # One byte short of (300, 2, 4) float64.
+        (
+            "short.npy",
+            NPY[:-1],
+            r"says 19,200 bytes of data, \(300, 2, 4\) float64, the file has 19,199\)",
+        ),
+    ],
+)
+def test_a_header_promising_more_data_than_the_file_holds(tmp_path, name, data, message):
+    path = tmp_path / name
+    path.write_bytes(data)
+    kind = re.escape(path.suffix)
+    with pytest.raises(
+        TraceError, match=rf"not a valid {kind} file, truncated or damaged\? .*" + message
+    ) as caught:
+        load_trace(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_a_longer_npy_file_than_its_header_says_still_loads(tmp_path):
+    path = tmp_path / "padded.npy"
+    path.write_bytes(NPY + bytes(16))  # numpy reads what the header says and ignores the rest
+    assert load_trace(path).shape == (300, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "name, function",
+    [("trace.npy", "load"), ("trace.npz", "load"), ("csv", "loadtxt")],
+)
+def test_a_trace_too_big_for_memory_is_a_one_line_error(tmp_path, monkeypatch, name, function):
+    if name == "csv":
+        path = tmp_path / "csv"
+        path.mkdir()
+        (path / "layer_0.csv").write_text("1,2\n")
+    else:
+        path = tmp_path / name
+        path.write_bytes(NPY if name.endswith(".npy") else NPZ)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(np, function, out_of_memory)
+    with pytest.raises(TraceError, match="the trace does not fit in memory") as caught:
+        load_trace(path)
+    assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
+
+
+def test_a_folder_named_like_a_layer_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "layer_0.csv").write_text("1,2\n")
+    (tmp_path / "layer_1.csv").mkdir()  # once an IsADirectoryError traceback
+    with pytest.raises(TraceError) as caught:
+        load_trace(tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'layer_1.csv'}: cannot read it: Is a directory"
+
+
+@pytest.mark.parametrize("name", ["trace.npy", "trace.npz", "expert-load.json", "dump.pt"])
+def test_a_file_the_system_refuses_to_open_is_a_one_line_error(tmp_path, monkeypatch, name):
+    # Tests may run as root, for whom `chmod 000` blocks nothing: open() refuses instead. (A
+    # CSV layer is opened by numpy's own opener: test_a_folder_named_like_a_layer_file...)
+    if name == "dump.pt":
+        torch = pytest.importorskip("torch")
+        torch.save(torch.ones(2, 1, 2), tmp_path / name)
+    else:
+        write_expert_load_json(np.ones((2, 1, 2)), tmp_path / "expert-load.json")
+        np.save(tmp_path / "trace.npy", np.ones((2, 1, 2)))
+        np.savez(tmp_path / "trace.npz", loads=np.ones((2, 1, 2)))
+    refused = tmp_path / name
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(refused):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(TraceError) as caught:
+        load_trace(tmp_path / name)
+    assert str(caught.value) == f"{refused}: cannot read it: Permission denied"
+
+
+def test_an_unreadable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "layer_0.csv").write_text("1,2\n")
+
+    def refusing_iterdir(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(Path, "iterdir", refusing_iterdir)
+    with pytest.raises(TraceError) as caught:
+        load_trace(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: cannot read it: Permission denied"
 
 
 def test_sglang_dump_with_torch(tmp_path):

@@ -20,11 +20,15 @@ MoE layer in each forward step. `load_trace` reads every format of SPEC "Trace f
 In `.pt`, `.npy` and `.npz` files an array `[L, E]` is read as a single step. A single-step
 trace loads, but `window_loads` refuses it with a message that names these cases: no interval
 cuts one step into the two windows a replay needs.
+
+Every failure to read a trace is a one-line `TraceError` naming the file: damaged contents, an
+operating-system error (a file that cannot be opened or read), or a trace too big for memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -168,9 +172,30 @@ def load_trace(path: str | os.PathLike) -> np.ndarray:
     """Read a trace file or folder (formats: module doc) as float64 `[steps, L, E]`.
 
     Raises:
-        TraceError: a one-line message naming the file and what was wrong with it.
+        TraceError: a one-line message naming the file and what was wrong with it, also when the
+            operating system cannot open or read one of its files, or the trace does not fit in
+            memory.
     """
     path = Path(path)
+    try:
+        return _read_trace(path)
+    except OSError as error:
+        # A file that cannot be opened or read (permissions, a folder named like a layer file,
+        # an I/O error): the file the system names, else the trace's path.
+        raise _unreadable(error.filename if error.filename is not None else path, error) from None
+    except MemoryError:
+        raise TraceError(
+            f"{path}: the trace does not fit in memory (MemoryError while loading it); free "
+            f"memory or use a shorter trace"
+        ) from None
+
+
+def _unreadable(file: str | os.PathLike, error: OSError) -> TraceError:
+    """The operating system's error on opening or reading a trace file, one line."""
+    return TraceError(f"{file}: cannot read it: {error.strerror or _first_line(error)}")
+
+
+def _read_trace(path: Path) -> np.ndarray:
     if not path.exists():
         raise TraceError(f"{path}: no such trace file or folder")
     if path.is_dir():
@@ -318,6 +343,8 @@ def _read_csv_layer(file: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             array = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2)
+    except OSError as error:
+        raise _unreadable(file, error) from None
     except ValueError as error:
         raise TraceError(
             f"{file}: not a CSV of numbers without a header: {_csv_reason(error)}"
@@ -379,15 +406,20 @@ def _read_torch_dump(path: Path) -> np.ndarray:
         ) from None
     if path.stat().st_size == 0:
         raise TraceError(f"{path}: empty file (expected a torch.save dump)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (torch.load raises many kinds: pickle, zip, ...)
-        raise TraceError(
-            f"{path}: torch.load cannot read it safely as tensors; truncated, damaged or not "
-            f"a torch dump? ({_torch_reason(error)})"
-        ) from None
+    # Opened here, so that an operating-system error is told as one (by load_trace), not as a
+    # damaged dump.
+    with open(path, "rb") as file:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols on stderr
+                data = torch.load(file, map_location="cpu", weights_only=True)
+        except (MemoryError, OSError):
+            raise  # told by load_trace
+        except Exception as error:  # noqa: BLE001 (torch.load raises many kinds: pickle, zip, ...)
+            raise TraceError(
+                f"{path}: torch.load cannot read it safely as tensors; truncated, damaged or not "
+                f"a torch dump? ({_torch_reason(error)})"
+            ) from None
     if isinstance(data, dict):
         if "logical_count" not in data:
             raise TraceError(
@@ -420,7 +452,8 @@ def _read_numpy(path: Path) -> np.ndarray:
 
     numpy decides the format by the file's first bytes, not its name, and reads an `.npz`'s
     arrays only when asked, so a damaged archive fails at either step, with errors of many
-    kinds (zip, zlib, EOF, value): each becomes a TraceError naming the file.
+    kinds (zip, zlib, EOF, value): each becomes a TraceError naming the file. An array's header
+    is checked against the bytes that follow it before numpy allocates the array.
     """
     with open(path, "rb") as file:
         magic = file.read(len(_NPY_MAGIC))
@@ -433,6 +466,9 @@ def _read_numpy(path: Path) -> np.ndarray:
         )
     kind = ".npy" if magic.startswith(_NPY_MAGIC) else ".npz"
     try:
+        if kind == ".npy":
+            with open(path, "rb") as file:
+                _check_array_size(file, path.stat().st_size, path, kind, "its header", "the file")
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
@@ -443,12 +479,19 @@ def _read_numpy(path: Path) -> np.ndarray:
                         f"{', '.join(names) or 'none'}"
                     )
                 name = "loads" if "loads" in names else names[0]
+                member = name if name in data.zip.namelist() else f"{name}.npy"  # as numpy
+                with data.zip.open(member) as stream:
+                    size = data.zip.getinfo(member).file_size
+                    header = f"the header of {member!r}"
+                    _check_array_size(stream, size, path, kind, header, "the member")
                 data = data[name]
                 if not isinstance(data, np.ndarray):
                     raise TraceError(f"{path}: {name!r} in the archive is not a .npy array")
     except TraceError:
         raise
     except _NUMPY_READ_ERRORS as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # the operating system's error, told by load_trace (numpy's own have no errno)
         if "allow_pickle" in str(error):
             raise TraceError(
                 f"{path}: holds Python objects (an object array), not numbers; TAPE does not "
@@ -458,6 +501,46 @@ def _read_numpy(path: Path) -> np.ndarray:
             f"{path}: not a valid {kind} file, truncated or damaged? ({_first_line(error)})"
         ) from None
     return _steps_from_array(data, path)
+
+
+def _check_array_size(
+    stream: Any, size: int, path: Path, kind: str, header: str, holder: str
+) -> None:
+    """Refuse an `.npy` array whose header promises more data than its `size` bytes hold.
+
+    numpy allocates the array its header describes before reading it, so a truncated file or a
+    damaged header (say (10**6, 58, 256) float64 in a 1 KB file) would be a MemoryError. A
+    stream that does not start with the `.npy` magic is left to numpy, and so is an object
+    array (pickled, refused by numpy without pickle).
+
+    Args:
+        stream: the `.npy` bytes (a file or an archive member), at their start.
+        size: the bytes of the whole `.npy` (header and data).
+        kind: ".npy" or ".npz", the file's format for the message.
+        header, holder: the header's and the bytes' holder's names for the message.
+    """
+    if stream.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+        return
+    stream.seek(0)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    if dtype.hasobject:
+        return
+    if any(length < 0 for length in shape):
+        raise TraceError(
+            f"{path}: not a valid {kind} file, truncated or damaged? ({header} gives the shape "
+            f"{shape})"
+        )
+    needed = math.prod(shape) * dtype.itemsize
+    held = size - stream.tell()
+    if needed > held:
+        raise TraceError(
+            f"{path}: not a valid {kind} file, truncated or damaged? ({header} says {needed:,} "
+            f"bytes of data, {shape} {dtype}, {holder} has {held:,})"
+        )
 
 
 def _steps_from_array(array: np.ndarray, path: Path) -> np.ndarray:
