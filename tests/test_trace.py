@@ -93,9 +93,12 @@ def test_sglang_dump_needs_torch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.raises(TraceError, match=r"expert_distribution\.pt: .*needs PyTorch") as caught:
         load_trace(dump)
-    # The torch extra (with the version TAPE was tested with), not a bare `pip install torch`.
-    assert "`pip install -e '.[torch]'`" in str(caught.value)
-    assert "a CPU build of torch is enough" in str(caught.value)
+    # The torch extra (with the version TAPE was tested with), not a bare `pip install torch`,
+    # from a checkout or from PyPI (as the evolve extra's hint).
+    assert (
+        "`pip install -e '.[torch]'` in a checkout of TAPE, or `pip install 'tape-moe[torch]'` "
+        "(a CPU build of torch is enough)"
+    ) in str(caught.value)
 
 
 def _numpy_bytes(save, **arrays) -> bytes:
