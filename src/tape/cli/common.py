@@ -72,8 +72,7 @@ SyntheticOption = Annotated[
                        "(the default when no --trace is given).")
 ]
 IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
-SeedOption = Annotated[int, typer.Option("--seed", min=0, max=MAX_INTEGER,
-                                         help="Seed of the synthetic trace.")]
+SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
 ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
 GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
 NodesOption = Annotated[
@@ -252,6 +251,8 @@ def load_windows(
     if trace is None:
         from tape.synthetic import synthetic_trace
 
+        if seed > MAX_INTEGER:
+            raise TraceError(f"--seed must be at most {MAX_INTEGER}, got {seed}")
         try:
             loads = synthetic_trace(num_groups=layout.num_groups, seed=seed)
         except TraceError as error:
