@@ -258,8 +258,10 @@ def test_secrets_are_removed_from_the_childs_environment(tmp_path, monkeypatch):
         # The torch extra, not a bare pin of one torch version.
         (
             "import torch\n",
-            r"imports torch, which is not installed: .* `pip install -e '\.\[torch\]'` in a "
-            r"checkout of TAPE, or `pip install 'tape-moe\[torch\]'` \(a CPU build",
+            (
+                r"imports torch, which is not installed: .* `pip install -e '\.\[torch\]'` in "
+                r"a checkout of TAPE, or `pip install 'tape-moe\[torch\]'` \(a CPU build"
+            ),
         ),
         ("import no_such_module_here\n", "imports a missing module: no_such_module_here"),
         ("raise KeyError('at import')\n", "importing the program failed: KeyError: 'at import'"),
