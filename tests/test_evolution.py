@@ -596,10 +596,55 @@ def test_a_failure_while_writing_the_run_folder_removes_it(tmp_path, monkeypatch
     monkeypatch.setattr(run, "write_json_atomic", full_disk)
     config = tmp_path / "openevolve.yaml"
     config.write_text("max_iterations: 3\n")
-    with ScriptedLLM([], KEEP) as llm, pytest.raises(OSError, match="No space left"):
+    with ScriptedLLM([], KEEP) as llm, pytest.raises(
+            ConfigError, match=f"^cannot write the run folder {tmp_path / 'out'}: No space left "
+            "on device$"):
         run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
                    llm=configs.LLMChoice(api_base=llm.base_url, models=("m",)), environ={})
     assert not (tmp_path / "out").exists()
+
+
+def test_setup_files_that_cannot_be_moved_into_the_run_folder_are_a_one_line_error(
+        tmp_path, monkeypatch):
+    from tape.errors import EvolutionError
+
+    out = tmp_path / "out"
+    write_manifest = run.write_json_atomic
+
+    def made_meanwhile(*args, **kwargs):  # another run makes the folder while these are written
+        out.mkdir()
+        return write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(run, "write_json_atomic", made_meanwhile)
+    config = tmp_path / "openevolve.yaml"
+    config.write_text("max_iterations: 3\n")
+    with ScriptedLLM([], KEEP) as llm, pytest.raises(
+            EvolutionError, match=r"could not move the results into .*out \(another run made it "
+            r"meanwhile\); they are in "):
+        run.evolve(SMALL, out_dir=out, iterations=1, config_path=config,
+                   llm=configs.LLMChoice(api_base=llm.base_url, models=("m",)), environ={})
+    assert list(out.iterdir()) == [] and llm.requests == []
+
+
+def test_an_out_that_cannot_be_written_stops_tape_evolve_before_the_endpoint_check(
+        tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import tape.cli.common
+
+    def read_only(out):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tape.cli.common, "probe_writable", read_only)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    base = f"http://127.0.0.1:{closed_port()}/v1"  # checked later, it would fail too
+    result = CliRunner().invoke(make_app(), [
+        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: cannot write to --out {tmp_path / 'out'}: Permission denied"]
 
 
 def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):

@@ -306,3 +306,38 @@ def test_tape_tune_says_when_the_tuned_parameters_score_below_the_defaults(tmp_p
     assert header.split() == ["metric", "tape", "tuned", "tape", "defaults", "deepseek"]
     assert json.loads((tmp_path / "tuned" / "best_params.json").read_text())["params"] == {
         "tolerance": 0.05}  # the tuned parameters, as reported
+
+
+def test_an_out_that_cannot_be_written_stops_tape_tune_before_any_trial(tmp_path, monkeypatch):
+    import tape.cli.common
+
+    def read_only(out):
+        raise PermissionError(13, "Permission denied")
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("tape tune ran trials for an --out it cannot write")
+
+    monkeypatch.setattr(tape.cli.common, "probe_writable", read_only)
+    monkeypatch.setattr(tuning, "tune", no_trial)
+    result = tune_from_the_command_line(tmp_path, 600, "2", 1)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: cannot write to --out {tmp_path / 'tuned'}: Permission denied"]
+
+
+def test_results_that_cannot_be_moved_into_out_are_a_one_line_error_naming_where_they_are(
+        stand_in, tmp_path, monkeypatch):
+    result = tuning.tune(SMALL, trials=1, holdout=0.0, policy=stand_in, search_space=SPACE)
+    out = tmp_path / "out"
+    program_text = tuning.tuned_program_text
+
+    def made_meanwhile(*args, **kwargs):  # another run makes --out while these files are written
+        out.mkdir()
+        return program_text(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "tuned_program_text", made_meanwhile)
+    with pytest.raises(ConfigError, match=r"could not move the results into .*out \(another run "
+                       r"made it meanwhile\); they are in .*\.out\.staging-") as caught:
+        tuning.write_outputs(result, SMALL, out, trials=1, seed=0, holdout=0.0)
+    kept = Path(str(caught.value).rsplit("they are in ", 1)[1])
+    assert (kept / "tune_manifest.json").is_file() and list(out.iterdir()) == []

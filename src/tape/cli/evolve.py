@@ -32,7 +32,7 @@ from tape.cli.common import (
     TimeoutOption,
     TraceOption,
     VersionOption,
-    check_out_folder,
+    check_out_writable,
     console,
     error_console,
     escape,
@@ -162,6 +162,11 @@ def register(app: typer.Typer) -> None:
         from tape.evolution import configs, require_extra, run
 
         require_extra("openevolve", "tape evolve")  # before the trace is read
+        if out is None:
+            out = resume.resolve().parent.parent if resume else _default_out(
+                "evolve", parse_version(version))
+        # A used folder: run.evolve's hint (--resume with its newest checkpoint, or --overwrite).
+        check_out_writable(out, must_be_empty=False)
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
             seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
@@ -170,11 +175,6 @@ def register(app: typer.Typer) -> None:
         )
         if initial is not None and not initial.is_file():
             raise ConfigError(f"initial program {initial} does not exist")
-        # A used folder: run.evolve's hint (--resume with its newest checkpoint, or --overwrite).
-        check_out_folder(out, must_be_empty=False)
-        if out is None:
-            out = resume.resolve().parent.parent if resume else _default_out("evolve",
-                                                                             settings.version)
         config_path = configs.find_config(config) if config is not None else None
         result = run.evolve(
             settings, out_dir=out, iterations=iterations, config_path=config_path,
@@ -236,13 +236,13 @@ def register(app: typer.Typer) -> None:
         from tape.evolution import tune as tuning
 
         require_extra("optuna", "tape tune")  # before the trace is read
+        out = out if out is not None else _default_out("tune", parse_version(version))
+        check_out_writable(out)  # before the trials, not after them
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
             seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
             cluster=cluster, moe_model=model, presets=config, dispatch=dispatch,
         )
-        out = out if out is not None else _default_out("tune", settings.version)
-        check_out_folder(out)
         finished: list[int] = []  # one entry a finished trial
         try:
             with progress_bar("tuning", trials) as advance:

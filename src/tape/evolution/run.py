@@ -53,7 +53,7 @@ from tape.evolution.settings import (
     EvaluationSettings,
     require_new_folder,
 )
-from tape.files import staged_folder, write_json_atomic
+from tape.files import CommitError, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import STARTUP_SECONDS
 
@@ -200,6 +200,29 @@ def _check_endpoints(resolved: ResolvedConfig) -> None:
         warning = check_endpoint(api_base, api_key, key_variable=resolved.key_variable)
         if warning is not None:
             logging.getLogger(__name__).warning("%s", warning)
+
+
+def _write_setup(out_dir: Path, settings: EvaluationSettings, source: str,
+                 saved_config: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Write `initial_program.py`, `windows.npz`, `config.yaml` and the manifest into `out_dir`,
+    all four or none (`staged_folder`).
+
+    Raises:
+        ConfigError: `out_dir` cannot be written (permissions, a full disk).
+        EvolutionError: the written files could not be moved into `out_dir`; the message says
+            where they were kept.
+    """
+    try:
+        with staged_folder(out_dir) as staging:
+            (staging / "initial_program.py").write_text(source)
+            settings.save_windows(staging / "windows.npz")
+            (staging / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+            write_json_atomic(staging / MANIFEST, manifest)
+    except CommitError as error:
+        raise EvolutionError(str(error)) from None
+    except OSError as error:
+        raise ConfigError(f"cannot write the run folder {out_dir}: {error.strerror or error}"
+                          ) from None
 
 
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
@@ -350,11 +373,8 @@ def evolve(
             else:
                 entry.unlink()
     if source is not None:
-        with staged_folder(out_dir) as staging:  # the four files appear together or not at all
-            (staging / program_path.name).write_text(source)
-            settings.save_windows(staging / windows_path.name)
-            (staging / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
-            write_json_atomic(staging / MANIFEST, _manifest(settings, config_path, resolved))
+        _write_setup(out_dir, settings, source, saved_config,
+                     _manifest(settings, config_path, resolved))
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     # OpenEvolve >= 0.4.1 raises this when every iteration failed before producing a program.

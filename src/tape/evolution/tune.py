@@ -27,7 +27,7 @@ from typing import Any
 
 from tape.errors import ConfigError
 from tape.evolution.settings import EvaluationSettings, require_new_folder
-from tape.files import staged_folder, write_json_atomic
+from tape.files import CommitError, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 
 __all__ = ["SearchSpace", "TuneResult", "split_windows", "tune", "tuned_program_text",
@@ -279,12 +279,22 @@ def write_outputs(
     holdout: float,
 ) -> dict[str, Path]:
     """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`
-    (all three or, if writing fails or is interrupted, none)."""
+    (all three or, if writing fails or is interrupted, none).
+
+    Raises:
+        ConfigError: `out_dir` holds files, cannot be written, or the finished files could not
+            be moved into it (the message says where they were kept).
+    """
     out_dir = Path(out_dir)
     require_new_folder(out_dir)
-    with staged_folder(out_dir) as staging:
-        written = _write_outputs(result, settings, staging, trials=trials, seed=seed,
-                                 holdout=holdout)
+    try:
+        with staged_folder(out_dir) as staging:
+            written = _write_outputs(result, settings, staging, trials=trials, seed=seed,
+                                     holdout=holdout)
+    except CommitError as error:  # the files are kept in the staging folder it names
+        raise ConfigError(str(error)) from None
+    except OSError as error:
+        raise ConfigError(f"cannot write to {out_dir}: {error.strerror or error}") from None
     return {key: out_dir / path.name for key, path in written.items()}
 
 
