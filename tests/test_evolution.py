@@ -879,6 +879,30 @@ def test_a_failed_run_without_a_checkpoint_says_so_and_is_replaced_with_overwrit
     assert replaced.exit_code == 0, replaced.output
     assert f"to continue:  --resume {out / 'checkpoints' / 'checkpoint_1'}" in replaced.output
     assert (out / "notes.txt").read_text() == "mine"
+    assert [entry.name for entry in out.iterdir() if entry.name.startswith(".")] == []
+
+
+def test_overwrite_keeps_the_earlier_run_when_writing_the_new_one_fails(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    earlier = {"tape_evolve.json": "{}", "initial_program.py": "old", "notes.txt": "mine",
+               "checkpoints/checkpoint_1/metadata.json": "{}", "logs/run.log": "old log",
+               "best/best_program.py": "old best"}
+    for name, text in earlier.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run, "write_json_atomic", full_disk)
+    config = tmp_path / "openevolve.yaml"
+    config.write_text("max_iterations: 3\n")
+    with ScriptedLLM([], KEEP) as llm, pytest.raises(ConfigError, match="No space left"):
+        run.evolve(SMALL, out_dir=out, iterations=1, config_path=config, overwrite=True,
+                   llm=configs.LLMChoice(api_base=llm.base_url, models=("m",)), environ={})
+    kept = {str(path.relative_to(out)): path.read_text()
+            for path in out.rglob("*") if path.is_file()}
+    assert kept == earlier  # every file as it was, nothing set aside or staged left behind
 
 
 def used_folder_error(tmp_path, out: Path, **options) -> str:

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,10 +203,37 @@ def _check_endpoints(resolved: ResolvedConfig) -> None:
             logging.getLogger(__name__).warning("%s", warning)
 
 
+def _set_aside(out_dir: Path) -> Path | None:
+    """Move an earlier run's entries (`RUN_ENTRIES`) into a hidden folder in `out_dir` (renames
+    within one folder); return it, or None when there is no earlier run."""
+    entries = _run_entries(out_dir) if out_dir.is_dir() else []
+    if not entries:
+        return None
+    aside = out_dir / f".tape-evolve-replaced-{uuid.uuid4().hex[:12]}"
+    aside.mkdir()
+    try:
+        for entry in entries:
+            os.rename(entry, aside / entry.name)
+    except BaseException:
+        _put_back(aside, out_dir)
+        raise
+    return aside
+
+
+def _put_back(aside: Path, out_dir: Path) -> None:
+    """Undo `_set_aside`: the earlier run's entries back in `out_dir`, replacing new files."""
+    for entry in aside.iterdir():
+        os.replace(entry, out_dir / entry.name)
+    aside.rmdir()
+
+
 def _write_setup(out_dir: Path, settings: EvaluationSettings, source: str,
-                 saved_config: dict[str, Any], manifest: dict[str, Any]) -> None:
+                 saved_config: dict[str, Any], manifest: dict[str, Any], *,
+                 replace_earlier_run: bool) -> None:
     """Write `initial_program.py`, `windows.npz`, `config.yaml` and the manifest into `out_dir`,
-    all four or none (`staged_folder`).
+    all four or none (`staged_folder`). With `replace_earlier_run`, an earlier run's entries
+    (`RUN_ENTRIES`) are set aside first and removed once the new files are in place; if
+    writing fails or is interrupted they are put back, so the earlier run is never lost.
 
     Raises:
         ConfigError: `out_dir` cannot be written (permissions, a full disk).
@@ -213,16 +241,27 @@ def _write_setup(out_dir: Path, settings: EvaluationSettings, source: str,
             where they were kept.
     """
     try:
+        aside = _set_aside(out_dir) if replace_earlier_run else None
+    except OSError as error:
+        raise ConfigError(f"cannot replace the earlier run in {out_dir}: "
+                          f"{error.strerror or error}") from None
+    try:
         with staged_folder(out_dir) as staging:
             (staging / "initial_program.py").write_text(source)
             settings.save_windows(staging / "windows.npz")
             (staging / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
             write_json_atomic(staging / MANIFEST, manifest)
-    except CommitError as error:
-        raise EvolutionError(str(error)) from None
-    except OSError as error:
-        raise ConfigError(f"cannot write the run folder {out_dir}: {error.strerror or error}"
-                          ) from None
+    except BaseException as error:
+        if aside is not None:
+            _put_back(aside, out_dir)
+        if isinstance(error, CommitError):
+            raise EvolutionError(str(error)) from None
+        if isinstance(error, OSError):
+            raise ConfigError(f"cannot write the run folder {out_dir}: "
+                              f"{error.strerror or error}") from None
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
@@ -308,8 +347,9 @@ def evolve(
         resume: a checkpoint folder (`<run>/checkpoints/checkpoint_N`) to continue from.
         initial_program: the program to start from (None: DeepSeek's policy in numpy).
         environ: where the API key is looked up (None: `os.environ`).
-        overwrite: `out_dir` may hold an earlier run; its files (`RUN_ENTRIES`) are removed
-            once every check has passed, other files are kept.
+        overwrite: `out_dir` may hold an earlier run; its files (`RUN_ENTRIES`) are replaced
+            once every check has passed and the new run's files are written (if writing
+            fails, the earlier run stays as it was); other files are kept.
 
     Raises:
         ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
@@ -366,15 +406,9 @@ def evolve(
 
     program_path = out_dir / "initial_program.py"
     windows_path = out_dir / "windows.npz"
-    if overwrite:
-        for entry in _run_entries(out_dir):
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
     if source is not None:
         _write_setup(out_dir, settings, source, saved_config,
-                     _manifest(settings, config_path, resolved))
+                     _manifest(settings, config_path, resolved), replace_earlier_run=overwrite)
     worker_settings = dataclasses.replace(settings, trace=None, windows_file=windows_path)
 
     # OpenEvolve >= 0.4.1 raises this when every iteration failed before producing a program.
