@@ -269,6 +269,36 @@ def test_ctrl_c_before_any_trial_finished_writes_nothing(tmp_path, monkeypatch, 
     assert optuna_records == [] and not (tmp_path / "tuned").exists()
 
 
+def test_ctrl_c_during_the_comparison_keeps_the_best_trial_without_scores(stand_in, tmp_path,
+                                                                          monkeypatch):
+    interrupt_at_call(monkeypatch, 3)  # the first run of the comparison, after 2 trials
+    result = tuning.tune(SMALL, trials=2, holdout=0.0, policy=stand_in, search_space=SPACE)
+    assert result.interrupted and not result.compared and not result.tuned_below_defaults
+    assert len(result.trials) == 2 and result.tuned is result.defaults is result.deepseek is None
+    best = max(result.trials, key=lambda trial: trial["combined_score"])
+    assert result.best_params == best["params"]
+    paths = tuning.write_outputs(result, SMALL, tmp_path / "out", trials=2, seed=0, holdout=0.0)
+    manifest = json.loads(paths["manifest"].read_text())
+    assert manifest["compared"] is False and manifest["interrupted"] is True
+    assert manifest["scores"] is None and manifest["finished_trials"] == 2
+    assert json.loads(paths["params"].read_text())["params"] == best["params"]
+
+
+@needs_tape_policy
+def test_ctrl_c_during_the_final_comparison_of_tape_tune_still_writes_the_results(
+        tmp_path, monkeypatch):
+    interrupt_at_call(monkeypatch, 4)  # the comparison's first run, after 3 trials
+    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=3)
+    assert result.exit_code == 130, result.output
+    assert "interrupted during the final comparison: best_params.json, tuned_program.py, " \
+        "tune_manifest.json hold the best of the 3 finished trials (of 3), not compared with " \
+        "the defaults or deepseek" in result.output
+    assert "Traceback" not in result.output and "tuned - deepseek" not in result.output
+    manifest = json.loads((tmp_path / "tuned" / "tune_manifest.json").read_text())
+    assert manifest["compared"] is False and manifest["finished_trials"] == 3
+    assert (tmp_path / "tuned" / "tuned_program.py").is_file()
+
+
 def test_an_interrupted_write_leaves_no_folder(stand_in, tmp_path, monkeypatch):
     result = tuning.tune(SMALL, trials=1, holdout=0.0, policy=stand_in, search_space=SPACE)
 

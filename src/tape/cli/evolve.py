@@ -251,7 +251,7 @@ def register(app: typer.Typer) -> None:
             paths = tuning.write_outputs(
                 result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
             )
-        except KeyboardInterrupt:  # no finished trial, or a second Ctrl-C while finishing up
+        except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
             when = "before any trial finished" if not finished else "before the results were written"
             error_console.print(f"interrupted {when}; nothing written", highlight=False)
             raise typer.Exit(130) from None
@@ -263,7 +263,31 @@ def register(app: typer.Typer) -> None:
 def _print_tune_result(result: Any, version: int | str, holdout: float, paths: dict[str, Path],
                        trials: int) -> None:
     """The comparison table, the gain over deepseek, a warning when the tuned parameters score
-    below the defaults, the files written, and a line if the search was interrupted."""
+    below the defaults, the files written, and a line if the search or the comparison was
+    interrupted."""
+    if result.compared:
+        _print_comparison(result, version, holdout)
+    for name, path in paths.items():
+        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
+    if not result.compared:
+        names = ", ".join(path.name for path in paths.values())
+        error_console.print(
+            f"[bold yellow]interrupted[/] during the final comparison: {escape(names)} hold the "
+            f"best of the {len(result.trials)} finished trials (of {trials}), not compared with "
+            "the defaults or deepseek (tune_manifest.json: \"compared\": false)",
+            highlight=False, soft_wrap=True,
+        )
+    elif result.interrupted:
+        error_console.print(
+            f"[bold yellow]interrupted[/] after {len(result.trials)} of {trials} trials: the "
+            "results are those of the finished trials (tune_manifest.json: \"interrupted\": true)",
+            highlight=False, soft_wrap=True,
+        )
+
+
+def _print_comparison(result: Any, version: int | str, holdout: float) -> None:
+    """The comparison table, the gain over deepseek, and a warning when the tuned parameters
+    score below the defaults."""
     from tape.evolution.prompts import version_metrics
 
     windows = result.evaluation_windows
@@ -284,13 +308,5 @@ def _print_tune_result(result: Any, version: int | str, holdout: float, paths: d
             f"the tuned parameters score below the tape policy's defaults ({tuned:.4f} < "
             f"{defaults:.4f}); they are written all the same. More --trials or a longer trace "
             "may help",
-            highlight=False, soft_wrap=True,
-        )
-    for name, path in paths.items():
-        console.print(f"{name}: {path}", markup=False, highlight=False, soft_wrap=True)
-    if result.interrupted:
-        error_console.print(
-            f"[bold yellow]interrupted[/] after {len(result.trials)} of {trials} trials: the "
-            "results are those of the finished trials (tune_manifest.json: \"interrupted\": true)",
             highlight=False, soft_wrap=True,
         )

@@ -14,7 +14,8 @@ reported gain is not an artifact of fitting the tuning windows.
 Outputs (`write_outputs`): `best_params.json`, `tuned_program.py` (a `rebalance_experts` file
 that calls `tape.api.rebalance_experts(..., policy="tape", **params)`, usable wherever a program
 is expected, e.g. `tape evaluate` or `tape evolve --initial`) and `tune_manifest.json`
-(settings, the finished trials, full scores, and whether the search was interrupted).
+(settings, the finished trials, full scores, whether Ctrl-C stopped the search, and whether the
+comparison was made: `"compared": false` and no scores when Ctrl-C stopped it).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class TuneResult:
     Attributes:
         policy: the tuned policy's name.
         best_params: the best trial's parameters.
-        tuned: the policy with `best_params`, scored on the evaluation windows.
+        tuned: the policy with `best_params`, scored on the evaluation windows (None: the
+            comparison was interrupted, as are `defaults` and `deepseek` then).
         defaults: the policy with its default parameters, on the evaluation windows.
         deepseek: the `deepseek` policy, on the evaluation windows.
         trials: each finished trial's number, parameters and combined score on the tuning
@@ -58,24 +60,30 @@ class TuneResult:
         tuning_windows: how many windows the search scored on.
         evaluation_windows: how many windows the comparison scored on (the same windows when
             nothing was held out).
-        interrupted: the search was stopped (Ctrl-C) before all its trials ran; the result is
-            that of the finished ones.
+        interrupted: Ctrl-C stopped the search before all its trials ran (the result is that
+            of the finished ones) or stopped the comparison (`compared` is False).
     """
 
     policy: str
     best_params: dict[str, Any]
-    tuned: ProgramScore
-    defaults: ProgramScore
-    deepseek: ProgramScore
+    tuned: ProgramScore | None = None
+    defaults: ProgramScore | None = None
+    deepseek: ProgramScore | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)
     tuning_windows: int = 0
     evaluation_windows: int = 0
     interrupted: bool = False
 
     @property
+    def compared(self) -> bool:
+        """The tuned parameters, the defaults and deepseek were all scored."""
+        return None not in (self.tuned, self.defaults, self.deepseek)
+
+    @property
     def tuned_below_defaults(self) -> bool:
         """The tuned parameters score below the policy's defaults on the evaluation windows."""
-        return self.tuned.metrics["combined_score"] < self.defaults.metrics["combined_score"]
+        return self.compared and (self.tuned.metrics["combined_score"]
+                                  < self.defaults.metrics["combined_score"])
 
 
 def split_windows(num_windows: int, holdout: float) -> tuple[slice, slice]:
@@ -157,7 +165,9 @@ def tune(
         progress: called after every trial.
 
     A KeyboardInterrupt (Ctrl-C) during the search stops it: the result is that of the
-    finished trials, with `interrupted` set. With no finished trial it is raised again.
+    finished trials, with `interrupted` set. With no finished trial it is raised again. One
+    during the final comparison stops that: the result has the best parameters and no scores
+    (`compared` False), with `interrupted` set.
     """
     from tape.evolution import require_extra
 
@@ -210,13 +220,9 @@ def tune(
     finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
     if not finished:
         raise KeyboardInterrupt  # only an interrupted search ends with no finished trial
-    best_params = dict(max(finished, key=lambda trial: trial.value).params)
-    return TuneResult(
+    result = TuneResult(
         policy=policy,
-        best_params=best_params,
-        tuned=run(policy, evaluation, best_params),
-        defaults=run(policy, evaluation, None),
-        deepseek=run("deepseek", evaluation, None),
+        best_params=dict(max(finished, key=lambda trial: trial.value).params),
         trials=[
             {"number": trial.number, "params": trial.params, "combined_score": trial.value}
             for trial in finished
@@ -225,6 +231,15 @@ def tune(
         evaluation_windows=len(settings.windows()[evaluation]),
         interrupted=interrupted,
     )
+    try:
+        tuned = run(policy, evaluation, result.best_params)
+        defaults = run(policy, evaluation, None)
+        result.deepseek = run("deepseek", evaluation, None)
+    except KeyboardInterrupt:  # the finished trials are kept; the comparison is left out
+        result.interrupted = True
+    else:
+        result.tuned, result.defaults = tuned, defaults
+    return result
 
 
 def tuned_program_text(policy: str, params: dict[str, Any], version: int | str) -> str:
@@ -325,6 +340,7 @@ def _write_outputs(
         "trials": trials,
         "finished_trials": len(result.trials),
         "interrupted": result.interrupted,
+        "compared": result.compared,
         "seed": seed,
         "holdout": holdout,
         "tuning_windows": result.tuning_windows,
@@ -333,12 +349,12 @@ def _write_outputs(
             "tuned": result.tuned.metrics["combined_score"],
             "defaults": result.defaults.metrics["combined_score"],
             "deepseek": result.deepseek.metrics["combined_score"],
-        },
+        } if result.compared else None,
         "scores": {
             "tuned": result.tuned.to_json(),
             "defaults": result.defaults.to_json(),
             "deepseek": result.deepseek.to_json(),
-        },
+        } if result.compared else None,
         "trial_history": result.trials,
     })
     return paths
