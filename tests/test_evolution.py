@@ -700,20 +700,37 @@ def test_an_endpoint_that_answers_passes_the_preflight_whatever_its_status():
     ("api_base", "reason"),
     [
         ("http://127.0.0.1:{port}/v1", ("cannot reach the LLM endpoint http://127.0.0.1:{port}/v1: "
-                                        "Connection refused (GET http://127.0.0.1:{port}/v1/models)")),
+                                        "Connection refused (GET http://127.0.0.1:{port}/v1/models); "
+                                        "check --api-base (or llm.api_base in the config) and that "
+                                        "the server is running")),
+        ("http://no-such-host.invalid/v1", ("cannot reach the LLM endpoint http://no-such-host."
+                                            "invalid/v1: unknown host 'no-such-host.invalid' "
+                                            "(Name or service not known)")),
         ("localhost:8000/v1", "'localhost:8000/v1' is not an http(s) URL"),
+        ("http://[::1/v1", "LLM endpoint 'http://[::1/v1' is not a valid URL (Invalid IPv6 URL)"),
+        ("http://host:99999/v1", "'http://host:99999/v1' is not a valid URL (Port out of range"),
     ],
 )
-def test_an_endpoint_that_cannot_be_reached_is_an_error(api_base, reason):
+def test_an_endpoint_that_cannot_be_connected_to_is_an_error(api_base, reason, monkeypatch):
+    import socket
+
     from tape.evolution.endpoint import check_endpoint
 
+    resolve = socket.getaddrinfo
+
+    def no_such_host(host, *args, **kwargs):  # offline and fast, whatever the resolver
+        if host == "no-such-host.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     port = closed_port()
     with pytest.raises(ConfigError) as caught:
         check_endpoint(api_base.format(port=port), None, key_variable="K")
     assert reason.format(port=port) in str(caught.value)
 
 
-def test_an_endpoint_that_never_answers_times_out():
+def test_an_endpoint_that_accepts_the_connection_but_answers_late_is_only_a_warning():
     import socket
 
     from tape.evolution.endpoint import check_endpoint
@@ -721,11 +738,66 @@ def test_an_endpoint_that_never_answers_times_out():
     with socket.socket() as silent:  # accepts connections (the backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)
+        base = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
         start = time.monotonic()
-        with pytest.raises(ConfigError, match=r"no answer within 0.2 s \(GET "):
-            check_endpoint(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", None,
-                           key_variable="K", timeout_s=0.2)
+        warning = check_endpoint(base, None, key_variable="K", timeout_s=0.2)
         assert time.monotonic() - start < 2
+    assert warning.startswith(f"no answer from the LLM endpoint {base} within 0.2 s (GET "
+                              f"{base}/models); starting anyway")
+
+
+def test_a_404_on_an_api_base_without_v1_suggests_it():
+    from tape.evolution.endpoint import check_endpoint
+
+    with ScriptedLLM([], KEEP) as llm:
+        root = llm.base_url.removesuffix("/v1")
+        assert check_endpoint(root, "k", key_variable="K") == (
+            f"the LLM endpoint {root} answered HTTP 404 to GET {root}/models, but "
+            f"{root}/v1/models answered: did you mean --api-base {root}/v1? Starting anyway")
+        llm.models_status = 404  # no /models under /v1 either: nothing to suggest
+        assert check_endpoint(root, "k", key_variable="K") is None
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    certificate, key = tmp_path / "certificate.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(certificate), "-days", "1", "-subj",
+         "/CN=127.0.0.1"], check=True, capture_output=True)
+    return certificate, key
+
+
+def test_a_certificate_that_cannot_be_verified_is_named_as_such(self_signed):
+    from tape.evolution.endpoint import check_endpoint
+
+    with ScriptedLLM([], KEEP, certificate=self_signed) as llm, pytest.raises(
+            ConfigError) as caught:
+        check_endpoint(llm.base_url, "k", key_variable="K")
+    message = str(caught.value)
+    assert f"cannot reach the LLM endpoint {llm.base_url}: its TLS certificate cannot be " \
+        "verified (self-signed certificate)" in message
+    assert "certificate problem" in message and "server is running" not in message
+    with ScriptedLLM([], KEEP) as plain, pytest.raises(ConfigError, match="TLS handshake failed"):
+        check_endpoint(plain.base_url.replace("http:", "https:"), "k", key_variable="K")
+
+
+def test_a_redirect_to_another_origin_does_not_carry_the_key():
+    from tape.evolution.endpoint import check_endpoint
+
+    with ScriptedLLM([], KEEP) as elsewhere, ScriptedLLM(
+            [], KEEP, models_redirect=f"{elsewhere.base_url}/models") as llm:
+        assert check_endpoint(llm.base_url, "sk-secret", key_variable="K") is None
+        first = {name.lower(): value for name, value in llm.get_headers[0].items()}
+        assert first["authorization"] == "Bearer sk-secret"
+        assert len(elsewhere.get_headers) == 1  # the redirect was followed ...
+        assert "authorization" not in {name.lower() for name in elsewhere.get_headers[0]}
 
 
 def test_tape_evolve_with_a_closed_port_stops_before_the_run_folder(tmp_path, monkeypatch):
@@ -744,6 +816,83 @@ def test_tape_evolve_with_a_closed_port_stops_before_the_run_folder(tmp_path, mo
     )
     assert result.output.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_with_a_trailing_carriage_return_is_stripped_and_never_shown(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-1234\r")  # from a CRLF .env file
+    base = f"http://127.0.0.1:{closed_port()}/v1"
+    result = CliRunner().invoke(make_app(), [
+        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 2, result.output
+    assert "Connection refused" in result.output  # the real problem, not the header
+    assert "secret" not in result.output and "Traceback" not in result.output
+    assert configs.resolve_api_key({}, None, {"OPENAI_API_KEY": " k1\r\n"}) == (
+        "k1", "OPENAI_API_KEY")
+    with pytest.raises(ConfigError) as caught:
+        configs.resolve_api_key({}, "MY_KEY", {"MY_KEY": "sk-sec\nret"})
+    assert str(caught.value) == (
+        "the API key in MY_KEY holds a control character at position 7, which an HTTP header "
+        "cannot carry; set MY_KEY to the key alone")
+
+
+def test_a_models_own_key_is_stripped_and_named_when_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OTHER_KEY", "sk-other\r\n")  # OpenEvolve reads ${VAR} from os.environ
+    with ScriptedLLM([], KEEP, models_status=401) as llm:
+        config = tmp_path / "c.yaml"
+        config.write_text(yaml.safe_dump({"llm": {"api_base": llm.base_url, "models": [
+            {"name": "own", "api_key": "${OTHER_KEY}"}, {"name": "shared"}]}}))
+        resolved = configs.resolve_config(
+            config, version=2, iterations=1, llm=configs.LLMChoice(), full_rewrite=False,
+            environ={"OPENAI_API_KEY": "sk-main"},
+        )
+        assert [model.api_key for model in resolved.config.llm.models] == ["sk-other", "sk-main"]
+        warnings: list[str] = []
+        run._check_endpoints(resolved, warnings.append)
+    assert len(warnings) == 2
+    assert "check OTHER_KEY (or --api-key-env)" in warnings[0]
+    assert "check OPENAI_API_KEY (or --api-key-env)" in warnings[1]
+
+
+@pytest.mark.parametrize("setting", [{"manual_mode": True}, {"provider": "claude_code"}])
+def test_models_not_reached_over_http_need_no_key_and_no_preflight(tmp_path, setting):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"llm": {"api_base": "https://api.example.com/v1",
+                                              "models": [{"name": "m"}], **setting}}))
+    resolved = configs.resolve_config(
+        config, version=2, iterations=1, llm=configs.LLMChoice(), full_rewrite=False, environ={},
+    )
+    assert resolved.endpoints == []
+
+
+def test_no_endpoint_check_skips_the_preflight(tmp_path, monkeypatch):
+    class Reached(Exception):
+        """The run got past the endpoint check to writing its folder."""
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(run, "_write_setup", stop)
+    config = tmp_path / "openevolve.yaml"
+    config.write_text("max_iterations: 3\n")
+    closed = configs.LLMChoice(api_base=f"http://127.0.0.1:{closed_port()}/v1", models=("m",))
+    with pytest.raises(ConfigError, match="Connection refused"):
+        run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
+                   llm=closed, environ={})
+    with pytest.raises(Reached):
+        run.evolve(SMALL, out_dir=tmp_path / "out", iterations=1, config_path=config,
+                   llm=closed, environ={}, check_endpoints=False)
+    from typer.testing import CliRunner
+
+    given = {}
+    monkeypatch.setattr(run, "evolve", lambda *args, **kwargs: given.update(kwargs) or stop())
+    CliRunner().invoke(make_app(), [
+        "evolve", "--version", "2", *small_trace_options(tmp_path), "--no-endpoint-check",
+        "--config", "local", "--out", str(tmp_path / "out")])
+    assert given["check_endpoints"] is False
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -834,13 +983,13 @@ def test_an_initial_program_that_fails_stops_tape_evolve_before_the_run_folder(t
     assert not (tmp_path / "out").exists() and llm.requests == []
 
 
-def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch, caplog):
+def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     # A server that refuses GET /models with 401 may still serve chat: a warning, not an error.
     result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP,
                                           models_status=401)
     assert result.exit_code == 0, result.output
-    assert any("refused the API key (HTTP 401" in record.getMessage()
-               for record in caplog.records)
+    assert result.output.startswith("warning: the LLM endpoint http://127.0.0.1:")
+    assert "refused the API key (HTTP 401" in result.output
     assert "best evolved program vs deepseek" in result.output
     assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
 

@@ -72,6 +72,12 @@ def _default_out(command: str, version: int | str) -> Path:
     return Path("tape-out") / f"{command}-{suffix}"
 
 
+def _warn(message: str) -> None:
+    """A one-line warning on stderr, as the CLI's other warnings."""
+    error_console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False,
+                        soft_wrap=True)
+
+
 def _comparison_table(title: str, scores: dict[str, ProgramScore], metrics: tuple[str, ...]
                       ) -> Table:
     """Metrics down, programs across: readable at 80 columns whatever the version's metrics."""
@@ -155,6 +161,11 @@ def register(app: typer.Typer) -> None:
                                "(its best/, checkpoints/, logs/ and TAPE's files; other files "
                                "are kept).")
         ] = False,
+        endpoint_check: Annotated[
+            bool, typer.Option("--endpoint-check/--no-endpoint-check", help="Before the run, "
+                               "check that each LLM endpoint can be connected to (one GET "
+                               "{api_base}/models).")
+        ] = True,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
     ) -> None:
@@ -181,7 +192,7 @@ def register(app: typer.Typer) -> None:
             llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
                               api_key_env=api_key_env),
             full_rewrite=full_rewrite, resume=resume, initial_program=initial,
-            overwrite=overwrite,
+            overwrite=overwrite, check_endpoints=endpoint_check, warn=_warn,
         )
         from tape.evolution.prompts import version_metrics
 

@@ -5,7 +5,10 @@ user's), rejects unknown keys (OpenEvolve's loader would drop them silently), ap
 line (endpoint, models, iterations, full rewrites), writes the chosen version's objective into
 the system message unless the file sets its own, and takes the API key from the environment:
 `OPENAI_API_KEY`, or the variable named by `--api-key-env` or by `llm: api_key: ${VAR}`. A key
-written in a file is refused; a local endpoint (localhost) needs none.
+written in a file is refused; a local endpoint (localhost) needs none, nor does a model that
+OpenEvolve does not reach over HTTP (`manual_mode`, a CLI `provider` such as claude_code). Keys
+lose surrounding whitespace (a CRLF .env file leaves a `\r`); one holding a character that an
+HTTP header cannot carry is an error whose message does not show the key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "LOCAL_KEY_PLACEHOLDER",
     "LLMChoice",
+    "LLMEndpoint",
     "ResolvedConfig",
     "find_config",
     "resolve_api_key",
@@ -62,19 +66,37 @@ class LLMChoice:
     api_key_env: str | None = None
 
 
+@dataclass(frozen=True)
+class LLMEndpoint:
+    """An endpoint the run's models send requests to over HTTP.
+
+    Attributes:
+        api_base: the OpenAI-compatible endpoint.
+        api_key: the key sent to it.
+        key_variable: the environment variable the key came from.
+    """
+
+    api_base: str
+    api_key: str
+    key_variable: str
+
+
 @dataclass
 class ResolvedConfig:
     """An OpenEvolve config ready to run.
 
     Attributes:
-        config: the `openevolve.config.Config`, API key included.
+        config: the `openevolve.config.Config`, API keys included.
         saved: the same settings as a dict for the run folder, API key left out.
         key_variable: the environment variable the key was read from.
+        endpoints: the endpoints of the models OpenEvolve reaches over HTTP (not those in
+            manual mode or with a CLI provider), each once.
     """
 
     config: Any
     saved: dict[str, Any]
     key_variable: str
+    endpoints: list[LLMEndpoint] = dataclasses.field(default_factory=list)
 
 
 def shipped_config_names() -> list[str]:
@@ -150,21 +172,45 @@ def _model_entries(llm: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _is_local(api_base: str) -> bool:
-    return (urlparse(api_base).hostname or "") in _LOCAL_HOSTS
+    try:
+        return (urlparse(api_base).hostname or "") in _LOCAL_HOSTS
+    except ValueError:  # a malformed URL: the endpoint check says so
+        return False
+
+
+def _over_http(manual_mode: Any, provider: Any) -> bool:
+    """Whether OpenEvolve sends a model's requests over HTTP with its OpenAI client: not in
+    manual mode (a human answers), not through a CLI provider (claude_code, copilot_cli, ...)."""
+    return manual_mode is not True and provider in (None, "openai")
+
+
+def _clean_key(key: str, variable: str) -> str:
+    """`key` without surrounding whitespace; ConfigError, not showing the key, if it holds a
+    character that an HTTP header cannot carry."""
+    key = key.strip()
+    for position, character in enumerate(key, start=1):
+        if not " " <= character <= "~":
+            kind = "a control character" if character.isascii() else "a non-ASCII character"
+            raise ConfigError(
+                f"the API key in {variable} holds {kind} at position {position}, which an HTTP "
+                f"header cannot carry; set {variable} to the key alone"
+            )
+    return key
 
 
 def resolve_api_key(
     llm: Mapping[str, Any], api_key_env: str | None, environ: Mapping[str, str]
 ) -> tuple[str, str]:
-    """The API key to use and the variable it came from.
+    """The API key to use (surrounding whitespace removed) and the variable it came from.
 
     The variable is `api_key_env` if given, else one named as `llm: api_key: ${VAR}` in the
     config, else OPENAI_API_KEY (a model's own `api_key: ${VAR}` is left to OpenEvolve). With
-    that variable unset, an endpoint on this machine gets a placeholder (local servers ignore
-    it) unless the variable was named explicitly.
+    that variable unset, endpoints on this machine get a placeholder (local servers ignore
+    it) unless the variable was named explicitly; so do models not reached over HTTP.
 
     Raises:
-        ConfigError: a key written literally in the config, or no key for a remote endpoint.
+        ConfigError: a key written literally in the config, no key for a remote endpoint, or a
+            key holding a character an HTTP header cannot carry.
     """
     for entry in (llm, *_model_entries(llm)):
         value = entry.get("api_key")
@@ -173,14 +219,16 @@ def resolve_api_key(
                 "the OpenEvolve config holds an API key; remove it and keep the key in an "
                 "environment variable (OPENAI_API_KEY, or --api-key-env NAME, or api_key: ${NAME})"
             )
-    reference = _VARIABLE_REFERENCE.match(str(llm.get("api_key") or ""))
-    named = reference.group(1) if reference else None
+    named = _referenced_variable(llm.get("api_key"))
     variable = api_key_env or named or DEFAULT_API_KEY_VARIABLE
-    key = environ.get(variable)
+    key = _clean_key(environ.get(variable) or "", variable)
     if key:
         return key, variable
-    bases = [str(llm.get("api_base") or "https://api.openai.com/v1")]
-    bases += [str(model["api_base"]) for model in _model_entries(llm) if model.get("api_base")]
+    default_base = str(llm.get("api_base") or "https://api.openai.com/v1")
+    models = _model_entries(llm) or [{}]  # primary_model style: the llm section's settings
+    bases = [str(model.get("api_base") or default_base) for model in models if _over_http(
+        *(model[name] if model.get(name) is not None else llm.get(name)
+          for name in ("manual_mode", "provider")))]
     if not (api_key_env or named) and all(_is_local(base) for base in bases):
         return LOCAL_KEY_PLACEHOLDER, variable
     raise ConfigError(
@@ -189,6 +237,34 @@ def resolve_api_key(
         f"--api-base http://localhost:8000/v1 (vLLM) or http://localhost:11434/v1 (ollama); "
         f"without an LLM, `tape tune` improves the tape policy"
     )
+
+
+def _referenced_variable(value: Any) -> str | None:
+    """VAR of an `api_key: ${VAR}` setting, else None."""
+    reference = _VARIABLE_REFERENCE.match(str(value or ""))
+    return reference.group(1) if reference else None
+
+
+def _endpoints(config: Any, llm_section: Mapping[str, Any], variable: str) -> list[LLMEndpoint]:
+    """The run's HTTP endpoints, each once, with the key and the variable it came from; every
+    model's key is cleaned in `config` (`_clean_key`) on the way.
+
+    `config.llm.models` (and `evaluator_models`) list the section's entries in order, then any
+    `primary_model`/`secondary_model`, which use the section's key."""
+    endpoints = []
+    for kind in ("models", "evaluator_models"):
+        entries = [entry for entry in llm_section.get(kind) or [] if isinstance(entry, dict)]
+        for index, model in enumerate(getattr(config.llm, kind)):
+            named = _referenced_variable(entries[index].get("api_key")) if index < len(
+                entries) else None
+            model_variable = named or variable
+            if isinstance(model.api_key, str):
+                model.api_key = _clean_key(model.api_key, model_variable)
+            if kind == "models" and not getattr(model, "init_client", None) and _over_http(
+                    getattr(model, "manual_mode", None), getattr(model, "provider", None)):
+                endpoints.append(LLMEndpoint(str(model.api_base), model.api_key or "",
+                                             model_variable))
+    return list(dict.fromkeys(endpoints))
 
 
 def resolve_config(
@@ -236,4 +312,4 @@ def resolve_config(
         raise ConfigError(f"OpenEvolve rejected the config {path}: {error}") from None
     if not config.llm.models:
         raise ConfigError(f"OpenEvolve config {path} names no LLM model; pass --model NAME")
-    return ResolvedConfig(config, saved, variable)
+    return ResolvedConfig(config, saved, variable, _endpoints(config, llm_section, variable))

@@ -6,8 +6,8 @@
    checked strictly, with the command line applied, the version's objective in the system
    message and the API key from the environment (never from a file);
 2. raises OpenEvolve's evaluation timeout to the sandbox's worst case if it is lower, checks
-   that the LLM endpoint answers at all (`tape.evolution.endpoint`) and that the user's initial
-   program scores without failing;
+   that each LLM endpoint can be connected to (`tape.evolution.endpoint`; `check_endpoints`
+   False skips it) and that the user's initial program scores without failing;
 3. writes the run folder: `initial_program.py`, `config.yaml` (the resolved config, key left
    out), `windows.npz` (the windows every candidate is scored on, computed once) and
    `tape_evolve.json` (the manifest);
@@ -31,7 +31,7 @@ import os
 import shutil
 import signal
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,18 +189,16 @@ def _check_initial_program(path: Path, settings: EvaluationSettings) -> None:
         )
 
 
-def _check_endpoints(resolved: ResolvedConfig) -> None:
-    """ConfigError if an LLM endpoint of the run cannot be reached; a warning if it answers
-    with an error status (401/403: the key)."""
+def _check_endpoints(resolved: ResolvedConfig, warn: Callable[[str], None]) -> None:
+    """ConfigError if no connection can be made to an LLM endpoint of the run; `warn` if one
+    answers slowly or with an error status (401/403: the key; 404: perhaps a missing /v1)."""
     from tape.evolution.endpoint import check_endpoint
 
-    llm = resolved.config.llm
-    endpoints = dict.fromkeys((model.api_base or llm.api_base, model.api_key or llm.api_key)
-                              for model in llm.models)
-    for api_base, api_key in endpoints:
-        warning = check_endpoint(api_base, api_key, key_variable=resolved.key_variable)
+    for endpoint in resolved.endpoints:
+        warning = check_endpoint(endpoint.api_base, endpoint.api_key,
+                                 key_variable=endpoint.key_variable)
         if warning is not None:
-            logging.getLogger(__name__).warning("%s", warning)
+            warn(warning)
 
 
 def _set_aside(out_dir: Path) -> Path | None:
@@ -333,6 +331,8 @@ def evolve(
     initial_program: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    check_endpoints: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> EvolveResult:
     """Run OpenEvolve on `rebalance_experts` under `settings` (see the module doc).
 
@@ -350,6 +350,9 @@ def evolve(
         overwrite: `out_dir` may hold an earlier run; its files (`RUN_ENTRIES`) are replaced
             once every check has passed and the new run's files are written (if writing
             fails, the earlier run stays as it was); other files are kept.
+        check_endpoints: first check that each LLM endpoint can be connected to
+            (`tape.evolution.endpoint`); False skips that request.
+        warn: called with each one-line warning (None: this module's logger).
 
     Raises:
         ConfigError: a bad config or presets file, no API key, an unreadable initial program, a
@@ -368,6 +371,7 @@ def evolve(
     from tape.evolution import evaluator
 
     environ = os.environ if environ is None else environ
+    warn = warn or logging.getLogger(__name__).warning
     llm = llm or LLMChoice()
     stray = {name: value for name, value in os.environ.items()
              if name.startswith("TAPE_") and name not in ENVIRONMENT.values()}
@@ -393,14 +397,13 @@ def evolve(
     source = _initial_source(initial_program) if resume is None else None
     bound = _evaluation_bound(settings)
     if config.evaluator.timeout < bound:
-        logging.getLogger(__name__).warning(
-            "raising evaluator.timeout from %s to %.0f s: OpenEvolve must not abandon an "
-            "evaluation that the sandbox is still bounding", config.evaluator.timeout, bound,
-        )
+        warn(f"raising evaluator.timeout from {config.evaluator.timeout} to {bound:.0f} s: "
+             "OpenEvolve must not abandon an evaluation that the sandbox is still bounding")
         config.evaluator.timeout = int(np.ceil(bound))
         saved_config.setdefault("evaluator", {})["timeout"] = config.evaluator.timeout
 
-    _check_endpoints(resolved)  # a wrong --api-base stops here, not after every iteration failed
+    if check_endpoints:  # a wrong --api-base stops here, not after every iteration failed
+        _check_endpoints(resolved, warn)
     if source is not None and initial_program is not None:
         _check_initial_program(Path(initial_program), settings)
 
