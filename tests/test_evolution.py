@@ -928,7 +928,7 @@ def test_tape_evolve_without_openevolve_says_how_to_install_it(tmp_path, monkeyp
     assert result.exit_code == 2, result.output
     message = (
         "error: tape evolve needs the evolve extra, but openevolve is not installed; install it "
-        "with pip install -e '.[evolve]' in a checkout of TAPE, or pip install 'tape-moe[evolve]'"
+        "with pip install -e '.[evolve]' in a checkout of TAPE"
     )
     assert result.output.strip().splitlines() == [message]
     assert not (tmp_path / "out").exists()

@@ -94,10 +94,9 @@ def test_sglang_dump_needs_torch(tmp_path, monkeypatch):
     with pytest.raises(TraceError, match=r"expert_distribution\.pt: .*needs PyTorch") as caught:
         load_trace(dump)
     # The torch extra (with the version TAPE was tested with), not a bare `pip install torch`,
-    # from a checkout or from PyPI (as the evolve extra's hint).
+    # as the evolve extra's hint.
     assert (
-        "`pip install -e '.[torch]'` in a checkout of TAPE, or `pip install 'tape-moe[torch]'` "
-        "(a CPU build of torch is enough)"
+        "`pip install -e '.[torch]'` in a checkout of TAPE (a CPU build of torch is enough)"
     ) in str(caught.value)
 
 

@@ -196,7 +196,7 @@ def test_tape_tune_without_optuna_says_how_to_install_it(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     message = (
         "error: tape tune needs the evolve extra, but optuna is not installed; install it with "
-        "pip install -e '.[evolve]' in a checkout of TAPE, or pip install 'tape-moe[evolve]'"
+        "pip install -e '.[evolve]' in a checkout of TAPE"
     )
     assert result.output.strip().splitlines() == [message]
     assert not (tmp_path / "tuned").exists()

@@ -58,8 +58,7 @@ _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 _OUTPUT_TAIL_CHARS = 300
 _TORCH_HINT = (
     "the program imports torch, which is not installed: install TAPE's torch extra, "
-    "`pip install -e '.[torch]'` in a checkout of TAPE, or `pip install 'tape-moe[torch]'` "
-    "(a CPU build of torch is enough)"
+    "`pip install -e '.[torch]'` in a checkout of TAPE (a CPU build of torch is enough)"
 )
 
 

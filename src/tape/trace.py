@@ -401,8 +401,8 @@ def _read_torch_dump(path: Path) -> np.ndarray:
     except ImportError:
         raise TraceError(
             f"{path}: reading a .pt expert-distribution dump needs PyTorch: install TAPE's "
-            f"torch extra, `pip install -e '.[torch]'` in a checkout of TAPE, or `pip install "
-            f"'tape-moe[torch]'` (a CPU build of torch is enough)"
+            f"torch extra, `pip install -e '.[torch]'` in a checkout of TAPE (a CPU build of "
+            f"torch is enough)"
         ) from None
     if path.stat().st_size == 0:
         raise TraceError(f"{path}: empty file (expected a torch.save dump)")

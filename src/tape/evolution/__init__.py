@@ -18,7 +18,7 @@ from types import ModuleType
 
 __all__ = ["EXTRA_INSTALL", "require_extra"]
 
-EXTRA_INSTALL = "pip install -e '.[evolve]' in a checkout of TAPE, or pip install 'tape-moe[evolve]'"
+EXTRA_INSTALL = "pip install -e '.[evolve]' in a checkout of TAPE"
 """How to install the `evolve` extra (OpenEvolve and Optuna)."""
 
 
