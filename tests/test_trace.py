@@ -1,4 +1,4 @@
-"""Trace loading, validation, windowing and JSON writing (tape.trace)."""
+"""Trace loading, validation, windowing and JSON writing (tape.trace, tape.trace_formats)."""
 
 import io
 import json
