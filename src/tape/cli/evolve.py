@@ -161,11 +161,11 @@ def register(app: typer.Typer) -> None:
                                "(its best/, checkpoints/, logs/ and TAPE's files; other files "
                                "are kept).")
         ] = False,
-        endpoint_check: Annotated[
-            bool, typer.Option("--endpoint-check/--no-endpoint-check", help="Before the run, "
-                               "check that each LLM endpoint can be connected to (one GET "
-                               "{api_base}/models).")
-        ] = True,
+        no_endpoint_check: Annotated[
+            bool, typer.Option("--no-endpoint-check", help="Skip the check, made before the "
+                               "run, that each LLM endpoint can be connected to (one GET of "
+                               "its /models).")
+        ] = False,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
     ) -> None:
@@ -192,7 +192,7 @@ def register(app: typer.Typer) -> None:
             llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
                               api_key_env=api_key_env),
             full_rewrite=full_rewrite, resume=resume, initial_program=initial,
-            overwrite=overwrite, check_endpoints=endpoint_check, warn=_warn,
+            overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
         )
         from tape.evolution.prompts import version_metrics
 
