@@ -188,3 +188,35 @@ def test_probe_writable_leaves_nothing_and_fails_where_it_cannot_write(tmp_path)
     with pytest.raises(OSError):
         probe_writable(tmp_path / "file" / "out")
     assert _entries(tmp_path) == ["existing", "file"]
+
+
+def test_nothing_moves_when_a_staged_file_would_meet_a_folder(tmp_path):
+    out = tmp_path / "out"
+    (out / "manifest.json").mkdir(parents=True)  # a folder where a file will go
+    (out / "other.csv").write_text("old")
+    with pytest.raises(CommitError, match="manifest.json is in the way") as caught, \
+            staged_folder(out) as staging:
+        (staging / "other.csv").write_text("new")
+        (staging / "manifest.json").write_text("{}")
+    assert (out / "other.csv").read_text() == "old"  # not half moved
+    assert _entries(caught.value.staging) == ["manifest.json", "other.csv"]
+
+
+def test_ctrl_c_during_the_final_move_is_held_until_every_file_is_in(tmp_path, monkeypatch):
+    import signal
+
+    import tape.files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    move = tape.files._move_into
+
+    def interrupted_move(source, target):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before any file has moved
+        move(source, target)
+
+    monkeypatch.setattr(tape.files, "_move_into", interrupted_move)
+    with pytest.raises(KeyboardInterrupt), staged_folder(out) as staging:
+        for name in ("a.csv", "b.csv", "manifest.json"):
+            (staging / name).write_text(name)
+    assert _entries(out) == ["a.csv", "b.csv", "manifest.json"]

@@ -371,3 +371,15 @@ def test_results_that_cannot_be_moved_into_out_are_a_one_line_error_naming_where
         tuning.write_outputs(result, SMALL, out, trials=1, seed=0, holdout=0.0)
     kept = Path(str(caught.value).rsplit("they are in ", 1)[1])
     assert (kept / "tune_manifest.json").is_file() and list(out.iterdir()) == []
+
+
+def test_a_killed_runs_staging_folder_does_not_make_a_run_folder_used(tmp_path):
+    from tape.errors import ConfigError
+    from tape.evolution.settings import require_new_folder
+
+    out = tmp_path / "out"
+    (out / ".staging-0123456789ab").mkdir(parents=True)
+    require_new_folder(out)  # the up-front check of tape tune agrees with the final one
+    (out / "x").write_text("")
+    with pytest.raises(ConfigError, match="already holds files"):
+        require_new_folder(out)

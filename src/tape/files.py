@@ -20,6 +20,7 @@ __all__ = [
     "STAGING_PREFIX",
     "CommitError",
     "atomic_output",
+    "holds_files",
     "probe_writable",
     "staged_folder",
     "to_json_text",
@@ -56,6 +57,12 @@ def atomic_output(path: Path) -> Iterator[Path]:
 STAGING_PREFIX = ".staging-"
 """Name prefix of a run's staging folder inside an existing --out (`staged_folder`); a hidden
 sibling of a new --out is named `.NAME.staging-...`."""
+
+
+def holds_files(folder: Path) -> bool:
+    """Whether the existing `folder` holds anything but staging folders left by killed runs
+    (`staged_folder`), which are not results."""
+    return any(not entry.name.startswith(STAGING_PREFIX) for entry in Path(folder).iterdir())
 
 
 class CommitError(OSError):
@@ -143,14 +150,22 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 
 def _commit(staging: Path, out: Path, inside: bool) -> None:
-    """Move the staged files into `out` (the whole folder if `out` was new), with Ctrl-C held
-    off; CommitError (the staging folder kept) if that fails."""
-    try:
-        held = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread, which alone receives signals
-        held = None
+    """Move the staged files into `out` (the whole folder if `out` was new), with Ctrl-C and
+    SIGTERM held off until the move is done; CommitError (the staging folder kept) if it
+    cannot be done, checked before anything moves where a staged entry would meet an entry of
+    the other kind (a file where a folder is, or the reverse)."""
+    held: dict[int, Any] = {}
+    arrived: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            held[signum] = signal.signal(signum, lambda number, frame: arrived.append(number))
+        except ValueError:  # not the main thread, which alone receives signals
+            break
     try:
         if inside:
+            clash = _kind_clash(staging, out)
+            if clash is not None:
+                raise CommitError(out, staging, f"{clash} is in the way")
             _move_into(staging, out)
             staging.rmdir()
         elif os.path.lexists(out):  # made by another run meanwhile (rename would merge it)
@@ -160,10 +175,31 @@ def _commit(staging: Path, out: Path, inside: bool) -> None:
     except CommitError:
         raise
     except OSError as error:
-        raise CommitError(out, staging, error.strerror or str(error)) from None
+        raise CommitError(out, staging, f"{error.strerror or error}; some files may have been "
+                          "moved already") from None
     finally:
-        if held is not None:
-            signal.signal(signal.SIGINT, held)
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in arrived:
+        raise SystemExit(128 + signal.SIGTERM)
+    if arrived:
+        raise KeyboardInterrupt
+
+
+def _kind_clash(source: Path, target: Path) -> Path | None:
+    """The first entry of `target` that a staged entry of `source` (a file, or a folder) would
+    meet as the other kind, or None."""
+    for entry in source.iterdir():
+        there = target / entry.name
+        if not os.path.lexists(there):
+            continue
+        if (entry.is_dir() and not entry.is_symlink()) != (there.is_dir() and not there.is_symlink()):
+            return there
+        if entry.is_dir() and not entry.is_symlink():
+            clash = _kind_clash(entry, there)
+            if clash is not None:
+                return clash
+    return None
 
 
 def _move_into(source: Path, target: Path) -> None:

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tape.errors import MAX_INTEGER, ConfigError, LayoutError, TapeError, TraceError, counted
-from tape.files import STAGING_PREFIX, CommitError, probe_writable, staged_folder, write_json_atomic
+from tape.files import CommitError, holds_files, probe_writable, staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.policies import PolicyError
 from tape.presets import ClusterSpec, ModelSpec, load_config
@@ -146,8 +146,7 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         return
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
-    # A staging folder left by a killed run (`tape.files.staged_folder`) is not a result.
-    if must_be_empty and any(not entry.name.startswith(STAGING_PREFIX) for entry in out.iterdir()):
+    if must_be_empty and holds_files(out):
         hint = ", or pass --overwrite to replace its files" if overwrite_flag else ""
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 

@@ -177,7 +177,9 @@ def register(app: typer.Typer) -> None:
             out = resume.resolve().parent.parent if resume else _default_out(
                 "evolve", parse_version(version))
         # A used folder: run.evolve's hint (--resume with its newest checkpoint, or --overwrite).
-        check_out_writable(out, must_be_empty=False)
+        # A resumed run's folder exists already, and run.evolve checks the checkpoint first.
+        if resume is None:
+            check_out_writable(out, must_be_empty=False)
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
             seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tape.errors import ConfigError, TraceError, checked_integer
+from tape.files import holds_files
 from tape.layout import Layout
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
@@ -201,7 +202,7 @@ def require_new_folder(path: Path, hint: str = "choose another --out") -> None:
     another's."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a folder; give a folder (new or empty) as --out")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and holds_files(path):
         raise ConfigError(f"output folder {path} already holds files; {hint}")
 
 
