@@ -95,7 +95,9 @@ def _make_parents(folder: Path) -> list[Path]:
     return made
 
 
-def _remove_made(made: list[Path]) -> None:
+def _discard(staging: Path, made: list[Path]) -> None:
+    """Remove the staging folder and the parents made for it (those still empty)."""
+    shutil.rmtree(staging, ignore_errors=True)
     for folder in reversed(made):
         try:
             folder.rmdir()
@@ -103,19 +105,28 @@ def _remove_made(made: list[Path]) -> None:
             break
 
 
-def probe_writable(out: Path) -> None:
-    """Raise OSError unless results can be staged for `out` (`staged_folder`): make the staging
-    folder, write and remove a probe file in it, then remove it and any parents made for it."""
+def _open_staging(out: Path) -> tuple[Path, Path, bool, list[Path]]:
+    """Make the staging folder for `out` (and the missing parents of a new `out`) and write and
+    remove a probe file in it: (out, resolved; the staging folder; whether out is an existing
+    folder; the parents made). OSError, with nothing left behind, if that cannot be done."""
     out, staging, inside = _staging_place(out)
     made = [] if inside else _make_parents(out.parent)
     try:
         staging.mkdir()
-        try:
-            (staging / ".probe").write_bytes(b"")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    finally:
-        _remove_made(made)
+        probe = staging / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except BaseException:
+        _discard(staging, made)
+        raise
+    return out, staging, inside, made
+
+
+def probe_writable(out: Path) -> None:
+    """Raise OSError unless results can be staged for `out` (`staged_folder`); nothing is left
+    behind either way."""
+    _, staging, _, made = _open_staging(out)
+    _discard(staging, made)
 
 
 @contextmanager
@@ -128,23 +139,18 @@ def staged_folder(out: Path) -> Iterator[Path]:
     that one rename moves the whole folder in; if another run made `out` meanwhile, nothing is
     mixed into it: CommitError, and the results stay in the staging folder. An existing `out`
     is staged inside it (`.staging-TOKEN`): its old files stay untouched until the block has
-    succeeded, and then the new files replace them, moved one by one with Ctrl-C held off; if
-    a move fails, CommitError, and the files not moved stay in the staging folder. The staging
+    succeeded, and then the new files replace them, moved one by one with Ctrl-C and SIGTERM
+    held off (nothing moves if a staged file would meet a folder, or the reverse); if that
+    fails, CommitError, and the files not moved stay in the staging folder. The staging
     folder (a fresh random name, never another run's) is made, and a probe file written into
     it and removed, before the block runs: an `out` that cannot be written raises OSError
     before any work. If the block fails, the staging folder goes, with the parents made for it.
     """
-    out, staging, inside = _staging_place(out)
-    made = [] if inside else _make_parents(out.parent)
+    out, staging, inside, made = _open_staging(out)
     try:
-        staging.mkdir()
-        probe = staging / ".probe"
-        probe.write_bytes(b"")
-        probe.unlink()
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_made(made)
+        _discard(staging, made)
         raise
     _commit(staging, out, inside)
 
@@ -186,6 +192,11 @@ def _commit(staging: Path, out: Path, inside: bool) -> None:
         raise KeyboardInterrupt
 
 
+def _is_folder(path: Path) -> bool:
+    """A real folder, not a symbolic link to one (a link is moved as it is)."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def _kind_clash(source: Path, target: Path) -> Path | None:
     """The first entry of `target` that a staged entry of `source` (a file, or a folder) would
     meet as the other kind, or None."""
@@ -193,9 +204,9 @@ def _kind_clash(source: Path, target: Path) -> Path | None:
         there = target / entry.name
         if not os.path.lexists(there):
             continue
-        if (entry.is_dir() and not entry.is_symlink()) != (there.is_dir() and not there.is_symlink()):
+        if _is_folder(entry) != _is_folder(there):
             return there
-        if entry.is_dir() and not entry.is_symlink():
+        if _is_folder(entry):
             clash = _kind_clash(entry, there)
             if clash is not None:
                 return clash
@@ -205,7 +216,7 @@ def _kind_clash(source: Path, target: Path) -> Path | None:
 def _move_into(source: Path, target: Path) -> None:
     """Move every file under `source` to the same place under `target`, replacing files."""
     for entry in source.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
+        if _is_folder(entry):
             (target / entry.name).mkdir(exist_ok=True)
             _move_into(entry, target / entry.name)
             entry.rmdir()

@@ -182,7 +182,7 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
     try:
         staging = stack.enter_context(staged_folder(out))
     except OSError as error:
-        raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
+        raise _unwritable(out, error) from None
     try:
         with stack:
             try:
@@ -203,7 +203,11 @@ def check_out_writable(out: Path | None, *, must_be_empty: bool = True,
     try:
         probe_writable(out)
     except OSError as error:
-        raise ConfigError(f"cannot write to --out {out}: {error.strerror or error}") from None
+        raise _unwritable(out, error) from None
+
+
+def _unwritable(out: Path, error: OSError) -> ConfigError:
+    return ConfigError(f"cannot write to --out {out}: {error.strerror or error}")
 
 
 def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
