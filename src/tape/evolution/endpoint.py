@@ -35,16 +35,18 @@ _NO_KEY = "no-key-given"
 _HINT = "check --api-base (or llm.api_base in the config)"
 
 
+def _invalid_url(api_base: str, error: Exception) -> ConfigError:
+    return ConfigError(f"LLM endpoint {api_base!r} is not a valid URL ({error}); give "
+                       "--api-base like http://localhost:8000/v1")
+
+
 def _check_url(api_base: str) -> str:
     """The host of `api_base`; ConfigError unless it is an http(s) URL with a host."""
     try:
         parsed = urlparse(api_base)
         parsed.port  # noqa: B018 -- raises ValueError for a port that is not a number 0-65535
     except ValueError as error:
-        raise ConfigError(
-            f"LLM endpoint {api_base!r} is not a valid URL ({error}); give --api-base like "
-            "http://localhost:8000/v1"
-        ) from None
+        raise _invalid_url(api_base, error) from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(
             f"LLM endpoint {api_base!r} is not an http(s) URL; give --api-base like "
@@ -98,10 +100,7 @@ def _list_models(api_base: str, api_key: str, timeout_s: float) -> BaseException
     except openai.OpenAIError as error:
         return error
     except Exception as error:  # noqa: BLE001 - no I/O yet: its URL parser refused api_base
-        raise ConfigError(
-            f"LLM endpoint {api_base!r} is not a valid URL ({error}); give --api-base like "
-            "http://localhost:8000/v1"
-        ) from None
+        raise _invalid_url(api_base, error) from None
     try:
         client.models.list()
     except Exception as error:  # noqa: BLE001 - a server may answer in any way; classified
