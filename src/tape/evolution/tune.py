@@ -232,13 +232,12 @@ def tune(
         interrupted=interrupted,
     )
     try:
-        tuned = run(policy, evaluation, result.best_params)
-        defaults = run(policy, evaluation, None)
-        result.deepseek = run("deepseek", evaluation, None)
+        scores = (run(policy, evaluation, result.best_params), run(policy, evaluation, None),
+                  run("deepseek", evaluation, None))
     except KeyboardInterrupt:  # the finished trials are kept; the comparison is left out
         result.interrupted = True
     else:
-        result.tuned, result.defaults = tuned, defaults
+        result.tuned, result.defaults, result.deepseek = scores
     return result
 
 
