@@ -1,6 +1,7 @@
 """The synthetic trace generator (tape.synthetic): exactness, determinism, skew, drift and its
 calibration against the public trace."""
 
+from dataclasses import replace
 from itertools import combinations
 from math import prod
 
@@ -13,10 +14,11 @@ from tape import synthetic
 from tape.api import place
 from tape.errors import TraceError
 from tape.layout import Layout
-from tape.metrics import gpu_balancedness
+from tape.metrics import balancedness_score, gpu_balancedness, timeline
 from tape.synthetic import (
     DECODE_TOKENS,
     PREFILL_TOKENS,
+    SURGES,
     group_limited_shares,
     synthetic_trace,
 )
@@ -159,8 +161,8 @@ def test_group_limit_shows_in_the_trace():
 def test_windows_are_skewed(default_trace):
     windows = window_loads(default_trace, 100)
     max_over_mean = windows.max(axis=2) / windows.mean(axis=2)
-    # As DeepSeek-V3's: the hottest expert of a layer often carries 5-15x the mean.
-    assert 5.0 < np.median(max_over_mean) < 15.0
+    # The hottest expert of a layer carries several times the mean (a modelling range).
+    assert 3.0 < np.median(max_over_mean) < 15.0
     # Skew differs between layers.
     per_layer = np.median(max_over_mean, axis=0)
     assert per_layer.max() > 1.5 * per_layer.min()
@@ -208,33 +210,56 @@ def test_popularity_drifts_further_with_time(default_trace):
     assert change(1) < 0.8 * change(3) < 0.8 * change(6)
 
 
-def _deepseek_balancedness(loads):
-    """(next-window, same-window) GPU balancedness of deepseek, mean over the protocol's pairs."""
+def _deepseek_scores(loads, layout=None):
+    """deepseek's placements of each window but the last, scored on the window after (the
+    protocol) and on their own window: a dict of means over the pairs."""
     windows = window_loads(loads, 100)
-    layout = Layout()
+    layout = layout or Layout()
     placements = [place(window, layout, "deepseek") for window in windows[:-1]]
-    following = [gpu_balancedness(p, w, layout) for p, w in zip(placements, windows[1:])]
-    own = [gpu_balancedness(p, w, layout) for p, w in zip(placements, windows)]
-    return np.mean(following), np.mean(own)
+    pairs = list(zip(placements, windows[1:]))
+    return {
+        "gpu": np.mean([gpu_balancedness(p, w, layout) for p, w in pairs]),
+        "own gpu": np.mean([gpu_balancedness(p, w, layout) for p, w in zip(placements, windows)]),
+        "slot": np.mean([balancedness_score(p, w) for p, w in pairs]),
+        "compute": np.mean([timeline(p, w, layout).compute_balancedness for p, w in pairs]),
+    }
 
 
-def test_deepseek_next_window_balancedness_is_calibrated(default_trace):
-    # The calibration target: about 0.66, the figure reported for the public DeepSeek-V3 trace.
-    following, own = _deepseek_balancedness(default_trace)
-    assert 0.64 < following < 0.68
-    # The window it was balanced on is far better balanced: the loss is the trace's change.
-    assert own > following + 0.15
+def test_default_model_is_calibrated_against_the_public_trace(default_trace):
+    # Measured on the public trace by public runs of the seed's evaluators (docs/traces.md):
+    # deepseek's slot balancedness 0.311 and compute balancedness 0.817; EPLB's global replica
+    # counts (deepseek on one node) reach 0.357 slot balancedness.
+    hierarchical = _deepseek_scores(default_trace)
+    global_counts = _deepseek_scores(default_trace, Layout(num_nodes=1))
+    assert 0.28 < hierarchical["slot"] < 0.34
+    assert 0.79 < hierarchical["compute"] < 0.86
+    assert 0.33 < global_counts["slot"] < 0.40
+    # Packing whole groups onto nodes costs slot balance: the group skew.
+    assert global_counts["slot"] > hierarchical["slot"] + 0.03
+    # The window it was balanced on is better balanced: the loss is the trace's change.
+    assert hierarchical["own gpu"] > hierarchical["gpu"] + 0.05
 
 
-@pytest.mark.parametrize("component", ["MIX_SKEW", "BURST_SKEW"])
-def test_transient_popularity_makes_the_next_window_harder(monkeypatch, component):
-    def following(**constants):
-        for name, value in constants.items():
-            monkeypatch.setattr(synthetic, name, value)
-        return _deepseek_balancedness(synthetic_trace(num_layers=12, seed=4))[0]
+def test_surges_model_is_the_previous_calibration():
+    # Calibrated only to deepseek's next-window GPU balancedness of 0.66, with surges that
+    # make the slot balancedness far lower than the public trace's.
+    scores = _deepseek_scores(synthetic_trace(seed=1, model=SURGES))
+    assert 0.63 < scores["gpu"] < 0.69
+    assert scores["slot"] < 0.25
+    assert scores["own gpu"] > scores["gpu"] + 0.15
 
-    calibrated = following()
-    assert following(**{component: 0.0}) > calibrated + 0.03
+
+@pytest.mark.parametrize("component", ["mix_skew", "burst_skew"])
+def test_transient_popularity_makes_the_next_window_harder(component):
+    def following(model):
+        return _deepseek_scores(synthetic_trace(num_layers=12, seed=4, model=model))["gpu"]
+
+    assert following(replace(SURGES, **{component: 0.0})) > following(SURGES) + 0.03
+
+
+def test_a_model_that_is_not_a_trace_model_is_a_trace_error():
+    with pytest.raises(TraceError, match="model must be a TraceModel, got dict"):
+        synthetic_trace(num_steps=2, num_layers=1, model={"group_skew": 0.1})
 
 
 def test_ornstein_uhlenbeck_is_stationary_with_its_correlation_time():

@@ -1,36 +1,40 @@
 """A seeded synthetic expert-load trace in DeepSeek-V3's shape, for an offline default and tests.
 
-Calibration: the defaults are calibrated so that DeepSeek EPLB's next-window GPU balancedness
-(`tape.api.place(..., policy="deepseek")` on the default layout, S=288, 8 groups, 4 nodes, 32
-GPUs, rebalanced on window i of 100 steps and scored on window i + 1, mean over pairs) is about
-0.66, the figure reported for the public DeepSeek-V3 trace (abmfy/eplb-openevolve
-`expert-load.json`, 1,170 steps); measured: 0.652-0.677 on seeds 0-9, mean 0.663.
-docs/traces.md gives the other measured numbers (same-window, perfect forecast, `tape`).
+Calibration: the default model (`CALIBRATED`) is calibrated against what public runs of the
+seed's own evaluators measured on the public DeepSeek-V3 trace (abmfy/eplb-openevolve
+`expert-load.json`, 1,170 steps, windows of 100 steps, S=288, 8 groups, 4 nodes, 32 GPUs,
+rebalanced on window i and scored on window i + 1): DeepSeek EPLB's slot balancedness (the seed's
+`balancedness_score`) about 0.31, EPLB's global replica counts' slot balancedness about 0.36, and
+DeepSeek EPLB's compute balancedness (the seed's timeline) about 0.82. `SURGES` is the previous
+calibration, tuned only to a next-window GPU balancedness of 0.66 for DeepSeek EPLB: unpredictable
+single-expert surges dominate it, and it contradicts those three measurements. docs/traces.md
+gives the sources and the measured numbers.
 
 The model, step by step (all randomness from `np.random.default_rng(seed)`; sd: standard
-deviation):
+deviation; the model's parameters are the fields of a `TraceModel`, the rest are module
+constants):
 
-1. Tokens per forward step: a decode step (probability 1 - `PREFILL_FRACTION`) carries tens to
+1. Tokens per forward step: a decode step (probability 1 - `prefill_fraction`) carries tens to
    hundreds of tokens, a prefill step thousands; both log-uniform in their range.
 2. Popularity: expert e of layer l has log-popularity `persistent + drift + mix`, updated every
    `POPULARITY_UPDATE_STEPS` steps and held in between.
    - persistent: the router's lasting preferences, fixed for the whole trace: a group offset
-     (sd `GROUP_SKEW`) that makes some of the `num_groups` groups hotter than others, plus a
-     per-expert term whose sd, drawn per layer from `LAYER_SKEW`, makes skew differ between
+     (sd `group_skew`) that makes some of the `num_groups` groups hotter than others, plus a
+     per-expert term whose sd, drawn per layer from `layer_skew`, makes skew differ between
      layers.
-   - drift: a slow Ornstein-Uhlenbeck (OU) process per expert, sd `DRIFT_SKEW`, correlation
-     time `DRIFT_STEPS` steps.
-   - mix: the workload's composition. Each of `NUM_DOMAINS` domains (kinds of prompts: code,
+   - drift: a slow Ornstein-Uhlenbeck (OU) process per expert, sd `drift_skew`, correlation
+     time `drift_steps` steps.
+   - mix: the workload's composition. Each of `num_domains` domains (kinds of prompts: code,
      chat, a language...) has a profile, a standard normal log-popularity shift of every expert
      of every layer. The domains' activities are unit-sd OU processes with correlation time
-     `MIX_STEPS` steps (a few windows): a domain's surge heats its experts in every layer,
-     then fades. The mix is `MIX_SKEW / sqrt(NUM_DOMAINS)` times the activity-weighted sum of
-     the profiles, so its sd per expert is `MIX_SKEW`.
-   - swaps: about `SWAP_RATE` times per layer and step a hot expert (one of the
-     `SWAP_FROM_TOP` hottest) swaps its log-popularity with a random expert from then on: a
+     `mix_steps` steps (a few windows): a domain's surge heats its experts in every layer,
+     then fades. The mix is `mix_skew / sqrt(num_domains)` times the activity-weighted sum of
+     the profiles, so its sd per expert is `mix_skew`.
+   - swaps: about `swap_rate` times per layer and step a hot expert (one of the
+     `swap_from_top` hottest) swaps its log-popularity with a random expert from then on: a
      sudden, lasting shift.
    A prefill step is a few long prompts of one domain, drawn at random: its log-popularity adds
-   `BURST_SKEW` times that domain's profile. Prefill steps carry most of a window's tokens, so
+   `burst_skew` times that domain's profile. Prefill steps carry most of a window's tokens, so
    these bursts make the next window's loads partly unpredictable.
 3. Routing (group-limited top-k, as DeepSeek-V3): each token picks `topk_groups` distinct groups,
    a set S with probability proportional to the product of the groups' popularities, then makes
@@ -40,13 +44,14 @@ deviation):
    candidate experts and 8 picks a repeat is rare), and tokens are not sampled one by one.
 4. Counts: each step's `tokens * top_k` picks per layer are spread over the experts as their
    expected shares plus counting noise (Poisson-like, sd sqrt(mean)) and request-mix noise
-   (relative sd `STEP_NOISE`), clipped to [0, tokens] (a token picks an expert at most once) and
+   (relative sd `step_noise`), clipped to [0, tokens] (a token picks an expert at most once) and
    rounded to integers that sum exactly to `tokens * top_k` (systematic rounding: every count is
    its real value rounded down or up).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 from math import comb
 
@@ -56,21 +61,13 @@ from scipy.signal import lfilter
 from tape.errors import TraceError, checked_integer
 
 __all__ = [
-    "BURST_SKEW",
+    "CALIBRATED",
     "DECODE_TOKENS",
-    "DRIFT_SKEW",
-    "DRIFT_STEPS",
-    "GROUP_SKEW",
-    "LAYER_SKEW",
-    "MIX_SKEW",
-    "MIX_STEPS",
-    "NUM_DOMAINS",
     "POPULARITY_UPDATE_STEPS",
-    "PREFILL_FRACTION",
     "PREFILL_TOKENS",
-    "STEP_NOISE",
-    "SWAP_FROM_TOP",
-    "SWAP_RATE",
+    "SURGES",
+    "TRACE_MODELS",
+    "TraceModel",
     "group_limited_shares",
     "synthetic_trace",
 ]
@@ -79,34 +76,50 @@ DECODE_TOKENS = (16, 512)
 """Range of tokens in a decode step (log-uniform)."""
 PREFILL_TOKENS = (1024, 16384)
 """Range of tokens in a prefill step (log-uniform)."""
-PREFILL_FRACTION = 0.2
-"""Probability that a step is a prefill step."""
-LAYER_SKEW = (0.45, 0.75)
-"""Range of the per-layer sd of an expert's persistent log-popularity (uniform)."""
-GROUP_SKEW = 0.25
-"""Sd of a group's persistent log-popularity offset."""
-DRIFT_SKEW = 0.3
-"""Sd of the slow drift of an expert's log-popularity."""
-DRIFT_STEPS = 2000.0
-"""Correlation time of the slow drift, in steps."""
-NUM_DOMAINS = 32
-"""Workload domains, each with its own log-popularity profile over every layer's experts."""
-MIX_SKEW = 0.5
-"""Sd of the workload mix's shift of an expert's log-popularity."""
-MIX_STEPS = 300.0
-"""Correlation time of the domains' activities, in steps (three windows of 100 steps)."""
-BURST_SKEW = 0.65
-"""Weight of its domain's profile in a prefill step's log-popularity."""
-SWAP_RATE = 1 / 150
-"""Hot-expert swaps per layer and step."""
-SWAP_FROM_TOP = 8
-"""A swap takes its hot expert from this many hottest experts of the layer."""
-STEP_NOISE = 0.25
-"""Relative sd of an expert's count in one step beyond counting noise (request-mix noise)."""
 POPULARITY_UPDATE_STEPS = 10
 """Popularity is updated every this many steps (far faster than the mix's correlation time)."""
 SAMPLING_BLOCK_STEPS = 50
 """Steps whose counts are sampled together (bounds the working memory)."""
+
+
+@dataclass(frozen=True)
+class TraceModel:
+    """The parameters of the synthetic trace's model (module doc); sd: standard deviation."""
+
+    prefill_fraction: float = 0.2
+    """Probability that a step is a prefill step."""
+    layer_skew: tuple[float, float] = (0.1, 0.3)
+    """Range of the per-layer sd of an expert's persistent log-popularity (uniform)."""
+    group_skew: float = 0.5
+    """Sd of a group's persistent log-popularity offset."""
+    drift_skew: float = 0.3
+    """Sd of the slow drift of an expert's log-popularity."""
+    drift_steps: float = 2000.0
+    """Correlation time of the slow drift, in steps."""
+    num_domains: int = 32
+    """Workload domains, each with its own log-popularity profile over every layer's experts."""
+    mix_skew: float = 0.1
+    """Sd of the workload mix's shift of an expert's log-popularity."""
+    mix_steps: float = 300.0
+    """Correlation time of the domains' activities, in steps (three windows of 100 steps)."""
+    burst_skew: float = 0.2
+    """Weight of its domain's profile in a prefill step's log-popularity."""
+    swap_rate: float = 1 / 250
+    """Hot-expert swaps per layer and step."""
+    swap_from_top: int = 8
+    """A swap takes its hot expert from this many hottest experts of the layer."""
+    step_noise: float = 0.25
+    """Relative sd of an expert's count in one step beyond counting noise (request-mix noise)."""
+
+
+CALIBRATED = TraceModel()
+"""The default: calibrated against the public trace's measured balancedness (module doc)."""
+SURGES = TraceModel(
+    layer_skew=(0.45, 0.75), group_skew=0.25, mix_skew=0.5, burst_skew=0.65, swap_rate=1 / 150
+)
+"""The previous calibration: sharper, less predictable single-expert surges (module doc)."""
+TRACE_MODELS = {"calibrated": CALIBRATED, "surges": SURGES}
+"""The named models."""
 
 MAX_GROUP_SETS = 5000
 """Largest number of group sets C(num_groups, topk_groups) the routing model enumerates."""
@@ -163,9 +176,11 @@ def group_limited_shares(popularity: np.ndarray, num_groups: int, topk_groups: i
     return popularity * np.repeat(per_group, group_size, axis=-1)
 
 
-def _tokens_per_step(num_steps: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _tokens_per_step(
+    num_steps: int, prefill_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokens in each forward step, [steps] int64, and which steps are prefill, [steps] bool."""
-    prefill = rng.random(num_steps) < PREFILL_FRACTION
+    prefill = rng.random(num_steps) < prefill_fraction
     low = np.where(prefill, PREFILL_TOKENS[0], DECODE_TOKENS[0])
     high = np.where(prefill, PREFILL_TOKENS[1], DECODE_TOKENS[1])
     log_tokens = np.log(low) + rng.random(num_steps) * (np.log(high) - np.log(low))
@@ -187,7 +202,11 @@ def _ornstein_uhlenbeck(
 
 
 def _log_popularity(
-    num_updates: int, profiles: np.ndarray, num_groups: int, rng: np.random.Generator
+    num_updates: int,
+    profiles: np.ndarray,
+    num_groups: int,
+    model: TraceModel,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """[updates, L, E] float64: log-popularity of every expert at each popularity update.
 
@@ -195,29 +214,30 @@ def _log_popularity(
         num_updates: popularity updates, `POPULARITY_UPDATE_STEPS` steps apart.
         profiles: [domains, L, E] float64, each domain's log-popularity shift.
         num_groups: expert groups of consecutive ids; divides E.
+        model: the model's parameters.
         rng: the trace's generator.
 
     Returns:
         persistent + drift + mix, with hot-expert swaps (the module doc gives the model).
     """
     num_domains, num_layers, num_experts = profiles.shape
-    layer_skew = rng.uniform(*LAYER_SKEW, size=(num_layers, 1))
-    group_offset = rng.normal(0.0, GROUP_SKEW, size=(num_layers, num_groups))
+    layer_skew = rng.uniform(*model.layer_skew, size=(num_layers, 1))
+    group_offset = rng.normal(0.0, model.group_skew, size=(num_layers, num_groups))
     persistent = rng.standard_normal((num_layers, num_experts)) * layer_skew
     persistent += np.repeat(group_offset, num_experts // num_groups, axis=1)
-    drift = _ornstein_uhlenbeck(num_updates, (num_layers, num_experts), DRIFT_STEPS, rng)
-    activity = _ornstein_uhlenbeck(num_updates, (num_domains,), MIX_STEPS, rng)
-    activity *= MIX_SKEW / np.sqrt(num_domains)
+    drift = _ornstein_uhlenbeck(num_updates, (num_layers, num_experts), model.drift_steps, rng)
+    activity = _ornstein_uhlenbeck(num_updates, (num_domains,), model.mix_steps, rng)
+    activity *= model.mix_skew / np.sqrt(num_domains)
     mix = activity @ profiles.reshape(num_domains, num_layers * num_experts)
     log_popularity = mix.reshape(num_updates, num_layers, num_experts)
-    drift *= DRIFT_SKEW
+    drift *= model.drift_skew
     log_popularity += drift
     log_popularity += persistent
 
-    num_swaps = rng.poisson(SWAP_RATE * POPULARITY_UPDATE_STEPS * num_updates * num_layers)
+    num_swaps = rng.poisson(model.swap_rate * POPULARITY_UPDATE_STEPS * num_updates * num_layers)
     swap_updates = rng.integers(0, num_updates, size=num_swaps)
     swap_layers = rng.integers(0, num_layers, size=num_swaps)
-    swap_ranks = rng.integers(0, min(SWAP_FROM_TOP, num_experts), size=num_swaps)
+    swap_ranks = rng.integers(0, min(model.swap_from_top, num_experts), size=num_swaps)
     swap_partners = rng.integers(0, num_experts, size=num_swaps)
     for index in np.argsort(swap_updates, kind="stable"):
         update, layer = swap_updates[index], swap_layers[index]
@@ -228,16 +248,21 @@ def _log_popularity(
 
 
 def _sample_counts(
-    shares: np.ndarray, tokens: np.ndarray, top_k: int, rng: np.random.Generator
+    shares: np.ndarray,
+    tokens: np.ndarray,
+    top_k: int,
+    step_noise: float,
+    rng: np.random.Generator,
 ) -> np.ndarray:
-    """[B, L, E] float64 whole counts for B steps, from expected shares [B, L, E] (module doc).
+    """[B, L, E] float64 whole counts for B steps, from expected shares [B, L, E] (module doc),
+    with request-mix noise of relative sd `step_noise`.
 
     Each row sums to `tokens * top_k` and each count lies in [0, tokens].
     """
     picks = (tokens * top_k).astype(np.float64)[:, None]
     cap = tokens.astype(np.float64)[:, None, None]
     counts = shares * picks[..., None]
-    noise_sd = counts * STEP_NOISE
+    noise_sd = counts * step_noise
     noise_sd *= noise_sd
     noise_sd += counts
     np.sqrt(noise_sd, out=noise_sd)
@@ -273,6 +298,7 @@ def synthetic_trace(
     top_k: int = 8,
     topk_groups: int = 4,
     seed: int = 0,
+    model: TraceModel = CALIBRATED,
 ) -> np.ndarray:
     """A synthetic expert-load trace: token counts per step, layer and expert (model: module doc).
 
@@ -285,6 +311,8 @@ def synthetic_trace(
         topk_groups: groups each token may pick from (DeepSeek-V3: 4).
         seed: seed of `np.random.default_rng`, a non-negative integer; the same arguments
             give the same trace.
+        model: the model's parameters: `CALIBRATED` (the default) or `SURGES` (module doc),
+            or any `TraceModel`.
 
     Returns:
         [steps, L, E] float64 whole token counts. In every step, each layer's counts sum to
@@ -302,6 +330,8 @@ def synthetic_trace(
     top_k = checked_integer(top_k, "top_k", TraceError)
     topk_groups = checked_integer(topk_groups, "topk_groups", TraceError)
     checked_integer(seed, "seed", TraceError, minimum=0)
+    if not isinstance(model, TraceModel):
+        raise TraceError(f"model must be a TraceModel, got {type(model).__name__}")
     if num_experts % num_groups:
         raise TraceError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
     if topk_groups > num_groups:
@@ -312,15 +342,15 @@ def synthetic_trace(
             f"top_k ({top_k}) must be at most the {candidates} experts of {topk_groups} groups"
         )
     rng = np.random.default_rng(seed)
-    tokens, prefill = _tokens_per_step(num_steps, rng)
-    profiles = rng.standard_normal((NUM_DOMAINS, num_layers, num_experts))
+    tokens, prefill = _tokens_per_step(num_steps, model.prefill_fraction, rng)
+    profiles = rng.standard_normal((model.num_domains, num_layers, num_experts))
     num_updates = -(-num_steps // POPULARITY_UPDATE_STEPS)
-    popularity = np.exp(_log_popularity(num_updates, profiles, num_groups, rng))
+    popularity = np.exp(_log_popularity(num_updates, profiles, num_groups, model, rng))
     shares = group_limited_shares(popularity, num_groups, topk_groups)
     # A prefill step is one domain's batch: its popularity leans towards that domain's profile.
     domain = np.full(num_steps, -1)
-    domain[prefill] = rng.integers(0, NUM_DOMAINS, size=int(prefill.sum()))
-    burst_factor = np.exp(BURST_SKEW * profiles)
+    domain[prefill] = rng.integers(0, model.num_domains, size=int(prefill.sum()))
+    burst_factor = np.exp(model.burst_skew * profiles)
 
     loads = np.empty((num_steps, num_layers, num_experts))
     for start in range(0, num_steps, SAMPLING_BLOCK_STEPS):
@@ -331,5 +361,5 @@ def synthetic_trace(
         burst_popularity = popularity[update[burst]]
         burst_popularity *= burst_factor[domain[steps[burst]]]
         step_shares[burst] = group_limited_shares(burst_popularity, num_groups, topk_groups)
-        loads[steps] = _sample_counts(step_shares, tokens[steps], top_k, rng)
+        loads[steps] = _sample_counts(step_shares, tokens[steps], top_k, model.step_noise, rng)
     return loads
