@@ -16,6 +16,7 @@ from tape.errors import TraceError
 from tape.layout import Layout
 from tape.metrics import balancedness_score, gpu_balancedness, timeline
 from tape.synthetic import (
+    CALIBRATED,
     DECODE_TOKENS,
     PREFILL_TOKENS,
     SURGES,
@@ -255,6 +256,27 @@ def test_transient_popularity_makes_the_next_window_harder(component):
         return _deepseek_scores(synthetic_trace(num_layers=12, seed=4, model=model))["gpu"]
 
     assert following(replace(SURGES, **{component: 0.0})) > following(SURGES) + 0.03
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("group_skew", -0.1, "group_skew must be a finite number >= 0, got -0.1"),
+        ("drift_steps", 0, "drift_steps must be a finite number > 0, got 0"),
+        ("mix_steps", float("nan"), "mix_steps must be a finite number > 0"),
+        ("num_domains", 0, "num_domains must be a positive integer, got 0"),
+        ("num_domains", 2.5, "num_domains must be a positive integer, got 2.5"),
+        ("swap_from_top", 0, "swap_from_top must be a positive integer"),
+        ("prefill_fraction", 1.5, r"prefill_fraction must be in \[0, 1\], got 1.5"),
+        ("step_noise", True, "step_noise must be a finite number >= 0, got True"),
+        ("layer_skew", (0.1, 0.2, 0.3), r"layer_skew must be a tuple \(low, high\)"),
+        ("layer_skew", [0.1, 0.3], r"layer_skew must be a tuple \(low, high\)"),
+        ("layer_skew", (0.3, 0.1), "0 <= low <= high, got"),
+    ],
+)
+def test_bad_model_parameters_are_trace_errors(field, value, message):
+    with pytest.raises(TraceError, match=message):
+        replace(CALIBRATED, **{field: value})
 
 
 def test_a_model_that_is_not_a_trace_model_is_a_trace_error():

@@ -53,7 +53,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
-from math import comb
+from math import comb, isfinite
+from numbers import Real
 
 import numpy as np
 from scipy.signal import lfilter
@@ -110,6 +111,32 @@ class TraceModel:
     """A swap takes its hot expert from this many hottest experts of the layer."""
     step_noise: float = 0.25
     """Relative sd of an expert's count in one step beyond counting noise (request-mix noise)."""
+
+    def __post_init__(self) -> None:
+        """Refuse values the model cannot use: `TraceError` naming the field."""
+        checked_integer(self.num_domains, "num_domains", TraceError)
+        checked_integer(self.swap_from_top, "swap_from_top", TraceError)
+        if not _is_number(self.prefill_fraction) or not 0.0 <= self.prefill_fraction <= 1.0:
+            raise TraceError(f"prefill_fraction must be in [0, 1], got {self.prefill_fraction!r}")
+        for name in ("group_skew", "drift_skew", "mix_skew", "burst_skew", "swap_rate",
+                     "step_noise"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0.0:
+                raise TraceError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("drift_steps", "mix_steps"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0.0:
+                raise TraceError(f"{name} must be a finite number > 0, got {value!r}")
+        skew = self.layer_skew
+        if (not isinstance(skew, tuple) or len(skew) != 2 or not all(map(_is_number, skew))
+                or not 0.0 <= skew[0] <= skew[1]):
+            raise TraceError(f"layer_skew must be a tuple (low, high) with 0 <= low <= high, "
+                             f"got {skew!r}")
+
+
+def _is_number(value: object) -> bool:
+    """A finite real number, not a bool."""
+    return isinstance(value, Real) and not isinstance(value, bool) and isfinite(value)
 
 
 CALIBRATED = TraceModel()
