@@ -150,6 +150,35 @@ def test_synthetic_trace_errors_name_the_groups_flag():
                                     "--groups (2)")
 
 
+def test_the_synthetic_model_picks_the_trace():
+    def deepseek_gpu_balance(*flags):
+        result = runner.invoke(app, ["compare", "--policies", "deepseek", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.output)
+        return payload["trace"], payload["policies"]["deepseek"]["gpu_balancedness"]
+
+    trace, calibrated = deepseek_gpu_balance()
+    assert "(calibrated model, seed 0)" in trace
+    trace, surges = deepseek_gpu_balance("--synthetic-model", "surges")
+    assert "(surges model, seed 0)" in trace
+    assert surges < calibrated - 0.03  # the surges make the next window harder
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--synthetic-model", "bursty"],
+         "error: unknown synthetic model 'bursty'; known: calibrated, surges"),
+        (["--synthetic-model", "surges", "--trace", "trace.npy"],
+         "error: --synthetic-model applies to the synthetic trace, not to --trace"),
+    ],
+)
+def test_a_bad_synthetic_model_is_one_line(extra, message):
+    result = runner.invoke(app, ["compare", "--policies", "deepseek", *extra])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == message
+
+
 def test_a_seed_beyond_the_largest_integer_is_refused_by_the_option():
     result = runner.invoke(app, ["compare", "--seed", "3000000000", "--policies", "deepseek"])
     assert result.exit_code == 2

@@ -31,6 +31,8 @@ from tape.evolution.settings import (
 )
 from tape.policies import get_policy
 from tape.protocol import replay
+from tape.synthetic import SURGES, synthetic_trace
+from tape.trace import window_loads
 
 SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
 
@@ -83,12 +85,27 @@ def test_settings_round_trip_through_the_environment():
         ({"TAPE_REPLICAS": "50", "TAPE_GPUS": "8"}, "multiple of num_gpus"),
         ({"TAPE_DISPATCH": "random"}, "unknown dispatch 'random'"),
         ({"TAPE_SEED": "-1"}, "seed must be a non-negative integer"),
+        ({"TAPE_SYNTHETIC_MODEL": "bursty"}, "unknown synthetic model 'bursty'; known: calibrated"),
+        ({"TAPE_SYNTHETIC_MODEL": "surges", "TAPE_TRACE": "a.json"},
+         "applies to the synthetic trace only"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
     # TapeError, not any Exception: a KeyError or TypeError with a like message must fail here.
     with pytest.raises(TapeError, match=reason):
         EvaluationSettings.from_environment(environment)
+
+
+def test_the_synthetic_model_reaches_the_windows():
+    small = {**SMALL_SYNTHETIC, "synthetic_steps": 300}
+    surges = EvaluationSettings.from_environment(
+        {**EvaluationSettings(**small).to_environment(), "TAPE_SYNTHETIC_MODEL": "surges"})
+    assert surges.synthetic_model == "surges"
+    assert "surges model" in surges.describe_source()
+    expected = window_loads(synthetic_trace(
+        num_steps=300, num_layers=4, num_experts=32, num_groups=4, seed=0, model=SURGES), 100)
+    assert np.array_equal(surges.windows(), expected)
+    assert not np.array_equal(EvaluationSettings(**small).windows(), expected)
 
 
 def test_an_output_folder_must_be_new_or_empty_and_not_a_file(tmp_path):

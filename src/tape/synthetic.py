@@ -71,6 +71,7 @@ __all__ = [
     "TraceModel",
     "group_limited_shares",
     "synthetic_trace",
+    "trace_model",
 ]
 
 DECODE_TOKENS = (16, 512)
@@ -146,7 +147,14 @@ SURGES = TraceModel(
 )
 """The previous calibration: sharper, less predictable single-expert surges (module doc)."""
 TRACE_MODELS = {"calibrated": CALIBRATED, "surges": SURGES}
-"""The named models."""
+"""The named models (the CLI's --synthetic-model, the evaluator's TAPE_SYNTHETIC_MODEL)."""
+
+
+def trace_model(name: str) -> TraceModel:
+    """The model named `name` in TRACE_MODELS; TraceError naming the known ones otherwise."""
+    if name not in TRACE_MODELS:
+        raise TraceError(f"unknown synthetic model {name!r}; known: {', '.join(TRACE_MODELS)}")
+    return TRACE_MODELS[name]
 
 MAX_GROUP_SETS = 5000
 """Largest number of group sets C(num_groups, topk_groups) the routing model enumerates."""

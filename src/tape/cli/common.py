@@ -73,6 +73,11 @@ SyntheticOption = Annotated[
 ]
 IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
 SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
+SyntheticModelOption = Annotated[
+    str, typer.Option("--synthetic-model", help="Model of the synthetic trace: calibrated "
+                      "(against the public trace's figures) or surges (the previous default: "
+                      "unpredictable single-expert surges).")
+]
 ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
 GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
 NodesOption = Annotated[
@@ -228,6 +233,7 @@ def prepare(
     *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
     groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
     dispatch: str, config: Path | None, show_progress: bool = True,
+    synthetic_model: str = "calibrated",
 ) -> Setup:
     """Check the flags, load presets and the trace; raise TapeError naming what is wrong."""
     from tape.dispatch import check_dispatch
@@ -237,12 +243,14 @@ def prepare(
     nodes = nodes_for(nodes, gpus, cluster_spec)
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
     with loading(trace, show_progress):
-        windows, described, steps = load_windows(trace, synthetic, interval, seed, layout)
+        windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
+                                                 synthetic_model)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
 def load_windows(
-    trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout
+    trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout,
+    synthetic_model: str = "calibrated",
 ) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """Windowed loads [W, L, E] of the chosen trace, a one-line description of it, and the
     forward steps in each window (the last window may be shorter)."""
@@ -251,18 +259,21 @@ def load_windows(
 
     if trace is not None and synthetic:
         raise TraceError("give either --trace PATH or --synthetic, not both")
+    if trace is not None and synthetic_model != "calibrated":
+        raise TraceError("--synthetic-model applies to the synthetic trace, not to --trace")
     if trace is None:
-        from tape.synthetic import synthetic_trace
+        from tape.synthetic import synthetic_trace, trace_model
 
         if seed > MAX_INTEGER:
             raise TraceError(f"--seed must be at most {MAX_INTEGER}, got {seed}")
+        chosen = trace_model(synthetic_model)
         try:
-            loads = synthetic_trace(num_groups=layout.num_groups, seed=seed)
+            loads = synthetic_trace(num_groups=layout.num_groups, seed=seed, model=chosen)
         except TraceError as error:
             raise TraceError(f"cannot make the synthetic DeepSeek-V3 trace with --groups "
                              f"{layout.num_groups} and --seed {seed}: "
                              f"{flag_names(str(error))}") from None
-        source = f"synthetic DeepSeek-V3 trace (seed {seed})"
+        source = f"synthetic DeepSeek-V3 trace ({synthetic_model} model, seed {seed})"
     else:
         loads = load_trace(trace)
         source = str(trace)

@@ -25,6 +25,7 @@ from tape.cli.common import (
     ReplicasOption,
     SeedOption,
     Setup,
+    SyntheticModelOption,
     SyntheticOption,
     TraceOption,
     VersionOption,
@@ -152,6 +153,7 @@ def register(app: typer.Typer) -> None:
         version: VersionOption = "0",
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
@@ -172,6 +174,7 @@ def register(app: typer.Typer) -> None:
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+                synthetic_model=synthetic_model,
                 replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
                 model=model, dispatch=dispatch, config=config, show_progress=not as_json,
             )

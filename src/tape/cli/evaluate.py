@@ -26,6 +26,7 @@ from tape.cli.common import (
     ReplicasOption,
     SeedOption,
     Setup,
+    SyntheticModelOption,
     SyntheticOption,
     TimeoutOption,
     TraceOption,
@@ -150,6 +151,7 @@ def register(app: typer.Typer) -> None:
         version: VersionOption = "0",
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
@@ -173,7 +175,8 @@ def register(app: typer.Typer) -> None:
                                "defines rebalance_experts")
         version_value = parse_version(version)
         setup = prepare(
-            trace=trace, synthetic=synthetic, interval=interval, seed=seed, replicas=replicas,
+            trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+            synthetic_model=synthetic_model, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
             dispatch=dispatch, config=config, show_progress=not as_json,
         )
@@ -204,6 +207,7 @@ def register(app: typer.Typer) -> None:
         version: VersionOption = "0",
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
@@ -233,6 +237,7 @@ def register(app: typer.Typer) -> None:
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+                synthetic_model=synthetic_model,
                 replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
                 model=model, dispatch=dispatch, config=config, show_progress=not as_json,
             )

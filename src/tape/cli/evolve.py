@@ -28,6 +28,7 @@ from tape.cli.common import (
     NodesOption,
     ReplicasOption,
     SeedOption,
+    SyntheticModelOption,
     SyntheticOption,
     TimeoutOption,
     TraceOption,
@@ -114,6 +115,7 @@ def register(app: typer.Typer) -> None:
         synthetic: SyntheticOption = False,
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
@@ -182,8 +184,9 @@ def register(app: typer.Typer) -> None:
             check_out_writable(out, must_be_empty=False)
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
-            cluster=cluster, moe_model=moe_model, presets=presets, dispatch=dispatch,
+            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
+            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
+            dispatch=dispatch,
             timeout_s=timeout, memory_mb=memory_mb,
         )
         if initial is not None and not initial.is_file():
@@ -234,6 +237,7 @@ def register(app: typer.Typer) -> None:
         synthetic: SyntheticOption = False,
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
         replicas: ReplicasOption = 288,
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
@@ -253,8 +257,9 @@ def register(app: typer.Typer) -> None:
         check_out_writable(out)  # before the trials, not after them
         settings = _settings(
             version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, replicas=replicas, groups=groups, nodes=nodes, gpus=gpus,
-            cluster=cluster, moe_model=model, presets=config, dispatch=dispatch,
+            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
+            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=model, presets=config,
+            dispatch=dispatch,
         )
         finished: list[int] = []  # one entry a finished trial
         try:

@@ -32,6 +32,7 @@ ENVIRONMENT: dict[str, str] = {
     "windows_file": "TAPE_WINDOWS",
     "interval": "TAPE_INTERVAL",
     "seed": "TAPE_SEED",
+    "synthetic_model": "TAPE_SYNTHETIC_MODEL",
     "synthetic_steps": "TAPE_SYNTHETIC_STEPS",
     "synthetic_layers": "TAPE_SYNTHETIC_LAYERS",
     "synthetic_experts": "TAPE_SYNTHETIC_EXPERTS",
@@ -62,6 +63,8 @@ class EvaluationSettings:
             reads the same windows without parsing the trace again; excludes `trace`.
         interval: forward steps per window.
         seed: seed of the synthetic trace.
+        synthetic_model: the synthetic trace's model, a name in `tape.synthetic.TRACE_MODELS`
+            ("calibrated", the default, or "surges"); only with the synthetic trace.
         synthetic_steps, synthetic_layers, synthetic_experts: the synthetic trace's shape.
         replicas, groups, nodes, gpus: the layout (S, expert groups, N, G).
         timeout_s: seconds one call of the program may take before its process is killed.
@@ -77,6 +80,7 @@ class EvaluationSettings:
     windows_file: Path | None = None
     interval: int = 100
     seed: int = 0
+    synthetic_model: str = "calibrated"
     synthetic_steps: int = 1200
     synthetic_layers: int = 58
     synthetic_experts: int = 256
@@ -106,6 +110,15 @@ class EvaluationSettings:
                      "memory_mb"):
             checked_integer(getattr(self, name), name, ConfigError)
         checked_integer(self.seed, "seed", ConfigError, minimum=0)
+        from tape.synthetic import trace_model
+
+        try:
+            trace_model(self.synthetic_model)
+        except TraceError as error:
+            raise ConfigError(str(error)) from None
+        if self.synthetic_model != "calibrated" and (self.trace or self.windows_file):
+            raise ConfigError("a synthetic model applies to the synthetic trace only, not to a "
+                              "trace or windows file")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
@@ -179,7 +192,8 @@ class EvaluationSettings:
         if self.trace is not None:
             return f"trace {self.trace}, windows of {self.interval} steps"
         return (
-            f"synthetic trace (seed {self.seed}, {self.synthetic_steps} steps x "
+            f"synthetic trace ({self.synthetic_model} model, seed {self.seed}, "
+            f"{self.synthetic_steps} steps x "
             f"{self.synthetic_layers} layers x {self.synthetic_experts} experts), windows of "
             f"{self.interval} steps"
         )
@@ -246,12 +260,12 @@ def _windows(settings: EvaluationSettings) -> tuple[np.ndarray, tuple[int, ...]]
         if settings.trace is not None:
             loads = load_trace(settings.trace)
         else:
-            from tape.synthetic import synthetic_trace
+            from tape.synthetic import synthetic_trace, trace_model
 
             loads = synthetic_trace(
                 num_steps=settings.synthetic_steps, num_layers=settings.synthetic_layers,
                 num_experts=settings.synthetic_experts, num_groups=settings.groups,
-                seed=settings.seed,
+                seed=settings.seed, model=trace_model(settings.synthetic_model),
             )
         windows = window_loads(loads, settings.interval)
         total = loads.shape[0]
