@@ -3,6 +3,7 @@ against a scripted local LLM (offline)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -96,7 +97,7 @@ def test_bad_settings_are_rejected_with_the_reason(environment, reason):
         EvaluationSettings.from_environment(environment)
 
 
-def test_the_synthetic_model_reaches_the_windows():
+def test_the_synthetic_model_reaches_the_windows(tmp_path):
     small = {**SMALL_SYNTHETIC, "synthetic_steps": 300}
     surges = EvaluationSettings.from_environment(
         {**EvaluationSettings(**small).to_environment(), "TAPE_SYNTHETIC_MODEL": "surges"})
@@ -106,6 +107,11 @@ def test_the_synthetic_model_reaches_the_windows():
         num_steps=300, num_layers=4, num_experts=32, num_groups=4, seed=0, model=SURGES), 100)
     assert np.array_equal(surges.windows(), expected)
     assert not np.array_equal(EvaluationSettings(**small).windows(), expected)
+    # tape evolve hands its workers the same settings with the windows in a file.
+    path = tmp_path / "windows.npz"
+    surges.save_windows(path)
+    worker = dataclasses.replace(surges, trace=None, windows_file=path)
+    assert np.array_equal(worker.windows(), expected)
 
 
 def test_an_output_folder_must_be_new_or_empty_and_not_a_file(tmp_path):

@@ -64,7 +64,8 @@ class EvaluationSettings:
         interval: forward steps per window.
         seed: seed of the synthetic trace.
         synthetic_model: the synthetic trace's model, a name in `tape.synthetic.TRACE_MODELS`
-            ("calibrated", the default, or "surges"); only with the synthetic trace.
+            ("calibrated", the default, or "surges"); not with a trace file (with a windows
+            file, the model its windows were made with).
         synthetic_steps, synthetic_layers, synthetic_experts: the synthetic trace's shape.
         replicas, groups, nodes, gpus: the layout (S, expert groups, N, G).
         timeout_s: seconds one call of the program may take before its process is killed.
@@ -116,9 +117,11 @@ class EvaluationSettings:
             trace_model(self.synthetic_model)
         except TraceError as error:
             raise ConfigError(str(error)) from None
-        if self.synthetic_model != "calibrated" and (self.trace or self.windows_file):
+        # A windows file may hold the synthetic trace's windows (tape evolve's workers): its
+        # model is then a record of where they came from. A trace file has no synthetic model.
+        if self.synthetic_model != "calibrated" and self.trace is not None:
             raise ConfigError("a synthetic model applies to the synthetic trace only, not to a "
-                              "trace or windows file")
+                              "trace file")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
