@@ -29,19 +29,26 @@ def test_the_two_set_up_commands_come_first():
 
 
 def test_the_python_examples_run():
-    for code in blocks("python"):
-        namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
-        phy2log, log2phy, logcnt = namespace["phy2log"], namespace["log2phy"], namespace["logcnt"]
-        assert phy2log.shape == (58, 288) and logcnt.sum(axis=1).tolist() == [288] * 58
-        assert np.all(log2phy.max(axis=2) >= 0)
-        # log2phy as wide as the largest replica count, the width the README gives, padded to
-        # the reference's S - E + 1 columns as the README shows.
-        assert log2phy.shape[2] == logcnt.max() == int(re.search(r"\(here (\d+)\)", code)[1])
-        padded = namespace["padded"]
-        assert padded.shape == (58, 256, 33)
-        assert np.array_equal(padded[:, :, : log2phy.shape[2]], log2phy)
-        assert np.all(padded[:, :, log2phy.shape[2] :] == -1)
+    """The blocks run one after the other, as a reader pastes them: the second goes on from the
+    first's `weight`."""
+    first, *rest = blocks("python")
+    namespace: dict = {}
+    exec(compile(first, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    phy2log, log2phy, logcnt = namespace["phy2log"], namespace["log2phy"], namespace["logcnt"]
+    assert phy2log.shape == (58, 288) and logcnt.sum(axis=1).tolist() == [288] * 58
+    assert np.all(log2phy.max(axis=2) >= 0)
+    # log2phy as wide as the largest replica count, the width the README gives, padded to
+    # the reference's S - E + 1 columns as the README shows.
+    assert log2phy.shape[2] == logcnt.max() == int(re.search(r"\(here (\d+)\)", first)[1])
+    padded = namespace["padded"]
+    assert padded.shape == (58, 256, 33)
+    assert np.array_equal(padded[:, :, : log2phy.shape[2]], log2phy)
+    assert np.all(padded[:, :, log2phy.shape[2] :] == -1)
+    assert len(rest) == 1 and "Rebalancer" in rest[0]
+    namespace["phy2log"] = None
+    exec(compile(rest[0], "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["phy2log"].shape == (58, 288)
+    assert namespace["rebalance"].windows_kept == 1
 
 
 def test_the_widths_of_log2phy_are_those_the_readme_gives():

@@ -48,6 +48,7 @@ from tape.errors import (
 )
 from tape.layout import Layout
 from tape.placement import Placement
+from tape.serving import Rebalancer
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "Placement",
     "PlacementError",
     "ProgramError",
+    "Rebalancer",
     "TapeError",
     "TraceError",
     "__version__",

@@ -1,0 +1,145 @@
+"""`Rebalancer`: a `rebalance_experts` for a serving engine that remembers what it needs.
+
+A serving engine (vLLM, SGLang) calls its load balancer with one window's loads and nothing
+else: not the placement in force, not the earlier windows. The `tape` policy uses both (it keeps
+experts where they are and forecasts from the earlier windows), and `min-moves` uses the
+placement in force. A `Rebalancer` keeps them between calls: the placement it returned last and
+the windows it was given, up to `history_windows` of them, and passes them to the policy, so it
+can stand in for DeepSeek EPLB's entry point with the same arguments and the same outputs.
+
+The engine may pass the placement in force itself (`previous_phy2log`; recent vLLM versions
+have it as `old_global_expert_indices`): then that one is used, not the remembered one. A call
+whose loads or slots have another shape than the last one (the engine changed its parallel
+layout) starts afresh: it forgets the earlier windows and the remembered placement. A call that
+raises leaves the remembered state as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from tape.api import place, rebalance_experts
+from tape.arrays import like_input, to_numpy
+from tape.errors import TraceError, checked_integer
+from tape.layout import Layout
+from tape.policies import PolicyError, get_policy
+from tape.policies.tape_forecast import MEMORY
+
+__all__ = ["Rebalancer"]
+
+_TRIAL_LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
+"""A small cluster on which the constructor tries the policy and its parameters once."""
+_TRIAL_LOAD = np.arange(8.0, 0.0, -1.0).reshape(1, 8)
+"""One layer of 8 experts (2 groups of 4), loads 8 down to 1: the constructor's trial load."""
+
+
+class Rebalancer:
+    """DeepSeek EPLB's `rebalance_experts`, stateful: it passes the policy the placement in force
+    and the earlier windows (module doc).
+
+    Args:
+        policy: a registered policy name (`tape.policies.policy_names()`); "tape" by default.
+        history_windows: how many earlier windows to keep and pass as `history` (0 keeps none);
+            by default the 15 that `tape`'s forecast reads.
+        **params: the policy's own parameters, e.g. `preset="fast"` for `tape`.
+
+    Raises:
+        PolicyError: an unknown policy, a bad `history_windows`, or parameters the policy does
+            not take or refuses: checked here, by one trial call on a small cluster, rather than
+            at the engine's first rebalance.
+
+    Example:
+        >>> rebalance = Rebalancer("tape", preset="all")
+        >>> phy2log, log2phy, logcnt = rebalance(weight, 288, 8, 4, 32)   # doctest: +SKIP
+    """
+
+    def __init__(self, policy: str = "tape", *, history_windows: int = MEMORY - 1,
+                 **params: Any) -> None:
+        get_policy(policy)
+        self.policy = policy
+        self.history_windows = checked_integer(history_windows, "history_windows", PolicyError,
+                                               minimum=0)
+        self.params = dict(params)
+        place(_TRIAL_LOAD, _TRIAL_LAYOUT, policy, **self.params)
+        self._lock = threading.Lock()
+        self._windows: deque[np.ndarray] = deque(maxlen=self.history_windows)
+        self._previous: np.ndarray | None = None
+        self._shape: tuple[int, int, int] | None = None  # (L, E, S) of the remembered state
+
+    @property
+    def windows_kept(self) -> int:
+        """How many earlier windows the next call of the same shape passes as `history`."""
+        return len(self._windows)
+
+    def reset(self) -> None:
+        """Forget the remembered placement and the earlier windows."""
+        with self._lock:
+            self._forget()
+
+    def __call__(
+        self,
+        weight: Any,
+        num_replicas: int,
+        num_groups: int | None,
+        num_nodes: int,
+        num_gpus: int,
+        *,
+        previous_phy2log: Any | None = None,
+    ) -> tuple[Any, Any, Any]:
+        """Place the experts of every layer; remember the result and the window.
+
+        Args:
+            weight: [L, E] load of each logical expert in the window (vLLM's), or [T, L, E] per
+                forward step, summed over T (SGLang's `tokens_per_expert`); a torch tensor on any
+                device or an array-like, finite and non-negative.
+            num_replicas: S, physical expert slots per layer.
+            num_groups: expert groups; None means one (SGLang's models without groups).
+            num_nodes: N, server nodes.
+            num_gpus: G, GPUs (SGLang: `num_physical_experts // num_local_physical_experts`).
+            previous_phy2log: optional [L, S] placement in force; by default the one this
+                rebalancer returned last, if its call had the same shapes.
+
+        Returns:
+            phy2log [L, S], log2phy [L, E, X] and logcnt [L, E], int64, as `rebalance_experts`
+            returns them: torch tensors on `weight`'s device when `weight` is a torch tensor.
+        """
+        load = _window_load(weight)
+        with self._lock:
+            shape = (*load.shape, num_replicas)
+            if shape != self._shape:
+                self._forget()
+            outputs = rebalance_experts(
+                load, num_replicas, 1 if num_groups is None else num_groups, num_nodes,
+                num_gpus, policy=self.policy,
+                previous_phy2log=self._previous if previous_phy2log is None else previous_phy2log,
+                history=np.stack(self._windows) if self._windows else None,
+                **self.params,
+            )
+            self._previous = outputs[0]
+            self._shape = shape
+            self._windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
+        return tuple(like_input(array, weight) for array in outputs)
+
+    def _forget(self) -> None:
+        self._windows.clear()
+        self._previous = None
+        self._shape = None
+
+
+def _window_load(weight: Any) -> np.ndarray:
+    """`weight` as a float64 [L, E] array: a [T, L, E] one summed over its first axis."""
+    load = to_numpy(weight)
+    if load.ndim not in (2, 3):
+        raise TraceError(
+            f"weight must be [layers, experts] or [steps, layers, experts], got shape "
+            f"{list(load.shape)}"
+        )
+    if load.dtype.kind not in "iuf":
+        raise TraceError(f"weight must hold numbers, got dtype {load.dtype}")
+    if load.ndim == 3:
+        return load.sum(axis=0, dtype=np.float64)
+    return np.array(load, dtype=np.float64)
