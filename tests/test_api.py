@@ -47,6 +47,20 @@ def test_torch_in_torch_out():
         np.testing.assert_array_equal(tensor.numpy(), array)
 
 
+def test_torch_bfloat16_loads_are_read_as_float32():
+    # vLLM and SGLang may hold loads in bfloat16, a dtype numpy lacks (once a raw TypeError).
+    torch = pytest.importorskip("torch")
+    weight = torch.tensor(WEIGHT, dtype=torch.bfloat16)
+    phy2log, _, _ = rebalance_experts(
+        weight, *ARGS, policy="tape", history=weight[None].to(torch.float8_e4m3fn)
+    )
+    expected, _, _ = rebalance_experts(
+        weight.float(), *ARGS, policy="tape", history=weight[None].to(torch.float8_e4m3fn).float()
+    )
+    assert phy2log.dtype == torch.int64
+    np.testing.assert_array_equal(phy2log.numpy(), expected.numpy())
+
+
 @pytest.mark.parametrize("policy", policy_names())
 def test_every_policy_through_the_drop_in(policy):
     weight = np.random.default_rng(0).integers(0, 100, (3, 16))

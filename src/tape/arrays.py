@@ -20,9 +20,19 @@ def is_torch_tensor(value: Any) -> bool:
 
 
 def to_numpy(value: Any) -> np.ndarray:
-    """A numpy view or copy of an array-like, a torch tensor on any device included."""
+    """A numpy view or copy of an array-like, a torch tensor on any device included.
+
+    Floating-point tensors of a dtype numpy lacks (bfloat16, the float8 kinds) are read as
+    float32, which holds each of their values exactly.
+    """
     if is_torch_tensor(value):
-        return value.detach().cpu().numpy()
+        torch = sys.modules["torch"]
+        tensor = value.detach().cpu()
+        if tensor.is_floating_point() and tensor.dtype not in (
+            torch.float16, torch.float32, torch.float64
+        ):
+            tensor = tensor.float()
+        return tensor.numpy()
     return np.asarray(value)
 
 
