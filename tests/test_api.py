@@ -148,6 +148,14 @@ def test_a_bad_previous_phy2log_is_named_with_its_expected_shape(policy, previou
         rebalance_experts(WEIGHT, *ARGS, policy=policy, previous_phy2log=previous)
 
 
+def test_ragged_loads_are_named():
+    # Once numpy's own "inhomogeneous shape" ValueError.
+    with pytest.raises(TraceError, match="^weight must be a rectangular array of 2 dim"):
+        rebalance_experts([[1] * 12, [1] * 11], *ARGS)
+    with pytest.raises(TraceError, match="^history must be a rectangular array of 3 dim"):
+        rebalance_experts(WEIGHT, *ARGS, history=[WEIGHT.tolist(), WEIGHT[:1].tolist()])
+
+
 def test_previous_placement_and_history_are_checked():
     with pytest.raises(TraceError, match=r"history must have shape \[windows, 2, 12\]"):
         rebalance_experts(WEIGHT, *ARGS, history=np.zeros((3, 2, 11)))

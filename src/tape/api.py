@@ -153,7 +153,12 @@ def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: i
 
 def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
     """`value` as a float64 array of `ndim` dimensions, finite, non-negative and not empty."""
-    array = to_numpy(value)
+    try:
+        array = to_numpy(value)
+    except ValueError:
+        raise TraceError(
+            f"{name} must be a rectangular array of {ndim} dimensions, got ragged nested sequences"
+        ) from None
     if array.ndim != ndim:
         raise TraceError(f"{name} must have {ndim} dimensions, got shape {list(array.shape)}")
     if array.size == 0:
