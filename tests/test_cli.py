@@ -378,6 +378,18 @@ def test_negative_seed_is_a_usage_error(good_program, command):
     assert "--seed" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("option, value", [
+    ("--timeout", "inf"), ("--timeout", "1e300"), ("--memory-mb", str(10**17))])
+def test_sandbox_limits_beyond_what_can_be_set_are_usage_errors(small_trace, good_program,
+                                                                  option, value):
+    # an infinite or huge timeout was a traceback from Python's wait; a huge memory limit made
+    # every call fail with "the program's process exited unexpectedly"
+    result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
+                                 "--interval", "10", option, value, *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+
+
 def test_tune_rejects_a_negative_sampler_seed(small_trace, tmp_path):
     result = runner.invoke(app, ["tune", "--trace", str(small_trace), "--sampler-seed", "-1",
                                  "--trials", "1", "--out", str(tmp_path / "tune"), *SMALL_LAYOUT])

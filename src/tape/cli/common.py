@@ -89,12 +89,32 @@ VersionOption = Annotated[
     str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+
+
+def _at_most(limit: int, unit: str) -> Any:
+    """An option callback refusing a value above `limit` (a usage error, as typer's `min`):
+    typer's own `max` would widen the help's option column with the range, and cut lines."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and value > limit:
+            raise typer.BadParameter(f"at most {limit}{unit}, got {value}{unit}")
+        return value
+
+    return check
+
+
+MAX_TIMEOUT_S = 86400
+"""The largest --timeout, one day: Python's waits refuse an infinite timeout, or one of about 25
+days and more, with a traceback."""
 TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=0.1, help="Seconds one call of a program may take "
-                        "before its process is killed.")
+    float, typer.Option("--timeout", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
+                        help="Seconds one call of a program may take before its process is "
+                        "killed (at most a day).")
 ]
 MemoryOption = Annotated[
-    int, typer.Option("--memory-mb", min=64, help="Memory a program's process may allocate, MB.")
+    # more than MAX_INTEGER MB cannot be set as the process's limit (in bytes)
+    int, typer.Option("--memory-mb", min=64, callback=_at_most(MAX_INTEGER, " MB"),
+                      help="Memory a program's process may allocate, MB.")
 ]
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Write into an --out folder that already holds files, "
