@@ -121,6 +121,19 @@ def test_unknown_policy_lists_the_known_ones():
         rebalance_experts(WEIGHT, *ARGS, policy="random")
 
 
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        (["deepseek"], r"^policy must be a policy name, got \['deepseek'\]; known"),  # TypeError once
+        (None, "^policy must be a policy name, got None; known"),
+        ("tape:fast", r"^unknown policy 'tape:fast' \(a policy's parameters are keyword"),
+    ],
+)
+def test_a_policy_that_is_not_a_name_is_named(policy, message):
+    with pytest.raises(PolicyError, match=message):
+        rebalance_experts(WEIGHT, *ARGS, policy=policy)
+
+
 def test_unknown_parameter_names_the_accepted_ones():
     with pytest.raises(PolicyError, match="'deepseek' has no parameter 'k'; it takes none"):
         rebalance_experts(WEIGHT, *ARGS, k=3)

@@ -62,11 +62,14 @@ def _load_builtin() -> None:
 def get_policy(name: str) -> Policy:
     """The policy registered under `name`; `PolicyError` naming the known ones otherwise."""
     _load_builtin()
+    known = ", ".join(sorted(_REGISTRY))
+    if not isinstance(name, str):
+        raise PolicyError(f"policy must be a policy name, got {name!r}; known policies: {known}")
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise PolicyError(f"unknown policy {name!r}; known policies: {known}") from None
+        hint = " (a policy's parameters are keyword arguments)" if ":" in name else ""
+        raise PolicyError(f"unknown policy {name!r}{hint}; known policies: {known}") from None
 
 
 def policy_names() -> list[str]:
