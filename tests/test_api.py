@@ -134,6 +134,13 @@ def test_a_policy_that_is_not_a_name_is_named(policy, message):
         rebalance_experts(WEIGHT, *ARGS, policy=policy)
 
 
+@pytest.mark.parametrize("name", ["previous", "layout"])
+def test_place_arguments_given_to_the_drop_in_are_named(name):
+    # Once a raw TypeError: place() got multiple values for the argument.
+    with pytest.raises(PolicyError, match=f"^rebalance_experts has no parameter '{name}'; give"):
+        rebalance_experts(WEIGHT, *ARGS, policy="tape", **{name: None})
+
+
 def test_unknown_parameter_names_the_accepted_ones():
     with pytest.raises(PolicyError, match="'deepseek' has no parameter 'k'; it takes none"):
         rebalance_experts(WEIGHT, *ARGS, k=3)

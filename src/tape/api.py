@@ -22,6 +22,13 @@ from tape.policies import PolicyError, get_policy
 __all__ = ["place", "rebalance_experts"]
 
 
+_NOT_PARAMETERS = {
+    "previous": "give the placement in force as previous_phy2log",
+    "layout": "give the cluster as num_replicas, num_groups, num_nodes and num_gpus",
+}
+"""`place`'s own arguments, which `rebalance_experts` would otherwise pass twice."""
+
+
 def rebalance_experts(
     weight: Any,
     num_replicas: int,
@@ -58,6 +65,9 @@ def rebalance_experts(
         logcnt: [L, E] int64, replicas of each expert.
         All three as torch tensors on `weight`'s device when `weight` is a torch tensor.
     """
+    for name, instead in _NOT_PARAMETERS.items():
+        if name in params:
+            raise PolicyError(f"rebalance_experts has no parameter {name!r}; {instead}")
     load = _load_array(weight, "weight", 2)
     layout = Layout(num_replicas, num_groups, num_nodes, num_gpus)
     layout.check_experts(load.shape[1])
