@@ -201,6 +201,45 @@ def test_deepseek_splits_replicas_that_the_reference_doubles_up():
     np.testing.assert_allclose(np.sort(ours.gpu_loads(weight, 3)), [[3.0, 3.5, 5.5]])
 
 
+def test_deepseek_split_can_cost_much_on_two_slots_per_gpu():
+    # Worked by hand (the module docstring's example): expert 1 (679) gets the spare slot;
+    # replicas 662, 339.5, 339.5, 18 on 2 GPUs of 2 slots. The reference doubles 679 up on
+    # GPU 1 (680 and 679); split, one 339.5 must join 662: 1001.5 and 357.5.
+    layout = Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=2)
+    weight = np.array([[662.0, 679.0, 18.0]])
+    theirs = _reference_placement(weight, layout)
+    ours = place(weight, layout, "deepseek")
+    np.testing.assert_array_equal(ours.logcnt, theirs.logcnt)
+    np.testing.assert_allclose(np.sort(theirs.gpu_loads(weight, 2)), [[679.0, 680.0]])
+    np.testing.assert_allclose(np.sort(ours.gpu_loads(weight, 2)), [[357.5, 1001.5]])
+
+
+def test_deepseek_differs_from_the_reference_only_where_it_doubles_up_or_loads_tie():
+    # Small layouts with many tied and zero loads: replica counts and the largest slot load are
+    # always the reference's; where the reference holds no two replicas of an expert on a GPU,
+    # so is the largest GPU load, though tied items may trade places (module docstring).
+    rng = np.random.default_rng(7)
+    traded = 0
+    for _ in range(120):
+        nodes = int(rng.choice([1, 2]))
+        gpus = nodes * int(rng.choice([1, 2, 3]))
+        groups = int(rng.choice([1, 2, 4]))
+        experts = groups * int(rng.integers(1, 4))
+        layout = Layout(gpus * (-(-experts // gpus) + int(rng.integers(0, 3))), groups, nodes, gpus)
+        weight = rng.integers(0, 3, (2, experts)) * 10.0
+        theirs = _reference_placement(weight, layout)
+        ours = place(weight, layout, "deepseek")
+        np.testing.assert_array_equal(ours.logcnt, theirs.logcnt)
+        np.testing.assert_array_equal(
+            ours.slot_loads(weight).max(axis=1), theirs.slot_loads(weight).max(axis=1)
+        )
+        doubled = (theirs.replicas_per_gpu(gpus) > 1).any(axis=(1, 2))
+        same = ours.gpu_loads(weight, gpus).max(axis=1) == theirs.gpu_loads(weight, gpus).max(axis=1)
+        assert np.all(same | doubled)
+        traded += int((~doubled & (ours.phy2log != theirs.phy2log).any(axis=1)).sum())
+    assert traded > 0  # the ties do trade places
+
+
 def test_deepseek_compares_loads_per_replica_in_float32_like_the_reference():
     # Worked by hand: 16777217 = 2**24 + 1 is not a float32; the reference's
     # `weight.float()` makes it 2**24, a tie with expert 0, and the tie goes to the first
