@@ -329,6 +329,13 @@ def test_sglang_dump_with_torch(tmp_path):
         load_trace(tmp_path / "empty.pt")
 
 
+def test_sglang_dump_of_a_sparse_tensor_is_read_dense(tmp_path):
+    torch = pytest.importorskip("torch")
+    counts = torch.tensor([[[0.0, 3.0], [1.0, 0.0]], [[2.0, 0.0], [0.0, 0.0]]])
+    torch.save({"logical_count": counts.to_sparse()}, tmp_path / "sparse.pt")
+    assert np.array_equal(load_trace(tmp_path / "sparse.pt"), counts.numpy())  # was a traceback
+
+
 def _steps_json(*steps: object) -> str:
     return json.dumps({"load_history": [{"logical_expert_load": step} for step in steps]})
 

@@ -281,7 +281,16 @@ def read_torch_dump(path: Path) -> np.ndarray:
         )
     if data.dtype == torch.bool or data.is_complex():
         raise TraceError(f"{path}: logical_count must hold counts, got dtype {data.dtype}")
-    return _steps_from_array(data.detach().to(device="cpu", dtype=torch.float64).numpy())
+    try:
+        if data.layout != torch.strided:  # a sparse tensor: numpy takes only dense ones
+            data = data.to_dense()
+        array = data.detach().to(device="cpu", dtype=torch.float64).numpy()
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise TraceError(
+            f"{path}: logical_count ({data.layout}, {data.dtype}) cannot be read as an array of "
+            f"counts ({_first_line(error)})"
+        ) from None
+    return _steps_from_array(array)
 
 
 def _torch_reason(error: Exception) -> str:
