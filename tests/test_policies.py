@@ -490,6 +490,15 @@ def test_min_moves_cuts_moves_within_the_balance_tolerance(tolerance):
     assert np.all(top <= base.gpu_loads(drifted, 32).max(axis=1) * (1 + tolerance) * (1 + 1e-12))
 
 
+def test_min_moves_takes_a_numpy_tolerance():
+    # np.float32 is not a Python float: once "tolerance must be a number >= 0, got 0.1".
+    weight = _loads("random", 2, 16)
+    layout = Layout(num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4)
+    expected = place(weight, layout, "min-moves", tolerance=0.5)
+    for tolerance in (np.float32(0.5), np.float16(0.5)):
+        assert place(weight, layout, "min-moves", tolerance=tolerance) == expected
+
+
 def test_min_moves_rejects_itself_and_bad_tolerances():
     weight = _loads("random", 2, 8)
     layout = LAYOUTS["tiny"][0]

@@ -19,6 +19,8 @@ A replica that was on its GPU before is its expert's primary in `log2phy`.
 
 from __future__ import annotations
 
+from numbers import Real
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -57,7 +59,7 @@ def min_moves(
     """
     if base == "min-moves":
         raise PolicyError("min-moves cannot use itself as its base policy")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not (
         tolerance >= 0
     ):
         raise PolicyError(f"min-moves tolerance must be a number >= 0, got {tolerance!r}")
