@@ -444,6 +444,19 @@ def test_check_loads_checks_shape_against_the_model():
         check_loads(np.ones((0, 3, 8)))
 
 
+def test_loads_beyond_an_exact_token_count_are_refused():
+    # 1e300 ran with overflow RuntimeWarnings (the policies' float32, sums of squares) and
+    # meaningless scores
+    loads = np.ones((2, 1, 3))
+    loads[1, 0, 2] = 1e300
+    with pytest.raises(TraceError, match=r"expert 2 in layer 0 at step 1 is 1e\+300, more than"):
+        check_loads(loads)
+    loads[1, 0, 2] = 2.0**53
+    assert check_loads(loads) is loads
+    with pytest.raises(TraceError, match="at window 0 is"):  # windows sum steps: checked too
+        check_loads(window_loads(np.full((2, 1, 3), 2.0**53), 2), unit="window")
+
+
 def test_describe():
     assert describe(np.zeros((1170, 58, 256))) == "1170 steps x 58 layers x 256 experts"
     assert describe(np.zeros((1, 1, 2))) == "1 step x 1 layer x 2 experts"

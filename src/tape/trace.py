@@ -48,6 +48,7 @@ from tape.trace_formats import (
 )
 
 __all__ = [
+    "MAX_LOAD",
     "STEPS_PER_BLOCK",
     "check_loads",
     "describe",
@@ -55,6 +56,12 @@ __all__ = [
     "window_loads",
     "write_expert_load_json",
 ]
+
+
+MAX_LOAD = float(2**53)
+"""The largest load of an expert in a step or a window: loads are token counts, exact in
+float64 up to 2**53; far larger ones overflow the policies' float32 and the metrics' sums of
+squares (RuntimeWarnings, then meaningless scores)."""
 
 
 def describe(loads: np.ndarray) -> str:
@@ -83,7 +90,7 @@ def check_loads(
 
     Raises:
         TraceError: ragged, not three non-empty dimensions, non-numeric, NaN or infinite or
-            negative values, or L or E other than asked.
+            negative values or values above MAX_LOAD, or L or E other than asked.
     """
     try:
         array = to_numpy(loads)
@@ -113,6 +120,13 @@ def check_loads(
         raise TraceError(
             f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is negative "
             f"({array[step, layer, expert]}); loads are non-negative token counts"
+        )
+    if array.max() > MAX_LOAD:
+        step, layer, expert = np.argwhere(array > MAX_LOAD)[0]
+        raise TraceError(
+            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
+            f"{array[step, layer, expert]:.4g}, more than {MAX_LOAD:.4g} (2**53, the largest "
+            f"token count float64 holds exactly)"
         )
     for expected, actual, name in (
         (num_layers, array.shape[1], "layers"),
