@@ -270,7 +270,10 @@ def test_compare_rejects_unknown_policy(small_trace):
 @pytest.mark.parametrize(
     "value, digits, text",
     [(14925, 3, "14.9k"), (1826, 3, "1826"), (0.75912, 3, "0.759"), (42.19e6, 3, "42.2M"),
-     (0.0, 4, "0"), (float("nan"), 4, "nan"), (123.456, 4, "123.5"), (2.5e9, 4, "2.5G")],
+     (0.0, 4, "0"), (float("nan"), 4, "nan"), (123.456, 4, "123.5"), (2.5e9, 4, "2.5G"),
+     # rounded up to the next suffix, not "1e+03k"; beyond T scientific, not "1.86e+06T"
+     (999_999, 3, "1M"), (999_960, 4, "1M"), (-14925, 3, "-14.9k"), (1.86e18, 3, "1.86e+18"),
+     (float("inf"), 4, "inf")],
 )
 def test_format_value(value, digits, text):
     assert format_value(value, digits) == text

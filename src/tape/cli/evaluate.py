@@ -73,10 +73,14 @@ def format_value(value: float, digits: int = 4) -> str:
     if math.isnan(value):
         return "nan"
     magnitude = abs(value)
-    for threshold, divisor, suffix in ((1e12, 1e12, "T"), (1e9, 1e9, "G"), (1e6, 1e6, "M"),
-                                       (1e4, 1e3, "k")):
-        if magnitude >= threshold:
-            return f"{value / divisor:.{digits}g}{suffix}"
+    if magnitude >= 1e4:
+        # the smallest suffix whose number, rounded, is below 1000 (999,999 is "1M", not
+        # "1e+03k"); beyond T, or infinite, in scientific notation
+        for divisor, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
+            text = f"{value / divisor:.{digits}g}"
+            if "e" not in text and abs(float(text)) < 1000:
+                return text + suffix
+        return f"{value:.{digits}g}"
     if value == int(value) or magnitude >= 10 ** (digits - 1):
         return f"{value:.0f}"
     return f"{value:.{digits}g}"
