@@ -55,11 +55,16 @@ def assert_fails(program: SandboxedProgram, weight: np.ndarray, reason: str) -> 
 
 
 def process_gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (a killed orphan waits for init to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def expected_good_phy2log(weight: np.ndarray) -> np.ndarray:
@@ -110,6 +115,27 @@ def test_a_program_that_sleeps_forever_is_killed_within_the_timeout(tmp_path):
         placement, _ = program.call(window(1), LAYOUT)  # a fresh child takes over
         assert program.pid != pid
         np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(window(1)))
+
+
+def test_processes_a_program_starts_are_killed_with_it(tmp_path):
+    # A pool of workers or a subprocess would otherwise outlive the child the timeout killed.
+    started = tmp_path / "grandchild.pid"
+    path = write(tmp_path, f"""
+        import subprocess, sys, time
+
+        def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+            worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            with open({str(started)!r}, "w") as file:
+                file.write(str(worker.pid))
+            time.sleep(60)
+    """)
+    with SandboxedProgram(path, timeout_s=0.5) as program:
+        assert_fails(program, window(), "timed out")
+    grandchild = int(started.read_text())
+    deadline = time.monotonic() + 2
+    while not process_gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process_gone(grandchild)
 
 
 def test_a_program_that_hangs_at_import_is_killed(tmp_path):

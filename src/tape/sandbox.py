@@ -7,7 +7,8 @@ memory, crash, return garbage or look through its caller's stack for data it sho
 
 - the program is imported and called in one long-lived child process started with the `spawn`
   method (a fresh interpreter: none of the caller's memory), reused across calls and restarted
-  after it is killed;
+  after it is killed; the child leads its own process group, and the whole group is killed, so
+  processes the program starts (a pool of workers, a subprocess) do not outlive it;
 - each call sends the child only the window being balanced, so nothing in the child (stack
   frames, globals, the garbage collector) holds another window;
 - each call has a hard timeout: past it the child is killed, not merely abandoned;
@@ -231,6 +232,8 @@ def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
     ("ok", phy2log, log2phy, logcnt, seconds) or ("error", reason) per call.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()  # `_stop` kills the group: what the program starts dies with it
     _remove_secrets()
     output = _TailBuffer()
     sys.stdout = sys.stderr = output
@@ -261,6 +264,19 @@ def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The parent side.
+
+
+def _kill_group(pid: int | None) -> None:
+    """Kill the process group the child `pid` leads (it and what it started), if there is one.
+
+    Safe after the child was reaped: a process id is not reused while a group still bears it.
+    """
+    if pid is None or not hasattr(os, "killpg"):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # no such group: the child never made it
+        pass
 
 
 class SandboxedProgram:
@@ -395,6 +411,7 @@ class SandboxedProgram:
 
     def _stop(self) -> None:
         if self._process is not None:
+            _kill_group(self._process.pid)
             if self._process.is_alive():
                 self._process.kill()
             self._process.join(timeout=5.0)
