@@ -1,4 +1,4 @@
-"""The `tape` command line: evaluate, compare, evolve and tune expert placements."""
+"""The `tape` command line: evaluate, compare, place, evolve and tune expert placements."""
 
 from __future__ import annotations
 
@@ -63,10 +63,11 @@ def _main(
 
 
 def _register_commands() -> None:
-    from tape.cli import compare, evaluate, evolve
+    from tape.cli import compare, evaluate, evolve, place
 
     evaluate.register(app)
     compare.register(app)
+    place.register(app)
     evolve.register(app)
 
 

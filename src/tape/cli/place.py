@@ -1,0 +1,234 @@
+"""`tape place`: one placement from a trace's newest window, written where an engine reads it.
+
+The placement is saved as `{"physical_to_logical_map": [[...S] * L]}`, the JSON that SGLang's
+`--init-expert-location` takes; `--previous` reads the same format (the placement in force, so
+that `tape` and `min-moves` keep experts where they are, and the table counts the moves).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from tape.api import place
+from tape.cli.common import (
+    ClusterOption,
+    ConfigOption,
+    DispatchOption,
+    GpusOption,
+    GroupsOption,
+    IntervalOption,
+    JsonOption,
+    ModelOption,
+    NodesOption,
+    ReplicasOption,
+    SeedOption,
+    Setup,
+    SyntheticModelOption,
+    SyntheticOption,
+    TraceOption,
+    console,
+    escape,
+    flag_names,
+    handles_errors,
+    prepare,
+)
+from tape.cli.evaluate import format_value
+from tape.costmodel import migration_metrics, realistic_metrics
+from tape.errors import ConfigError, PlacementError, counted
+from tape.files import atomic_output, to_json_text
+from tape.metrics import balancedness_score
+from tape.placement import Placement
+from tape.policies import parse_policy_spec
+
+__all__ = ["MAP_KEY", "read_placement_file", "register"]
+
+MAP_KEY = "physical_to_logical_map"
+"""The key of the placement in the files `tape place` reads and writes (SGLang's)."""
+
+# Rows of the table: (metric key, label, scale); the migration rows only with --previous.
+_ROWS = (
+    ("gpu_balancedness", "GPU balance", 1),
+    ("balancedness_score", "slot balance", 1),
+    ("ib_tokens", "IB tokens", 1),
+    ("step_time_s", "step time ms", 1e3),
+    ("moved_experts", "moved experts", 1),
+    ("ib_copies", "IB copies", 1),
+    ("migration_seconds", "migration ms", 1e3),
+    ("policy_ms", "policy ms", 1),
+)
+
+
+def read_placement_file(path: Path, setup: Setup) -> Placement:
+    """The placement in a JSON file `{"physical_to_logical_map": [[...S] * L]}`, checked
+    against the trace and the layout; ConfigError (unreadable, not JSON, no such key) or
+    PlacementError (a bad map, or one for another shape) naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"cannot read --previous {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"--previous {path} is not JSON: {error}") from None
+    if not isinstance(data, dict) or MAP_KEY not in data:
+        raise ConfigError(f"--previous {path} has no {MAP_KEY!r}: expected the JSON that "
+                          f"tape place --output writes ({{{MAP_KEY!r}: [[...] * layers]}})")
+    _, num_layers, num_experts = setup.windows.shape
+    try:
+        return Placement(data[MAP_KEY], num_experts).validate(setup.layout, num_layers)
+    except (PlacementError, ValueError, TypeError) as error:
+        raise PlacementError(f"--previous {path}: {flag_names(str(error))}") from None
+
+
+def _check_output(output: Path | None, overwrite: bool) -> None:
+    """ConfigError before any work for an --output that cannot be written as asked."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name")
+    if output.exists() and not overwrite:
+        raise ConfigError(f"--output {output} exists; pass --overwrite to replace it")
+    for parent in output.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"--output {output} lies under {parent}, which is a file")
+
+
+def _scores(placement: Placement, previous: Placement | None, setup: Setup,
+            seconds: float) -> dict[str, float]:
+    """The placement on the window it was made for: balance, traffic, step time, and the moves
+    from `previous` when there is one."""
+    weight = setup.windows[-1]
+    scores: dict[str, float] = realistic_metrics(
+        placement, weight, setup.layout, setup.model, setup.cluster, setup.dispatch,
+        steps=setup.window_steps[-1],
+    )
+    scores["balancedness_score"] = balancedness_score(placement, weight)
+    if previous is not None:
+        scores.update(migration_metrics(previous, placement, setup.layout, setup.model,
+                                        setup.cluster))
+    if seconds >= 0:
+        scores["policy_ms"] = seconds * 1e3
+    return scores
+
+
+def _timed_place(setup: Setup, name: str, params: dict[str, Any],
+                 previous: Placement | None) -> tuple[Placement, float]:
+    windows = setup.windows
+    start = time.perf_counter()
+    placement = place(windows[-1], setup.layout, name, previous=previous,
+                      history=windows[:-1] if len(windows) > 1 else None, **params)
+    return placement, time.perf_counter() - start
+
+
+def register(app: typer.Typer) -> None:
+    """Add `place` to `app`."""
+
+    @app.command(name="place")
+    @handles_errors
+    def place_command(
+        trace: TraceOption = None,
+        synthetic: SyntheticOption = False,
+        policy: Annotated[
+            str, typer.Option("--policy", help="The policy, NAME[:PRESET][:KEY=VALUE...], "
+                              "for example tape, tape:fast, deepseek.")
+        ] = "tape",
+        previous: Annotated[
+            Path | None,
+            typer.Option("--previous", help="JSON of the placement in force (what --output "
+                         "writes): kept where it pays, and the moves counted.")
+        ] = None,
+        output: Annotated[
+            Path | None,
+            typer.Option("--output", help="Write the placement here as JSON "
+                         "{\"physical_to_logical_map\": ...}, the file SGLang's "
+                         "--init-expert-location reads.")
+        ] = None,
+        overwrite: Annotated[
+            bool, typer.Option("--overwrite", help="Replace an existing --output file.")
+        ] = False,
+        interval: IntervalOption = 100,
+        seed: SeedOption = 0,
+        synthetic_model: SyntheticModelOption = "calibrated",
+        replicas: ReplicasOption = 288,
+        groups: GroupsOption = 8,
+        nodes: NodesOption = None,
+        gpus: GpusOption = 32,
+        cluster: ClusterOption = None,
+        model: ModelOption = None,
+        dispatch: DispatchOption = "locality",
+        config: ConfigOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Place the experts for the trace's newest window; the earlier ones are the history.
+
+        Prints the placement's balance, traffic and step time on that window beside
+        deepseek's (and the placement in force's, with --previous), and writes it with
+        --output.
+        """
+        name, params = parse_policy_spec(policy)
+        _check_output(output, overwrite)
+        if previous is not None and not previous.is_file():
+            raise ConfigError(f"--previous {previous} is not a file")
+        setup = prepare(
+            trace=trace, synthetic=synthetic, interval=interval, seed=seed,
+            synthetic_model=synthetic_model, replicas=replicas, groups=groups, nodes=nodes,
+            gpus=gpus, cluster=cluster, model=model, dispatch=dispatch, config=config,
+            show_progress=not as_json,
+        )
+        in_force = None
+        if previous is not None:
+            in_force = read_placement_file(previous, setup)
+        placement, seconds = _timed_place(setup, name, params, in_force)
+        columns = {policy: _scores(placement, in_force, setup, seconds)}
+        if name != "deepseek":
+            reference, reference_seconds = _timed_place(setup, "deepseek", {}, in_force)
+            columns["deepseek"] = _scores(reference, in_force, setup, reference_seconds)
+        if in_force is not None:
+            columns = {"in force": _scores(in_force, None, setup, -1.0), **columns}
+        if output is not None:
+            try:
+                _write_placement(output, placement)
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot write --output {output}: {error.strerror or error}") from None
+        if as_json:
+            typer.echo(to_json_text({"trace": setup.described, "policy": policy,
+                                     "output": None if output is None else str(output),
+                                     "placements": columns}))
+            return
+        layout = setup.layout
+        console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
+                      f"{counted(layout.num_nodes, 'node')}, "
+                      f"{counted(layout.num_replicas, 'slot')}; {setup.dispatch} dispatch on "
+                      f"{setup.cluster.name}[/]", highlight=False)
+        console.print(_table(columns))
+        if output is not None:
+            console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _write_placement(path: Path, placement: Placement) -> None:
+    """`{"physical_to_logical_map": ...}` in `path`, a layer a line, never half-written."""
+    rows = ",\n".join(f"    {json.dumps(row)}" for row in placement.phy2log.tolist())
+    with atomic_output(path) as temporary:
+        temporary.write_text(f'{{\n  "{MAP_KEY}": [\n{rows}\n  ]\n}}\n')
+
+
+def _table(columns: dict[str, dict[str, float]]) -> Table:
+    table = Table(title="on the newest window (the one placed for)",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    table.add_column("metric", min_width=12)
+    for name in columns:
+        table.add_column(escape(name), justify="right", no_wrap=True, min_width=6)
+    for key, label, scale in _ROWS:
+        if any(key in values for values in columns.values()):
+            table.add_row(label, *(
+                format_value(values[key] * scale, digits=3) if key in values else "-"
+                for values in columns.values()
+            ))
+    return table
+

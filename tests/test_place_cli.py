@@ -1,0 +1,117 @@
+"""`tape place`: one placement from a trace's newest window, in the file SGLang reads."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tape.api import place
+from tape.cli import app
+from tape.cli.place import MAP_KEY
+from tape.costmodel import migration_metrics
+from tape.layout import Layout
+from tape.placement import Placement
+from tape.presets import load_config
+from tape.trace import window_loads
+
+runner = CliRunner()
+LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
+FLAGS = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4", "--interval", "10"]
+
+
+@pytest.fixture()
+def trace(tmp_path):
+    """[40, 3, 8] steps: four 10-step windows."""
+    rng = np.random.default_rng(0)
+    popularity = rng.pareto(1.5, size=(3, 8)) + 0.1
+    path = tmp_path / "trace.npy"
+    np.save(path, rng.poisson(popularity * 20, size=(40, 3, 8)).astype(float))
+    return path
+
+
+def _place(*args):
+    return runner.invoke(app, ["place", *args, *FLAGS])
+
+
+def _written(path):
+    return np.array(json.loads(path.read_text())[MAP_KEY])
+
+
+def test_it_writes_the_policys_placement_for_the_newest_window(trace, tmp_path):
+    output = tmp_path / "placement.json"
+    result = _place("--trace", str(trace), "--output", str(output))
+    assert result.exit_code == 0, result.output
+    windows = window_loads(np.load(trace), 10)
+    expected = place(windows[-1], LAYOUT, "tape", history=windows[:-1])
+    np.testing.assert_array_equal(_written(output), expected.phy2log)
+    Placement(_written(output), 8).validate(LAYOUT, 3)  # a whole placement, as SGLang needs
+    assert "deepseek" in result.output and f"wrote {output}" in result.output
+    # one layer a line: a file a person can read and diff
+    assert len(output.read_text().splitlines()) == 3 + 4  # braces, key, 3 layers, bracket
+
+
+def test_previous_is_kept_where_it_pays_and_the_moves_are_counted(trace, tmp_path):
+    windows = window_loads(np.load(trace), 10)
+    in_force = place(windows[0], LAYOUT, "vanilla")
+    previous = tmp_path / "in-force.json"
+    previous.write_text(json.dumps({MAP_KEY: in_force.phy2log.tolist()}))
+    result = _place("--trace", str(trace), "--previous", str(previous), "--policy", "min-moves",
+                    "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["placements"]
+    assert list(report) == ["in force", "min-moves", "deepseek"]
+    expected = place(windows[-1], LAYOUT, "min-moves", previous=in_force, history=windows[:-1])
+    moves = migration_metrics(in_force, expected, LAYOUT, *load_config(None, model=None,
+                                                                         cluster=None))
+    assert report["min-moves"]["moved_experts"] == moves["moved_experts"]
+    assert report["min-moves"]["moved_experts"] <= report["deepseek"]["moved_experts"]
+    assert "moved_experts" not in report["in force"]
+
+
+def test_the_file_round_trips_through_previous(trace, tmp_path):
+    first = tmp_path / "first.json"
+    assert _place("--trace", str(trace), "--output", str(first)).exit_code == 0
+    result = _place("--trace", str(trace), "--previous", str(first), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["placements"]["in force"]["gpu_balancedness"] > 0
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite(trace, tmp_path):
+    output = tmp_path / "placement.json"
+    output.write_text("keep me")
+    result = _place("--trace", str(trace), "--output", str(output))
+    assert result.exit_code == 2
+    assert "exists; pass --overwrite" in result.output
+    assert output.read_text() == "keep me"
+    assert _place("--trace", str(trace), "--output", str(output), "--overwrite").exit_code == 0
+    assert _written(output).shape == (3, 12)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not JSON"),
+        ('{"phy2log": []}', "has no 'physical_to_logical_map'"),
+        (json.dumps({MAP_KEY: [[0, 1, 2]]}), "--previous"),
+        (json.dumps({MAP_KEY: [[0] * 12] * 3}), "--previous"),  # experts without a slot
+        (json.dumps({MAP_KEY: [list(range(8)) + [0] * 6] * 3}), "expected --replicas = 12"),
+    ],
+)
+def test_a_bad_previous_file_is_a_one_line_error(trace, tmp_path, content, message):
+    previous = tmp_path / "previous.json"
+    previous.write_text(content)
+    result = _place("--trace", str(trace), "--previous", str(previous))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_output_and_missing_previous_fail_before_any_work(tmp_path):
+    for args, message in [
+        (["--output", str(tmp_path)], "is a folder"),
+        (["--previous", str(tmp_path / "none.json")], "is not a file"),
+        (["--policy", "nope"], "unknown policy 'nope'"),
+    ]:
+        result = _place("--trace", str(tmp_path / "missing.npy"), *args)
+        assert result.exit_code == 2 and message in result.output, result.output
