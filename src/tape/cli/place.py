@@ -166,9 +166,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Place the experts for the trace's newest window; the earlier ones are the history.
 
-        Prints the placement's balance, traffic and step time on that window beside
-        deepseek's (and the placement in force's, with --previous), and writes it with
-        --output.
+        Prints its balance, traffic and step time there beside deepseek's; --output saves it.
         """
         name, params = parse_policy_spec(policy)
         _check_output(output, overwrite)
