@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import textwrap
 import time
 
@@ -136,6 +137,22 @@ def test_processes_a_program_starts_are_killed_with_it(tmp_path):
     while not process_gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process_gone(grandchild)
+
+
+def test_a_ctrl_c_while_the_child_starts_is_left_to_the_parent(tmp_path, monkeypatch):
+    # Ctrl-C reaches the terminal's whole process group: a child still starting up (before it
+    # ignores SIGINT) would die with a KeyboardInterrupt traceback on the terminal.
+    receive = SandboxedProgram._receive
+
+    def interrupted_start(self, timeout, reason):
+        if not hasattr(self, "interrupted"):
+            self.interrupted = True
+            os.kill(self.pid, signal.SIGINT)
+        return receive(self, timeout, reason)
+
+    monkeypatch.setattr(SandboxedProgram, "_receive", interrupted_start)
+    with SandboxedProgram(write(tmp_path, GOOD), timeout_s=20) as program:
+        program.call(window(), LAYOUT)
 
 
 def test_a_program_that_hangs_at_import_is_killed(tmp_path):

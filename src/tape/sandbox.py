@@ -15,7 +15,7 @@ memory, crash, return garbage or look through its caller's stack for data it sho
 - the child's address space is capped (`RLIMIT_AS`, on Linux) at its size after start-up plus
   `memory_mb`, so a program that eats memory fails with a MemoryError or dies alone;
 - API keys and other secrets are removed from the child's environment, and SIGINT is left to the
-  parent;
+  parent (from the child's start: a Ctrl-C while it starts up does not reach it);
 - outputs are checked in the child (a 3-tuple of integer arrays of the right shapes) and again in
   the parent (`Placement.from_maps(...).validate(...)`: consistent maps, every expert replicated);
 - the seconds reported are measured in the child around the call alone, with a clock bound
@@ -36,6 +36,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -232,6 +234,8 @@ def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
     ("ok", phy2log, log2phy, logcnt, seconds) or ("error", reason) per call.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (`_interrupts_held`); a
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # pending Ctrl-C is dropped
     if hasattr(os, "setpgrp"):
         os.setpgrp()  # `_stop` kills the group: what the program starts dies with it
     _remove_secrets()
@@ -264,6 +268,24 @@ def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The parent side.
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT blocked in this thread, then delivered: a child started meanwhile inherits the
+    block, so a Ctrl-C cannot interrupt its start-up (and print a traceback) before it ignores
+    SIGINT; `_child_main` unblocks it then."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # launching it, a spawn would unblock SIGINT again
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _kill_group(pid: int | None) -> None:
@@ -377,9 +399,10 @@ class SandboxedProgram:
             name=f"tape-sandbox:{self.path.name}",
             daemon=True,
         )
-        process.start()
-        child_end.close()
-        self._process, self._connection = process, parent_end
+        with _interrupts_held():  # a Ctrl-C while it starts is the parent's alone
+            process.start()
+            child_end.close()
+            self._process, self._connection = process, parent_end
         self._receive(STARTUP_SECONDS, f"the sandbox did not start within {STARTUP_SECONDS:g} s")
         reply = self._receive(
             self.timeout_s, f"importing the program timed out after {self.timeout_s:g} s"
