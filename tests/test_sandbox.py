@@ -155,6 +155,19 @@ def test_a_ctrl_c_while_the_child_starts_is_left_to_the_parent(tmp_path, monkeyp
         program.call(window(), LAYOUT)
 
 
+def test_output_that_bypasses_sys_stdout_does_not_reach_the_terminal(tmp_path, capfd):
+    path = write(tmp_path, "import os\n" + GOOD.replace(
+        "    weight = np.asarray(weight, dtype=float)\n",
+        "    weight = np.asarray(weight, dtype=float)\n"
+        "    os.write(1, b'LEAKED-BY-FD\\n')\n"
+        "    os.system('echo LEAKED-BY-SHELL; echo LEAKED-TO-STDERR >&2')\n",
+    ))
+    with SandboxedProgram(path, timeout_s=20) as program:
+        program.call(window(), LAYOUT)
+    captured = capfd.readouterr()
+    assert "LEAKED" not in captured.out + captured.err
+
+
 def test_a_program_that_hangs_at_import_is_killed(tmp_path):
     path = write(tmp_path, "while True:\n    pass\n" + GOOD)
     start = time.monotonic()

@@ -22,7 +22,7 @@ memory, crash, return garbage or look through its caller's stack for data it sho
   before the program was imported;
 - what the program prints (stdout and stderr) is not shown: the child keeps its last few hundred
   characters, and they reach the parent only inside the reason of a call that raised ("...; its
-  last output: ...").
+  last output: ..."); output that bypasses `sys.stdout` (os.write, a subprocess) is dropped.
 
 Every failure raises `tape.errors.ProgramError` with a one-line reason. The sandbox contains
 faults and hides data; it is not a security boundary against code written to attack TAPE itself
@@ -116,6 +116,17 @@ def _remove_secrets() -> None:
     for name in list(os.environ):
         if any(marker in name.upper() for marker in _SECRET_MARKERS):
             del os.environ[name]
+
+
+def _silence_output_descriptors() -> None:
+    """Point file descriptors 1 and 2 at the null device: what bypasses `sys.stdout` (os.write,
+    a subprocess, a C extension) does not reach the terminal either."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for descriptor in (1, 2):
+            os.dup2(null, descriptor)
+    finally:
+        os.close(null)
 
 
 def _describe_exception(error: BaseException, program_path: str, memory_mb: int) -> str:
@@ -241,6 +252,7 @@ def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
     _remove_secrets()
     output = _TailBuffer()
     sys.stdout = sys.stderr = output
+    _silence_output_descriptors()
     connection.send(("started",))
     _limit_memory(memory_mb)
     try:
