@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tape.errors import MAX_INTEGER, ConfigError, LayoutError, TapeError, TraceError, counted
+from tape.errors import (
+    MAX_INTEGER,
+    ConfigError,
+    LayoutError,
+    TapeError,
+    TraceError,
+    checked_integer,
+    counted,
+)
 from tape.files import CommitError, holds_files, probe_writable, staged_folder, write_json_atomic
 from tape.layout import Layout
 from tape.policies import PolicyError
@@ -277,6 +285,7 @@ def load_windows(
     from tape.protocol import check_windows
     from tape.trace import describe, load_trace, window_loads
 
+    checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
     if trace is not None and synthetic:
         raise TraceError("give either --trace PATH or --synthetic, not both")
     if trace is not None and synthetic_model != "calibrated":
