@@ -439,6 +439,26 @@ def test_an_unreadable_config_is_one_line_naming_the_place(tmp_path, content, me
     assert str(caught.value) == f"OpenEvolve config {path} {message}"
 
 
+@pytest.mark.parametrize(
+    ("change", "name", "value"),
+    [
+        ({"max_iterations": 0}, "max_iterations", "0"),
+        ({"max_iterations": True}, "max_iterations", "True"),
+        ({"checkpoint_interval": 0}, "checkpoint_interval", "0"),
+        ({"database": {"num_islands": 0}}, "database.num_islands", "0"),
+        ({"database": {"population_size": -1}}, "database.population_size", "-1"),
+        ({"evaluator": {"parallel_evaluations": 0}}, "evaluator.parallel_evaluations", "0"),
+    ],
+)
+def test_counts_below_one_in_a_config_are_one_line_errors(tmp_path, change, name, value):
+    # OpenEvolve would run no iteration, or fail mid-run with a traceback (0 workers: a
+    # ValueError; 0 islands or checkpoint interval: a ZeroDivisionError).
+    with pytest.raises(ConfigError) as caught:
+        resolve(tmp_path, {**LOCAL, **change}, {})
+    assert str(caught.value) == (f"{name} in OpenEvolve config {tmp_path / 'config.yaml'} must be a "
+                                 f"whole number of at least 1, got {value}")
+
+
 def test_the_command_line_overrides_the_config(tmp_path):
     config = {**LOCAL, "prompt": {"system_message": "My own instructions."}}
     path = tmp_path / "c.yaml"

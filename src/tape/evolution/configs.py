@@ -267,6 +267,22 @@ def _endpoints(config: Any, llm_section: Mapping[str, Any], variable: str) -> li
     return list(dict.fromkeys(endpoints))
 
 
+_COUNTS = ("max_iterations", "checkpoint_interval", "database.population_size",
+           "database.num_islands", "evaluator.parallel_evaluations")
+"""Settings that must be whole numbers of at least 1: OpenEvolve runs nothing with 0 iterations
+and fails mid-run, with a traceback, on 0 islands, workers or checkpoint interval."""
+
+
+def _check_counts(config: Any, path: Path) -> None:
+    for name in _COUNTS:
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} in OpenEvolve config {path} must be a whole number of at "
+                              f"least 1, got {value!r}")
+
+
 def resolve_config(
     path: Path,
     *,
@@ -312,4 +328,5 @@ def resolve_config(
         raise ConfigError(f"OpenEvolve rejected the config {path}: {error}") from None
     if not config.llm.models:
         raise ConfigError(f"OpenEvolve config {path} names no LLM model; pass --model NAME")
+    _check_counts(config, path)
     return ResolvedConfig(config, saved, variable, _endpoints(config, llm_section, variable))
