@@ -296,6 +296,15 @@ def test_brackets_in_errors_and_paths_are_printed_as_written(tmp_path, good_prog
     assert "[run 1]/missing.npy" in result.output
 
 
+@pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir"])
+def test_help_names_the_preset_defaults(command):
+    # --cluster and --model default to None (a config file's preset: may choose): the help
+    # shows no [default: ...] for them, so it says which preset is used
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "preset:, else h800)" in text and "preset:, else deepseek-v3)" in text
+
+
 @pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir", "evolve", "tune"])
 def test_help_shows_the_trace_shape_and_whole_default_folders(command):
     result = runner.invoke(app, [command, "--help"])

@@ -129,9 +129,13 @@ OverwriteOption = Annotated[
                        "replacing files of the same names.")
 ]
 ClusterOption = Annotated[
-    str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100.")
+    str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100 (default: the "
+                             "config file's cluster: preset:, else h800).")
 ]
-ModelOption = Annotated[str | None, typer.Option("--model", help="Model preset: deepseek-v3.")]
+ModelOption = Annotated[
+    str | None, typer.Option("--model", help="Model preset: deepseek-v3 (default: the config "
+                             "file's model: preset:, else deepseek-v3).")
+]
 DispatchOption = Annotated[
     str, typer.Option("--dispatch", help="Token dispatch of the cost model: locality or uniform.")
 ]
