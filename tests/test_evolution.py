@@ -1128,6 +1128,20 @@ def test_a_used_folder_names_the_newest_real_checkpoint_or_none(tmp_path):
     assert "give one" in used_folder_error(tmp_path, out, resume=newest, overwrite=True)
 
 
+def test_resuming_from_a_damaged_checkpoint_or_manifest_is_a_one_line_error(tmp_path):
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "checkpoint_2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "metadata.json").write_text("{trunc")
+    (out / run.MANIFEST).write_text(json.dumps({"settings": SMALL.to_json()}))
+    assert used_folder_error(tmp_path, out, resume=checkpoint).startswith(
+        f"cannot resume: the checkpoint metadata {checkpoint / 'metadata.json'} is unreadable (")
+    (checkpoint / "metadata.json").write_text("{}")
+    (out / run.MANIFEST).write_text("[]")
+    assert used_folder_error(tmp_path, out, resume=checkpoint) == (
+        f"cannot resume: the run manifest {out / run.MANIFEST} is not a JSON object")
+
+
 def test_overwrite_replaces_only_a_tape_evolve_run(tmp_path):
     other = tmp_path / "other"
     other.mkdir()

@@ -125,6 +125,7 @@ def _check_folder(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
             newest = newest_checkpoint(resume.parent.parent)
             hint = f"; the newest checkpoint of that run is {newest}" if newest else ""
             raise ConfigError(f"{resume} is not an OpenEvolve checkpoint (no metadata.json){hint}")
+        _read_json(resume / "metadata.json", "checkpoint metadata")  # OpenEvolve: a traceback
         if resume.resolve().parent.parent != out_dir.resolve():
             raise ConfigError(
                 f"a run resumes in its own folder: {resume} belongs to "
@@ -262,15 +263,29 @@ def _write_setup(out_dir: Path, settings: EvaluationSettings, source: str,
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; ConfigError naming `what` if it cannot be read as one."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"cannot resume: the {what} {path} is unreadable "
+                          f"({getattr(error, 'strerror', None) or error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"cannot resume: the {what} {path} is not a JSON object")
+    return data
+
+
 def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
         raise ConfigError(
             f"cannot resume in {out_dir}: it has no {MANIFEST} (not a tape evolve run)"
         )
-    import json
-
-    saved = json.loads(manifest.read_text())["settings"]
+    saved = _read_json(manifest, "run manifest").get("settings")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume: the run manifest {manifest} has no settings")
     current = settings.to_json()
     differences = [
         f"{name}: run {saved.get(name)!r}, now {current[name]!r}"
