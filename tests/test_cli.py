@@ -171,6 +171,9 @@ def test_the_synthetic_model_picks_the_trace():
          "error: unknown synthetic model 'bursty'; known: calibrated, surges"),
         (["--synthetic-model", "surges", "--trace", "trace.npy"],
          "error: --synthetic-model applies to the synthetic trace, not to --trace"),
+        # was ignored: runs with --seed 1, 2, ... on a trace were the same run
+        (["--seed", "3", "--trace", "trace.npy"],
+         "error: --seed applies to the synthetic trace, not to --trace"),
     ],
 )
 def test_a_bad_synthetic_model_is_one_line(extra, message):

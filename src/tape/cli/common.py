@@ -294,6 +294,8 @@ def load_windows(
         raise TraceError("give either --trace PATH or --synthetic, not both")
     if trace is not None and synthetic_model != "calibrated":
         raise TraceError("--synthetic-model applies to the synthetic trace, not to --trace")
+    if trace is not None and seed != 0:  # runs with --seed 1, 2, ... would all be the same
+        raise TraceError("--seed applies to the synthetic trace, not to --trace")
     if trace is None:
         from tape.synthetic import synthetic_trace, trace_model
 
