@@ -213,6 +213,15 @@ def test_evaluate_dir_writes_one_result_per_program(tmp_path, small_trace, good_
     assert broken["combined_score"] == 0.0 and "RuntimeError" in broken["error"]
     assert json.loads((out / "manifest.json").read_text())["programs"] == [
         "broken.py", "good.py"]
+    assert f"wrote 3 files to {out}\n" in result.stdout  # as compare says where it wrote
+
+
+def test_compare_says_where_it_wrote_on_one_line(tmp_path, small_trace):
+    out = tmp_path / ("a-long-folder-name-" * 4) / "compare"
+    result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",
+                                 "--policies", "deepseek", "--out", str(out), *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 8 files to {out}\n" in result.stdout  # not cut at 80 columns
 
 
 def test_compare_writes_the_notebook_outputs(tmp_path, small_trace):

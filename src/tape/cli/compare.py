@@ -210,7 +210,8 @@ def register(app: typer.Typer) -> None:
                       f"{dispatch} dispatch on {setup.cluster.name}[/]", highlight=False)
         console.print(_table(summary, version_value))
         if out is not None:
-            console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False)
+            console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False,
+                          soft_wrap=True)  # a long path stays on one line, to copy
 
 def _table(summary: dict[str, dict], version: int | str) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics); first the

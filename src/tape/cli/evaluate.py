@@ -270,5 +270,8 @@ def register(app: typer.Typer) -> None:
                     error_console.print(f"[bold red]{escape(name)} failed:[/] "
                                         f"{escape(result['error'])}", highlight=False,
                                         soft_wrap=True)
+            if out is not None:  # a result per program and the manifest, as compare says
+                console.print(f"wrote {len(results) + 1} files to {out}", markup=False,
+                              highlight=False, soft_wrap=True)
         if all(result["error"] for result in results.values()):
             raise typer.Exit(1)  # nothing scored, as `tape evaluate` on a failing program
