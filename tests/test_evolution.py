@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -1035,6 +1036,39 @@ def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     assert "refused the API key (HTTP 401" in result.output
     assert "best evolved program vs deepseek" in result.output
     assert (tmp_path / "cli-run" / "best" / "tape_scores.json").is_file()
+
+
+class InterruptingLLM(ScriptedLLM):
+    """Sends this process SIGINT (a Ctrl-C) when the first chat request arrives."""
+
+    def reply_to(self, body):
+        if not self.requests:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().reply_to(body)
+
+
+def test_ctrl_c_stops_tape_evolve_keeps_the_best_so_far_and_says_so(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    config = tmp_path / "openevolve.yaml"
+    config.write_text(yaml.safe_dump(RUN_CONFIG))
+    out = tmp_path / "cli-run"
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with InterruptingLLM([], KEEP) as llm:
+        result = CliRunner().invoke(make_app(), [
+            "evolve", "--version", "2", "--iterations", "50", *small_trace_options(tmp_path),
+            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
+            "--out", str(out),
+        ])
+    assert result.exit_code == 130, result.output
+    assert len(llm.requests) < 50
+    assert "best evolved program vs deepseek" in result.output
+    assert result.output.rstrip().endswith(
+        "interrupted: the run stopped before its last iteration; the best program is the best "
+        "of the iterations that finished")
+    assert (out / "best" / "tape_scores.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is not None  # OpenEvolve's handlers were removed
+    assert getattr(signal.getsignal(signal.SIGINT), "__name__", "") != "force_exit_handler"
 
 
 def test_a_run_where_the_llm_never_gives_a_usable_answer_is_a_clear_error(tmp_path, monkeypatch):

@@ -219,6 +219,12 @@ def register(app: typer.Typer) -> None:
         if result.best.error:
             error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
                                 highlight=False, soft_wrap=True)
+        if result.interrupted:  # after the summary: what the finished iterations found
+            error_console.print(
+                "[bold yellow]interrupted[/]: the run stopped before its last iteration; the best "
+                "program is the best of the iterations that finished", highlight=False,
+                soft_wrap=True)
+            raise typer.Exit(130)
 
     @app.command()
     @handles_errors

@@ -74,6 +74,8 @@ class EvolveResult:
         best: the best program's TAPE scores (every metric).
         deepseek: the `deepseek` policy's scores on the same windows, for comparison.
         newest_checkpoint: the checkpoint `--resume` would continue from (None: none written).
+        interrupted: Ctrl-C (or SIGTERM) stopped the run before its last iteration; the best
+            program is the best found so far.
     """
 
     out_dir: Path
@@ -81,6 +83,7 @@ class EvolveResult:
     best: ProgramScore
     deepseek: ProgramScore
     newest_checkpoint: Path | None = None
+    interrupted: bool = False
 
 
 def _evaluation_bound(settings: EvaluationSettings) -> float:
@@ -376,6 +379,8 @@ def evolve(
         ProgramError: the initial program fails when scored (also before).
         TraceError: a trace that cannot be read or does not fit the layout (also before).
         EvolutionError: no iteration produced a candidate program (the LLM never answered usably).
+        KeyboardInterrupt: a second Ctrl-C stopped the run at once (the message says what is
+            kept); after one, the run ends as usual with `interrupted` set.
     """
     from tape.evolution import require_extra
 
@@ -445,6 +450,13 @@ def evolve(
                 f"that --api-base and --model reach a model that answers in OpenEvolve's "
                 f"format; {_what_is_kept(out_dir)}"
             ) from None
+        except SystemExit:  # OpenEvolve's answer to a second Ctrl-C: sys.exit(0) at once
+            if not _stopped_by_signal():
+                raise
+            raise KeyboardInterrupt(
+                f"interrupted twice: the run stopped at once; {_what_is_kept(out_dir)}"
+            ) from None
+        interrupted = _stopped_by_signal()
 
     best_program = out_dir / "best" / "best_program.py"
     if not best_program.is_file():
@@ -459,7 +471,14 @@ def evolve(
         {"version": settings.version, "program": best.to_json(),
          "deepseek": deepseek.to_json()},
     )
-    return EvolveResult(out_dir, best_program, best, deepseek, newest_checkpoint(out_dir))
+    return EvolveResult(out_dir, best_program, best, deepseek, newest_checkpoint(out_dir),
+                        interrupted)
+
+
+def _stopped_by_signal() -> bool:
+    """Whether OpenEvolve's SIGINT/SIGTERM handler ran during the run: it stops the run after
+    the iterations under way, and leaves `force_exit_handler` for a second Ctrl-C."""
+    return getattr(signal.getsignal(signal.SIGINT), "__name__", None) == "force_exit_handler"
 
 
 def _manifest(settings: EvaluationSettings, config_path: Path, resolved: ResolvedConfig
