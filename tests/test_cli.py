@@ -216,6 +216,19 @@ def test_evaluate_dir_writes_one_result_per_program(tmp_path, small_trace, good_
     assert f"wrote 3 files to {out}\n" in result.stdout  # as compare says where it wrote
 
 
+@pytest.mark.parametrize("command", ["compare", "evaluate-dir"])
+def test_an_empty_out_is_a_usage_error_not_the_current_folder(
+        tmp_path, small_trace, good_program, command, monkeypatch):
+    # `--out "$OUT"` with OUT unset was taken as ".": with --overwrite, results in the cwd
+    monkeypatch.chdir(tmp_path)
+    extra = [str(good_program.parent)] if command == "evaluate-dir" else []
+    result = runner.invoke(app, [command, *extra, "--trace", str(small_trace), "--interval",
+                                 "10", "--out", "", "--overwrite", *SMALL_LAYOUT])
+    assert result.exit_code == 2, result.output
+    assert "--out" in result.output and "empty path" in result.output
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_compare_says_where_it_wrote_on_one_line(tmp_path, small_trace):
     out = tmp_path / ("a-long-folder-name-" * 4) / "compare"
     result = runner.invoke(app, ["compare", "--trace", str(small_trace), "--interval", "10",

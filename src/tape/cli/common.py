@@ -60,6 +60,7 @@ __all__ = [
     "loading",
     "nodes_for",
     "output_folder",
+    "parse_out",
     "prepare",
     "progress_bar",
     "write_json_atomic",
@@ -167,6 +168,14 @@ class Setup:
                        "nodes": layout.num_nodes, "gpus": layout.num_gpus},
             "model": dataclasses.asdict(self.model), "cluster": dataclasses.asdict(self.cluster),
         }
+
+
+def parse_out(text: str) -> Path:
+    """--out's folder; an empty path (say `--out "$OUT"` with OUT unset) is a usage error:
+    taken as ".", it would write into the current folder under --overwrite."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path; give a folder")
+    return Path(text)
 
 
 def check_out_folder(out: Path | None, *, must_be_empty: bool = True,

@@ -35,6 +35,7 @@ from tape.cli.common import (
     flag_names,
     handles_errors,
     output_folder,
+    parse_out,
     prepare,
     progress_bar,
 )
@@ -147,7 +148,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         out: Annotated[
             Path | None,
-            typer.Option("--out", help="Write GPU-load CSVs, heatmaps, box plots, timelines "
+            typer.Option("--out", parser=parse_out, metavar="<path>",
+                         help="Write GPU-load CSVs, heatmaps, box plots, timelines "
                          "and a JSON of everything here."),
         ] = None,
         version: VersionOption = "0",

@@ -36,6 +36,7 @@ from tape.cli.common import (
     escape,
     handles_errors,
     output_folder,
+    parse_out,
     prepare,
     progress_bar,
     write_json_atomic,
@@ -204,7 +205,8 @@ def register(app: typer.Typer) -> None:
     def evaluate_dir(
         directory: Annotated[Path, typer.Argument(help="Folder of .py programs.")],
         out: Annotated[
-            Path | None, typer.Option("--out", help="Write one JSON result per program here.")
+            Path | None, typer.Option("--out", parser=parse_out, metavar="<path>",
+                                      help="Write one JSON result per program here.")
         ] = None,
         trace: TraceOption = None,
         synthetic: SyntheticOption = False,
