@@ -436,6 +436,19 @@ def test_config_file_overrides_and_flags_win_over_its_preset(tmp_path):
     assert load_config(json_path)[1].flops == 2e15
 
 
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("cluster:\n  ib_bandwidth: .nan\n", "ib_bandwidth"),
+     ("model:\n  hidden_size: .inf\n", "hidden_size"),
+     ("cluster:\n  flops: .inf\n", "flops")],
+)
+def test_nan_or_infinite_config_values_are_refused(tmp_path, text, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        load_config(path)
+
+
 def test_a_slower_network_from_the_config_slows_an_ib_bound_step(tmp_path):
     path = tmp_path / "slow.yaml"
     path.write_text("cluster:\n  ib_bandwidth: 25.0e+9\n")

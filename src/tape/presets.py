@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -120,6 +121,8 @@ def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
             if isinstance(value, str) and "e" in value.lower():
                 hint = " (YAML reads an exponent as a number only with a dot and a sign: 50.0e+9)"
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}{hint}")
+        if not math.isfinite(value):  # YAML's .nan and .inf
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
         if expected == "int":
