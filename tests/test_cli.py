@@ -321,7 +321,7 @@ def test_brackets_in_errors_and_paths_are_printed_as_written(tmp_path, good_prog
     assert "[run 1]/missing.npy" in result.output
 
 
-@pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir"])
+@pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir", "place"])
 def test_help_names_the_preset_defaults(command):
     # --cluster and --model default to None (a config file's preset: may choose): the help
     # shows no [default: ...] for them, so it says which preset is used
@@ -330,7 +330,8 @@ def test_help_names_the_preset_defaults(command):
     assert "preset:, else h800)" in text and "preset:, else deepseek-v3)" in text
 
 
-@pytest.mark.parametrize("command", ["compare", "evaluate", "evaluate-dir", "evolve", "tune"])
+@pytest.mark.parametrize("command", [
+    "compare", "evaluate", "evaluate-dir", "place", "evolve", "tune"])
 def test_help_shows_the_trace_shape_and_whole_default_folders(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
@@ -350,7 +351,8 @@ def test_command_help_paragraphs_have_no_line_breaks():
             assert "\n" not in paragraph.strip(), (name, paragraph)
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["evaluate-dir"], ["evolve"], ["tune"]])
+@pytest.mark.parametrize("command", [
+    [], ["compare"], ["evaluate-dir"], ["place"], ["evolve"], ["tune"]])
 def test_help_shows_flags_without_a_placeholder(command):
     result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
