@@ -295,12 +295,14 @@ def test_a_program_that_inspects_its_callers_finds_no_other_window(tmp_path):
 
 def test_secrets_are_removed_from_the_childs_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    monkeypatch.setenv("TAPE_VISIBLE", "yes")
+    monkeypatch.setenv("TAPE_WINDOWS", str(tmp_path / "windows.npz"))  # every window scored on
+    monkeypatch.setenv("PLAIN_VISIBLE", "yes")
     path = write(
         tmp_path,
         "import os\n"
         "assert 'OPENAI_API_KEY' not in os.environ, 'key leaked'\n"
-        "assert os.environ.get('TAPE_VISIBLE') == 'yes', 'ordinary variables must pass'\n" + GOOD,
+        "assert 'TAPE_WINDOWS' not in os.environ, 'the windows file leaked'\n"
+        "assert os.environ.get('PLAIN_VISIBLE') == 'yes', 'ordinary variables must pass'\n" + GOOD,
     )
     with SandboxedProgram(path, timeout_s=20) as program:
         program.call(window(), LAYOUT)

@@ -14,8 +14,9 @@ memory, crash, return garbage or look through its caller's stack for data it sho
 - each call has a hard timeout: past it the child is killed, not merely abandoned;
 - the child's address space is capped (`RLIMIT_AS`, on Linux) at its size after start-up plus
   `memory_mb`, so a program that eats memory fails with a MemoryError or dies alone;
-- API keys and other secrets are removed from the child's environment, and SIGINT is left to the
-  parent (from the child's start: a Ctrl-C while it starts up does not reach it);
+- API keys and other secrets, and the evaluator's `TAPE_*` settings (which name the windows file),
+  are removed from the child's environment, and SIGINT is left to the parent (from the child's
+  start: a Ctrl-C while it starts up does not reach it);
 - outputs are checked in the child (a 3-tuple of integer arrays of the right shapes) and again in
   the parent (`Placement.from_maps(...).validate(...)`: consistent maps, every expert replicated);
 - the seconds reported are measured in the child around the call alone, with a clock bound
@@ -113,8 +114,11 @@ def _limit_memory(memory_mb: int) -> None:
 
 
 def _remove_secrets() -> None:
+    """Remove API keys and the like, and the evaluator's TAPE_* settings: TAPE_WINDOWS and
+    TAPE_TRACE name the file holding every window the program is scored on."""
     for name in list(os.environ):
-        if any(marker in name.upper() for marker in _SECRET_MARKERS):
+        upper = name.upper()
+        if upper.startswith("TAPE_") or any(marker in upper for marker in _SECRET_MARKERS):
             del os.environ[name]
 
 
