@@ -1027,6 +1027,18 @@ def test_an_initial_program_that_fails_stops_tape_evolve_before_the_run_folder(t
     assert not (tmp_path / "out").exists() and llm.requests == []
 
 
+def test_an_initial_program_that_is_a_folder_is_named_as_such(tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(make_app(), [
+        "evolve", "--initial", str(tmp_path), "--api-base", "http://127.0.0.1:9/v1",
+        "--model", "m", *small_trace_options(tmp_path), "--out", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: initial program {tmp_path} is a folder, not a Python file"
+    assert not (tmp_path / "out").exists()
+
+
 def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     # A server that refuses GET /models with 401 may still serve chat: a warning, not an error.
     result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP,

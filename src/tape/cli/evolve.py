@@ -190,7 +190,8 @@ def register(app: typer.Typer) -> None:
             timeout_s=timeout, memory_mb=memory_mb,
         )
         if initial is not None and not initial.is_file():
-            raise ConfigError(f"initial program {initial} does not exist")
+            problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
+            raise ConfigError(f"initial program {initial} {problem}")
         config_path = configs.find_config(config) if config is not None else None
         result = run.evolve(
             settings, out_dir=out, iterations=iterations, config_path=config_path,
