@@ -1039,6 +1039,18 @@ def test_an_initial_program_that_is_a_folder_is_named_as_such(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_evolve_help_names_presets_not_config_for_the_preset_defaults():
+    # In tape evolve --config is OpenEvolve's YAML; the cost model's presets file is --presets.
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(make_app(), ["evolve", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "the --presets file's cluster: preset:, else h800" in text
+    assert "the --presets file's model: preset:, else deepseek-v3" in text
+    assert "the config file's" not in text
+    assert "with --resume, the checkpoint's run folder" in text
+
+
 def test_tape_evolve_runs_from_the_command_line(tmp_path, monkeypatch):
     # A server that refuses GET /models with 401 may still serve chat: a warning, not an error.
     result = evolve_from_the_command_line(tmp_path, monkeypatch, "realistic", KEEP,

@@ -50,9 +50,10 @@ __all__ = ["register"]
 
 
 def _out_option(command: str) -> Any:
+    resumed = "; with --resume, the checkpoint's run folder" if command == "evolve" else ""
     return typer.Option("--out", help=f"Output folder (new or empty); default: "
                         f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
-                        "realistic.")
+                        f"realistic{resumed}.")
 
 
 def _settings(**values: Any) -> Any:
@@ -120,10 +121,14 @@ def register(app: typer.Typer) -> None:
         groups: GroupsOption = 8,
         nodes: NodesOption = None,
         gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
+        cluster: Annotated[  # not ClusterOption: here --config is OpenEvolve's, not presets
+            str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100 (default: "
+                                     "the --presets file's cluster: preset:, else h800).")
+        ] = None,
         moe_model: Annotated[
             str | None, typer.Option("--moe-model", help="MoE model preset of the realistic "
-                                     "cost model: deepseek-v3.")
+                                     "cost model: deepseek-v3 (default: the --presets file's "
+                                     "model: preset:, else deepseek-v3).")
         ] = None,
         presets: Annotated[
             Path | None, typer.Option("--presets", help="YAML/JSON file overriding model: and "
