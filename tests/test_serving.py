@@ -161,3 +161,45 @@ def test_torch_in_torch_out(windows):
         assert tensor.dtype == torch.int64
     assert phy2log.shape == (3, 40)
     assert rebalance.windows_kept == 2
+
+
+def _doc_blocks():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_the_engine_snippets_of_docs_serving_run(windows, monkeypatch):
+    """The vLLM policy class and the SGLang function that docs/serving.md shows, run against
+    stand-ins for the engines' modules (neither engine is installed here)."""
+    import sys
+    import types
+
+    basic, vllm_policy, sglang_function = _doc_blocks()
+    abstract = types.ModuleType("vllm.distributed.eplb.policy.abstract")
+    abstract.AbstractEplbPolicy = type("AbstractEplbPolicy", (), {})
+    monkeypatch.setitem(sys.modules, "vllm.distributed.eplb.policy.abstract", abstract)
+    for parent in ("vllm", "vllm.distributed", "vllm.distributed.eplb",
+                   "vllm.distributed.eplb.policy"):
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+
+    namespace: dict = {}
+    exec(compile(vllm_policy, "docs/serving.md", "exec"), namespace)  # noqa: S102 - our docs
+    policy = namespace["TapeEplbPolicy"]
+    in_force = rebalance_experts(windows[0], *ARGS, policy="vanilla")[0]
+    phy2log = policy.rebalance_experts(windows[1], *ARGS, old_global_expert_indices=in_force)
+    want = rebalance_experts(windows[1], *ARGS, policy="tape", preset="all",
+                             previous_phy2log=in_force)[0]
+    np.testing.assert_array_equal(phy2log, want)
+
+    namespace = {}
+    exec(compile(sglang_function, "docs/serving.md", "exec"), namespace)  # noqa: S102
+    steps = np.stack([windows[2], windows[3]])  # [T, L, E] counts
+    num_physical, num_local = ARGS[0], ARGS[0] // ARGS[3]
+    got = namespace["rebalance_experts"](steps, num_physical, num_local, ARGS[1], ARGS[2])
+    want = rebalance_experts(steps.sum(axis=0), *ARGS, policy="tape", preset="all")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert "Rebalancer(" in basic
