@@ -108,7 +108,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "smoothing_floor": 0.3,
         "node_spread": 0.3,
         "keep_margin": 0.03,
-        "migration_weight": 0.05,
+        "migration_weight": 0.035,
         "locality_weight": 150.0,
         "tolerance": 0.0,
         "search_rounds": 3,
