@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tape import Layout, PlacementError, Rebalancer, TraceError
+from tape import Layout, LayoutError, PlacementError, Rebalancer, TraceError
 from tape.api import rebalance_experts
 from tape.policies import PolicyError, policy_names
 from tape.protocol import policy_source, replay
@@ -90,6 +90,20 @@ def test_a_failed_call_changes_nothing(windows):
         rebalance(bad, *ARGS)
     with pytest.raises(PlacementError, match="previous_phy2log"):
         rebalance(windows[1], *ARGS, previous_phy2log=first[:, :10])
+    assert rebalance.windows_kept == 1
+    got = rebalance(windows[1], *ARGS)[0]
+    want = rebalance_experts(windows[1], *ARGS, policy="tape", previous_phy2log=first,
+                             history=windows[:1])[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_failed_call_of_a_new_shape_changes_nothing(windows):
+    """A call that would start afresh but raises (say, slots that are not a multiple of the
+    GPUs) keeps the earlier windows and the placement."""
+    rebalance = Rebalancer("tape")
+    first = rebalance(windows[0], *ARGS)[0]
+    with pytest.raises(LayoutError, match="multiple of num_gpus"):
+        rebalance(windows[1], 41, *ARGS[1:])
     assert rebalance.windows_kept == 1
     got = rebalance(windows[1], *ARGS)[0]
     want = rebalance_experts(windows[1], *ARGS, policy="tape", previous_phy2log=first,

@@ -110,15 +110,17 @@ class Rebalancer:
         load = _window_load(weight)
         with self._lock:
             shape = (*load.shape, num_replicas)
-            if shape != self._shape:
-                self._forget()
+            same_shape = shape == self._shape
+            remembered = self._previous if same_shape else None
             outputs = rebalance_experts(
                 load, num_replicas, 1 if num_groups is None else num_groups, num_nodes,
                 num_gpus, policy=self.policy,
-                previous_phy2log=self._previous if previous_phy2log is None else previous_phy2log,
-                history=np.stack(self._windows) if self._windows else None,
+                previous_phy2log=remembered if previous_phy2log is None else previous_phy2log,
+                history=np.stack(self._windows) if same_shape and self._windows else None,
                 **self.params,
             )
+            if not same_shape:  # forgotten only now: a call that raises changes nothing
+                self._forget()
             self._previous = outputs[0]
             self._shape = shape
             self._windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
