@@ -111,6 +111,18 @@ def test_a_failed_call_of_a_new_shape_changes_nothing(windows):
     np.testing.assert_array_equal(got, want)
 
 
+def test_the_engine_may_write_into_what_it_got(windows):
+    """The remembered placement is a copy: an engine that reuses the returned array (or the CPU
+    tensor made from it) as a buffer does not change what the next call keeps."""
+    rebalance = Rebalancer("min-moves")
+    phy2log = rebalance(windows[0], *ARGS)[0]
+    first = phy2log.copy()
+    phy2log[:] = 0
+    got = rebalance(windows[1], *ARGS)[0]
+    want = rebalance_experts(windows[1], *ARGS, policy="min-moves", previous_phy2log=first)[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_per_step_loads_are_summed_into_the_window(windows):
     """SGLang hands its balancer [steps, L, E] counts and no group count for some models."""
     steps = np.stack([windows[0] // 2, windows[0] - windows[0] // 2]).astype(np.int64)
@@ -175,6 +187,13 @@ def test_torch_in_torch_out(windows):
         assert tensor.dtype == torch.int64
     assert phy2log.shape == (3, 40)
     assert rebalance.windows_kept == 2
+    kept = phy2log.clone()
+    phy2log.zero_()  # a CPU tensor shares memory with its array: not with the remembered one
+    got = rebalance(torch.tensor(windows[2]), *ARGS)[0]
+    rounded = torch.tensor(windows[1], dtype=torch.bfloat16).float().numpy()  # as kept
+    want = rebalance_experts(windows[2], *ARGS, policy="tape", previous_phy2log=kept.numpy(),
+                             history=np.stack([windows[0], rounded]))[0]
+    np.testing.assert_array_equal(got.numpy(), want)
 
 
 def _doc_blocks():

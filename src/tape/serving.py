@@ -121,7 +121,7 @@ class Rebalancer:
             )
             if not same_shape:  # forgotten only now: a call that raises changes nothing
                 self._forget()
-            self._previous = outputs[0]
+            self._previous = outputs[0].copy()  # not the array handed out, which the engine owns
             self._shape = shape
             self._windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
         return tuple(like_input(array, weight) for array in outputs)
