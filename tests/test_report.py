@@ -189,3 +189,49 @@ def test_comparison_png_is_written_and_listed_with_the_csv_in_the_manifest(compa
     # The failed policy gets no per-policy files; its error is in comparison.json.
     assert not list(out.glob("broken*"))
     assert json.loads((out / "comparison.json").read_text())["broken"]["error"] == "it raised"
+
+
+@pytest.fixture(scope="module")
+def comparison_figures(tmp_path_factory):
+    """write_comparison on a tiny run of two policies (2 nodes of 2 GPUs), with the figures
+    kept by file name instead of saved."""
+    import tape.plots
+
+    layout = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
+    windows = np.random.default_rng(1).pareto(1.5, size=(4, 3, 8)) + 0.1
+    model, cluster = model_preset(), cluster_preset()
+    results = {name: score_policy(name, windows, layout, model=model, cluster=cluster)
+               for name in ("vanilla", "deepseek")}
+    figures = {}
+
+    def keep(figure, path):
+        figures[path.name] = figure
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tape.plots, "_save", keep)
+        write_comparison(tmp_path_factory.mktemp("figures"), results, windows, layout,
+                         model=model, cluster=cluster, dispatch="locality",
+                         steps_per_window=1, manifest={})
+    return figures, results, windows, layout
+
+
+def test_heatmaps_share_one_colour_scale_centred_on_the_ideal_share(comparison_figures):
+    figures, results, windows, layout = comparison_figures
+    norms = [figures[f"{name}_gpu_loads_heatmap.png"].axes[0].images[0].norm
+             for name in results]
+    largest = max(normalize_rows(evaluated_gpu_loads(score, windows, layout)).max()
+                  for score in results.values())
+    for norm in norms:  # the same scale for both, so that their colours compare
+        assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((0.0, 0.25, largest))
+
+
+def test_heatmap_has_whole_ticks_node_lines_and_a_colour_bar_with_its_unit(comparison_figures):
+    figures, _, _, _ = comparison_figures
+    axes, colorbar = figures["deepseek_gpu_loads_heatmap.png"].axes[:2]
+    figures["deepseek_gpu_loads_heatmap.png"].canvas.draw()
+    for ticks in (axes.get_xticks(), axes.get_yticks()):
+        shown = [tick for tick in ticks if -0.5 <= tick <= 3.5]
+        assert shown and all(float(tick).is_integer() for tick in shown)
+    assert [line.get_xdata()[0] for line in axes.lines] == [1.5]  # between node 0 and node 1
+    assert "ideal 1/G = 0.25" in colorbar.get_ylabel()

@@ -23,6 +23,7 @@ __all__ = [
     "plot_comparison",
     "plot_heatmap",
     "plot_timeline",
+    "shared_share_limit",
 ]
 
 # Annotate heatmap cells with their value only when there are few enough to read.
@@ -52,21 +53,66 @@ def _save(figure: Any, path: Path) -> Path:
     return Path(path)
 
 
-def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
-    """Heatmap of per-layer normalized GPU loads [L, G] (layers down, GPUs across)."""
+def shared_share_limit(loads: Sequence[np.ndarray]) -> float:
+    """The largest per-layer share (`normalize_rows`) of any of `loads` ([L, G] each): one
+    colour scale or y axis for every policy's figure, so that the figures compare."""
+    return max((float(normalize_rows(gpu_loads).max()) for gpu_loads in loads), default=0.0)
+
+
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
+
+
+def _node_boundaries(axes: Any, gpus: int, gpus_per_node: int | None) -> None:
+    """Vertical lines between nodes (GPUs at x = 0 .. gpus - 1) and "node n" over each node."""
+    if not gpus_per_node or gpus_per_node >= gpus:
+        return
+    for boundary in range(gpus_per_node, gpus, gpus_per_node):
+        axes.axvline(boundary - 0.5, color="black", linewidth=1.0)
+    top = axes.secondary_xaxis("top")
+    top.set_xticks([node * gpus_per_node + (gpus_per_node - 1) / 2
+                    for node in range(gpus // gpus_per_node)],
+                   [f"node {node}" for node in range(gpus // gpus_per_node)], fontsize=8)
+    top.tick_params(length=0)
+
+
+def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str, *, vmax: float | None = None,
+                 gpus_per_node: int | None = None) -> Path:
+    """Heatmap of per-layer normalized GPU loads [L, G] (layers down, GPUs across): each
+    layer's share of its load on every GPU, white at the ideal 1/G, red above, blue below.
+
+    `vmax`: the top of the colour scale (default: this heatmap's largest share); give every
+    policy's heatmap the same one (`shared_share_limit`) to compare them. `gpus_per_node`:
+    draw lines between nodes.
+    """
+    from matplotlib.colors import TwoSlopeNorm
+
     normalized = normalize_rows(gpu_loads)
     layers, gpus = normalized.shape
+    ideal = 1.0 / gpus
+    top = max(float(normalized.max()) if vmax is None else vmax, 1.01 * ideal)
+    norm = TwoSlopeNorm(vcenter=ideal, vmin=0.0, vmax=top)
     figure, axes = _figure(max(6.0, 0.35 * gpus + 2), max(4.0, 0.16 * layers + 2))
-    image = axes.imshow(normalized, aspect="auto", cmap="Reds", interpolation="nearest")
-    figure.colorbar(image, ax=axes, label="normalized load")
+    image = axes.imshow(normalized, aspect="auto", cmap="RdBu_r", norm=norm,
+                        interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=axes, label=f"share of the layer's load "
+                               f"(ideal 1/G = {ideal:.4g})")
+    colorbar.ax.axhline(ideal, color="black", linewidth=1)
     if layers * gpus <= _ANNOTATE_MAX_CELLS:
+        shades = norm(normalized)
         for layer in range(layers):
             for gpu in range(gpus):
+                dark = abs(shades[layer, gpu] - 0.5) > 0.3
                 axes.text(gpu, layer, f"{normalized[layer, gpu]:.2f}", ha="center",
-                          va="center", fontsize=6)
+                          va="center", fontsize=6, color="white" if dark else "black")
+    _integer_ticks(axes.xaxis)
+    _integer_ticks(axes.yaxis)
+    _node_boundaries(axes, gpus, gpus_per_node)
     axes.set_xlabel("GPU")
     axes.set_ylabel("layer")
-    axes.set_title(title)
+    axes.set_title(title, wrap=True)
     return _save(figure, path)
 
 

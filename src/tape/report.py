@@ -151,22 +151,32 @@ def write_comparison(
 ) -> list[Path]:
     """Write the comparison's CSVs, plots and JSON into `out`; return the paths written."""
     from tape.costmodel import layer_times, traffic
-    from tape.plots import plot_boxplot, plot_comparison, plot_heatmap, plot_timeline
+    from tape.plots import (
+        plot_boxplot,
+        plot_comparison,
+        plot_heatmap,
+        plot_timeline,
+        shared_share_limit,
+    )
 
     written: list[Path] = []
     columns = [f"GPU{gpu}" for gpu in range(layout.num_gpus)]
     stems = _file_stems(list(results))
-    for name, score in results.items():
-        if score.error is not None:
-            continue  # a failed run has no placements: its error is in comparison.json
+    # A failed run has no placements: its error is in comparison.json, and it has no files.
+    placed = {name: score for name, score in results.items() if score.error is None}
+    loads = {name: evaluated_gpu_loads(score, windows, layout) for name, score in placed.items()}
+    share_limit = shared_share_limit(list(loads.values()))  # one colour scale for all
+    for name, score in placed.items():
         stem = stems[name]
-        loads = evaluated_gpu_loads(score, windows, layout)
         csv_path = out / f"{stem}_gpu_loads.csv"
-        write_table_csv(csv_path, loads, columns, "layer")
+        write_table_csv(csv_path, loads[name], columns, "layer")
         written.append(csv_path)
-        written.append(plot_heatmap(loads, out / f"{stem}_gpu_loads_heatmap.png",
-                                    f"{name}: normalized GPU loads per layer"))
-        written.append(plot_boxplot(loads, out / f"{stem}_gpu_loads_boxplot.png",
+        written.append(plot_heatmap(
+            loads[name], out / f"{stem}_gpu_loads_heatmap.png",
+            f"{name}: normalized GPU loads per layer (summed over the window pairs)",
+            vmax=share_limit, gpus_per_node=layout.gpus_per_node,
+        ))
+        written.append(plot_boxplot(loads[name], out / f"{stem}_gpu_loads_boxplot.png",
                                     f"{name}: GPU load distribution across layers"))
         last = len(score.placements) - 1
         times = layer_times(
@@ -177,8 +187,7 @@ def write_comparison(
             times.compute, times.comm, out / f"{stem}_timeline.png",
             f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
         ))
-    series = {name: pair_series(score, PER_WINDOW_METRICS)
-              for name, score in results.items() if score.error is None}
+    series = {name: pair_series(score, PER_WINDOW_METRICS) for name, score in placed.items()}
     table_path = out / "comparison_per_window.csv"
     write_records_csv(table_path, ["policy", "pair", *PER_WINDOW_METRICS], [
         [name, pair, *(values[metric][pair] for metric in PER_WINDOW_METRICS)]
