@@ -7,6 +7,7 @@ from tape import Layout, LayoutError, PlacementError, Rebalancer, TraceError
 from tape.api import rebalance_experts
 from tape.policies import PolicyError, policy_names
 from tape.protocol import policy_source, replay
+from tape.serving import SHAPES_KEPT
 from tape.synthetic import synthetic_trace
 from tape.trace import window_loads
 
@@ -70,6 +71,31 @@ def test_a_new_shape_starts_afresh(windows):
     wider = (48, *ARGS[1:])  # more slots: the remembered placement no longer fits
     got = rebalance(two_layers, *wider)[0]
     np.testing.assert_array_equal(got, rebalance_experts(two_layers, *wider, policy="tape")[0])
+
+
+def test_two_models_through_one_rebalancer_keep_their_own_memory(windows):
+    """vLLM calls its one policy for every model it serves (a speculative-decoding drafter with
+    MoE layers too): each shape keeps its windows and placement, alternating calls included."""
+    rebalance = Rebalancer("tape", preset="fast")
+    drafter = windows[:, :1]  # a one-layer model beside the three-layer one
+    for window, small in zip(windows[:3], drafter[:3], strict=True):
+        last = rebalance(window, *ARGS)[0]
+        rebalance(small, *ARGS)
+    got = rebalance(windows[3], *ARGS)[0]
+    want = rebalance_experts(windows[3], *ARGS, policy="tape", preset="fast",
+                             previous_phy2log=last, history=windows[:3])[0]
+    np.testing.assert_array_equal(got, want)
+    assert rebalance.windows_kept == 4
+
+
+def test_only_the_shapes_used_last_are_kept(windows):
+    rebalance = Rebalancer("min-moves")
+    rebalance(windows[0], *ARGS)
+    for extra in range(1, SHAPES_KEPT + 1):  # SHAPES_KEPT other slot counts: the first is dropped
+        rebalance(windows[0], ARGS[0] + 8 * extra, *ARGS[1:])
+    got = rebalance(windows[1], *ARGS)[0]
+    np.testing.assert_array_equal(got, rebalance_experts(windows[1], *ARGS,
+                                                         policy="min-moves")[0])
 
 
 def test_reset_forgets_everything(windows):

@@ -8,16 +8,19 @@ the windows it was given, up to `history_windows` of them, and passes them to th
 can stand in for DeepSeek EPLB's entry point with the same arguments and the same outputs.
 
 The engine may pass the placement in force itself (`previous_phy2log`; recent vLLM versions
-have it as `old_global_expert_indices`): then that one is used, not the remembered one. A call
-whose loads or slots have another shape than the last one (the engine changed its parallel
-layout) starts afresh: it forgets the earlier windows and the remembered placement. A call that
+have it as `old_global_expert_indices`): then that one is used, not the remembered one. What is
+remembered is kept per shape, (layers, experts, slots): a call of a shape not seen before starts
+afresh, and an engine that balances two models through one policy (vLLM calls its policy for
+each model it serves, a speculative-decoding drafter with MoE layers included) keeps each
+model's windows and placement apart. The `SHAPES_KEPT` shapes used last are kept. A call that
 raises leaves the remembered state as it was.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,12 +32,23 @@ from tape.layout import Layout
 from tape.policies import PolicyError, get_policy
 from tape.policies.tape_forecast import MEMORY
 
-__all__ = ["Rebalancer"]
+__all__ = ["SHAPES_KEPT", "Rebalancer"]
+
+SHAPES_KEPT = 4
+"""How many shapes (layers, experts, slots) a `Rebalancer` remembers, the ones used last."""
 
 _TRIAL_LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
 """A small cluster on which the constructor tries the policy and its parameters once."""
 _TRIAL_LOAD = np.arange(8.0, 0.0, -1.0).reshape(1, 8)
 """One layer of 8 experts (2 groups of 4), loads 8 down to 1: the constructor's trial load."""
+
+
+@dataclass
+class _Memory:
+    """What a `Rebalancer` keeps for one shape: the earlier windows and its last placement."""
+
+    windows: deque[np.ndarray]
+    previous: np.ndarray | None = field(default=None)
 
 
 class Rebalancer:
@@ -66,19 +80,20 @@ class Rebalancer:
         self.params = dict(params)
         place(_TRIAL_LOAD, _TRIAL_LAYOUT, policy, **self.params)
         self._lock = threading.Lock()
-        self._windows: deque[np.ndarray] = deque(maxlen=self.history_windows)
-        self._previous: np.ndarray | None = None
-        self._shape: tuple[int, int, int] | None = None  # (L, E, S) of the remembered state
+        self._memory: OrderedDict[tuple[int, int, int], _Memory] = OrderedDict()  # by (L, E, S)
+        self._last_shape: tuple[int, int, int] | None = None
 
     @property
     def windows_kept(self) -> int:
-        """How many earlier windows the next call of the same shape passes as `history`."""
-        return len(self._windows)
+        """How many earlier windows the next call of the last call's shape passes as `history`."""
+        memory = self._memory.get(self._last_shape) if self._last_shape else None
+        return 0 if memory is None else len(memory.windows)
 
     def reset(self) -> None:
-        """Forget the remembered placement and the earlier windows."""
+        """Forget the remembered placements and the earlier windows, of every shape."""
         with self._lock:
-            self._forget()
+            self._memory.clear()
+            self._last_shape = None
 
     def __call__(
         self,
@@ -101,7 +116,7 @@ class Rebalancer:
             num_nodes: N, server nodes.
             num_gpus: G, GPUs (SGLang: `num_physical_experts // num_local_physical_experts`).
             previous_phy2log: optional [L, S] placement in force; by default the one this
-                rebalancer returned last, if its call had the same shapes.
+                rebalancer returned last for loads and slots of these shapes.
 
         Returns:
             phy2log [L, S], log2phy [L, E, X] and logcnt [L, E], int64, as `rebalance_experts`
@@ -110,26 +125,25 @@ class Rebalancer:
         load = _window_load(weight)
         with self._lock:
             shape = (*load.shape, num_replicas)
-            same_shape = shape == self._shape
-            remembered = self._previous if same_shape else None
+            memory = self._memory.get(shape)
+            remembered = None if memory is None else memory.previous
             outputs = rebalance_experts(
                 load, num_replicas, 1 if num_groups is None else num_groups, num_nodes,
                 num_gpus, policy=self.policy,
                 previous_phy2log=remembered if previous_phy2log is None else previous_phy2log,
-                history=np.stack(self._windows) if same_shape and self._windows else None,
+                history=np.stack(memory.windows) if memory and memory.windows else None,
                 **self.params,
             )
-            if not same_shape:  # forgotten only now: a call that raises changes nothing
-                self._forget()
-            self._previous = outputs[0].copy()  # not the array handed out, which the engine owns
-            self._shape = shape
-            self._windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
+            # stored only now: a call that raises changes nothing
+            if memory is None:
+                memory = self._memory[shape] = _Memory(deque(maxlen=self.history_windows))
+                while len(self._memory) > SHAPES_KEPT:
+                    self._memory.popitem(last=False)  # the shape used longest ago
+            self._memory.move_to_end(shape)
+            memory.previous = outputs[0].copy()  # not the array handed out, which the engine owns
+            memory.windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
+            self._last_shape = shape
         return tuple(like_input(array, weight) for array in outputs)
-
-    def _forget(self) -> None:
-        self._windows.clear()
-        self._previous = None
-        self._shape = None
 
 
 def _window_load(weight: Any) -> np.ndarray:
