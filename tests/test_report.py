@@ -216,6 +216,10 @@ def comparison_figures(tmp_path_factory):
     return figures, results, windows, layout
 
 
+def _node_boundaries(axes):
+    return [line.get_xdata()[0] for line in axes.lines if line.get_gid() == "node boundary"]
+
+
 def test_heatmaps_share_one_colour_scale_centred_on_the_ideal_share(comparison_figures):
     figures, results, windows, layout = comparison_figures
     norms = [figures[f"{name}_gpu_loads_heatmap.png"].axes[0].images[0].norm
@@ -233,5 +237,19 @@ def test_heatmap_has_whole_ticks_node_lines_and_a_colour_bar_with_its_unit(compa
     for ticks in (axes.get_xticks(), axes.get_yticks()):
         shown = [tick for tick in ticks if -0.5 <= tick <= 3.5]
         assert shown and all(float(tick).is_integer() for tick in shown)
-    assert [line.get_xdata()[0] for line in axes.lines] == [1.5]  # between node 0 and node 1
+    assert _node_boundaries(axes) == [1.5]  # between node 0 and node 1
     assert "ideal 1/G = 0.25" in colorbar.get_ylabel()
+
+
+def test_box_plots_share_one_y_axis_with_room_for_the_legend(comparison_figures):
+    figures, results, windows, layout = comparison_figures
+    shares = [normalize_rows(evaluated_gpu_loads(score, windows, layout))
+              for score in results.values()]
+    low = min(share.min() for share in shares)
+    high = max(share.max() for share in shares)
+    limits = [figures[f"{name}_gpu_loads_boxplot.png"].axes[0].get_ylim() for name in results]
+    assert limits[0] == limits[1]  # the same axis for both, so that their boxes compare
+    bottom, top = limits[0]
+    assert bottom < low and top > high + 0.2 * (high - low)  # the legend sits above the boxes
+    axes = figures["vanilla_gpu_loads_boxplot.png"].axes[0]
+    assert _node_boundaries(axes) == [1.5]

@@ -23,7 +23,7 @@ __all__ = [
     "plot_comparison",
     "plot_heatmap",
     "plot_timeline",
-    "shared_share_limit",
+    "shared_share_range",
 ]
 
 # Annotate heatmap cells with their value only when there are few enough to read.
@@ -53,10 +53,12 @@ def _save(figure: Any, path: Path) -> Path:
     return Path(path)
 
 
-def shared_share_limit(loads: Sequence[np.ndarray]) -> float:
-    """The largest per-layer share (`normalize_rows`) of any of `loads` ([L, G] each): one
-    colour scale or y axis for every policy's figure, so that the figures compare."""
-    return max((float(normalize_rows(gpu_loads).max()) for gpu_loads in loads), default=0.0)
+def shared_share_range(loads: Sequence[np.ndarray]) -> tuple[float, float]:
+    """The smallest and largest per-layer share (`normalize_rows`) of any of `loads` ([L, G]
+    each): one colour scale or y axis for every policy's figure, so that the figures compare."""
+    shares = [normalize_rows(gpu_loads) for gpu_loads in loads]
+    return (min((float(share.min()) for share in shares), default=0.0),
+            max((float(share.max()) for share in shares), default=0.0))
 
 
 def _integer_ticks(axis: Any) -> None:
@@ -70,7 +72,7 @@ def _node_boundaries(axes: Any, gpus: int, gpus_per_node: int | None) -> None:
     if not gpus_per_node or gpus_per_node >= gpus:
         return
     for boundary in range(gpus_per_node, gpus, gpus_per_node):
-        axes.axvline(boundary - 0.5, color="black", linewidth=1.0)
+        axes.axvline(boundary - 0.5, color="black", linewidth=1.0, gid="node boundary")
     top = axes.secondary_xaxis("top")
     top.set_xticks([node * gpus_per_node + (gpus_per_node - 1) / 2
                     for node in range(gpus // gpus_per_node)],
@@ -84,8 +86,8 @@ def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str, *, vmax: float |
     layer's share of its load on every GPU, white at the ideal 1/G, red above, blue below.
 
     `vmax`: the top of the colour scale (default: this heatmap's largest share); give every
-    policy's heatmap the same one (`shared_share_limit`) to compare them. `gpus_per_node`:
-    draw lines between nodes.
+    policy's heatmap the same one (the highest of `shared_share_range`) to compare them.
+    `gpus_per_node`: draw lines between nodes.
     """
     from matplotlib.colors import TwoSlopeNorm
 
@@ -116,25 +118,37 @@ def plot_heatmap(gpu_loads: np.ndarray, path: Path, title: str, *, vmax: float |
     return _save(figure, path)
 
 
-def plot_boxplot(gpu_loads: np.ndarray, path: Path, title: str) -> Path:
+def plot_boxplot(gpu_loads: np.ndarray, path: Path, title: str, *,
+                 value_range: tuple[float, float] | None = None,
+                 gpus_per_node: int | None = None) -> Path:
     """Box plot per GPU of the normalized loads across layers, the ideal 1/G line and the
-    overall standard deviation."""
+    overall standard deviation.
+
+    `value_range`: (lowest, highest) share the y axis shows (default: this plot's own); give
+    every policy's box plot the same one (`shared_share_range`) to compare them. Room is left
+    above it for the legend. `gpus_per_node`: draw lines between nodes.
+    """
     normalized = normalize_rows(gpu_loads)
     gpus = normalized.shape[1]
+    low, high = ((float(normalized.min()), float(normalized.max())) if value_range is None
+                 else value_range)
+    span = max(high - low, 1e-3 / gpus)
     figure, axes = _figure(max(6.0, 0.3 * gpus + 2), 4.5)
     axes.boxplot(normalized, positions=np.arange(gpus))
-    axes.axhline(1.0 / gpus, color="tab:blue", linewidth=1, label=f"ideal 1/G = {1 / gpus:.4f}")
+    axes.axhline(1.0 / gpus, color="tab:blue", linewidth=1, label=f"ideal 1/G = {1 / gpus:.4g}")
     overall_std = float(normalized.std())
     axes.annotate(
-        f"overall std: {overall_std:.4f}", xy=(0.98, 0.97), xycoords="axes fraction",
-        ha="right", va="top", fontsize=9, color="tab:blue",
+        f"std over all layers and GPUs: {overall_std:.4f}", xy=(0.98, 0.97),
+        xycoords="axes fraction", ha="right", va="top", fontsize=9, color="tab:blue",
         bbox={"boxstyle": "round,pad=0.3", "edgecolor": "gray", "facecolor": "white"},
     )
+    axes.set_ylim(low - 0.05 * span, high + 0.25 * span)  # the legend sits above the data
     axes.set_xticks(np.arange(gpus))
     axes.set_xticklabels([str(g) for g in range(gpus)], fontsize=7)
+    _node_boundaries(axes, gpus, gpus_per_node)
     axes.set_xlabel("GPU")
-    axes.set_ylabel("normalized load")
-    axes.set_title(title)
+    axes.set_ylabel("share of the layer's load")
+    axes.set_title(title, wrap=True)
     axes.legend(loc="upper left", fontsize=8)
     return _save(figure, path)
 

@@ -156,7 +156,7 @@ def write_comparison(
         plot_comparison,
         plot_heatmap,
         plot_timeline,
-        shared_share_limit,
+        shared_share_range,
     )
 
     written: list[Path] = []
@@ -165,7 +165,7 @@ def write_comparison(
     # A failed run has no placements: its error is in comparison.json, and it has no files.
     placed = {name: score for name, score in results.items() if score.error is None}
     loads = {name: evaluated_gpu_loads(score, windows, layout) for name, score in placed.items()}
-    share_limit = shared_share_limit(list(loads.values()))  # one colour scale for all
+    shares = shared_share_range(list(loads.values()))  # one scale for all policies
     for name, score in placed.items():
         stem = stems[name]
         csv_path = out / f"{stem}_gpu_loads.csv"
@@ -174,10 +174,13 @@ def write_comparison(
         written.append(plot_heatmap(
             loads[name], out / f"{stem}_gpu_loads_heatmap.png",
             f"{name}: normalized GPU loads per layer (summed over the window pairs)",
-            vmax=share_limit, gpus_per_node=layout.gpus_per_node,
+            vmax=shares[1], gpus_per_node=layout.gpus_per_node,
         ))
-        written.append(plot_boxplot(loads[name], out / f"{stem}_gpu_loads_boxplot.png",
-                                    f"{name}: GPU load distribution across layers"))
+        written.append(plot_boxplot(
+            loads[name], out / f"{stem}_gpu_loads_boxplot.png",
+            f"{name}: GPU load distribution across layers (summed over the window pairs)",
+            value_range=shares, gpus_per_node=layout.gpus_per_node,
+        ))
         last = len(score.placements) - 1
         times = layer_times(
             traffic(score.placements[last], windows[last + 1], layout, dispatch),
