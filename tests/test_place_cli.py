@@ -115,3 +115,21 @@ def test_bad_output_and_missing_previous_fail_before_any_work(tmp_path):
     ]:
         result = _place("--trace", str(tmp_path / "missing.npy"), *args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("name", ["placement", "placement.txt", "placement.JSON"])
+def test_an_output_sglang_would_not_read_as_a_file_is_refused(trace, tmp_path, name):
+    """SGLang's --init-expert-location reads a file only if its name ends in .json (or .pt);
+    any other value it parses as JSON text, so the server would fail to start."""
+    result = _place("--trace", str(trace), "--output", str(tmp_path / name))
+    assert result.exit_code == 2 and "must end in .json" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("flag", ["--output", "--previous"])
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(trace, flag):
+    """--output "$FILE" with FILE unset named the current folder ('--output . is a folder')."""
+    result = _place("--trace", str(trace), flag, "")
+    assert result.exit_code == 2
+    assert "an empty path; give a file name" in result.output

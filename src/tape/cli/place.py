@@ -85,12 +85,24 @@ def read_placement_file(path: Path, setup: Setup) -> Placement:
         raise PlacementError(f"--previous {path}: {flag_names(str(error))}") from None
 
 
+def _file_path(text: str) -> Path:
+    """--output's or --previous's file; an empty path (say `--output "$FILE"` with FILE unset)
+    is a usage error rather than the current folder."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path; give a file name")
+    return Path(text)
+
+
 def _check_output(output: Path | None, overwrite: bool) -> None:
     """ConfigError before any work for an --output that cannot be written as asked."""
     if output is None:
         return
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
+    if output.suffix != ".json":
+        raise ConfigError(f"--output {output} must end in .json: SGLang's --init-expert-location "
+                          f"reads a file only by that name (or .pt) and takes any other value as "
+                          f"JSON text")
     if output.exists() and not overwrite:
         raise ConfigError(f"--output {output} exists; pass --overwrite to replace it")
     for parent in output.parents:
@@ -139,12 +151,14 @@ def register(app: typer.Typer) -> None:
         ] = "tape",
         previous: Annotated[
             Path | None,
-            typer.Option("--previous", help="JSON of the placement in force (what --output "
-                         "writes): kept where it pays, and the moves counted.")
+            typer.Option("--previous", parser=_file_path, metavar="<path>",
+                         help="JSON of the placement in force (what --output writes): kept "
+                         "where it pays, and the moves counted.")
         ] = None,
         output: Annotated[
             Path | None,
-            typer.Option("--output", help="Write the placement here as JSON "
+            typer.Option("--output", parser=_file_path, metavar="<path>",
+                         help="Write the placement here (a name ending in .json) as "
                          "{\"physical_to_logical_map\": ...}, the file SGLang's "
                          "--init-expert-location reads.")
         ] = None,
