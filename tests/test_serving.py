@@ -252,6 +252,11 @@ def test_the_engine_snippets_of_docs_serving_run(windows, monkeypatch):
     want = rebalance_experts(windows[1], *ARGS, policy="tape", preset="all",
                              previous_phy2log=in_force)[0]
     np.testing.assert_array_equal(phy2log, want)
+    # elastic EP: the new slot count with the old slots' map, which cannot be kept
+    wider = (48, *ARGS[1:])
+    phy2log = policy.rebalance_experts(windows[2], *wider, old_global_expert_indices=in_force)
+    want = rebalance_experts(windows[2], *wider, policy="tape", preset="all")[0]
+    np.testing.assert_array_equal(phy2log, want)
 
     namespace = {}
     exec(compile(sglang_function, "docs/serving.md", "exec"), namespace)  # noqa: S102
