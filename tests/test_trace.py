@@ -451,6 +451,9 @@ def test_loads_beyond_an_exact_token_count_are_refused():
     loads[1, 0, 2] = 1e300
     with pytest.raises(TraceError, match=r"expert 2 in layer 0 at step 1 is 1e\+300, more than"):
         check_loads(loads)
+    loads[1, 0, 2] = 2.0**53 + 2  # just above: both numbers in full, not 9.007e+15 twice
+    with pytest.raises(TraceError, match="is 9007199254740994, more than 9007199254740992"):
+        check_loads(loads)
     loads[1, 0, 2] = 2.0**53
     assert check_loads(loads) is loads
     with pytest.raises(TraceError, match="at window 0 is"):  # windows sum steps: checked too

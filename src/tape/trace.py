@@ -125,8 +125,8 @@ def check_loads(
         step, layer, expert = np.argwhere(array > MAX_LOAD)[0]
         raise TraceError(
             f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
-            f"{array[step, layer, expert]:.4g}, more than {MAX_LOAD:.4g} (2**53, the largest "
-            f"token count float64 holds exactly)"
+            f"{_count_text(array[step, layer, expert])}, more than {MAX_LOAD:.0f} (2**53, the "
+            f"largest token count float64 holds exactly)"
         )
     for expected, actual, name in (
         (num_layers, array.shape[1], "layers"),
@@ -137,6 +137,12 @@ def check_loads(
                 f"{source}: trace has {actual} {name}, expected {expected} ({describe(array)})"
             )
     return array
+
+
+def _count_text(value: float) -> str:
+    """A load for a message: whole below 1e17 (so 2**53 + 2 does not read as 9.007e+15, the same
+    as the limit), else in scientific notation."""
+    return f"{value:.0f}" if value < 1e17 else f"{value:.4g}"
 
 
 def window_loads(loads: Any, interval: int = 100) -> np.ndarray:
