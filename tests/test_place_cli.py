@@ -133,3 +133,17 @@ def test_an_empty_path_is_a_usage_error_not_the_current_folder(trace, flag):
     result = _place("--trace", str(trace), flag, "")
     assert result.exit_code == 2
     assert "an empty path; give a file name" in result.output
+
+
+def test_json_says_what_was_placed_and_on_what(trace, tmp_path):
+    """--json alone tells a script the cluster, the presets and the files it was given."""
+    previous = tmp_path / "in-force.json"
+    assert _place("--trace", str(trace), "--output", str(previous)).exit_code == 0
+    result = _place("--trace", str(trace), "--previous", str(previous), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["layout"] == {"replicas": 12, "groups": 2, "nodes": 2, "gpus": 4}
+    assert report["interval"] == 10 and report["history_windows"] == 3
+    assert report["dispatch"] == "locality" and report["cluster"]["name"] == "h800"
+    assert report["model"]["name"] == "deepseek-v3"
+    assert report["previous"] == str(previous) and report["output"] is None

@@ -209,9 +209,12 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(
                     f"cannot write --output {output}: {error.strerror or error}") from None
         if as_json:
-            typer.echo(to_json_text({"trace": setup.described, "policy": policy,
-                                     "output": None if output is None else str(output),
-                                     "placements": columns}))
+            typer.echo(to_json_text({
+                **setup.manifest(), "policy": policy,
+                "history_windows": setup.windows.shape[0] - 1,
+                "previous": None if previous is None else str(previous),
+                "output": None if output is None else str(output), "placements": columns,
+            }))
             return
         layout = setup.layout
         console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
