@@ -90,6 +90,7 @@ def test_settings_round_trip_through_the_environment():
         ({"TAPE_SYNTHETIC_MODEL": "bursty"}, "unknown synthetic model 'bursty'; known: calibrated"),
         ({"TAPE_SYNTHETIC_MODEL": "surges", "TAPE_TRACE": "a.json"},
          "applies to the synthetic trace only"),
+        ({"TAPE_SEED": "3", "TAPE_TRACE": "a.json"}, "a seed applies to the synthetic trace only"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):

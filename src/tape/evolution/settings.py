@@ -122,6 +122,9 @@ class EvaluationSettings:
         if self.synthetic_model != "calibrated" and self.trace is not None:
             raise ConfigError("a synthetic model applies to the synthetic trace only, not to a "
                               "trace file")
+        if self.seed != 0 and self.trace is not None:  # as --seed with --trace on the CLI
+            raise ConfigError(f"a seed applies to the synthetic trace only, not to a trace file "
+                              f"(got seed {self.seed})")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
         if self.dispatch not in DISPATCH_POLICIES:
