@@ -253,3 +253,21 @@ def test_box_plots_share_one_y_axis_with_room_for_the_legend(comparison_figures)
     assert bottom < low and top > high + 0.2 * (high - low)  # the legend sits above the boxes
     axes = figures["vanilla_gpu_loads_boxplot.png"].axes[0]
     assert _node_boundaries(axes) == [1.5]
+
+
+def test_timelines_share_one_y_axis_and_give_the_last_pairs_step_time(comparison_figures):
+    figures, results, _, _ = comparison_figures
+    limits = [figures[f"{name}_timeline.png"].axes[0].get_ylim() for name in results]
+    assert limits[0] == limits[1]  # the same axis for both, so that their bars compare
+    for name, score in results.items():
+        axes = figures[f"{name}_timeline.png"].axes[0]
+        # The timeline is the last pair's: 4 windows, placed on window 2, scored on window 3.
+        assert "window 3" in axes.get_title() and "placed on window 2" in axes.get_title()
+        # Its step time (the sum of its layer times) is the one comparison_per_window.csv
+        # gives for that pair.
+        layer_line = axes.lines[0]
+        step_ms = score.per_pair["step_time_s"][-1] * 1e3
+        assert sum(layer_line.get_ydata()) / 1e3 == pytest.approx(step_ms)
+        assert f"step time = {step_ms:.4g} ms" in layer_line.get_label()
+        assert all(float(tick).is_integer() for tick in axes.get_xticks())
+        assert max(layer_line.get_ydata()) < 0.8 * limits[0][1]  # room for the legend

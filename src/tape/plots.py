@@ -153,11 +153,15 @@ def plot_boxplot(gpu_loads: np.ndarray, path: Path, title: str, *,
     return _save(figure, path)
 
 
-def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str) -> Path:
-    """Per-layer timeline [L, G] in seconds: for every layer the busiest GPU's compute and
-    communication, the mean GPU's, and the idle time the mean GPU waits at the layer's barrier.
+def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str, *,
+                  longest_layer: float | None = None) -> Path:
+    """Per-layer timeline [L, G] in seconds per step: for every layer the mean GPU's compute,
+    communication and idle time at the layer's barrier (stacked, they reach the layer time),
+    and the layer time, the slowest GPU's compute + communication, whose sum over the layers
+    (the step time) the legend gives.
 
-    Layer time is the slowest GPU's compute + communication; the others idle until it finishes.
+    `longest_layer`: the largest layer time (seconds) the y axis shows (default: this plot's
+    own); give every policy's timeline the same one to compare them.
     """
     compute = np.asarray(compute, dtype=np.float64)
     comm = np.asarray(comm, dtype=np.float64)
@@ -166,18 +170,22 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str)
     idle = layer_time[:, None] - busy
     layers = np.arange(compute.shape[0])
     scale = 1e6  # microseconds
-    figure, axes = _figure(max(7.0, 0.18 * len(layers) + 3), 4.5)
+    figure, axes = _figure(max(8.0, 0.18 * len(layers) + 3), 4.5)
     axes.bar(layers, compute.mean(axis=1) * scale, label="compute (mean GPU)", color="tab:green")
     axes.bar(layers, comm.mean(axis=1) * scale, bottom=compute.mean(axis=1) * scale,
              label="communication (mean GPU)", color="tab:orange")
     axes.bar(layers, idle.mean(axis=1) * scale, bottom=busy.mean(axis=1) * scale,
              label="idle at barrier (mean GPU)", color="lightgray")
     axes.plot(layers, layer_time * scale, color="black", marker=".", linewidth=1,
-              label="layer time (slowest GPU)")
+              label=f"layer time (slowest GPU); sum = step time = {layer_time.sum() * 1e3:.4g} ms")
+    top = float(layer_time.max(initial=0.0)) if longest_layer is None else longest_layer
+    axes.set_ylim(0.0, max(top, 1e-9) * scale * 1.3)  # the legend sits above the bars
+    axes.set_xlim(-0.6, len(layers) - 0.4)
+    _integer_ticks(axes.xaxis)
     axes.set_xlabel("layer")
     axes.set_ylabel("time per step (µs)")
-    axes.set_title(title)
-    axes.legend(fontsize=8)
+    axes.set_title(title, wrap=True)
+    axes.legend(loc="upper left", fontsize=8, ncols=2)
     return _save(figure, path)
 
 

@@ -165,8 +165,16 @@ def write_comparison(
     # A failed run has no placements: its error is in comparison.json, and it has no files.
     placed = {name: score for name, score in results.items() if score.error is None}
     loads = {name: evaluated_gpu_loads(score, windows, layout) for name, score in placed.items()}
-    shares = shared_share_range(list(loads.values()))  # one scale for all policies
-    for name, score in placed.items():
+    # Each policy's time per step with its last pair's placement, on the window it is scored on.
+    last = {name: len(score.placements) - 1 for name, score in placed.items()}
+    times = {name: layer_times(
+        traffic(score.placements[last[name]], windows[last[name] + 1], layout, dispatch),
+        model, cluster, steps=window_steps(steps_per_window, last[name] + 1),
+    ) for name, score in placed.items()}
+    # One scale for all policies, so that their figures compare.
+    shares = shared_share_range(list(loads.values()))
+    longest_layer = max((float(value.layer.max()) for value in times.values()), default=0.0)
+    for name in placed:
         stem = stems[name]
         csv_path = out / f"{stem}_gpu_loads.csv"
         write_table_csv(csv_path, loads[name], columns, "layer")
@@ -181,14 +189,11 @@ def write_comparison(
             f"{name}: GPU load distribution across layers (summed over the window pairs)",
             value_range=shares, gpus_per_node=layout.gpus_per_node,
         ))
-        last = len(score.placements) - 1
-        times = layer_times(
-            traffic(score.placements[last], windows[last + 1], layout, dispatch),
-            model, cluster, steps=window_steps(steps_per_window, last + 1),
-        )
         written.append(plot_timeline(
-            times.compute, times.comm, out / f"{stem}_timeline.png",
-            f"{name}: per-layer timeline, last window ({dispatch} dispatch, {cluster.name})",
+            times[name].compute, times[name].comm, out / f"{stem}_timeline.png",
+            f"{name}: per-layer timeline on window {last[name] + 1} (the last pair's, placed "
+            f"on window {last[name]}); {dispatch} dispatch, {cluster.name}",
+            longest_layer=longest_layer,
         ))
     series = {name: pair_series(score, PER_WINDOW_METRICS) for name, score in placed.items()}
     table_path = out / "comparison_per_window.csv"
