@@ -147,3 +147,14 @@ def test_json_says_what_was_placed_and_on_what(trace, tmp_path):
     assert report["dispatch"] == "locality" and report["cluster"]["name"] == "h800"
     assert report["model"]["name"] == "deepseek-v3"
     assert report["previous"] == str(previous) and report["output"] is None
+
+
+def test_one_window_is_enough(tmp_path):
+    # place does not replay: the newest window alone, no history (compare needs two)
+    path = tmp_path / "one.npy"
+    np.save(path, np.random.default_rng(1).poisson(20.0, size=(5, 3, 8)).astype(float))
+    output = tmp_path / "placement.json"
+    result = _place("--trace", str(path), "--output", str(output))
+    assert result.exit_code == 0, result.output
+    weight = np.load(path).sum(axis=0)
+    np.testing.assert_array_equal(_written(output), place(weight, LAYOUT, "tape").phy2log)

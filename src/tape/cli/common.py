@@ -274,9 +274,10 @@ def prepare(
     *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
     groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
     dispatch: str, config: Path | None, show_progress: bool = True,
-    synthetic_model: str = "calibrated",
+    synthetic_model: str = "calibrated", replay: bool = True,
 ) -> Setup:
-    """Check the flags, load presets and the trace; raise TapeError naming what is wrong."""
+    """Check the flags, load presets and the trace; raise TapeError naming what is wrong.
+    `replay`: the trace must have the 2 windows a replay needs (else one is enough)."""
     from tape.dispatch import check_dispatch
 
     check_dispatch(dispatch)
@@ -285,18 +286,19 @@ def prepare(
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
     with loading(trace, show_progress):
         windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
-                                                 synthetic_model)
+                                                 synthetic_model, replay)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
 def load_windows(
     trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout,
-    synthetic_model: str = "calibrated",
+    synthetic_model: str = "calibrated", replay: bool = True,
 ) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """Windowed loads [W, L, E] of the chosen trace, a one-line description of it, and the
-    forward steps in each window (the last window may be shorter)."""
+    forward steps in each window (the last window may be shorter); at least 2 windows with
+    `replay`."""
     from tape.protocol import check_windows
-    from tape.trace import describe, load_trace, window_loads
+    from tape.trace import check_loads, describe, load_trace, window_loads
 
     checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
     if trace is not None and synthetic:
@@ -321,7 +323,12 @@ def load_windows(
     else:
         loads = load_trace(trace)
         source = str(trace)
-    windows = check_windows(window_loads(loads, interval), layout)
+    windows = window_loads(loads, interval)
+    if replay:
+        windows = check_windows(windows, layout)
+    else:
+        windows = check_loads(windows, source="windowed loads", unit="window")
+        layout.check_experts(windows.shape[2])
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
     described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "

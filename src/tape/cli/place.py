@@ -190,7 +190,7 @@ def register(app: typer.Typer) -> None:
             trace=trace, synthetic=synthetic, interval=interval, seed=seed,
             synthetic_model=synthetic_model, replicas=replicas, groups=groups, nodes=nodes,
             gpus=gpus, cluster=cluster, model=model, dispatch=dispatch, config=config,
-            show_progress=not as_json,
+            show_progress=not as_json, replay=False,
         )
         in_force = None
         if previous is not None:
