@@ -271,3 +271,24 @@ def test_timelines_share_one_y_axis_and_give_the_last_pairs_step_time(comparison
         assert f"step time = {step_ms:.4g} ms" in layer_line.get_label()
         assert all(float(tick).is_integer() for tick in axes.get_xticks())
         assert max(layer_line.get_ydata()) < 0.8 * limits[0][1]  # room for the legend
+
+
+def test_comparison_writes_counts_plainly_and_wraps_a_long_policy_label(monkeypatch):
+    import tape.plots
+
+    figures = []
+    monkeypatch.setattr(tape.plots, "_save", lambda figure, path: figures.append(figure))
+    long_label = "tape:preset=balance-migration:migration_weight=0.02"
+    tape.plots.plot_comparison({
+        "deepseek": {"moved_experts": [None, 14400.0], "ib_tokens": [4.2e7, 5.5e7]},
+        long_label: {"moved_experts": [None, 633.0], "ib_tokens": [3.7e7, 4.9e7]},
+    }, "comparison.png", "policies")
+    figure = figures[0]
+    figure.canvas.draw()
+    moves, tokens = figure.axes[1], figure.axes[2]
+    for axes in (moves, tokens):  # 40M, not 4 with "1e7" over the axis
+        assert axes.yaxis.get_offset_text().get_text() == ""
+    assert any(label.get_text().endswith("M") for label in tokens.get_yticklabels())
+    assert "per window" in tokens.get_ylabel()
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["deepseek", "tape:preset=balance-migration:\nmigration_weight=0.02"]

@@ -8,6 +8,7 @@ caller's pyplot backend and open figures are left alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,13 @@ def plot_timeline(compute: np.ndarray, comm: np.ndarray, path: Path, title: str,
 
 
 # Panels of the comparison figure, top to bottom: (per-pair metric, y label, scale, what an
-# empty panel says).
+# empty panel says, whether it counts things: counts are written 15k, 40M, not 1.5e4, 4e7).
 COMPARISON_PANELS = (
-    ("gpu_balancedness", "GPU balancedness", 1.0, "no values"),
+    ("gpu_balancedness", "GPU balancedness", 1.0, "no values", False),
     ("moved_experts", "moved experts\nper rebalance", 1.0,
-     "no values: migration is scored from the second pair on"),
-    ("ib_tokens", "inter-node (IB)\ntokens", 1.0, "no values"),
-    ("step_time_s", "step time (ms)", 1e3, "no values"),
+     "no values: migration is scored from the second pair on", True),
+    ("ib_tokens", "inter-node (IB)\ntokens per window", 1.0, "no values", True),
+    ("step_time_s", "step time (ms)", 1e3, "no values", False),
 )
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
@@ -213,6 +214,17 @@ def _policy_colors(count: int) -> list[Any]:
     return list(colormaps["viridis"](np.linspace(0.0, 1.0, count)))
 
 
+def _wrapped(label: str, width: int = 30) -> str:
+    """`label` over several lines of about `width` characters, broken after ':' and ','
+    ("tape:preset=balance-migration:migration_weight=0.02" in two lines)."""
+    lines = [""]
+    for piece in re.split(r"(?<=[:,])", label):
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(lines)
+
+
 def plot_comparison(
     series: Mapping[str, Mapping[str, Sequence[float | None]]], path: Path, title: str
 ) -> Path:
@@ -223,7 +235,7 @@ def plot_comparison(
     `series[policy][metric]` holds one value per pair, None where the pair has none (migration
     before the second pair); a missing metric has no value at any pair.
     """
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     pairs = max([1, *(len(values) for metrics in series.values() for values in metrics.values())])
     figure, panels = _figure(min(16.0, max(9.0, 0.08 * pairs + 6)), 2.2 * len(COMPARISON_PANELS),
@@ -231,7 +243,8 @@ def plot_comparison(
     colors = _policy_colors(len(series))
     marker_size = 6.0 if pairs <= 20 else 4.0 if pairs <= 50 else 2.5
     x = np.arange(pairs)
-    for axes, (metric, label, scale, empty_note) in zip(panels, COMPARISON_PANELS, strict=True):
+    for axes, (metric, label, scale, empty_note, counts) in zip(panels, COMPARISON_PANELS,
+                                                                strict=True):
         drawn = False
         for index, (policy, metrics) in enumerate(series.items()):
             values = np.full(pairs, np.nan)
@@ -241,11 +254,13 @@ def plot_comparison(
                     values[pair] = float(value) * scale
             drawn = drawn or bool(np.isfinite(values).any())
             axes.plot(x, values, color=colors[index], marker=_MARKERS[index % len(_MARKERS)],
-                      markersize=marker_size, linewidth=1.2, label=policy)
+                      markersize=marker_size, linewidth=1.2, label=_wrapped(policy))
         if not drawn:
             axes.text(0.5, 0.5, empty_note, transform=axes.transAxes, ha="center", va="center",
                       fontsize=9, color="gray")
             axes.set_yticks([])
+        elif counts:
+            axes.yaxis.set_major_formatter(EngFormatter(sep=""))
         axes.set_ylabel(label, fontsize=9)
         axes.grid(True, alpha=0.3)
     panels[-1].set_xlim(-0.5, pairs - 0.5)
