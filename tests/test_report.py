@@ -193,8 +193,8 @@ def test_comparison_png_is_written_and_listed_with_the_csv_in_the_manifest(compa
 
 @pytest.fixture(scope="module")
 def comparison_figures(tmp_path_factory):
-    """write_comparison on a tiny run of two policies (2 nodes of 2 GPUs), with the figures
-    kept by file name instead of saved."""
+    """write_comparison on a tiny run of two policies (2 nodes of 2 GPUs) and a failed one,
+    with the figures kept by file name instead of saved."""
     import tape.plots
 
     layout = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
@@ -202,6 +202,7 @@ def comparison_figures(tmp_path_factory):
     model, cluster = model_preset(), cluster_preset()
     results = {name: score_policy(name, windows, layout, model=model, cluster=cluster)
                for name in ("vanilla", "deepseek")}
+    results["broken"] = ProgramScore.failed("it raised")
     figures = {}
 
     def keep(figure, path):
@@ -223,9 +224,9 @@ def _node_boundaries(axes):
 def test_heatmaps_share_one_colour_scale_centred_on_the_ideal_share(comparison_figures):
     figures, results, windows, layout = comparison_figures
     norms = [figures[f"{name}_gpu_loads_heatmap.png"].axes[0].images[0].norm
-             for name in results]
-    largest = max(normalize_rows(evaluated_gpu_loads(score, windows, layout)).max()
-                  for score in results.values())
+             for name in ("vanilla", "deepseek")]
+    largest = max(normalize_rows(evaluated_gpu_loads(results[name], windows, layout)).max()
+                  for name in ("vanilla", "deepseek"))
     for norm in norms:  # the same scale for both, so that their colours compare
         assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((0.0, 0.25, largest))
 
@@ -243,11 +244,12 @@ def test_heatmap_has_whole_ticks_node_lines_and_a_colour_bar_with_its_unit(compa
 
 def test_box_plots_share_one_y_axis_with_room_for_the_legend(comparison_figures):
     figures, results, windows, layout = comparison_figures
-    shares = [normalize_rows(evaluated_gpu_loads(score, windows, layout))
-              for score in results.values()]
+    shares = [normalize_rows(evaluated_gpu_loads(results[name], windows, layout))
+              for name in ("vanilla", "deepseek")]
     low = min(share.min() for share in shares)
     high = max(share.max() for share in shares)
-    limits = [figures[f"{name}_gpu_loads_boxplot.png"].axes[0].get_ylim() for name in results]
+    limits = [figures[f"{name}_gpu_loads_boxplot.png"].axes[0].get_ylim()
+              for name in ("vanilla", "deepseek")]
     assert limits[0] == limits[1]  # the same axis for both, so that their boxes compare
     bottom, top = limits[0]
     assert bottom < low and top > high + 0.2 * (high - low)  # the legend sits above the boxes
@@ -257,9 +259,11 @@ def test_box_plots_share_one_y_axis_with_room_for_the_legend(comparison_figures)
 
 def test_timelines_share_one_y_axis_and_give_the_last_pairs_step_time(comparison_figures):
     figures, results, _, _ = comparison_figures
-    limits = [figures[f"{name}_timeline.png"].axes[0].get_ylim() for name in results]
+    limits = [figures[f"{name}_timeline.png"].axes[0].get_ylim()
+              for name in ("vanilla", "deepseek")]
     assert limits[0] == limits[1]  # the same axis for both, so that their bars compare
-    for name, score in results.items():
+    for name in ("vanilla", "deepseek"):
+        score = results[name]
         axes = figures[f"{name}_timeline.png"].axes[0]
         # The timeline is the last pair's: 4 windows, placed on window 2, scored on window 3.
         assert "window 3" in axes.get_title() and "placed on window 2" in axes.get_title()
@@ -292,3 +296,11 @@ def test_comparison_writes_counts_plainly_and_wraps_a_long_policy_label(monkeypa
     assert "per window" in tokens.get_ylabel()
     legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert legend == ["deepseek", "tape:preset=balance-migration:\nmigration_weight=0.02"]
+
+
+def test_comparison_png_names_the_policies_that_failed(comparison_figures):
+    figures, _, _, _ = comparison_figures
+    panels = figures["comparison.png"].axes
+    assert panels[0].get_title().endswith("(failed, not shown: broken)")
+    legend = [text.get_text() for text in panels[0].get_legend().get_texts()]
+    assert legend == ["vanilla", "deepseek"]

@@ -203,8 +203,11 @@ def write_comparison(
         for pair in range(len(values[PER_WINDOW_METRICS[0]]))
     ])
     written.append(table_path)
-    written.append(plot_comparison(series, out / "comparison.png",
-                                   "policies window pair by window pair"))
+    failed = [name for name in results if name not in placed]
+    written.append(plot_comparison(
+        series, out / "comparison.png", "policies window pair by window pair"
+        + (f" (failed, not shown: {', '.join(failed)})" if failed else ""),
+    ))
     summary = {
         name: {**values, "per_pair": results[name].per_pair}
         for name, values in summarize(results).items()
