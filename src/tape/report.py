@@ -2,7 +2,8 @@
 
 `compare_policies` scores each registered policy on the same windows; `write_comparison` writes
 into the output folder it is given, with a manifest: per policy, a GPU-load CSV, heatmap, box
-plot and timeline; over all policies, `comparison_per_window.csv` (one row per policy and window
+plot and timeline (the policies' heatmaps share one colour scale, their box plots one y axis and
+their timelines one y axis, so that they compare); over all policies, `comparison_per_window.csv` (one row per policy and window
 pair: GPU balancedness, moved experts, inter-node tokens, step time, policy seconds; empty where
 a pair has no value), `comparison.png` (those metrics pair by pair, one line per policy) and
 `comparison.json` (every mean, ratio and per-pair list).
