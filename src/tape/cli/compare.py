@@ -149,8 +149,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             Path | None,
             typer.Option("--out", parser=parse_out, metavar="<path>",
-                         help="Write GPU-load CSVs, heatmaps, box plots, timelines "
-                         "and a JSON of everything here."),
+                         help="Write here, per policy, GPU-load CSVs, heatmaps, box "
+                         "plots and timelines; over all, a per-window CSV and plot, a JSON of "
+                         "everything and a manifest."),
         ] = None,
         version: VersionOption = "0",
         interval: IntervalOption = 100,
