@@ -158,3 +158,28 @@ def test_one_window_is_enough(tmp_path):
     assert result.exit_code == 0, result.output
     weight = np.load(path).sum(axis=0)
     np.testing.assert_array_equal(_written(output), place(weight, LAYOUT, "tape").phy2log)
+
+
+def test_dense_layers_lead_the_file_with_trivial_rows_and_are_read_back(trace, tmp_path):
+    # SGLang wants a row for every model layer: DeepSeek-V3's 3 dense layers before its 58
+    output = tmp_path / "placement.json"
+    result = _place("--trace", str(trace), "--output", str(output), "--dense-layers", "2")
+    assert result.exit_code == 0, result.output
+    rows = _written(output)
+    assert rows.shape == (2 + 3, 12)
+    np.testing.assert_array_equal(rows[:2], [np.arange(12) % 8] * 2)  # SGLang's init_trivial
+    windows = window_loads(np.load(trace), 10)
+    expected = place(windows[-1], LAYOUT, "tape", history=windows[:-1])
+    np.testing.assert_array_equal(rows[2:], expected.phy2log)
+    again = _place("--trace", str(trace), "--previous", str(output), "--dense-layers", "2",
+                   "--json")
+    assert again.exit_code == 0, again.output
+    report = json.loads(again.stdout)
+    assert report["dense_layers"] == 2 and "in force" in report["placements"]
+    wrong = _place("--trace", str(trace), "--previous", str(output))  # rows 5, layers 3
+    assert wrong.exit_code == 2 and "--previous" in wrong.output
+    short = _place("--trace", str(trace), "--previous", str(output), "--dense-layers", "1")
+    assert short.exit_code == 2
+    assert "has 5 rows; expected --dense-layers 1 + the trace's 3 layers = 4" in short.output
+    huge = _place("--trace", str(trace), "--dense-layers", str(10**9))
+    assert huge.exit_code == 2 and "--dense-layers must be at most 1024" in huge.output

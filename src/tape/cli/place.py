@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 from rich import box
 from rich.table import Table
@@ -47,8 +48,10 @@ from tape.metrics import balancedness_score
 from tape.placement import Placement
 from tape.policies import parse_policy_spec
 
-__all__ = ["MAP_KEY", "read_placement_file", "register"]
+__all__ = ["MAP_KEY", "MAX_DENSE_LAYERS", "read_placement_file", "register"]
 
+MAX_DENSE_LAYERS = 1024
+"""The most --dense-layers: far more than any model has."""
 MAP_KEY = "physical_to_logical_map"
 """The key of the placement in the files `tape place` reads and writes (SGLang's)."""
 
@@ -65,10 +68,11 @@ _ROWS = (
 )
 
 
-def read_placement_file(path: Path, setup: Setup) -> Placement:
-    """The placement in a JSON file `{"physical_to_logical_map": [[...S] * L]}`, checked
-    against the trace and the layout; ConfigError (unreadable, not JSON, no such key) or
-    PlacementError (a bad map, or one for another shape) naming the file."""
+def read_placement_file(path: Path, setup: Setup, dense_layers: int = 0) -> Placement:
+    """The placement in a JSON file `{"physical_to_logical_map": [[...S] * (D + L)]}`, less its
+    first `dense_layers` (D) rows, checked against the trace and the layout; ConfigError
+    (unreadable, not JSON, no such key) or PlacementError (a bad map, or one for another
+    shape) naming the file."""
     try:
         data = json.loads(path.read_text())
     except OSError as error:
@@ -79,8 +83,16 @@ def read_placement_file(path: Path, setup: Setup) -> Placement:
         raise ConfigError(f"--previous {path} has no {MAP_KEY!r}: expected the JSON that "
                           f"tape place --output writes ({{{MAP_KEY!r}: [[...] * layers]}})")
     _, num_layers, num_experts = setup.windows.shape
+    rows = data[MAP_KEY]
+    if dense_layers:
+        if not isinstance(rows, list) or len(rows) != dense_layers + num_layers:
+            count = len(rows) if isinstance(rows, list) else "no"
+            raise PlacementError(
+                f"--previous {path} has {count} rows; expected --dense-layers {dense_layers} "
+                f"+ the trace's {num_layers} layers = {dense_layers + num_layers}")
+        rows = rows[dense_layers:]
     try:
-        return Placement(data[MAP_KEY], num_experts).validate(setup.layout, num_layers)
+        return Placement(rows, num_experts).validate(setup.layout, num_layers)
     except (PlacementError, ValueError, TypeError) as error:
         raise PlacementError(f"--previous {path}: {flag_names(str(error))}") from None
 
@@ -165,6 +177,13 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[
             bool, typer.Option("--overwrite", help="Replace an existing --output file.")
         ] = False,
+        dense_layers: Annotated[
+            int, typer.Option("--dense-layers", min=0,
+                              help="Leading model layers without experts, each a row of the "
+                              "trivial placement (slot s holds expert s % E) before the "
+                              "trace's in --output and --previous: SGLang wants a row for every "
+                              "layer (3 for DeepSeek-V3 with its 58 MoE layers).")
+        ] = 0,
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
         synthetic_model: SyntheticModelOption = "calibrated",
@@ -183,6 +202,9 @@ def register(app: typer.Typer) -> None:
         Prints its balance, traffic and step time there beside deepseek's; --output saves it.
         """
         name, params = parse_policy_spec(policy)
+        if dense_layers > MAX_DENSE_LAYERS:
+            raise ConfigError(f"--dense-layers must be at most {MAX_DENSE_LAYERS}, got "
+                              f"{dense_layers}")
         _check_output(output, overwrite)
         if previous is not None and not previous.is_file():
             raise ConfigError(f"--previous {previous} is not a file")
@@ -194,7 +216,7 @@ def register(app: typer.Typer) -> None:
         )
         in_force = None
         if previous is not None:
-            in_force = read_placement_file(previous, setup)
+            in_force = read_placement_file(previous, setup, dense_layers)
         placement, seconds = _timed_place(setup, name, params, in_force)
         columns = {policy: _scores(placement, in_force, setup, seconds)}
         if name != "deepseek":
@@ -204,14 +226,14 @@ def register(app: typer.Typer) -> None:
             columns = {"in force": _scores(in_force, None, setup, -1.0), **columns}
         if output is not None:
             try:
-                _write_placement(output, placement)
+                _write_placement(output, placement, dense_layers)
             except OSError as error:
                 raise ConfigError(
                     f"cannot write --output {output}: {error.strerror or error}") from None
         if as_json:
             typer.echo(to_json_text({
                 **setup.manifest(), "policy": policy,
-                "history_windows": setup.windows.shape[0] - 1,
+                "history_windows": setup.windows.shape[0] - 1, "dense_layers": dense_layers,
                 "previous": None if previous is None else str(previous),
                 "output": None if output is None else str(output), "placements": columns,
             }))
@@ -226,9 +248,13 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _write_placement(path: Path, placement: Placement) -> None:
-    """`{"physical_to_logical_map": ...}` in `path`, a layer a line, never half-written."""
-    rows = ",\n".join(f"    {json.dumps(row)}" for row in placement.phy2log.tolist())
+def _write_placement(path: Path, placement: Placement, dense_layers: int = 0) -> None:
+    """`{"physical_to_logical_map": ...}` in `path`, a layer a line, never half-written; first
+    `dense_layers` rows of the trivial placement (SGLang's `init_trivial`: slot s holds expert
+    s % E), for the model's layers without experts."""
+    trivial = (np.arange(placement.num_slots) % placement.num_experts).tolist()
+    layers = [trivial] * dense_layers + placement.phy2log.tolist()
+    rows = ",\n".join(f"    {json.dumps(row)}" for row in layers)
     with atomic_output(path) as temporary:
         temporary.write_text(f'{{\n  "{MAP_KEY}": [\n{rows}\n  ]\n}}\n')
 
