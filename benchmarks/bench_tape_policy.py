@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 import tape.policies.tape_policy  # registers "tape"
+from tape.dispatch import fewest_ib_tokens
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies.tape_counts import replica_counts
@@ -184,21 +185,9 @@ def reference_seconds(reading: Reading, windows: np.ndarray, layout: Layout) -> 
 
 
 def locality_bound(windows: np.ndarray, layout: Layout) -> float:
-    """Fewest inter-node tokens any placement with S slots can have on windows 1..W-1.
-
-    Expert e with replicas in n_e nodes sends `w_e (N - n_e) / N` tokens across nodes; each
-    spare slot can add one node to one expert (at most N - 1 per expert, one per GPU), so the
-    best spends the S - E spare slots on the largest `w_e / N`, knowing the window.
-    """
-    num_nodes = layout.num_nodes
-    spare = layout.num_replicas - windows.shape[2]
-    per_expert = min(num_nodes, layout.num_gpus) - 1
-    total = 0.0
-    for window in windows[1:]:
-        gains = np.repeat(window / num_nodes, per_expert, axis=1)
-        best = -np.partition(-gains, spare - 1, axis=1)[:, :spare] if spare else gains[:, :0]
-        total += window.sum() * (num_nodes - 1) / num_nodes - best.sum()
-    return total
+    """Fewest inter-node tokens any placement with S slots can have on windows 1..W-1, each
+    known (`tape.dispatch.fewest_ib_tokens`)."""
+    return sum(fewest_ib_tokens(window, layout) for window in windows[1:])
 
 
 def summary(score) -> dict[str, float]:

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from tape import Layout, Placement, TapeError, TraceError, metrics
+from tape.dispatch import fewest_ib_tokens
 from tape.protocol import (
     VERSIONS,
     Replay,
@@ -115,3 +116,15 @@ def test_timing_repeats_call_the_policy_again_and_keep_the_fastest(monkeypatch):
     placement, seconds = source(0, weight, None, weight[None][:0])
     assert len(calls) == 3 and seconds == pytest.approx(0.2)
     assert placement.phy2log.shape == (2, LAYOUT.num_replicas)
+
+
+def test_the_fewest_inter_node_tokens_are_scored_under_locality_dispatch_only():
+    windows = _windows(3)
+    placements = [Placement(np.array([[0, 1, 2, 3, 0, 1]] * 2), 4)] * 3
+    run = Replay(placements, [0.001] * 3)
+    local = score_replay(run, windows, LAYOUT, dispatch="locality")
+    bounds = [fewest_ib_tokens(window, LAYOUT) for window in windows[1:]]
+    assert local.per_pair["ib_tokens_bound"] == pytest.approx(bounds)
+    assert all(bound <= sent + 1e-9 for bound, sent in
+               zip(bounds, local.per_pair["ib_tokens"], strict=True))
+    assert "ib_tokens_bound" not in score_replay(run, windows, LAYOUT, dispatch="uniform").metrics

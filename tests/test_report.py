@@ -51,6 +51,14 @@ def test_summarize_compares_every_policy_with_deepseek():
     assert summary["deepseek"]["moved_experts_ratio"] == pytest.approx(1.0)
 
 
+def test_summarize_puts_inter_node_tokens_over_the_fewest_possible():
+    score = _score(0.8, 1.0, 30.0, [0.001])
+    score.metrics["ib_tokens_bound"] = 24.0
+    summary = summarize({"tape": score, "uniform": _score(0.8, 1.0, 30.0, [0.001])})
+    assert summary["tape"]["ib_tokens_over_bound"] == pytest.approx(1.25)
+    assert "ib_tokens_over_bound" not in summary["uniform"]  # no bound: uniform dispatch
+
+
 def test_summarize_without_deepseek_has_no_ratios():
     summary = summarize({"tape": _score(0.8, 1.0, 1.0, [0.001])})
     assert "moved_experts_ratio" not in summary["tape"]

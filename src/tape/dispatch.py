@@ -43,7 +43,9 @@ from tape.errors import ConfigError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["DISPATCH_POLICIES", "Traffic", "check_dispatch", "traffic"]
+__all__ = [
+    "DISPATCH_POLICIES", "Traffic", "check_dispatch", "fewest_ib_tokens", "traffic",
+]
 
 DISPATCH_POLICIES = ("uniform", "locality")
 """The dispatch policies `traffic` knows."""
@@ -181,3 +183,27 @@ def traffic(placement: Placement, weight: Any, layout: Layout, dispatch: str) ->
         active_slots=np.rint(active).astype(np.int64),
         **flows,
     )
+
+
+def fewest_ib_tokens(weight: Any, layout: Layout) -> float:
+    """The fewest tokens any placement on `layout` sends across nodes under locality dispatch.
+
+    An expert e in n_e of the N nodes sends `w_e (N - n_e) / N` of its tokens across nodes (the
+    sources on the nodes without it). Every expert needs one slot, so the S - E spare slots can
+    add at most S - E nodes in all, at most N - 1 to an expert: the fewest inter-node tokens
+    spend them on the largest `w_e / N`, whatever the slots per node allow (a lower bound, which
+    knows `weight`). Under uniform dispatch every placement sends `w_e (N - 1) / N`.
+
+    Args:
+        weight: [L, E] tokens (token-expert assignments) per logical expert.
+        layout: the cluster; S >= E.
+
+    Returns:
+        Inter-node tokens summed over layers, in the tokens of `weight`.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    num_nodes = layout.num_nodes
+    gains = np.repeat(weight / num_nodes, num_nodes - 1, axis=1)  # each node an expert can add
+    spare = min(layout.num_replicas - weight.shape[1], gains.shape[1])
+    best = -np.partition(-gains, spare - 1, axis=1)[:, :spare] if spare > 0 else gains[:, :0]
+    return float(weight.sum() * (num_nodes - 1) / num_nodes - best.sum())

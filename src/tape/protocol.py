@@ -18,6 +18,7 @@ import numpy as np
 
 from tape import metrics
 from tape.costmodel import migration_metrics, realistic_metrics
+from tape.dispatch import fewest_ib_tokens
 from tape.errors import ProgramError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
@@ -161,6 +162,8 @@ def _pair_metrics(
         values[key] = float(value)
     total = float(weight.sum())
     values["locality_score"] = 1.0 - values["ib_tokens"] / total if total > 0 else 1.0
+    if dispatch == "locality":
+        values["ib_tokens_bound"] = fewest_ib_tokens(weight, layout)
     return values
 
 

@@ -88,15 +88,19 @@ RELATIVE_METRICS = (
 
 def summarize(results: dict[str, ProgramScore], baseline: str = "deepseek"
               ) -> dict[str, dict[str, Any]]:
-    """Each policy's mean metrics, runtime statistics and error; when `baseline` was run, also
-    each policy's gain over it (GPU balancedness) and ratios to it (moves, inter-node tokens,
-    step time, runtime), under the names of RELATIVE_METRICS."""
+    """Each policy's mean metrics, runtime statistics and error; its inter-node tokens over the
+    fewest any placement could send (`ib_tokens_over_bound`, under locality dispatch); when
+    `baseline` was run, also each policy's gain over it (GPU balancedness) and ratios to it
+    (moves, inter-node tokens, step time, runtime), under the names of RELATIVE_METRICS."""
     summary = {
         # A failed run may have no timings: then no runtime statistics.
         name: {**score.metrics, **(runtime_stats(score.seconds) if score.seconds else {}),
                "error": score.error}
         for name, score in results.items()
     }
+    for values in summary.values():
+        if values.get("ib_tokens_bound", 0) > 0 and "ib_tokens" in values:
+            values["ib_tokens_over_bound"] = values["ib_tokens"] / values["ib_tokens_bound"]
     reference = summary.get(baseline)
     if reference is None or reference["error"]:
         return summary

@@ -74,6 +74,7 @@ _ROWS = (
     )),
     ("per window", (
         ("ib_tokens", "IB tokens", 1),
+        ("ib_tokens_over_bound", "IB / fewest", 1),
         ("nvlink_tokens", "NVLink tokens", 1),
         ("step_time_s", "step time ms", 1e3),
     )),

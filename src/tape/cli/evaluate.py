@@ -58,8 +58,8 @@ METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     "timeline": ("overall_balancedness", "compute_balancedness", "efficiency"),
     "realistic model": (
         "combined_score_realistic", "gpu_balancedness", "time_balancedness", "locality_score",
-        "local_tokens", "nvlink_tokens", "ib_tokens", "nvlink_bytes", "ib_bytes", "step_time_s",
-        "compute_time_s", "comm_time_s", "balanced_compute_time_s",
+        "local_tokens", "nvlink_tokens", "ib_tokens", "ib_tokens_bound", "nvlink_bytes",
+        "ib_bytes", "step_time_s", "compute_time_s", "comm_time_s", "balanced_compute_time_s",
     ),
     "migration per rebalance": (
         "changed_slots", "local_copies", "nvlink_copies", "ib_copies", "moved_experts",
