@@ -10,6 +10,7 @@ from tape.api import place
 from tape.cli import app
 from tape.cli.place import MAP_KEY
 from tape.costmodel import migration_metrics
+from tape.dispatch import fewest_ib_tokens
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.presets import load_config
@@ -67,6 +68,10 @@ def test_previous_is_kept_where_it_pays_and_the_moves_are_counted(trace, tmp_pat
     assert report["min-moves"]["moved_experts"] == moves["moved_experts"]
     assert report["min-moves"]["moved_experts"] <= report["deepseek"]["moved_experts"]
     assert "moved_experts" not in report["in force"]
+    fewest = fewest_ib_tokens(windows[-1], LAYOUT)  # no placement sends fewer across nodes
+    for values in report.values():
+        assert values["ib_tokens_over_bound"] == pytest.approx(values["ib_tokens"] / fewest)
+        assert values["ib_tokens_over_bound"] >= 1 - 1e-9
 
 
 def test_the_file_round_trips_through_previous(trace, tmp_path):

@@ -42,6 +42,7 @@ from tape.cli.common import (
 )
 from tape.cli.evaluate import format_value
 from tape.costmodel import migration_metrics, realistic_metrics
+from tape.dispatch import fewest_ib_tokens
 from tape.errors import ConfigError, PlacementError, counted
 from tape.files import atomic_output, to_json_text
 from tape.metrics import balancedness_score
@@ -60,6 +61,7 @@ _ROWS = (
     ("gpu_balancedness", "GPU balance", 1),
     ("balancedness_score", "slot balance", 1),
     ("ib_tokens", "IB tokens", 1),
+    ("ib_tokens_over_bound", "IB / fewest", 1),
     ("step_time_s", "step time ms", 1e3),
     ("moved_experts", "moved experts", 1),
     ("ib_copies", "IB copies", 1),
@@ -132,6 +134,9 @@ def _scores(placement: Placement, previous: Placement | None, setup: Setup,
         steps=setup.window_steps[-1],
     )
     scores["balancedness_score"] = balancedness_score(placement, weight)
+    fewest = fewest_ib_tokens(weight, setup.layout) if setup.dispatch == "locality" else 0.0
+    if fewest > 0:
+        scores["ib_tokens_over_bound"] = scores["ib_tokens"] / fewest
     if previous is not None:
         scores.update(migration_metrics(previous, placement, setup.layout, setup.model,
                                         setup.cluster))
