@@ -723,3 +723,40 @@ def test_policy_errors_name_the_flags_in_errors_and_skip_notes(tmp_path, small_t
     assert "skipped replicate-hot" in skipped.stderr
     for output in (named.stderr, skipped.stderr):
         assert "--gpus" in output and "num_gpus" not in output
+
+
+def test_compare_scores_programs_beside_the_policies(small_trace, good_program, tmp_path):
+    arguments = ["--trace", str(small_trace), "--interval", "10", *SMALL_LAYOUT]
+    result = runner.invoke(app, ["compare", "--policies", "deepseek", "--program",
+                                 str(good_program), "--json", *arguments])
+    assert result.exit_code == 0, result.output
+    summary = _json(result)["policies"]
+    assert list(summary) == ["deepseek", "good.py"]
+    alone = _json(runner.invoke(app, ["evaluate", str(good_program), "--json", *arguments]))
+    program = summary["good.py"]
+    assert program["gpu_balancedness"] == pytest.approx(alone["gpu_balancedness"])
+    assert program["moved_experts_ratio"] == pytest.approx(
+        program["moved_experts"] / summary["deepseek"]["moved_experts"])
+    broken = tmp_path / "broken.py"
+    broken.write_text("def rebalance_experts(*args):\n    raise ValueError('no')\n")
+    failed = runner.invoke(app, ["compare", "--policies", "deepseek", "--program", str(broken),
+                                 *arguments])
+    assert failed.exit_code == 1  # as tape evaluate on a failing program
+    assert "broken.py" in failed.output and "ValueError" in failed.output
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("missing.py", "does not exist"), ("notes.txt", "is not a .py file")])
+def test_compare_refuses_a_bad_program_before_any_work(tmp_path, name, message):
+    (tmp_path / "notes.txt").write_text("x")
+    result = runner.invoke(app, ["compare", "--program", str(tmp_path / name), "--synthetic"])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_compare_refuses_two_programs_of_one_name(tmp_path, good_program):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "good.py").write_text(good_program.read_text())
+    result = runner.invoke(app, ["compare", "--program", str(good_program), "--program",
+                                 str(other / "good.py"), "--synthetic"])
+    assert result.exit_code == 2 and "two columns would be named 'good.py'" in result.output

@@ -20,6 +20,7 @@ from tape.errors import (
     MAX_INTEGER,
     ConfigError,
     LayoutError,
+    ProgramError,
     TapeError,
     TraceError,
     checked_integer,
@@ -51,6 +52,7 @@ __all__ = [
     "VersionOption",
     "check_out_folder",
     "check_out_writable",
+    "check_program_file",
     "console",
     "error_console",
     "escape",
@@ -382,3 +384,15 @@ def handles_errors(command: Any) -> Any:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def check_program_file(program: Path) -> None:
+    """ProgramError unless `program` is a .py file (a folder names `tape evaluate-dir`)."""
+    if program.is_dir():
+        raise ProgramError(f"{program} is a folder; score every program in it with "
+                           f"`tape evaluate-dir {program}`")
+    if not program.is_file():
+        raise ProgramError(f"program {program} does not exist")
+    if program.suffix != ".py":
+        raise ProgramError(f"program {program} is not a .py file; give a Python file that "
+                           "defines rebalance_experts")

@@ -19,6 +19,7 @@ from tape.cli.common import (
     GroupsOption,
     IntervalOption,
     JsonOption,
+    MemoryOption,
     ModelOption,
     NodesOption,
     OverwriteOption,
@@ -27,8 +28,10 @@ from tape.cli.common import (
     Setup,
     SyntheticModelOption,
     SyntheticOption,
+    TimeoutOption,
     TraceOption,
     VersionOption,
+    check_program_file,
     console,
     error_console,
     escape,
@@ -40,10 +43,10 @@ from tape.cli.common import (
     progress_bar,
 )
 from tape.cli.evaluate import format_value
-from tape.errors import counted
+from tape.errors import ProgramError, counted
 from tape.files import to_json_text
 from tape.policies import PolicyError, parse_policy_spec, policy_names
-from tape.protocol import parse_version
+from tape.protocol import parse_version, score_program
 from tape.report import compare_policies, summarize, write_comparison
 
 __all__ = ["DEFAULT_POLICIES", "register"]
@@ -106,6 +109,19 @@ def _parse_policies(text: str | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _program_labels(programs: list[Path], policies: list[str]) -> dict[str, Path]:
+    """Each --program's column label, its file name; ProgramError for a file that is not a
+    program, or two programs (or a program and a policy) of one name."""
+    labels: dict[str, Path] = {}
+    for program in programs:
+        check_program_file(program)
+        if program.name in labels or program.name in policies:
+            raise ProgramError(f"two columns would be named {program.name!r}; rename the "
+                               f"program {program}")
+        labels[program.name] = program
+    return labels
+
+
 def _usable_policies(specs: list[str], setup: Setup, named: bool
                      ) -> tuple[list[str], dict[str, str]]:
     """The policies that can place the first window, and why each other one cannot.
@@ -144,8 +160,15 @@ def register(app: typer.Typer) -> None:
         policies: Annotated[
             str | None,
             typer.Option("--policies", help="Comma-separated policies (default: all built-in "
-                         "ones), each NAME[:PRESET][:KEY=VALUE...], for example: deepseek, tape:fast, "
-                         "tape:migration_weight=0.1 (a preset or parameters of tape)."),
+                         "ones), each a name, then :PRESET or :KEY=VALUE parameters, for "
+                         "example: deepseek, tape:fast, tape:migration_weight=0.1 (a preset or "
+                         "parameters of tape)."),
+        ] = None,
+        programs: Annotated[
+            list[Path] | None,
+            typer.Option("--program", metavar="<path>",
+                         help="A program file defining rebalance_experts (as tape evaluate "
+                         "takes), scored sandboxed beside the policies; repeat for more."),
         ] = None,
         out: Annotated[
             Path | None,
@@ -166,6 +189,8 @@ def register(app: typer.Typer) -> None:
         model: ModelOption = None,
         dispatch: DispatchOption = "locality",
         config: ConfigOption = None,
+        timeout: TimeoutOption = 60.0,
+        memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
         overwrite: OverwriteOption = False,
     ) -> None:
@@ -174,6 +199,7 @@ def register(app: typer.Typer) -> None:
         Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
         """
         names = _parse_policies(policies)
+        labels = _program_labels(programs or [], names)
         version_value = parse_version(version)
         with output_folder(out, overwrite) as staging:
             setup = prepare(
@@ -187,16 +213,25 @@ def register(app: typer.Typer) -> None:
                 error_console.print(f"note: skipped {spec}: {reason}", markup=False,
                                     highlight=False, soft_wrap=True)
             pairs = setup.windows.shape[0] - 1
-            with progress_bar("policies x window pairs", len(names) * (pairs + 1),
+            with progress_bar("policies x window pairs",
+                              len(names) * (pairs + 1) + len(labels) * pairs,
                               not as_json) as advance:
                 results = compare_policies(
                     names, setup.windows, setup.layout, version=version_value,
                     model=setup.model, cluster=setup.cluster, dispatch=dispatch,
                     steps_per_window=setup.window_steps, progress=advance,
                 )
+                for label, program in labels.items():
+                    results[label] = score_program(
+                        program, setup.windows, setup.layout, version=version_value,
+                        timeout_s=timeout, memory_mb=memory_mb, model=setup.model,
+                        cluster=setup.cluster, dispatch=dispatch,
+                        steps_per_window=setup.window_steps, progress=advance,
+                    )
             if staging is not None:
                 manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
                             "version": version_value, "policies": names, "skipped": skipped,
+                            "programs": {label: str(path) for label, path in labels.items()},
                             **setup.manifest()}
                 written = write_comparison(
                     staging, results, setup.windows, setup.layout, model=setup.model,
@@ -204,9 +239,13 @@ def register(app: typer.Typer) -> None:
                     steps_per_window=setup.window_steps, manifest=manifest,
                 )
         summary = summarize(results)
+        # as `tape evaluate` on a failing program: the table shows why, the exit code says so
+        failed = any(results[label].error for label in labels)
         if as_json:
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
                                      "policies": summary, "skipped": skipped}))
+            if failed:
+                raise typer.Exit(1)
             return
         layout = setup.layout
         console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
@@ -216,6 +255,8 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False,
                           soft_wrap=True)  # a long path stays on one line, to copy
+        if failed:
+            raise typer.Exit(1)
 
 def _table(summary: dict[str, dict], version: int | str) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics); first the

@@ -31,6 +31,7 @@ from tape.cli.common import (
     TimeoutOption,
     TraceOption,
     VersionOption,
+    check_program_file,
     console,
     error_console,
     escape,
@@ -170,14 +171,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Score one program: rebalance on each window, score on the next, average the pairs."""
-        if program.is_dir():
-            raise ProgramError(f"{program} is a folder; score every program in it with "
-                               f"`tape evaluate-dir {program}`")
-        if not program.is_file():
-            raise ProgramError(f"program {program} does not exist")
-        if program.suffix != ".py":
-            raise ProgramError(f"program {program} is not a .py file; give a Python file that "
-                               "defines rebalance_experts")
+        check_program_file(program)
         version_value = parse_version(version)
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed,
