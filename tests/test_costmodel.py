@@ -307,6 +307,17 @@ def test_fewest_inter_node_tokens_by_hand():
     assert fewest_ib_tokens([[9.0]], Layout(4, 1, 4, 4)) == 0.0
 
 
+def test_fewest_inter_node_tokens_are_exactly_zero_when_every_expert_fits_every_node():
+    # 3 nodes, 2 experts, 6 slots: both experts in every node, nothing need cross. Not all
+    # tokens less the saved ones (4e-16 and -4e-16: an IB / fewest ratio of 1e16).
+    three_nodes = Layout(num_replicas=6, num_groups=1, num_nodes=3, num_gpus=3)
+    assert fewest_ib_tokens([[2.0, 3.0]], three_nodes) == 0.0
+    assert fewest_ib_tokens([[1.0, 3.0]], three_nodes) == 0.0
+    # More spare slots than nodes to add, and a single node: nothing crosses either.
+    assert fewest_ib_tokens([[2.0, 0.0, 3.0]], Layout(12, 1, 3, 3)) == 0.0
+    assert fewest_ib_tokens([[2.0, 3.0]], Layout(2, 1, 1, 2)) == 0.0
+
+
 @pytest.mark.parametrize("load", [[[8.0, 4.0, 2.0, 1.0]], [[5.0, 5.0, 1.0, 0.0]]])
 def test_no_placement_sends_fewer_inter_node_tokens_than_the_bound(load):
     """Every placement of 4 experts on 6 slots of 2 nodes x 1 GPU, by brute force: none sends

@@ -203,7 +203,10 @@ def fewest_ib_tokens(weight: Any, layout: Layout) -> float:
     """
     weight = np.asarray(weight, dtype=np.float64)
     num_nodes = layout.num_nodes
-    gains = np.repeat(weight / num_nodes, num_nodes - 1, axis=1)  # each node an expert can add
-    spare = min(layout.num_replicas - weight.shape[1], gains.shape[1])
-    best = -np.partition(-gains, spare - 1, axis=1)[:, :spare] if spare > 0 else gains[:, :0]
-    return float(weight.sum() * (num_nodes - 1) / num_nodes - best.sum())
+    largest_first = -np.sort(-weight, axis=1)
+    # The spare slots go N - 1 at a time to the largest loads, the rest to the next one.
+    spare = max(layout.num_replicas - weight.shape[1], 0)
+    added = np.clip(spare - np.arange(weight.shape[1]) * (num_nodes - 1), 0, num_nodes - 1)
+    # A sum of terms >= 0 (not all tokens less the saved ones): exactly 0 when every loaded
+    # expert can sit in every node, where a subtraction left 4e-16 to divide by.
+    return float((largest_first * (num_nodes - 1 - added)).sum() / num_nodes)
