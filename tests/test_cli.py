@@ -760,3 +760,22 @@ def test_compare_refuses_two_programs_of_one_name(tmp_path, good_program):
     result = runner.invoke(app, ["compare", "--program", str(good_program), "--program",
                                  str(other / "good.py"), "--synthetic"])
     assert result.exit_code == 2 and "two columns would be named 'good.py'" in result.output
+
+
+def test_compare_progress_reaches_its_total(small_trace, good_program, monkeypatch):
+    import contextlib
+
+    bars = []
+
+    @contextlib.contextmanager
+    def recording(description, total, enabled=True):
+        bar = {"total": total, "done": 0}
+        bars.append(bar)
+        yield lambda: bar.update(done=bar["done"] + 1)
+
+    monkeypatch.setattr("tape.cli.compare.progress_bar", recording)
+    result = runner.invoke(app, ["compare", "--policies", "deepseek,vanilla", "--program",
+                                 str(good_program), "--trace", str(small_trace), "--interval",
+                                 "10", *SMALL_LAYOUT])
+    assert result.exit_code == 0, result.output
+    assert bars == [{"total": 3 * 3, "done": 3 * 3}]  # 3 columns x 3 window pairs

@@ -213,8 +213,8 @@ def register(app: typer.Typer) -> None:
                 error_console.print(f"note: skipped {spec}: {reason}", markup=False,
                                     highlight=False, soft_wrap=True)
             pairs = setup.windows.shape[0] - 1
-            with progress_bar("policies x window pairs",
-                              len(names) * (pairs + 1) + len(labels) * pairs,
+            # one step a window pair of each column (the policies' warm-up calls advance none)
+            with progress_bar("policies x window pairs", (len(names) + len(labels)) * pairs,
                               not as_json) as advance:
                 results = compare_policies(
                     names, setup.windows, setup.layout, version=version_value,
