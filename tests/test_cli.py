@@ -762,6 +762,16 @@ def test_compare_refuses_two_programs_of_one_name(tmp_path, good_program):
     assert result.exit_code == 2 and "two columns would be named 'good.py'" in result.output
 
 
+def test_compare_scores_a_program_given_twice_once(small_trace, good_program, monkeypatch):
+    # as a policy named twice in --policies: one column, not "rename the program"
+    monkeypatch.chdir(good_program.parent)
+    result = runner.invoke(app, ["compare", "--policies", "deepseek", "--program",
+                                 str(good_program), "--program", "good.py", "--json",
+                                 "--trace", str(small_trace), "--interval", "10", *SMALL_LAYOUT])
+    assert list(_json(result)["policies"]) == ["deepseek", "good.py"]
+    assert result.exit_code == 0
+
+
 def test_compare_progress_reaches_its_total(small_trace, good_program, monkeypatch):
     import contextlib
 

@@ -111,10 +111,13 @@ def _parse_policies(text: str | None) -> list[str]:
 
 def _program_labels(programs: list[Path], policies: list[str]) -> dict[str, Path]:
     """Each --program's column label, its file name; ProgramError for a file that is not a
-    program, or two programs (or a program and a policy) of one name."""
+    program, or two programs (or a program and a policy) of one name. A file given twice is one
+    column, as a policy named twice."""
     labels: dict[str, Path] = {}
     for program in programs:
         check_program_file(program)
+        if program.name in labels and labels[program.name].resolve() == program.resolve():
+            continue
         if program.name in labels or program.name in policies:
             raise ProgramError(f"two columns would be named {program.name!r}; rename the "
                                f"program {program}")
