@@ -182,7 +182,9 @@ def test_dense_layers_lead_the_file_with_trivial_rows_and_are_read_back(trace, t
     report = json.loads(again.stdout)
     assert report["dense_layers"] == 2 and "in force" in report["placements"]
     wrong = _place("--trace", str(trace), "--previous", str(output))  # rows 5, layers 3
-    assert wrong.exit_code == 2 and "--previous" in wrong.output
+    assert wrong.exit_code == 2  # the flag forgotten: the error says which to give
+    assert "has 5 rows, the trace 3 layers" in wrong.output
+    assert "give --dense-layers 2" in wrong.output
     short = _place("--trace", str(trace), "--previous", str(output), "--dense-layers", "1")
     assert short.exit_code == 2
     assert "has 5 rows; expected --dense-layers 1 + the trace's 3 layers = 4" in short.output

@@ -93,6 +93,11 @@ def read_placement_file(path: Path, setup: Setup, dense_layers: int = 0) -> Plac
                 f"--previous {path} has {count} rows; expected --dense-layers {dense_layers} "
                 f"+ the trace's {num_layers} layers = {dense_layers + num_layers}")
         rows = rows[dense_layers:]
+    elif isinstance(rows, list) and len(rows) > num_layers:  # a file --dense-layers wrote
+        extra = len(rows) - num_layers
+        raise PlacementError(
+            f"--previous {path} has {len(rows)} rows, the trace {num_layers} layers; if its first "
+            f"{extra} are the model's dense layers, give --dense-layers {extra}")
     try:
         return Placement(rows, num_experts).validate(setup.layout, num_layers)
     except (PlacementError, ValueError, TypeError) as error:
