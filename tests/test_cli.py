@@ -789,3 +789,10 @@ def test_compare_progress_reaches_its_total(small_trace, good_program, monkeypat
                                  "10", *SMALL_LAYOUT])
     assert result.exit_code == 0, result.output
     assert bars == [{"total": 3 * 3, "done": 3 * 3}]  # 3 columns x 3 window pairs
+
+
+def test_compare_help_says_how_a_program_column_is_named_and_fails():
+    result = runner.invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "in a column named by its file name" in text
+    assert "One that fails makes the exit code 1." in text

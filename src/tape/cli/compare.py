@@ -171,7 +171,9 @@ def register(app: typer.Typer) -> None:
             list[Path] | None,
             typer.Option("--program", metavar="<path>",
                          help="A program file defining rebalance_experts (as tape evaluate "
-                         "takes), scored sandboxed beside the policies; repeat for more."),
+                         "takes), scored sandboxed (--timeout, --memory-mb) in a column named "
+                         "by its file name beside the policies; repeat for more. One that "
+                         "fails makes the exit code 1."),
         ] = None,
         out: Annotated[
             Path | None,
