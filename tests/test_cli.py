@@ -796,3 +796,12 @@ def test_compare_help_says_how_a_program_column_is_named_and_fails():
     text = " ".join(result.output.replace("│", " ").split())
     assert "in a column named by its file name" in text
     assert "One that fails makes the exit code 1." in text
+
+
+def test_compare_table_has_no_row_that_no_policy_has(small_trace):
+    arguments = ["compare", "--policies", "deepseek", "--trace", str(small_trace), "--interval",
+                 "10", *SMALL_LAYOUT]
+    uniform = runner.invoke(app, [*arguments, "--dispatch", "uniform"])
+    assert uniform.exit_code == 0, uniform.output
+    assert "IB tokens" in uniform.output and "IB / fewest" not in uniform.output  # no bound
+    assert "IB / fewest" in runner.invoke(app, arguments).output

@@ -284,6 +284,8 @@ def _table(summary: dict[str, dict], version: int | str) -> Table:
             continue
         table.add_row(f"[bold]{section}[/]", *("" for _ in summary))
         for key, label, scale in rows:
+            if not any(key in values for values in summary.values()):
+                continue  # as tape place: no IB / fewest row under uniform dispatch
             table.add_row(f"  {label}", *(
                 format_value(values[key] * scale, digits=3) if key in values else "-"
                 for values in summary.values()
