@@ -458,7 +458,10 @@ def test_compare_table_never_cuts_numbers_or_wraps_labels_at_80_columns(policies
     policies = policies or DEFAULT_POLICIES
     keys = ["combined_score", *(key for _, rows in _ROWS for key, _, scale in rows if scale == 1)]
     # -0.00123: the widest number the table shows (8 characters)
-    summary = {name: {**dict.fromkeys(keys, -0.00123456), "error": None} for name in policies}
+    # every row has a value (a row no policy has is left out); the scaled ones 0
+    scaled = [key for _, rows in _ROWS for key, _, scale in rows if scale != 1]
+    summary = {name: {**dict.fromkeys(scaled, 0.0), **dict.fromkeys(keys, -0.00123456),
+                      "error": None} for name in policies}
     console = Console(width=80, file=io.StringIO())
     console.print(_table(summary, "realistic"))
     text = console.file.getvalue()
