@@ -263,6 +263,7 @@ def register(app: typer.Typer) -> None:
         if failed:
             raise typer.Exit(1)
 
+
 def _table(summary: dict[str, dict], version: int | str) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics); first the
     combined score of the chosen `version`, in bold."""
