@@ -68,10 +68,11 @@ def parse_version(value: int | str) -> int | str:
     raise TapeError(f"unknown version {value!r}; expected one of {', '.join(map(str, VERSIONS))}")
 
 
-def check_windows(windows: np.ndarray, layout: Layout) -> np.ndarray:
-    """Validate windowed loads [W, L, E] against `layout`; return them as float64."""
+def check_windows(windows: np.ndarray, layout: Layout, *, replay: bool = True) -> np.ndarray:
+    """Validate windowed loads [W, L, E] against `layout`; return them as float64. With
+    `replay` (the protocol), at least 2 windows: rebalance on one, score on the next."""
     windows = check_loads(windows, source="windowed loads", unit="window")
-    if windows.shape[0] < 2:
+    if replay and windows.shape[0] < 2:
         raise TraceError(
             f"the protocol needs at least 2 windows (rebalance on one, score on the next), got "
             f"{windows.shape[0]}: use a longer trace or a smaller --interval"

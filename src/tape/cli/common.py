@@ -300,7 +300,7 @@ def load_windows(
     forward steps in each window (the last window may be shorter); at least 2 windows with
     `replay`."""
     from tape.protocol import check_windows
-    from tape.trace import check_loads, describe, load_trace, window_loads
+    from tape.trace import describe, load_trace, window_loads
 
     checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
     if trace is not None and synthetic:
@@ -325,12 +325,7 @@ def load_windows(
     else:
         loads = load_trace(trace)
         source = str(trace)
-    windows = window_loads(loads, interval)
-    if replay:
-        windows = check_windows(windows, layout)
-    else:
-        windows = check_loads(windows, source="windowed loads", unit="window")
-        layout.check_experts(windows.shape[2])
+    windows = check_windows(window_loads(loads, interval), layout, replay=replay)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
     described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
