@@ -80,20 +80,20 @@ class Rebalancer:
         self.params = dict(params)
         place(_TRIAL_LOAD, _TRIAL_LAYOUT, policy, **self.params)
         self._lock = threading.Lock()
-        self._memory: OrderedDict[tuple[int, int, int], _Memory] = OrderedDict()  # by (L, E, S)
-        self._last_shape: tuple[int, int, int] | None = None
+        # by (L, E, S), the shape used last at the end
+        self._memory: OrderedDict[tuple[int, int, int], _Memory] = OrderedDict()
 
     @property
     def windows_kept(self) -> int:
         """How many earlier windows the next call of the last call's shape passes as `history`."""
-        memory = self._memory.get(self._last_shape) if self._last_shape else None
-        return 0 if memory is None else len(memory.windows)
+        if not self._memory:
+            return 0
+        return len(self._memory[next(reversed(self._memory))].windows)
 
     def reset(self) -> None:
         """Forget the remembered placements and the earlier windows, of every shape."""
         with self._lock:
             self._memory.clear()
-            self._last_shape = None
 
     def __call__(
         self,
@@ -142,7 +142,6 @@ class Rebalancer:
             self._memory.move_to_end(shape)
             memory.previous = outputs[0].copy()  # not the array handed out, which the engine owns
             memory.windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
-            self._last_shape = shape
         return tuple(like_input(array, weight) for array in outputs)
 
 
