@@ -107,6 +107,16 @@ def test_reset_forgets_everything(windows):
     np.testing.assert_array_equal(got, rebalance_experts(windows[1], *ARGS, policy="tape")[0])
 
 
+def _assert_goes_on_from(rebalance, first, windows):
+    """`rebalance` remembers window 0 and its placement `first`, and nothing else: its next call
+    is the policy given exactly those."""
+    assert rebalance.windows_kept == 1
+    got = rebalance(windows[1], *ARGS)[0]
+    want = rebalance_experts(windows[1], *ARGS, policy="tape", previous_phy2log=first,
+                             history=windows[:1])[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_a_failed_call_changes_nothing(windows):
     rebalance = Rebalancer("tape")
     first = rebalance(windows[0], *ARGS)[0]
@@ -116,11 +126,7 @@ def test_a_failed_call_changes_nothing(windows):
         rebalance(bad, *ARGS)
     with pytest.raises(PlacementError, match="previous_phy2log"):
         rebalance(windows[1], *ARGS, previous_phy2log=first[:, :10])
-    assert rebalance.windows_kept == 1
-    got = rebalance(windows[1], *ARGS)[0]
-    want = rebalance_experts(windows[1], *ARGS, policy="tape", previous_phy2log=first,
-                             history=windows[:1])[0]
-    np.testing.assert_array_equal(got, want)
+    _assert_goes_on_from(rebalance, first, windows)
 
 
 def test_a_failed_call_of_a_new_shape_changes_nothing(windows):
@@ -130,11 +136,7 @@ def test_a_failed_call_of_a_new_shape_changes_nothing(windows):
     first = rebalance(windows[0], *ARGS)[0]
     with pytest.raises(LayoutError, match="multiple of num_gpus"):
         rebalance(windows[1], 41, *ARGS[1:])
-    assert rebalance.windows_kept == 1
-    got = rebalance(windows[1], *ARGS)[0]
-    want = rebalance_experts(windows[1], *ARGS, policy="tape", previous_phy2log=first,
-                             history=windows[:1])[0]
-    np.testing.assert_array_equal(got, want)
+    _assert_goes_on_from(rebalance, first, windows)
 
 
 def test_the_engine_may_write_into_what_it_got(windows):
