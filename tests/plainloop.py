@@ -140,29 +140,31 @@ def weight_copy_score(placement, layout):
 
 
 def timeline(placement, weight, layout):
-    """{"overall_balancedness", "compute_balancedness", "efficiency"}; "single cost" read as
-    the cost of all tokens from one GPU to another in a layer, summed over experts."""
+    """{"overall_balancedness", "compute_balancedness", "efficiency"}, SPEC's words as loops: a
+    single send is one expert's tokens from one source GPU a to one replica on GPU b != a,
+    cost c(a, b) * w / (G * r); send[a] / receive[b] the largest single send from a / into b."""
     num_gpus, slots_per_gpu, gpus_per_node = _geometry(layout)
     compute_sum = [0.0] * num_gpus
     work_sum = [0.0] * num_gpus
     for layer, gpu_compute in enumerate(_gpu_loads(placement, weight, layout)):
-        pair_tokens = [[0.0] * num_gpus for _ in range(num_gpus)]
+        send = [0.0] * num_gpus
+        receive = [0.0] * num_gpus
         for expert in range(placement.num_experts):
+            load = float(weight[layer][expert])
+            if load == 0:
+                continue
             slots = _replica_slots(placement, layer, expert)
-            per_replica = float(weight[layer][expert]) / (num_gpus * len(slots))
             for source in range(num_gpus):
                 for slot in slots:
-                    pair_tokens[source][slot // slots_per_gpu] += per_replica
-        pair_cost = [
-            [pair_tokens[a][b] * _cost(a, b, gpus_per_node) for b in range(num_gpus)]
-            for a in range(num_gpus)
-        ]
+                    target = slot // slots_per_gpu
+                    if target == source:
+                        continue
+                    cost = _cost(source, target, gpus_per_node) * load / (num_gpus * len(slots))
+                    send[source] = max(send[source], cost)
+                    receive[target] = max(receive[target], cost)
         for gpu in range(num_gpus):
-            send = max(pair_cost[gpu][b] for b in range(num_gpus))
-            receive = max(pair_cost[a][gpu] for a in range(num_gpus))
-            comm = max(send, receive)
             compute_sum[gpu] += gpu_compute[gpu]
-            work_sum[gpu] += max(gpu_compute[gpu], comm)
+            work_sum[gpu] += max(gpu_compute[gpu], max(send[gpu], receive[gpu]))
     mean_compute = sum(compute_sum) / num_gpus
     return {
         "overall_balancedness": _ratio(sum(work_sum) / num_gpus, max(work_sum)),

@@ -158,35 +158,48 @@ def test_combined_score_rejects(version, parts, message):
 
 
 def test_timeline_two_gpus_by_hand(placement):
-    # Traffic a -> b = GPU b's load / G. Layer 0 (loads 7, 5): GPU0 -> GPU1 2.5 tokens,
-    # GPU1 -> GPU0 3.5. Layer 1 (loads 10, 9): GPU0 -> GPU1 4.5, GPU1 -> GPU0 5.
-    # One node (cost 1): comm = max(send, receive) = [3.5, 3.5] and [5, 5]; compute wins
-    # everywhere: work = compute = [7, 5] + [10, 9] = [17, 14] -> all three = 15.5 / 17.
+    # A single send is ONE expert's tokens from one GPU to one replica: cost * slot load / G.
+    # Layer 0 slot loads [2 3 2 | 2 1 2]: the largest single send into GPU 0 is 3 / 2 = 1.5,
+    # into GPU 1 is 2 / 2 = 1. Layer 1 [4 1 5 | 4 4 1]: 5 / 2 = 2.5 and 4 / 2 = 2.
+    # One node (cost 1): send = [1, 1.5], receive = [1.5, 1], comm = [1.5, 1.5]; layer 1
+    # comm = [2.5, 2.5]. (Summed over experts, as an old reading had it, GPU 1 -> GPU 0 would
+    # be 7 / 2 = 3.5.) Compute wins everywhere: work = compute = [17, 14] summed -> 15.5 / 17.
     one = timeline(placement, WEIGHT, ONE_NODE)
     assert isinstance(one, Timeline)
     np.testing.assert_allclose(one.compute, [[7, 5], [10, 9]])
-    np.testing.assert_allclose(one.comm, [[3.5, 3.5], [5, 5]])
+    np.testing.assert_allclose(one.comm, [[1.5, 1.5], [2.5, 2.5]])
     assert one.overall_balancedness == pytest.approx(31 / 34)
     assert one.compute_balancedness == pytest.approx(31 / 34)
     assert one.efficiency == pytest.approx(31 / 34)
-    # Two nodes (cost 18): comm = [63, 63] and [90, 90] beat compute; summed work [153, 153]:
-    # overall 1, compute 15.5 / 17, efficiency 15.5 / 153.
+    # Two nodes (cost 18): comm = [27, 27] and [45, 45] beat compute; summed work [72, 72]:
+    # overall 1, compute 15.5 / 17, efficiency 15.5 / 72.
     two = timeline(placement, WEIGHT, TWO_NODES)
-    np.testing.assert_allclose(two.comm, [[63, 63], [90, 90]])
+    np.testing.assert_allclose(two.comm, [[27, 27], [45, 45]])
     assert two.summary() == pytest.approx(
-        {"overall_balancedness": 1.0, "compute_balancedness": 31 / 34, "efficiency": 15.5 / 153}
+        {"overall_balancedness": 1.0, "compute_balancedness": 31 / 34, "efficiency": 15.5 / 72}
+    )
+
+
+def test_timeline_spec_worked_example():
+    # SPEC: one layer, 2 nodes x 1 GPU, 2 slots; e0 (load 8) on GPU 0, e1 (load 4) on GPU 1.
+    # GPU 1 -> e0: 18 * 8 / 2 = 72; GPU 0 -> e1: 18 * 4 / 2 = 36. send = [36, 72],
+    # receive = [72, 36], work = [72, 72]: overall 1, compute 6 / 8, efficiency 6 / 72.
+    layout = Layout(num_replicas=2, num_groups=1, num_nodes=2, num_gpus=2)
+    result = timeline(Placement([[0, 1]], 2), [[8.0, 4.0]], layout)
+    np.testing.assert_allclose(result.compute, [[8, 4]])
+    np.testing.assert_allclose(result.work, [[72, 72]])
+    assert result.summary() == pytest.approx(
+        {"overall_balancedness": 1.0, "compute_balancedness": 0.75, "efficiency": 6 / 72}
     )
 
 
 def test_timeline_send_and_receive_by_hand():
-    # 4 GPUs, 2 nodes (GPUs 0, 1 | 2, 3), one slot each, loads [8, 4, 4, 0].
-    # tokens a -> b = load_b / 4 = [2, 1, 1, 0] from every a. Cost matrix rows a, columns b:
-    #   a0: [0, 1*1, 1*18, 0] = [0, 1, 18, 0]    send 18
-    #   a1: [2*1, 0, 18, 0]   = [2, 0, 18, 0]    send 18
-    #   a2: [2*18, 18, 0, 0]  = [36, 18, 0, 0]   send 36
-    #   a3: [36, 18, 1*1, 0]  = [36, 18, 1, 0]   send 36
-    # receive (column max): [36, 18, 18, 0]; comm = max(send, receive) = [36, 18, 36, 36],
-    # above compute [8, 4, 4, 0] everywhere, so work = comm.
+    # 4 GPUs, 2 nodes (GPUs 0, 1 | 2, 3), one slot each, loads [8, 4, 4, 0]: a single send into
+    # GPU b costs c * load_b / 4 = c * [2, 1, 1, 0].
+    #   send from GPU 0: max(1 * 1 (GPU 1), 18 * 1 (GPU 2)) = 18; GPU 1: max(1 * 2, 18 * 1) = 18
+    #   send from GPU 2: max(1 * 0 (GPU 3), 18 * 2 (GPU 0)) = 36; GPU 3: max(1 * 1, 18 * 2) = 36
+    #   receive (the dearest source is on the other node): 18 * [2, 1, 1, 0] = [36, 18, 18, 0]
+    # comm = max(send, receive) = [36, 18, 36, 36], above compute [8, 4, 4, 0] everywhere.
     # overall = mean 31.5 / max 36 = 0.875; compute = mean 4 / max 8; efficiency = 4 / 36.
     layout = Layout(num_replicas=4, num_groups=1, num_nodes=2, num_gpus=4)
     placement = Placement([[0, 1, 2, 3]], 4)
@@ -196,8 +209,23 @@ def test_timeline_send_and_receive_by_hand():
     assert result.summary() == pytest.approx(
         {"overall_balancedness": 0.875, "compute_balancedness": 0.5, "efficiency": 1 / 9}
     )
-    # The pair costs above sum to 19 + 20 + 54 + 55 = 148 = communication `actual`.
-    assert communication_cost(placement, [[8.0, 4.0, 4.0, 0.0]], layout)[0] == 148.0
+
+
+def test_timeline_replicas_on_one_gpu_and_degenerate_layouts():
+    # Expert 0 (load 12) has 3 replicas, two of them on GPU 0: each replica is its own single
+    # send of 12 / (2 * 3) = 2 tokens (not 4 for the two together). Expert 1 (load 6) sits
+    # alone on GPU 1: 6 / 2 = 3. One node: send = [3, 2], receive = [2, 3], comm = [3, 3].
+    layout = Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=2)
+    placement = Placement([[0, 0, 1, 0]], 2)
+    result = timeline(placement, [[12.0, 6.0]], layout)
+    np.testing.assert_allclose(result.compute, [[8, 10]])
+    np.testing.assert_allclose(result.comm, [[3, 3]])
+    # One GPU: nothing is sent, work = compute, every ratio 1.
+    single = timeline(placement, [[12.0, 6.0]], Layout(4, 1, 1, 1))
+    np.testing.assert_allclose(single.comm, [[0]])
+    assert single.summary() == {
+        "overall_balancedness": 1.0, "compute_balancedness": 1.0, "efficiency": 1.0
+    }
 
 
 def test_all_zero_load_is_balanced(placement):

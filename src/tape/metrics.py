@@ -276,7 +276,7 @@ class Timeline:
     Attributes:
         compute: [L, G] float64, tokens each GPU computes (the sum of its slots' loads).
         comm: [L, G] float64, communication time in token-cost units: the larger of the GPU's
-            send time and receive time (see `timeline`).
+            largest single send and largest single receive (see `timeline`).
     """
 
     compute: np.ndarray
@@ -313,16 +313,36 @@ class Timeline:
         }
 
 
+def _max_of_the_others(values: np.ndarray) -> np.ndarray:
+    """[..., n] -> [..., n]: at index i, the max of `values[..., j]` over j != i (0 if n == 1).
+
+    `values` must be >= 0 (0 stands for "nothing there"). The largest value's index gets the
+    second largest, every other index the largest.
+    """
+    count = values.shape[-1]
+    if count == 1:
+        return np.zeros_like(values)
+    largest = values.max(axis=-1, keepdims=True)
+    second = np.partition(values, count - 2, axis=-1)[..., count - 2 : count - 1]
+    at_largest = np.arange(count) == values.argmax(axis=-1)[..., None]
+    return np.where(at_largest, second, largest)
+
+
 def timeline(placement: Placement, weight: Any, layout: Layout) -> Timeline:
     """The seed's "overall balancedness" timeline under uniform dispatch.
 
-    Per layer and GPU: compute = the sum of its slots' loads. The traffic from GPU a to GPU b is
-    the tokens a sends to b summed over all experts of the layer (as in `communication_cost`),
-    and its cost is those tokens times the a-to-b unit cost. Reading of the seed's "largest
-    single cost": the send time of a is the largest of its per-destination costs (max over b),
-    the receive time of b the largest of its per-source costs (max over a). comm = max(send,
-    receive); work = max(compute, comm). Compute is in tokens and comm in token-cost units, as
-    in the seed.
+    Per layer and GPU: compute = the sum of its slots' loads. Every GPU holds 1/G of each
+    expert's tokens and sends each replica of the expert an equal share. A *single send* is one
+    expert's tokens from one source GPU a to one replica slot on GPU b != a, costing
+    `c(a, b) * weight[l, e] / (G * logcnt[l, e])` = `c(a, b) * slot load / G`, with c =
+    `SAME_NODE_COST` within a node and `CROSS_NODE_COST` across; sends are not summed over
+    experts or replicas. send[a] = the largest single send from a, receive[b] = the largest
+    into b (0 where there is none); comm = max(send, receive); work = max(compute, comm).
+
+    Vectorized: with `top[l, g]` the largest slot load on GPU g over G, send[a] is the larger of
+    `SAME_NODE_COST` times the largest `top` of a's node's other GPUs and `CROSS_NODE_COST`
+    times the largest of the other nodes' GPUs; receive[b] is `top[b]` times the dearest source
+    b has (another node if there is one, else another GPU of its node, else none).
 
     Returns:
         A `Timeline` with compute[L, G] and comm[L, G]; its `overall_balancedness`,
@@ -330,7 +350,20 @@ def timeline(placement: Placement, weight: Any, layout: Layout) -> Timeline:
     """
     placement.validate(layout)
     weight = placement.checked_load(weight)
-    compute = placement.gpu_loads(weight, layout.num_gpus)
-    pair_cost = _uniform_dispatch_tokens(compute) * _gpu_cost_matrix(layout)
-    comm = np.maximum(pair_cost.max(axis=2), pair_cost.max(axis=1))
-    return Timeline(compute=compute, comm=comm)
+    slot_loads = placement.slot_loads(weight).reshape(
+        placement.num_layers, layout.num_gpus, layout.slots_per_gpu
+    )
+    compute = slot_loads.sum(axis=2)
+    top = slot_loads.max(axis=2) / layout.num_gpus  # [L, G]
+    by_node = top.reshape(placement.num_layers, layout.num_nodes, layout.gpus_per_node)
+    in_node = _max_of_the_others(by_node).reshape(top.shape)
+    other_nodes = np.repeat(_max_of_the_others(by_node.max(axis=2)), layout.gpus_per_node, axis=1)
+    send = np.maximum(SAME_NODE_COST * in_node, CROSS_NODE_COST * other_nodes)
+    if layout.num_nodes > 1:
+        dearest_source = CROSS_NODE_COST
+    elif layout.gpus_per_node > 1:
+        dearest_source = SAME_NODE_COST
+    else:
+        dearest_source = SAME_GPU_COST
+    receive = top * dearest_source
+    return Timeline(compute=compute, comm=np.maximum(send, receive))
