@@ -37,6 +37,7 @@ import numpy as np
 from tape.arrays import to_numpy
 from tape.errors import TraceError, checked_integer, counted
 from tape.files import atomic_output
+from tape.trace_cache import cached_read
 from tape.trace_formats import (
     JSON_LOAD_KEY,
     STEPS_PER_BLOCK,
@@ -170,8 +171,12 @@ def window_loads(loads: Any, interval: int = 100) -> np.ndarray:
     return np.add.reduceat(loads, starts, axis=0)
 
 
-def load_trace(path: str | os.PathLike) -> np.ndarray:
+def load_trace(path: str | os.PathLike, *, cache: bool = True) -> np.ndarray:
     """Read a trace file or folder (formats: module doc) as float64 `[steps, L, E]`.
+
+    With `cache`, a `.json` or `.pt` file is parsed once and its loads kept in the trace cache
+    (`tape.trace_cache`: `TAPE_CACHE_DIR`, `TAPE_CACHE_MAX_MB`); later calls memory-map them
+    (a read-only array) while the file's size and modification time are unchanged.
 
     Raises:
         TraceError: a one-line message naming the file and what was wrong with it, also when the
@@ -180,6 +185,8 @@ def load_trace(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
+        if cache:
+            return cached_read(path, _read_trace)
         return _read_trace(path)
     except OSError as error:
         # A file that cannot be opened or read (permissions, a folder named like a layer file,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "JsonOption",
     "MemoryOption",
     "ModelOption",
+    "NoCacheOption",
     "NodesOption",
     "OverwriteOption",
     "ReplicasOption",
@@ -100,6 +102,10 @@ VersionOption = Annotated[
     str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+NoCacheOption = Annotated[
+    bool, typer.Option("--no-cache", help="Parse --trace anew and keep nothing in the trace "
+                       "cache (TAPE_CACHE_DIR, default the user's cache folder).")
+]
 
 
 def _at_most(limit: int, unit: str) -> Any:
@@ -276,10 +282,11 @@ def prepare(
     *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
     groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
     dispatch: str, config: Path | None, show_progress: bool = True,
-    synthetic_model: str = "calibrated", replay: bool = True,
+    synthetic_model: str = "calibrated", replay: bool = True, cache: bool = True,
 ) -> Setup:
     """Check the flags, load presets and the trace; raise TapeError naming what is wrong.
-    `replay`: the trace must have the 2 windows a replay needs (else one is enough)."""
+    `replay`: the trace must have the 2 windows a replay needs (else one is enough); `cache`:
+    read a trace file through the trace cache (`tape.trace_cache`)."""
     from tape.dispatch import check_dispatch
 
     check_dispatch(dispatch)
@@ -288,13 +295,13 @@ def prepare(
     layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
     with loading(trace, show_progress):
         windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
-                                                 synthetic_model, replay)
+                                                 synthetic_model, replay, cache)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
 def load_windows(
     trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout,
-    synthetic_model: str = "calibrated", replay: bool = True,
+    synthetic_model: str = "calibrated", replay: bool = True, cache: bool = True,
 ) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """Windowed loads [W, L, E] of the chosen trace, a one-line description of it, and the
     forward steps in each window (the last window may be shorter); at least 2 windows with
@@ -323,7 +330,7 @@ def load_windows(
                              f"{flag_names(str(error))}") from None
         source = f"synthetic DeepSeek-V3 trace ({synthetic_model} model, seed {seed})"
     else:
-        loads = load_trace(trace)
+        loads = load_trace(trace, cache=cache)
         source = str(trace)
     windows = check_windows(window_loads(loads, interval), layout, replay=replay)
     total = loads.shape[0]
@@ -356,6 +363,14 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
         yield lambda: progress.advance(task)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any,
+                      **kwargs: Any) -> None:
+    """`warnings.showwarning` for the CLI: "warning: ..." on one line of stderr, without the
+    file and line that Python's default adds."""
+    error_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False,
+                        soft_wrap=True)
+
+
 def handles_errors(command: Any) -> Any:
     """Decorator: a `TapeError` (a user mistake) becomes a one-line error and exit code 2, a
     `LayoutError` naming the flags (`flag_names`); Ctrl-C, one line and exit code 130."""
@@ -364,7 +379,9 @@ def handles_errors(command: Any) -> Any:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return command(*args, **kwargs)
         except TapeError as error:
             # A policy's or the layout's message names the library's arguments (num_gpus, ...).
             named = isinstance(error, (LayoutError, PolicyError))

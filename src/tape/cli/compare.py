@@ -21,6 +21,7 @@ from tape.cli.common import (
     JsonOption,
     MemoryOption,
     ModelOption,
+    NoCacheOption,
     NodesOption,
     OverwriteOption,
     ReplicasOption,
@@ -197,6 +198,7 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
+        no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
     ) -> None:
         """Compare placement policies under the protocol, side by side.
@@ -211,7 +213,7 @@ def register(app: typer.Typer) -> None:
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
                 synthetic_model=synthetic_model,
                 replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
-                model=model, dispatch=dispatch, config=config, show_progress=not as_json,
+                model=model, dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
             )
             names, skipped = _usable_policies(names, setup, named=policies is not None)
             for spec, reason in skipped.items():

@@ -21,6 +21,7 @@ from tape.cli.common import (
     JsonOption,
     MemoryOption,
     ModelOption,
+    NoCacheOption,
     NodesOption,
     OverwriteOption,
     ReplicasOption,
@@ -169,6 +170,7 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
+        no_cache: NoCacheOption = False,
     ) -> None:
         """Score one program: rebalance on each window, score on the next, average the pairs."""
         check_program_file(program)
@@ -177,7 +179,7 @@ def register(app: typer.Typer) -> None:
             trace=trace, synthetic=synthetic, interval=interval, seed=seed,
             synthetic_model=synthetic_model, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config, show_progress=not as_json,
+            dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
         )
         score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
         if as_json:
@@ -219,6 +221,7 @@ def register(app: typer.Typer) -> None:
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
+        no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
     ) -> None:
         """Score every .py program in a folder and print a summary table.
@@ -239,7 +242,7 @@ def register(app: typer.Typer) -> None:
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
                 synthetic_model=synthetic_model,
                 replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
-                model=model, dispatch=dispatch, config=config, show_progress=not as_json,
+                model=model, dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
             )
             results: dict[str, dict[str, Any]] = {}
             for program in programs:

@@ -27,6 +27,7 @@ from tape.cli.common import (
     IntervalOption,
     JsonOption,
     ModelOption,
+    NoCacheOption,
     NodesOption,
     ReplicasOption,
     SeedOption,
@@ -206,6 +207,7 @@ def register(app: typer.Typer) -> None:
         dispatch: DispatchOption = "locality",
         config: ConfigOption = None,
         as_json: JsonOption = False,
+        no_cache: NoCacheOption = False,
     ) -> None:
         """Place the experts for the trace's newest window; the earlier ones are the history.
 
@@ -222,7 +224,7 @@ def register(app: typer.Typer) -> None:
             trace=trace, synthetic=synthetic, interval=interval, seed=seed,
             synthetic_model=synthetic_model, replicas=replicas, groups=groups, nodes=nodes,
             gpus=gpus, cluster=cluster, model=model, dispatch=dispatch, config=config,
-            show_progress=not as_json, replay=False,
+            show_progress=not as_json, cache=not no_cache, replay=False,
         )
         in_force = None
         if previous is not None:
