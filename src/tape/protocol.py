@@ -138,7 +138,7 @@ class ProgramScore:
         return {**self.metrics, "per_pair": self.per_pair, "error": self.error}
 
 
-def _pair_metrics(
+def window_metrics(
     placement: Placement,
     weight: np.ndarray,
     layout: Layout,
@@ -147,6 +147,11 @@ def _pair_metrics(
     dispatch: str,
     steps: int,
 ) -> dict[str, float]:
+    """Every per-window score of `placement` on `weight` [L, E] (a window of `steps` forward
+    steps): the seed's metrics (balancedness, communication, weight copy, the timeline's three
+    ratios) and the realistic model's (balance, traffic, times, `locality_score`, and with
+    locality dispatch `ib_tokens_bound`, the fewest inter-node tokens any placement could send).
+    The replay (`score_placements`) and `tape place` both score with it."""
     communication = metrics.communication_score(placement, weight, layout)
     timeline = metrics.timeline(placement, weight, layout)
     values = {
@@ -199,7 +204,7 @@ def score_replay(
     cluster = cluster or cluster_preset()
     per_pair: dict[str, list[float]] = {}
     for index, placement in enumerate(run.placements):
-        values = _pair_metrics(
+        values = window_metrics(
             placement, windows[index + 1], layout, model, cluster, dispatch,
             window_steps(steps_per_window, index + 1),
         )

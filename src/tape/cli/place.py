@@ -42,13 +42,12 @@ from tape.cli.common import (
     prepare,
 )
 from tape.cli.evaluate import format_value
-from tape.costmodel import migration_metrics, realistic_metrics
-from tape.dispatch import fewest_ib_tokens
+from tape.costmodel import migration_metrics
 from tape.errors import ConfigError, PlacementError, counted
 from tape.files import atomic_output, to_json_text
-from tape.metrics import balancedness_score
 from tape.placement import Placement
 from tape.policies import parse_policy_spec
+from tape.protocol import window_metrics
 
 __all__ = ["MAP_KEY", "MAX_DENSE_LAYERS", "read_placement_file", "register"]
 
@@ -61,6 +60,7 @@ MAP_KEY = "physical_to_logical_map"
 _ROWS = (
     ("gpu_balancedness", "GPU balance", 1),
     ("balancedness_score", "slot balance", 1),
+    ("overall_balancedness", "overall balance", 1),
     ("ib_tokens", "IB tokens", 1),
     ("ib_tokens_over_bound", "IB / fewest", 1),
     ("step_time_s", "step time ms", 1e3),
@@ -134,13 +134,9 @@ def _scores(placement: Placement, previous: Placement | None, setup: Setup,
             seconds: float) -> dict[str, float]:
     """The placement on the window it was made for: balance, traffic, step time, and the moves
     from `previous` when there is one."""
-    weight = setup.windows[-1]
-    scores: dict[str, float] = realistic_metrics(
-        placement, weight, setup.layout, setup.model, setup.cluster, setup.dispatch,
-        steps=setup.window_steps[-1],
-    )
-    scores["balancedness_score"] = balancedness_score(placement, weight)
-    fewest = fewest_ib_tokens(weight, setup.layout) if setup.dispatch == "locality" else 0.0
+    scores = window_metrics(placement, setup.windows[-1], setup.layout, setup.model,
+                            setup.cluster, setup.dispatch, setup.window_steps[-1])
+    fewest = scores.pop("ib_tokens_bound", 0.0)
     if fewest > 0:
         scores["ib_tokens_over_bound"] = scores["ib_tokens"] / fewest
     if previous is not None:
