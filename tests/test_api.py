@@ -82,9 +82,9 @@ def test_previous_placement_reaches_the_policy():
 
 def test_policy_parameters_are_passed_on():
     weight = np.arange(16.0)[None, :]
-    with pytest.raises(PolicyError, match="k must be 2"):
-        rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot", k=1)
-    phy2log, _, logcnt = rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot", k=2)
+    with pytest.raises(PolicyError, match="unknown policy 'nope'"):
+        rebalance_experts(weight, 24, 4, 2, 4, policy="min-moves", base="nope")
+    phy2log, _, logcnt = rebalance_experts(weight, 24, 4, 2, 4, policy="replicate-hot")
     # Worked by hand: GPU g homes experts 4g..4g+3 and copies the 2 hottest it does not home:
     # 15 and 14 on GPUs 0-2; GPU 3 homes both, so it takes 11 and 10.
     np.testing.assert_array_equal(phy2log, [[0, 1, 2, 3, 15, 14, 4, 5, 6, 7, 15, 14,

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tape.cli import app
-from tape.cli.evaluate import format_value
+from tape.cli.formatting import format_value
 
 runner = CliRunner()
 SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]

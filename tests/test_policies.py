@@ -459,8 +459,8 @@ def test_replicate_hot_gives_every_gpu_the_hottest_experts_it_does_not_home():
         placement.phy2log, [[0, 1, 2, 2, 3, 0, 4, 5, 0, 6, 7, 0]]
     )
     np.testing.assert_array_equal(placement.log2phy[0, 0], [0, 5, 8, 11])  # home slot first
-    with pytest.raises(PolicyError, match="k must be 1"):
-        place(weight, layout, "replicate-hot", k=2)
+    with pytest.raises(PolicyError, match="has no parameter 'k'"):
+        place(weight, layout, "replicate-hot", k=1)  # the cluster fixes k
 
 
 def test_min_moves_without_change_keeps_the_previous_placement():
@@ -515,7 +515,7 @@ def test_min_moves_rejects_itself_and_bad_tolerances():
     (" tape : fast ", ("tape", {"preset": "fast"})),
     ("tape:preset=all:migration_weight=0.1:search_rounds=2",
      ("tape", {"preset": "all", "migration_weight": 0.1, "search_rounds": 2})),
-    ("replicate-hot:k=2", ("replicate-hot", {"k": 2})),
+    ("min-moves:tolerance=0.5", ("min-moves", {"tolerance": 0.5})),
 ])
 def test_policy_specs_are_read(spec, expected):
     assert parse_policy_spec(spec) == expected

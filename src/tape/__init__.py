@@ -37,6 +37,8 @@ Glossary:
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from tape.api import place, rebalance_experts
 from tape.errors import (
     ConfigError,
@@ -50,7 +52,11 @@ from tape.layout import Layout
 from tape.placement import Placement
 from tape.serving import Rebalancer
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("tape-moe")
+    """The installed distribution's version (pyproject.toml's, the one source)."""
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "ConfigError",

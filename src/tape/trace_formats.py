@@ -118,13 +118,13 @@ def read_expert_load_json(path: Path) -> np.ndarray:
                 blocks[-1][num_steps % STEPS_PER_BLOCK] = array
                 num_steps += 1
         except ijson.JSONError as error:
-            raise TraceError(f"{path}: malformed JSON ({_one_line(error)})") from None
+            raise TraceError(f"{path}: malformed JSON ({_parse_error_text(error)})") from None
     if num_steps == 0:
         raise TraceError(f"{path}: {_describe_missing_history(path, backend)}")
     return _join_blocks(blocks, num_steps)
 
 
-def _one_line(error: Exception) -> str:
+def _parse_error_text(error: Exception) -> str:
     """ijson's (yajl's) multi-line parse error as one line: the reason and the text near it.
 
     yajl's C backend gives its message as bytes when the text near the error is not UTF-8.

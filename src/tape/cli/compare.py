@@ -43,7 +43,7 @@ from tape.cli.common import (
     prepare,
     progress_bar,
 )
-from tape.cli.evaluate import format_value
+from tape.cli.formatting import format_value
 from tape.errors import ProgramError, counted
 from tape.files import to_json_text
 from tape.policies import PolicyError, parse_policy_spec, policy_names

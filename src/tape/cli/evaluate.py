@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -43,11 +42,12 @@ from tape.cli.common import (
     progress_bar,
     write_json_atomic,
 )
+from tape.cli.formatting import format_value
 from tape.errors import ProgramError
 from tape.files import to_json_text
 from tape.protocol import ProgramScore, parse_version, score_program
 
-__all__ = ["METRIC_SECTIONS", "format_value", "register"]
+__all__ = ["METRIC_SECTIONS", "register"]
 
 # Rows of the metric table, in sections; other keys follow under "other". The combined score
 # of the chosen version (combined_score) comes first in its version's section.
@@ -69,24 +69,6 @@ METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-
-
-def format_value(value: float, digits: int = 4) -> str:
-    """A metric for a table: `digits` significant digits, large numbers with a k/M/G/T suffix."""
-    if math.isnan(value):
-        return "nan"
-    magnitude = abs(value)
-    if magnitude >= 1e4:
-        # the smallest suffix whose number, rounded, is below 1000 (999,999 is "1M", not
-        # "1e+03k"); beyond T, or infinite, in scientific notation
-        for divisor, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G"), (1e12, "T")):
-            text = f"{value / divisor:.{digits}g}"
-            if "e" not in text and abs(float(text)) < 1000:
-                return text + suffix
-        return f"{value:.{digits}g}"
-    if value == int(value) or magnitude >= 10 ** (digits - 1):
-        return f"{value:.0f}"
-    return f"{value:.{digits}g}"
 
 
 def _metric_table(title: str, score: ProgramScore, version: int | str) -> Table:

@@ -83,7 +83,7 @@ def _warn(message: str) -> None:
 def _comparison_table(title: str, scores: dict[str, ProgramScore], metrics: tuple[str, ...]
                       ) -> Table:
     """Metrics down, programs across: readable at 80 columns whatever the version's metrics."""
-    from tape.cli.evaluate import format_value
+    from tape.cli.formatting import format_value
 
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("metric")

@@ -41,7 +41,7 @@ from tape.cli.common import (
     handles_errors,
     prepare,
 )
-from tape.cli.evaluate import format_value
+from tape.cli.formatting import format_value
 from tape.costmodel import migration_metrics
 from tape.errors import ConfigError, PlacementError, counted
 from tape.files import atomic_output, to_json_text

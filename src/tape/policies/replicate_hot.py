@@ -7,15 +7,13 @@ slots with the hottest experts it does not home: the k hottest experts are then 
 and a GPU that homes some of them takes the next hottest experts in the slots left over. No GPU
 holds two replicas of an expert. An expert's home slot is its primary replica.
 
-`k` defaults to the spare slots per GPU, S / G - E / G; any other `k` is an error, since S is
-fixed by the cluster.
+`k` is the spare slots per GPU, S / G - E / G: the cluster fixes it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tape.errors import counted
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
@@ -31,14 +29,12 @@ def replicate_hot(
     *,
     previous: Placement | None = None,
     history: np.ndarray | None = None,
-    k: int | None = None,
 ) -> Placement:
     """Vanilla plus copies of the hottest experts on every GPU (ignores `previous`, `history`).
 
     Args:
         weight: [L, E] float64, each expert's load; E must be a multiple of G.
-        layout: the cluster; S must be E + k * G.
-        k: extra slots per GPU; by default S / G - E / G.
+        layout: the cluster; S must be E + k * G for a k >= 0 (S / G - E / G extra slots a GPU).
 
     Returns:
         Placement with each expert's home slot first in `log2phy`.
@@ -52,15 +48,6 @@ def replicate_hot(
         )
     own_per_gpu = num_experts // num_gpus
     spare = layout.slots_per_gpu - own_per_gpu
-    if k is None:
-        k = spare
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k != spare:
-        raise PolicyError(
-            f"replicate-hot gives each GPU its own {counted(own_per_gpu, 'expert')} plus k copies, so "
-            f"num_replicas must be E + k * G; with num_replicas = {layout.num_replicas}, "
-            f"E = {num_experts} and G = {num_gpus}, k must be {spare}, got {k!r} "
-            f"(leave k unset to use it)"
-        )
     if spare > num_experts - own_per_gpu:
         raise PolicyError(
             f"replicate-hot needs k ({spare}) distinct experts from other GPUs for each GPU, "
