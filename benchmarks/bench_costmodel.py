@@ -22,7 +22,7 @@ import numpy as np
 
 from tape.costmodel import DISPATCH_POLICIES, migration_metrics, realistic_metrics, traffic
 from tape.layout import Layout
-from tape.placement import Placement
+from tape.placement import PlacedWindow, Placement
 from tape.policies import get_policy
 from tape.presets import load_config
 from tape.synthetic import synthetic_trace
@@ -50,11 +50,9 @@ def score_all(windows, placements, layout, model, cluster) -> list[dict]:
     results = []
     for index, placement in enumerate(placements):
         row = {}
+        window = PlacedWindow.checked(placement, windows[index + 1], layout)
         for dispatch in DISPATCH_POLICIES:
-            values = realistic_metrics(
-                placement, windows[index + 1], layout, model, cluster, dispatch,
-                steps=STEPS_PER_WINDOW,
-            )
+            values = realistic_metrics(window, model, cluster, dispatch, steps=STEPS_PER_WINDOW)
             row[dispatch] = values
         if index > 0:
             row["migration"] = migration_metrics(
@@ -75,7 +73,7 @@ def subset_ratio(windows, placements, layout, model, cluster) -> None:
         plain = plain_traffic(current, load, layout, dispatch)
         plain_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        flows = traffic(current, load, layout, dispatch)
+        flows = traffic(PlacedWindow.checked(current, load, layout), dispatch)
         fast_seconds = time.perf_counter() - start
         np.testing.assert_allclose(flows.ib_sent_tokens, plain["ib_sent"], rtol=1e-9)
         np.testing.assert_allclose(flows.nvlink_received_tokens, plain["nvlink_received"],

@@ -21,7 +21,7 @@ import numpy as np
 
 from tape import metrics
 from tape.layout import Layout
-from tape.placement import Placement
+from tape.placement import PlacedWindow, Placement
 
 # The plain-loop reference lives beside the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -65,14 +65,19 @@ def random_placement(rng: np.random.Generator, layout: Layout) -> Placement:
 
 def all_metrics(module, placement: Placement, weight: np.ndarray, layout: Layout) -> list[float]:
     """The five metric families of one window pair, as a flat list of floats."""
-    summary = module.timeline(placement, weight, layout)
-    if isinstance(summary, metrics.Timeline):
-        summary = summary.summary()
+    if module is metrics:  # one checked window, read by every metric
+        window = PlacedWindow.checked(placement, weight, layout)
+        summary = metrics.timeline(window).summary()
+        scores = [metrics.balancedness_score(window), metrics.gpu_balancedness(window),
+                  *metrics.communication_cost(window), metrics.communication_score(window)]
+    else:  # the plain loops take the placement, the load and the layout
+        summary = module.timeline(placement, weight, layout)
+        scores = [module.balancedness_score(placement, weight),
+                  module.gpu_balancedness(placement, weight, layout),
+                  *module.communication_cost(placement, weight, layout),
+                  module.communication_score(placement, weight, layout)]
     return [
-        module.balancedness_score(placement, weight),
-        module.gpu_balancedness(placement, weight, layout),
-        *module.communication_cost(placement, weight, layout),
-        module.communication_score(placement, weight, layout),
+        *scores,
         *module.weight_copy_cost(placement, layout),
         module.weight_copy_score(placement, layout),
         summary["overall_balancedness"],

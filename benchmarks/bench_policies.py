@@ -5,8 +5,8 @@ skewed loads: windows of 100 steps of TAPE's synthetic trace (group-limited top-
 drifting per-layer popularity). Two readings of the reference are timed in the same run as
 the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in ms per call):
 
-- the numpy loop reading (benchmarks/reference_eplb.py), always;
-- the torch reading (benchmarks/reference_eplb_torch.py), the reference's own operations on
+- the numpy loop reading (tests/reference_eplb.py), always;
+- the torch reading (tests/reference_eplb_torch.py), the reference's own operations on
   CPU torch tensors, when torch is installed (it is not a TAPE dependency). Its input is a
   torch tensor made before timing, as the reference receives one.
 
@@ -39,7 +39,7 @@ from tape.policies import get_policy, policy_names
 from tape.policies.deepseek import hierarchical_placement
 from tape.synthetic import synthetic_trace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the references
 import reference_eplb
 
 LAYOUT = Layout(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)

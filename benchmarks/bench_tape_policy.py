@@ -13,9 +13,9 @@ as `history`; locality dispatch. For each trace it prints, per policy:
 - the realistic model's forward-step time (tape.costmodel, H800 preset, locality dispatch) as
   a ratio to deepseek's: what balance and locality together buy;
 - runtime per rebalance (the protocol's timing of each call, the fastest of 3) and its ratio
-  to DeepSeek's reference timed on the same windows (also the fastest of 3 per window): the torch reading (benchmarks/reference_eplb_torch.py,
+  to DeepSeek's reference timed on the same windows (also the fastest of 3 per window): the torch reading (tests/reference_eplb_torch.py,
   the reference's own operations on CPU tensors, about 0.5 s a call) when torch is installed,
-  else the numpy loop reading (benchmarks/reference_eplb.py, about 40 ms); the script says
+  else the numpy loop reading (tests/reference_eplb.py, about 40 ms); the script says
   which, and prints the ratio to the numpy reading too.
 
 Policies: `deepseek`; `tape` (the "all" preset unless --preset); and "incremental", the simple
@@ -60,7 +60,7 @@ from tape.protocol import replay, score_policy, score_replay
 from tape.synthetic import CALIBRATED, SURGES, TraceModel, synthetic_trace
 from tape.trace import window_loads
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the references
 import reference_eplb
 
 TARGET_BALANCE_GAIN = 0.08
@@ -150,7 +150,7 @@ class Reading:
 
 def readings() -> list[Reading]:
     """The numpy loop reading, and the torch reading first when torch is installed."""
-    numpy_reading = Reading("numpy loop reading (benchmarks/reference_eplb.py)",
+    numpy_reading = Reading("numpy loop reading (tests/reference_eplb.py)",
                             reference_eplb.rebalance_experts, np.asarray, 1_000)
     try:
         import reference_eplb_torch
@@ -160,7 +160,7 @@ def readings() -> list[Reading]:
         return [numpy_reading]
     import torch
 
-    name = (f"torch reading (benchmarks/reference_eplb_torch.py, torch {torch.__version__}, "
+    name = (f"torch reading (tests/reference_eplb_torch.py, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads)")
     return [Reading(name, reference_eplb_torch.rebalance_experts, torch.from_numpy,
                     TORCH_WINDOWS), numpy_reading]

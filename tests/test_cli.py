@@ -90,7 +90,7 @@ def test_evaluate_prints_a_table(small_trace, good_program):
         (scores["balancedness_score"] + scores["communication_score"]) / 2)
 
 
-@pytest.mark.parametrize("version, section", [("2", "seed (tape) metrics"),
+@pytest.mark.parametrize("version, section", [("2", "seed metrics"),
                                               ("realistic", "realistic model")])
 def test_evaluate_lists_the_combined_score_under_its_versions_heading(
         small_trace, good_program, version, section):

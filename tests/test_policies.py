@@ -2,11 +2,10 @@
 against plain-loop readings (DeepSeek EPLB's reference, the seed's BLDM, the masked greedy),
 and small cases worked by hand."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+import reference_eplb as reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,12 +19,6 @@ from tape.policies.packing import (
     replica_counts,
     spread_replicas,
 )
-
-_SPEC = importlib.util.spec_from_file_location(
-    "reference_eplb", Path(__file__).parents[1] / "benchmarks" / "reference_eplb.py"
-)
-reference = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(reference)
 
 V3 = Layout(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
 LAYOUTS = {  # name: (layout, experts)
@@ -256,11 +249,7 @@ def test_torch_reading_is_the_numpy_reading():
     # maps on distinct loads (torch's unstable sort may only reorder the ranks of tied
     # replicas in log2phy), same replica counts with ties.
     torch = pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "reference_eplb_torch", Path(__file__).parents[1] / "benchmarks" / "reference_eplb_torch.py"
-    )
-    torch_reading = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_reading)
+    import reference_eplb_torch as torch_reading
     rng = np.random.default_rng(5)
     for num_replicas, num_groups, num_nodes, num_gpus, num_experts in [
         (288, 8, 4, 32, 256), (16, 4, 2, 8, 12), (24, 3, 2, 4, 12), (20, 1, 1, 4, 8)

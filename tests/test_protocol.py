@@ -3,6 +3,7 @@ import pytest
 
 from tape import Layout, Placement, TapeError, TraceError, metrics
 from tape.dispatch import fewest_ib_tokens
+from tape.placement import PlacedWindow
 from tape.protocol import (
     VERSIONS,
     Replay,
@@ -48,7 +49,8 @@ def test_score_replay_scores_placement_i_on_window_i_plus_one():
     ]
     run = Replay(placements, [0.01, 0.02, 0.03])
     score = score_replay(run, windows, LAYOUT, version=0)
-    expected = [metrics.balancedness_score(p, windows[i + 1]) for i, p in enumerate(placements)]
+    expected = [metrics.balancedness_score(PlacedWindow.checked(p, windows[i + 1], LAYOUT))
+                for i, p in enumerate(placements)]
     assert score.per_pair["balancedness_score"] == pytest.approx(expected)
     assert score.metrics["balancedness_score"] == pytest.approx(np.mean(expected))
     assert score.metrics["avg_raw_time"] == pytest.approx(0.02)

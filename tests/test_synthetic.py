@@ -15,6 +15,7 @@ from tape.api import place
 from tape.errors import TraceError
 from tape.layout import Layout
 from tape.metrics import balancedness_score, gpu_balancedness, timeline
+from tape.placement import PlacedWindow
 from tape.synthetic import (
     CALIBRATED,
     DECODE_TOKENS,
@@ -217,12 +218,13 @@ def _deepseek_scores(loads, layout=None):
     windows = window_loads(loads, 100)
     layout = layout or Layout()
     placements = [place(window, layout, "deepseek") for window in windows[:-1]]
-    pairs = list(zip(placements, windows[1:]))
+    pairs = [PlacedWindow.checked(p, w, layout) for p, w in zip(placements, windows[1:])]
+    own = [PlacedWindow.checked(p, w, layout) for p, w in zip(placements, windows)]
     return {
-        "gpu": np.mean([gpu_balancedness(p, w, layout) for p, w in pairs]),
-        "own gpu": np.mean([gpu_balancedness(p, w, layout) for p, w in zip(placements, windows)]),
-        "slot": np.mean([balancedness_score(p, w) for p, w in pairs]),
-        "compute": np.mean([timeline(p, w, layout).compute_balancedness for p, w in pairs]),
+        "gpu": np.mean([gpu_balancedness(pair) for pair in pairs]),
+        "own gpu": np.mean([gpu_balancedness(pair) for pair in own]),
+        "slot": np.mean([balancedness_score(pair) for pair in pairs]),
+        "compute": np.mean([timeline(pair).compute_balancedness for pair in pairs]),
     }
 
 

@@ -23,7 +23,7 @@ Glossary:
     EPLB             DeepSeek's Expert Parallelism Load Balancer; its `rebalance_experts` is the
                      entry point TAPE's matches, and the `deepseek` policy reproduces it.
     seed             the project TAPE started from: an OpenEvolve evaluator of EPLB policies and
-                     a notebook; TAPE reproduces its metrics ("tape" metrics, `tape.metrics`)
+                     a notebook; TAPE reproduces its metrics ("seed metrics", `tape.metrics`)
                      and its baseline policies.
     version          which score ranks policies: the seed's 0, 2, 3, 4 (`tape.metrics`) or
                      "realistic" (the cost model's, `tape.protocol`).

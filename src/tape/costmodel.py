@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -34,7 +33,7 @@ from tape.dispatch import DISPATCH_POLICIES, Traffic, traffic
 from tape.errors import TraceError
 from tape.layout import Layout
 from tape.migration import Migration, migration
-from tape.placement import Placement
+from tape.placement import PlacedWindow, Placement
 from tape.presets import ClusterSpec, ModelSpec
 
 __all__ = [
@@ -185,9 +184,7 @@ def layer_times(
 
 
 def realistic_metrics(
-    placement: Placement,
-    weight: Any,
-    layout: Layout,
+    window: PlacedWindow,
     model: ModelSpec,
     cluster: ClusterSpec,
     dispatch: str,
@@ -196,9 +193,8 @@ def realistic_metrics(
     """The realistic model's summary of one placement on one evaluation window.
 
     Args:
-        placement: the placement to score; must fit `layout`.
-        weight: [L, E] tokens (token-expert assignments) per expert, summed over the window.
-        layout: the cluster.
+        window: the placement on the window's load `weight[L, E]` (token-expert assignments
+            per expert, summed over the window's steps).
         model, cluster: the model and hardware (see tape.presets).
         dispatch: "uniform" or "locality".
         steps: forward steps summed in the window (times are per step).
@@ -218,7 +214,7 @@ def realistic_metrics(
             over the GPUs and communication were free (sum over layers of the mean GPU's
             compute): the lower bound that step_time_s is compared with.
     """
-    flows = traffic(placement, weight, layout, dispatch)
+    flows = traffic(window, dispatch)
     times = layer_times(flows, model, cluster, steps)
     sent = link_bytes(flows, model)
     critical = times.busy.argmax(axis=1)[:, None]
@@ -226,7 +222,7 @@ def realistic_metrics(
     step_time = times.step_time
     mean_busy = times.busy.sum(axis=0).mean()
     return {
-        "gpu_balancedness": metrics.gpu_balancedness(placement, weight, layout),
+        "gpu_balancedness": metrics.gpu_balancedness(window),
         "local_tokens": float(flows.local_tokens.sum()),
         "nvlink_tokens": float(flows.nvlink_sent_tokens.sum()),
         "ib_tokens": float(flows.ib_sent_tokens.sum()),

@@ -41,7 +41,7 @@ import numpy as np
 
 from tape.errors import ConfigError
 from tape.layout import Layout
-from tape.placement import Placement
+from tape.placement import PlacedWindow
 
 __all__ = [
     "DISPATCH_POLICIES", "Traffic", "check_dispatch", "fewest_ib_tokens", "traffic",
@@ -150,23 +150,21 @@ def _locality(
     }
 
 
-def traffic(placement: Placement, weight: Any, layout: Layout, dispatch: str) -> Traffic:
-    """Dispatch `weight`'s tokens to `placement`'s replicas; count tokens per GPU and link.
+def traffic(window: PlacedWindow, dispatch: str) -> Traffic:
+    """Dispatch the window's tokens to its placement's replicas; count tokens per GPU and link.
 
     Args:
-        placement: the placement; must fit `layout`.
-        weight: [L, E] tokens (token-expert assignments) per logical expert.
-        layout: the cluster: slot s on GPU s // k, GPU g on node g // (G / N).
+        window: the placement on the window's load `weight[L, E]` (token-expert assignments
+            per logical expert); slot s on GPU s // k, GPU g on node g // (G / N).
         dispatch: "uniform" or "locality" (see the module docstring).
 
     Returns:
         The `Traffic` of every layer and GPU, in the tokens of `weight`.
     """
-    placement.validate(layout)
     check_dispatch(dispatch)
-    weight = placement.checked_load(weight)
+    placement, weight, layout = window.placement, window.weight, window.layout
     num_layers, num_experts = weight.shape
-    replicas = placement.replicas_per_gpu(layout.num_gpus).astype(np.float64)
+    replicas = window.replicas_per_gpu
     node_replicas = replicas.reshape(
         num_layers, layout.num_nodes, layout.gpus_per_node, num_experts
     ).sum(axis=2)

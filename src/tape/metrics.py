@@ -1,8 +1,11 @@
-"""The seed's TAPE metrics, exact and vectorized over layers, plus GPU balancedness.
+"""The seed's metrics ("seed metrics"), exact and vectorized over layers, plus GPU balancedness.
 
-Every function scores one placement on one evaluation window: `weight[L, E]` (float64, tokens
-routed to each logical expert in the window). Each slot `s` of layer `l` carries
-`weight[l, e] / logcnt[l, e]` tokens, `e = phy2log[l, s]`; a GPU carries the sum of its slots.
+Every function but the weight copy's (which reads a placement alone) scores one placement on
+one evaluation window, a `PlacedWindow` (built with
+`PlacedWindow.checked(placement, weight, layout)` from outside; trusted here): `weight[L, E]`
+(float64, tokens routed to each logical expert in the window). Each slot `s` of layer `l`
+carries `weight[l, e] / logcnt[l, e]` tokens, `e = phy2log[l, s]`; a GPU carries the sum of its
+slots. The window computes those loads once for every metric.
 
 Communication and weight copies are priced per unit (a token, or one expert's weights) by where
 the two ends sit: `SAME_GPU_COST` on one GPU, `SAME_NODE_COST` within a node (NVLink),
@@ -17,13 +20,12 @@ communication is exposed and `weight_copy_score` is 1 when nothing is copied.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from tape.errors import TapeError
 from tape.layout import Layout
-from tape.placement import Placement
+from tape.placement import PlacedWindow, Placement
 
 __all__ = [
     "COMMUNICATION_SCORE_SCALE",
@@ -97,48 +99,30 @@ def _uniform_dispatch_tokens(gpu_loads: np.ndarray) -> np.ndarray:
     return np.broadcast_to(gpu_loads[:, None, :] / num_gpus, (num_layers, num_gpus, num_gpus))
 
 
-def balancedness_score(placement: Placement, weight: Any) -> float:
+def balancedness_score(window: PlacedWindow) -> float:
     """Slot balancedness: sum over layers of the mean slot load / sum over layers of the max.
 
-    Args:
-        placement: the placement to score.
-        weight: [L, E] tokens per logical expert in the evaluation window.
-
     Returns:
         A float in (0, 1]; 1.0 for an all-zero load.
     """
-    return _layer_balancedness(placement.slot_loads(placement.checked_load(weight)))
+    return _layer_balancedness(window.slot_loads)
 
 
-def gpu_balancedness(placement: Placement, weight: Any, layout: Layout) -> float:
+def gpu_balancedness(window: PlacedWindow) -> float:
     """GPU balancedness: as `balancedness_score`, over GPU loads (the sum of a GPU's slots).
 
-    Args:
-        placement: the placement to score; must fit `layout`.
-        weight: [L, E] tokens per logical expert in the evaluation window.
-        layout: the cluster.
-
     Returns:
         A float in (0, 1]; 1.0 for an all-zero load.
     """
-    placement.validate(layout)
-    weight = placement.checked_load(weight)
-    return _layer_balancedness(placement.gpu_loads(weight, layout.num_gpus))
+    return _layer_balancedness(window.gpu_loads)
 
 
-def communication_cost(
-    placement: Placement, weight: Any, layout: Layout
-) -> tuple[float, float, float]:
+def communication_cost(window: PlacedWindow) -> tuple[float, float, float]:
     """The seed's dispatch cost under uniform dispatch: `(actual, minimum, total)`.
 
     Every GPU holds 1/G of each expert's tokens and sends them evenly to all the expert's
     replicas; sending t tokens costs t times `SAME_GPU_COST`, `SAME_NODE_COST` or
     `CROSS_NODE_COST` by where the two GPUs sit.
-
-    Args:
-        placement: the placement to score; must fit `layout`.
-        weight: [L, E] tokens per logical expert in the evaluation window.
-        layout: the cluster.
 
     Returns:
         actual: cost summed over layers, experts, replicas and source GPUs (token-cost units).
@@ -147,12 +131,11 @@ def communication_cost(
             `t_per_replica = tokens / (G * r)`, summed (token-cost units).
         total: all tokens of the window, summed over layers and experts.
     """
-    placement.validate(layout)
-    weight = placement.checked_load(weight)
+    layout, weight = window.layout, window.weight
     num_gpus = layout.num_gpus
-    tokens = _uniform_dispatch_tokens(placement.gpu_loads(weight, num_gpus))
+    tokens = _uniform_dispatch_tokens(window.gpu_loads)
     actual = float(np.einsum("lab,ab->", tokens, _gpu_cost_matrix(layout)))
-    replicas = placement.logcnt
+    replicas = window.placement.logcnt
     tokens_per_replica = weight / (num_gpus * replicas)
     cheapest_per_source = (
         tokens_per_replica * (np.minimum(replicas, layout.gpus_per_node) - 1) * SAME_NODE_COST
@@ -161,19 +144,19 @@ def communication_cost(
     return actual, minimum, float(weight.sum())
 
 
-def communication_score(placement: Placement, weight: Any, layout: Layout) -> float:
+def communication_score(window: PlacedWindow) -> float:
     """The seed's communication score (versions 2, 3, 4).
 
     With `exposed(x) = max(x - HIDDEN_COMMUNICATION_FRACTION * total, 0)` over the values of
     `communication_cost`, the score is
     `COMMUNICATION_SCORE_SCALE * exposed(minimum) / exposed(actual)`, and 0 when
     `exposed(actual)` is 0. Under uniform dispatch `actual` does not depend on where replicas
-    sit (see docs/tape-metrics.md), so only replica counts move this score.
+    sit (see docs/seed-metrics.md), so only replica counts move this score.
 
     Returns:
         A float in [0, COMMUNICATION_SCORE_SCALE].
     """
-    actual, minimum, total = communication_cost(placement, weight, layout)
+    actual, minimum, total = communication_cost(window)
     hidden = HIDDEN_COMMUNICATION_FRACTION * total
     exposed_actual = max(actual - hidden, 0.0)
     if exposed_actual == 0:
@@ -193,7 +176,7 @@ def weight_copy_cost(placement: Placement, layout: Layout) -> tuple[float, float
         actual: copy cost summed over layers and replicas.
         minimum: the cheapest cost for the same replica counts, summed over layers and experts.
     """
-    placement.validate(layout)
+    placement.validate(layout)  # two numbers compared: a placement has no load to check
     slot_gpu = layout.slot_gpu
     primary_of_slot = np.take_along_axis(placement.primary_slots(), placement.phy2log, axis=1)
     copy_costs = _gpu_cost_matrix(layout)[slot_gpu[primary_of_slot], slot_gpu[None, :]]
@@ -211,7 +194,7 @@ def weight_copy_score(placement: Placement, layout: Layout) -> float:
     """The seed's weight-copy score (version 4): `min(minimum / actual, 1)`, 1 if nothing is copied.
 
     When no expert has more replicas than a GPU has slots, the minimum is 0 and the score is 0
-    unless every copy sits on its primary's GPU (see docs/tape-metrics.md).
+    unless every copy sits on its primary's GPU (see docs/seed-metrics.md).
     """
     actual, minimum = weight_copy_cost(placement, layout)
     if actual == 0:
@@ -328,7 +311,7 @@ def _max_of_the_others(values: np.ndarray) -> np.ndarray:
     return np.where(at_largest, second, largest)
 
 
-def timeline(placement: Placement, weight: Any, layout: Layout) -> Timeline:
+def timeline(window: PlacedWindow) -> Timeline:
     """The seed's "overall balancedness" timeline under uniform dispatch.
 
     Per layer and GPU: compute = the sum of its slots' loads. Every GPU holds 1/G of each
@@ -348,14 +331,10 @@ def timeline(placement: Placement, weight: Any, layout: Layout) -> Timeline:
         A `Timeline` with compute[L, G] and comm[L, G]; its `overall_balancedness`,
         `compute_balancedness` and `efficiency` are the seed's three numbers.
     """
-    placement.validate(layout)
-    weight = placement.checked_load(weight)
-    slot_loads = placement.slot_loads(weight).reshape(
-        placement.num_layers, layout.num_gpus, layout.slots_per_gpu
-    )
-    compute = slot_loads.sum(axis=2)
-    top = slot_loads.max(axis=2) / layout.num_gpus  # [L, G]
-    by_node = top.reshape(placement.num_layers, layout.num_nodes, layout.gpus_per_node)
+    layout = window.layout
+    compute = window.gpu_loads
+    top = window.slot_loads_by_gpu.max(axis=2) / layout.num_gpus  # [L, G]
+    by_node = top.reshape(top.shape[0], layout.num_nodes, layout.gpus_per_node)
     in_node = _max_of_the_others(by_node).reshape(top.shape)
     other_nodes = np.repeat(_max_of_the_others(by_node.max(axis=2)), layout.gpus_per_node, axis=1)
     send = np.maximum(SAME_NODE_COST * in_node, CROSS_NODE_COST * other_nodes)

@@ -1,7 +1,7 @@
 """The evaluation protocol: rebalance on window i, score on window i + 1, average over pairs.
 
 A run replays a trace's windows through a placement source (a registered policy, or a user's
-program in a sandbox) and scores every pair with the seed's TAPE metrics and the realistic cost
+program in a sandbox) and scores every pair with the seed's metrics and the realistic cost
 model. The policy sees only window i (and, for registered policies, the placement it produced at
 the previous pair and the windows before i); it never sees window i + 1.
 """
@@ -21,7 +21,7 @@ from tape.costmodel import migration_metrics, realistic_metrics
 from tape.dispatch import fewest_ib_tokens
 from tape.errors import ProgramError, TapeError, TraceError
 from tape.layout import Layout
-from tape.placement import Placement
+from tape.placement import PlacedWindow, Placement
 from tape.presets import ClusterSpec, ModelSpec, cluster_preset, model_preset
 from tape.trace import check_loads
 
@@ -152,19 +152,17 @@ def window_metrics(
     ratios) and the realistic model's (balance, traffic, times, `locality_score`, and with
     locality dispatch `ib_tokens_bound`, the fewest inter-node tokens any placement could send).
     The replay (`score_placements`) and `tape place` both score with it."""
-    communication = metrics.communication_score(placement, weight, layout)
-    timeline = metrics.timeline(placement, weight, layout)
+    window = PlacedWindow(placement, weight, layout)  # both checked where they entered
+    timeline = metrics.timeline(window)
     values = {
-        "balancedness_score": metrics.balancedness_score(placement, weight),
-        "communication_score": communication,
+        "balancedness_score": metrics.balancedness_score(window),
+        "communication_score": metrics.communication_score(window),
         "weight_copy_score": metrics.weight_copy_score(placement, layout),
         "overall_balancedness": timeline.overall_balancedness,
         "compute_balancedness": timeline.compute_balancedness,
         "efficiency": timeline.efficiency,
     }
-    for key, value in realistic_metrics(
-        placement, weight, layout, model, cluster, dispatch, steps=steps
-    ).items():
+    for key, value in realistic_metrics(window, model, cluster, dispatch, steps=steps).items():
         values[key] = float(value)
     total = float(weight.sum())
     values["locality_score"] = 1.0 - values["ib_tokens"] / total if total > 0 else 1.0

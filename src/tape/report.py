@@ -21,6 +21,7 @@ import numpy as np
 
 from tape.files import write_json_atomic, write_records_csv, write_table_csv
 from tape.layout import Layout
+from tape.placement import PlacedWindow
 from tape.policies import parse_policy_spec
 from tape.presets import ClusterSpec, ModelSpec
 from tape.protocol import ProgramScore, score_policy, window_steps
@@ -173,7 +174,8 @@ def write_comparison(
     # Each policy's time per step with its last pair's placement, on the window it is scored on.
     last = {name: len(score.placements) - 1 for name, score in placed.items()}
     times = {name: layer_times(
-        traffic(score.placements[last[name]], windows[last[name] + 1], layout, dispatch),
+        traffic(PlacedWindow(score.placements[last[name]], windows[last[name] + 1], layout),
+                dispatch),
         model, cluster, steps=window_steps(steps_per_window, last[name] + 1),
     ) for name, score in placed.items()}
     # One scale for all policies, so that their figures compare.

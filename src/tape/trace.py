@@ -51,6 +51,7 @@ from tape.trace_formats import (
 __all__ = [
     "MAX_LOAD",
     "STEPS_PER_BLOCK",
+    "check_load",
     "check_loads",
     "describe",
     "load_trace",
@@ -81,6 +82,9 @@ def check_loads(
 ) -> np.ndarray:
     """Validate a trace array and return it as float64 `[steps, L, E]` (no copy if it is one).
 
+    The one rule set for loads wherever they enter TAPE (files, the Python API, serving
+    engines); `check_load` applies it to a single window `[L, E]`.
+
     Args:
         loads: array-like (numpy or torch) `[steps, L, E]` of token counts.
         num_layers, num_experts: the L and E the trace must have (e.g. from the model or the
@@ -93,49 +97,80 @@ def check_loads(
         TraceError: ragged, not three non-empty dimensions, non-numeric, NaN or infinite or
             negative values or values above MAX_LOAD, or L or E other than asked.
     """
+    return _checked(loads, (f"{unit}s", "layers", "experts"), num_layers, num_experts, source)
+
+
+def check_load(
+    weight: Any,
+    *,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+    source: str = "weight",
+) -> np.ndarray:
+    """Validate one window's load `[L, E]` by `check_loads`' rules; float64 (no copy if it is).
+
+    Raises:
+        TraceError: as `check_loads`, for an array `[layers, experts]`.
+    """
+    return _checked(weight, ("layers", "experts"), num_layers, num_experts, source)
+
+
+def _checked(
+    loads: Any, axes: tuple[str, ...], num_layers: int | None, num_experts: int | None,
+    source: str,
+) -> np.ndarray:
+    """`check_loads` and `check_load`: `axes` names the dimensions ("steps", "layers",
+    "experts" or the last two)."""
+    shape_text = f"[{', '.join(axes)}]"
     try:
         array = to_numpy(loads)
     except ValueError:
         raise TraceError(
-            f"{source}: loads must be a rectangular array [{unit}s, layers, experts], got ragged "
-            f"nested sequences"
+            f"{source}: loads must be a rectangular array {shape_text}, got ragged nested "
+            f"sequences"
         ) from None
     if array.dtype.kind not in "iuf":
         raise TraceError(f"{source}: loads must be numbers, got dtype {array.dtype}")
-    if array.ndim != 3 or 0 in array.shape:
+    if array.ndim != len(axes) or 0 in array.shape:
         raise TraceError(
-            f"{source}: loads must have shape [{unit}s, layers, experts], all non-empty, "
-            f"got {array.shape}"
+            f"{source}: loads must have shape {shape_text}, all non-empty, got {array.shape}"
         )
-    array = np.asarray(array, dtype=np.float64)
+    array = np.ascontiguousarray(array, dtype=np.float64)  # no copy when it already is one
+
+    def where(mask: np.ndarray) -> tuple[str, tuple[int, ...]]:
+        index = tuple(int(i) for i in np.argwhere(mask)[0])
+        text = f"load of expert {index[-1]} in layer {index[-2]}"
+        if len(index) == 3:
+            text += f" at {axes[0][:-1]} {index[0]}"
+        return text, index
+
     bad = ~np.isfinite(array)
     if bad.any():
-        step, layer, expert = np.argwhere(bad)[0]
+        text, index = where(bad)
         in_all = counted(int(bad.sum()), "NaN or infinite value")
-        raise TraceError(
-            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
-            f"{array[step, layer, expert]} ({in_all} in all)"
-        )
+        raise TraceError(f"{source}: {text} is {array[index]} ({in_all} in all)")
     if array.min() < 0:
-        step, layer, expert = np.argwhere(array < 0)[0]
+        text, index = where(array < 0)
         raise TraceError(
-            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is negative "
-            f"({array[step, layer, expert]}); loads are non-negative token counts"
+            f"{source}: {text} is negative ({array[index]}); loads are non-negative token counts"
         )
     if array.max() > MAX_LOAD:
-        step, layer, expert = np.argwhere(array > MAX_LOAD)[0]
+        text, index = where(array > MAX_LOAD)
         raise TraceError(
-            f"{source}: load of expert {expert} in layer {layer} at {unit} {step} is "
-            f"{_count_text(array[step, layer, expert])}, more than {MAX_LOAD:.0f} (2**53, the "
-            f"largest token count float64 holds exactly)"
+            f"{source}: {text} is {_count_text(array[index])}, more than {MAX_LOAD:.0f} (2**53, "
+            f"the largest token count float64 holds exactly)"
         )
     for expected, actual, name in (
-        (num_layers, array.shape[1], "layers"),
-        (num_experts, array.shape[2], "experts"),
+        (num_layers, array.shape[-2], "layers"),
+        (num_experts, array.shape[-1], "experts"),
     ):
         if expected is not None and actual != expected:
+            if len(axes) == 3:
+                raise TraceError(
+                    f"{source}: trace has {actual} {name}, expected {expected} ({describe(array)})"
+                )
             raise TraceError(
-                f"{source}: trace has {actual} {name}, expected {expected} ({describe(array)})"
+                f"{source} has {actual} {name}, expected {expected} (shape {array.shape})"
             )
     return array
 

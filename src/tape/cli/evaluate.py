@@ -52,7 +52,7 @@ __all__ = ["METRIC_SECTIONS", "register"]
 # Rows of the metric table, in sections; other keys follow under "other". The combined score
 # of the chosen version (combined_score) comes first in its version's section.
 METRIC_SECTIONS: dict[str, tuple[str, ...]] = {
-    "seed (tape) metrics": (
+    "seed metrics": (
         "balancedness_score", "speed_score", "communication_score",
         "weight_copy_score", "avg_raw_time", "combined_score_v0", "combined_score_v2",
         "combined_score_v3", "combined_score_v4",
@@ -76,7 +76,7 @@ def _metric_table(title: str, score: ProgramScore, version: int | str) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     shown: set[str] = set()
-    home = "realistic model" if version == "realistic" else "seed (tape) metrics"
+    home = "realistic model" if version == "realistic" else "seed metrics"
     for section, names in METRIC_SECTIONS.items():
         if section == home:
             names = ("combined_score", *names)

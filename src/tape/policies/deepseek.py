@@ -20,20 +20,12 @@ two replicas of an expert unless the expert has more replicas than its node has 
 holds more than ceil(replicas / GPUs per node)). Otherwise the packing is the reference's
 greedy (tied replicas taken expert by expert).
 
-GPU balance (mean / max GPU load, over layers) against the reference, measured on random,
-skewed and tied integer loads (`benchmarks/bench_policies.py`, tests): on DeepSeek-V3's shape
-equal to within 0.003 (-0.0001 on average). On small layouts it can be much lower, the price of
-never doubling up: over 2,400 random layouts of 2 to 32 GPUs (4 layers each) 0.004 lower on
-average at most, but up to 0.13 lower with 2 slots per GPU, 0.10 with 3, 0.07 with 4 to 6
-and 0.05 with 9 or more; on a single layer up to 0.23. With 2 slots per GPU, 3 GPUs and replicas 3, 3, 2.5, 2.5,
-0.5, 0.5 (two experts with two replicas each), the reference reaches 5 by putting both 2.5s on
-one GPU, while any split placement needs 5.5; with loads 662, 679 and 18 on 2 GPUs of 2 slots
-it reaches 680 (679's two halves on one GPU), a split placement 1001.5.
+What never doubling up costs in GPU balance against the reference, measured: docs/policies.md.
 
 Where loads tie, `phy2log` may also differ from the reference's when it doubles nothing up:
 tied replicas are taken expert by expert here, while the reference lists every expert's first
 replica before the extra ones and sorts with torch's unstable sort. The tied items then trade
-places, with the same slot loads (and, measured, the same largest GPU load).
+places, with the same slot loads.
 
 `log2phy` lists each expert's slots in replica-rank order, like the reference; as an expert's
 replicas carry equal loads, which slot gets which rank (and so the primary) may differ from the

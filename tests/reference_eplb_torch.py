@@ -5,7 +5,7 @@ layers and items in `balanced_packing` whose every step indexes, compares and ad
 tensors, one `max` over `weight / logcnt` per redundant slot in `replicate_experts`, then
 gathers and scatters. This module does the same operations in the same order (torch tensors
 on the CPU, the same sorts, reductions, gathers and scatters), so timing it times the
-reference. `benchmarks/reference_eplb.py` is the numpy reading of the same algorithm (same
+reference. `tests/reference_eplb.py` is the numpy reading of the same algorithm (same
 results, faster loops); `benchmarks/bench_policies.py` times TAPE's `deepseek` against both.
 
 Not part of the package: nothing in `src/` imports it, and only this file imports torch.
