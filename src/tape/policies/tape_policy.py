@@ -6,15 +6,17 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
    (tape_forecast: a moving average of each window's shares, its smoothing chosen by
    backtesting on the history, down to `smoothing_floor`).
 2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
-   hot expert is worth more (`node_spread`) and a replica that already exists is kept unless
+   hot expert is worth more (`node_spread`, per inter-node token it saves: load / N) and a
+   replica that already exists is kept unless
    another is clearly better (`keep_margin`) (tape_counts).
-3. Place the replicas. Without a previous placement: deal them to GPUs in snake order
-   (tape_packing). With one: keep it, free only the slots whose replicas go, and give each new
-   replica the freed slot that costs least (tape_packing).
+3. Place the replicas. Without a previous placement: pack them by DeepSeek's greedy over
+   node-interleaved GPUs (tape_packing). With one: keep it, free only the slots whose replicas
+   go, and give each new replica the freed slot that costs least (tape_packing).
 4. Improve by swaps between the heaviest and lightest GPUs (tape_search), each swap charged its
-   weight copies (`migration_weight`) and the inter-node tokens it adds (`locality_weight`),
-   for at most `search_rounds` rounds of `pairs_per_round` pairs, leaving alone layers within
-   `tolerance` of perfect balance.
+   weight copies (`migration_weight`, in mean slot loads: the same trade at any slots per
+   GPU) and the inter-node tokens it adds (`locality_weight`), for at most `search_rounds`
+   rounds of `pairs_per_round` pairs, leaving alone layers within `tolerance` of perfect
+   balance and, with a previous placement, adding no copy to a layer past `copy_budget`.
 5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
