@@ -145,7 +145,7 @@ def test_synthetic_trace_errors_name_the_groups_flag():
     result = runner.invoke(app, ["compare", "--synthetic", "--groups", "2", "--policies",
                                  "deepseek"])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: cannot make the synthetic DeepSeek-V3 trace with "
+    assert result.output.startswith("error: cannot make the synthetic deepseek-v3 trace with "
                                     "--groups 2 and --seed 0: topk_groups (4) must be at most "
                                     "--groups (2)")
 
@@ -195,7 +195,7 @@ def test_counts_of_one_are_singular(tmp_path):
                                  "--policies", "deepseek", "--replicas", "4", "--groups", "1",
                                  "--nodes", "1", "--gpus", "1"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert ", 3 windows of 1 step; 1 GPU on 1 node, 4 slots;" in result.stdout
+    assert ", 3 windows of 1 step; deepseek-v3 on h800: 1 GPU on 1 node, 4 slots;" in result.stdout
 
 
 def test_evaluate_dir_writes_one_result_per_program(tmp_path, small_trace, good_program):

@@ -24,8 +24,10 @@ __all__ = [
     "ClusterSpec",
     "ModelSpec",
     "cluster_preset",
+    "cluster_presets",
     "load_config",
     "model_preset",
+    "model_presets",
     "read_mapping_file",
     "syntax_error_line",
 ]
@@ -39,9 +41,9 @@ class ModelSpec:
         name: preset name.
         num_layers: L, MoE layers.
         num_experts: E, routed experts per layer.
-        num_groups: expert groups of consecutive ids.
+        num_groups: expert groups of consecutive ids, None where routing is not group-limited.
         top_k: experts each token is routed to.
-        topk_groups: groups a token's experts may come from.
+        topk_groups: groups a token's experts may come from (None with `num_groups`).
         hidden_size: model width (values per token).
         moe_intermediate_size: an expert's inner width.
         bytes_per_parameter: bytes per expert weight (1 for FP8).
@@ -52,14 +54,20 @@ class ModelSpec:
     name: str
     num_layers: int
     num_experts: int
-    num_groups: int
+    num_groups: int | None
     top_k: int
-    topk_groups: int
+    topk_groups: int | None
     hidden_size: int
     moe_intermediate_size: int
     bytes_per_parameter: float
     dispatch_bytes_per_token: float
     combine_bytes_per_token: float
+
+    @property
+    def layout_groups(self) -> int:
+        """The layout's `num_groups` for this model: its groups, or 1 (one group of all experts)
+        where routing is not group-limited."""
+        return self.num_groups or 1
 
     @property
     def bytes_per_expert(self) -> float:
@@ -95,12 +103,14 @@ class ClusterSpec:
     memory_bandwidth: float
 
 
+_OPTIONAL = {"num_groups", "topk_groups"}
+"""Fields that may be null: a model whose routing is not group-limited has neither."""
+
+
 @lru_cache(maxsize=1)
 def _builtin() -> dict[str, dict[str, dict[str, Any]]]:
     text = resources.files("tape").joinpath("data/presets.yaml").read_text()
     return yaml.safe_load(text)
-
-
 
 
 def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
@@ -116,6 +126,9 @@ def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
     values: dict[str, Any] = {"name": name}
     for key, value in fields.items():
         expected = known[key].type
+        if value is None and key in _OPTIONAL:
+            values[key] = None
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = ""
             if isinstance(value, str) and "e" in value.lower():
@@ -125,12 +138,34 @@ def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
-        if expected == "int":
+        if expected.startswith("int"):
             if value != int(value):
                 raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
             value = int(value)
         values[key] = float(value) if expected == "float" else value
+    if kind is ModelSpec:
+        _check_model_shape(values, where)
     return kind(**values)
+
+
+def _check_model_shape(values: dict[str, Any], where: str) -> None:
+    """ConfigError unless the model's routing fits its experts: groups dividing the experts,
+    both group fields given or both null, topk_groups <= num_groups, top_k within reach."""
+    experts, groups, chosen = values["num_experts"], values["num_groups"], values["topk_groups"]
+    if (groups is None) != (chosen is None):
+        raise ConfigError(f"{where}: num_groups and topk_groups are both numbers (group-limited "
+                          f"routing) or both null (none), got {groups} and {chosen}")
+    if groups is not None:
+        if experts % groups:
+            raise ConfigError(f"{where}: num_groups ({groups}) must divide num_experts "
+                              f"({experts})")
+        if chosen > groups:
+            raise ConfigError(f"{where}: topk_groups ({chosen}) must be at most num_groups "
+                              f"({groups})")
+    reach = experts if groups is None else chosen * (experts // groups)
+    if values["top_k"] > reach:
+        raise ConfigError(f"{where}: top_k ({values['top_k']}) must be at most the {reach} "
+                          "experts a token can reach")
 
 
 def _preset(section: str, kind: type, name: str) -> Any:
@@ -150,6 +185,16 @@ def model_preset(name: str = "deepseek-v3") -> ModelSpec:
 def cluster_preset(name: str = "h800") -> ClusterSpec:
     """The built-in cluster preset `name`."""
     return _preset("clusters", ClusterSpec, name)
+
+
+def model_presets() -> tuple[str, ...]:
+    """Names of the built-in model presets, in the data file's order."""
+    return tuple(_builtin()["models"])
+
+
+def cluster_presets() -> tuple[str, ...]:
+    """Names of the built-in cluster presets, in the data file's order."""
+    return tuple(_builtin()["clusters"])
 
 
 def _override(base: Any, overrides: dict[str, Any], where: str) -> Any:

@@ -1,4 +1,5 @@
-"""A seeded synthetic expert-load trace in DeepSeek-V3's shape, for an offline default and tests.
+"""A seeded synthetic expert-load trace in any model's shape (DeepSeek-V3's by default, any model
+preset's with `model_trace`), for an offline default and tests.
 
 Calibration: the default model (`CALIBRATED`) is calibrated against what public runs of the
 seed's own evaluators measured on the public DeepSeek-V3 trace (abmfy/eplb-openevolve
@@ -36,6 +37,9 @@ constants):
    A prefill step is a few long prompts of one domain, drawn at random: its log-popularity adds
    `burst_skew` times that domain's profile. Prefill steps carry most of a window's tokens, so
    these bursts make the next window's loads partly unpredictable.
+   A model without group-limited routing is drawn as one group of all its experts
+   (num_groups = topk_groups = 1): the group offset is then the same for every expert of a
+   layer, which changes no share, and the routing below is plain top-k over all experts.
 3. Routing (group-limited top-k, as DeepSeek-V3): each token picks `topk_groups` distinct groups,
    a set S with probability proportional to the product of the groups' popularities, then makes
    `top_k` picks among the experts of S, each expert with probability popularity / popularity of
@@ -55,11 +59,15 @@ from dataclasses import dataclass
 from itertools import combinations
 from math import comb, isfinite
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.signal import lfilter
 
 from tape.errors import TraceError, checked_integer
+
+if TYPE_CHECKING:
+    from tape.presets import ModelSpec
 
 __all__ = [
     "CALIBRATED",
@@ -70,6 +78,7 @@ __all__ = [
     "TRACE_MODELS",
     "TraceModel",
     "group_limited_shares",
+    "model_trace",
     "synthetic_trace",
     "trace_model",
 ]
@@ -398,3 +407,42 @@ def synthetic_trace(
         step_shares[burst] = group_limited_shares(burst_popularity, num_groups, topk_groups)
         loads[steps] = _sample_counts(step_shares, tokens[steps], top_k, model.step_noise, rng)
     return loads
+
+
+def model_trace(
+    preset: str | ModelSpec,
+    num_steps: int = 1200,
+    seed: int = 0,
+    model: TraceModel = CALIBRATED,
+    num_groups: int | None = None,
+) -> np.ndarray:
+    """`synthetic_trace` in the shape of a model preset: its MoE layers, experts, groups and
+    routing (top-k, top groups); a model without group-limited routing as one group.
+
+    Args:
+        preset: a model preset's name (`tape.presets.model_presets()`), or a `ModelSpec`.
+        num_steps, seed, model: as `synthetic_trace`.
+        num_groups: expert groups instead of the model's (the CLI's --groups), only for a
+            model with group-limited routing.
+
+    Returns:
+        [steps, L, E] float64 token counts, as `synthetic_trace`.
+
+    Raises:
+        ConfigError: an unknown preset. TraceError: `num_groups` for a model without groups,
+            or as `synthetic_trace`.
+    """
+    from tape.presets import ModelSpec, model_preset
+
+    spec = preset if isinstance(preset, ModelSpec) else model_preset(preset)
+    if spec.num_groups is None:
+        if num_groups is not None and num_groups != 1:
+            raise TraceError(f"{spec.name} routes without expert groups; num_groups applies "
+                             f"only to a model with group-limited routing")
+        groups, topk_groups = 1, 1
+    else:
+        groups = spec.num_groups if num_groups is None else num_groups
+        topk_groups = spec.topk_groups
+    return synthetic_trace(num_steps=num_steps, num_layers=spec.num_layers,
+                           num_experts=spec.num_experts, num_groups=groups, top_k=spec.top_k,
+                           topk_groups=topk_groups, seed=seed, model=model)

@@ -28,7 +28,7 @@ from tape.errors import (
     counted,
 )
 from tape.files import CommitError, holds_files, probe_writable, staged_folder, write_json_atomic
-from tape.layout import Layout
+from tape.layout import Layout, default_replicas
 from tape.policies import PolicyError
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
@@ -59,6 +59,7 @@ __all__ = [
     "error_console",
     "escape",
     "flag_names",
+    "groups_for",
     "handles_errors",
     "load_windows",
     "loading",
@@ -81,8 +82,8 @@ TraceOption = Annotated[
     ),
 ]
 SyntheticOption = Annotated[
-    bool, typer.Option("--synthetic", help="Use the built-in synthetic DeepSeek-V3 trace "
-                       "(the default when no --trace is given).")
+    bool, typer.Option("--synthetic", help="Use the built-in synthetic trace, in the --model's "
+                       "shape (the default when no --trace is given).")
 ]
 IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
 SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
@@ -91,8 +92,14 @@ SyntheticModelOption = Annotated[
                       "(against the public trace's figures) or surges (the previous default: "
                       "unpredictable single-expert surges).")
 ]
-ReplicasOption = Annotated[int, typer.Option("--replicas", help="Physical slots per layer (S).")]
-GroupsOption = Annotated[int, typer.Option("--groups", help="Expert groups.")]
+ReplicasOption = Annotated[
+    int | None, typer.Option("--replicas", help="Physical slots per layer (S); default: one "
+                             "more a GPU than the experts need, G * (ceil(E / G) + 1).")
+]
+GroupsOption = Annotated[
+    int | None, typer.Option("--groups", help="Expert groups; default: the --model's (1 for a "
+                             "model without group-limited routing).")
+]
 NodesOption = Annotated[
     int | None,
     typer.Option("--nodes", help="Nodes (N); default: GPUs / the cluster preset's GPUs per node."),
@@ -138,12 +145,16 @@ OverwriteOption = Annotated[
                        "replacing files of the same names.")
 ]
 ClusterOption = Annotated[
-    str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100 (default: the "
-                             "config file's cluster: preset:, else h800).")
+    str | None, typer.Option("--cluster", help="Cluster preset, its GPUs per node (NVLink "
+                             "domain) and bandwidths: h800, h100, h200, b200 or gb200-nvl72 "
+                             "(default: the config file's cluster: preset:, else h800).")
 ]
 ModelOption = Annotated[
-    str | None, typer.Option("--model", help="Model preset: deepseek-v3 (default: the config "
-                             "file's model: preset:, else deepseek-v3).")
+    str | None, typer.Option("--model", help="Model preset, the shape of the synthetic trace, "
+                             "the layout and the cost model: deepseek-v3, kimi-k2, "
+                             "qwen3-235b-a22b, qwen3-30b-a3b, gpt-oss-120b, gpt-oss-20b, glm-4.5, "
+                             "glm-4.5-air or llama-4-maverick (default: the config file's "
+                             "model: preset:, else deepseek-v3).")
 ]
 DispatchOption = Annotated[
     str, typer.Option("--dispatch", help="Token dispatch of the cost model: locality or uniform.")
@@ -166,6 +177,13 @@ class Setup:
     described: str
     interval: int
     window_steps: tuple[int, ...]
+
+    def setting(self) -> str:
+        """The model, the cluster and the layout in words, for a table's heading."""
+        layout = self.layout
+        return (f"{self.model.name} on {self.cluster.name}: {counted(layout.num_gpus, 'GPU')} "
+                f"on {counted(layout.num_nodes, 'node')}, {counted(layout.num_replicas, 'slot')}; "
+                f"{self.dispatch} dispatch")
 
     def manifest(self) -> dict[str, Any]:
         """The settings of a run, for the manifest beside its results."""
@@ -278,60 +296,99 @@ def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
     return gpus // cluster.gpus_per_node
 
 
+def groups_for(groups: int | None, model: ModelSpec) -> int:
+    """--groups, or else the model's groups (1 without group-limited routing); LayoutError for
+    --groups on a model whose routing has no groups."""
+    if groups is None:
+        return model.layout_groups
+    if model.num_groups is None and groups != 1:
+        raise LayoutError(f"--groups {groups}: the {model.name} model routes without expert "
+                          "groups; leave --groups out (or give the model num_groups and "
+                          "topk_groups in --config)")
+    return groups
+
+
 def prepare(
-    *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int,
-    groups: int, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
+    *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int | None,
+    groups: int | None, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
     dispatch: str, config: Path | None, show_progress: bool = True,
     synthetic_model: str = "calibrated", replay: bool = True, cache: bool = True,
 ) -> Setup:
     """Check the flags, load presets and the trace; raise TapeError naming what is wrong.
-    `replay`: the trace must have the 2 windows a replay needs (else one is enough); `cache`:
-    read a trace file through the trace cache (`tape.trace_cache`)."""
+    The model preset gives the synthetic trace's shape and the default groups; the default
+    slots follow the trace's experts (`default_replicas`). `replay`: the trace must have the 2
+    windows a replay needs (else one is enough)."""
     from tape.dispatch import check_dispatch
 
     check_dispatch(dispatch)
     model_spec, cluster_spec = load_config(config, model=model, cluster=cluster)
     nodes = nodes_for(nodes, gpus, cluster_spec)
-    layout = Layout(num_replicas=replicas, num_groups=groups, num_nodes=nodes, num_gpus=gpus)
+    groups = groups_for(groups, model_spec)
+    # the layout's own checks (G a multiple of N, S of G) before any trace is read
+    layout = Layout(num_replicas=gpus if replicas is None else replicas, num_groups=groups,
+                    num_nodes=nodes, num_gpus=gpus)
     with loading(trace, show_progress):
-        windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
-                                                 synthetic_model, replay, cache)
+        loads, source = _trace_loads(trace, synthetic, seed, model_spec, groups, synthetic_model,
+                                     cache)
+    if replicas is None:
+        layout = Layout(default_replicas(loads.shape[2], gpus), groups, nodes, gpus)
+    windows, described, steps = _windowed(loads, source, interval, layout, replay)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
 def load_windows(
     trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout,
-    synthetic_model: str = "calibrated", replay: bool = True, cache: bool = True,
+    synthetic_model: str = "calibrated", replay: bool = True, model: ModelSpec | None = None,
+    cache: bool = True,
 ) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """Windowed loads [W, L, E] of the chosen trace, a one-line description of it, and the
-    forward steps in each window (the last window may be shorter); at least 2 windows with
-    `replay`."""
-    from tape.protocol import check_windows
-    from tape.trace import describe, load_trace, window_loads
+    """Windowed loads [W, L, E] of the chosen trace (the synthetic one in `model`'s shape,
+    DeepSeek-V3's by default), a one-line description of it, and the forward steps in each
+    window (the last window may be shorter); at least 2 windows with `replay`."""
+    from tape.presets import model_preset
 
-    checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
+    loads, source = _trace_loads(trace, synthetic, seed, model or model_preset(),
+                                 layout.num_groups, synthetic_model, cache)
+    return _windowed(loads, source, interval, layout, replay)
+
+
+def _trace_loads(
+    trace: Path | None, synthetic: bool, seed: int, model: ModelSpec, groups: int,
+    synthetic_model: str, cache: bool = True,
+) -> tuple[np.ndarray, str]:
+    """The trace's loads [steps, L, E] and where they come from, in words."""
+    from tape.trace import load_trace
+
     if trace is not None and synthetic:
         raise TraceError("give either --trace PATH or --synthetic, not both")
     if trace is not None and synthetic_model != "calibrated":
         raise TraceError("--synthetic-model applies to the synthetic trace, not to --trace")
     if trace is not None and seed != 0:  # runs with --seed 1, 2, ... would all be the same
         raise TraceError("--seed applies to the synthetic trace, not to --trace")
-    if trace is None:
-        from tape.synthetic import synthetic_trace, trace_model
+    if trace is not None:
+        return load_trace(trace, cache=cache), str(trace)
+    from tape.synthetic import model_trace, trace_model
 
-        if seed > MAX_INTEGER:
-            raise TraceError(f"--seed must be at most {MAX_INTEGER}, got {seed}")
-        chosen = trace_model(synthetic_model)
-        try:
-            loads = synthetic_trace(num_groups=layout.num_groups, seed=seed, model=chosen)
-        except TraceError as error:
-            raise TraceError(f"cannot make the synthetic DeepSeek-V3 trace with --groups "
-                             f"{layout.num_groups} and --seed {seed}: "
-                             f"{flag_names(str(error))}") from None
-        source = f"synthetic DeepSeek-V3 trace ({synthetic_model} model, seed {seed})"
-    else:
-        loads = load_trace(trace, cache=cache)
-        source = str(trace)
+    if seed > MAX_INTEGER:
+        raise TraceError(f"--seed must be at most {MAX_INTEGER}, got {seed}")
+    chosen = trace_model(synthetic_model)
+    try:
+        loads = model_trace(model, seed=seed, model=chosen,
+                            num_groups=None if model.num_groups is None else groups)
+    except TraceError as error:
+        raise TraceError(f"cannot make the synthetic {model.name} trace with --groups "
+                         f"{groups} and --seed {seed}: {flag_names(str(error))}") from None
+    return loads, f"synthetic {model.name} trace ({synthetic_model} model, seed {seed})"
+
+
+def _windowed(
+    loads: np.ndarray, source: str, interval: int, layout: Layout, replay: bool
+) -> tuple[np.ndarray, str, tuple[int, ...]]:
+    """`loads` cut into windows of `interval` steps and checked against `layout`, with the
+    description and the steps of each window (`load_windows`)."""
+    from tape.protocol import check_windows
+    from tape.trace import describe, window_loads
+
+    checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
     windows = check_windows(window_loads(loads, interval), layout, replay=replay)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
@@ -342,7 +399,7 @@ def load_windows(
 
 def loading(trace: Path | None, enabled: bool = True) -> Any:
     """A spinner on stderr (terminal only) while a trace is read or the synthetic one made:
-    seconds for the synthetic DeepSeek-V3 trace, minutes for a large expert-load.json."""
+    seconds for a synthetic trace, minutes for a large expert-load.json."""
     if not enabled or not error_console.is_terminal:
         return nullcontext()
     what = f"reading {escape(str(trace))}" if trace is not None else "making the synthetic trace"

@@ -44,7 +44,7 @@ from tape.cli.common import (
     progress_bar,
 )
 from tape.cli.formatting import format_value
-from tape.errors import ProgramError, counted
+from tape.errors import ProgramError
 from tape.files import to_json_text
 from tape.policies import PolicyError, parse_policy_spec, policy_names
 from tape.protocol import parse_version, score_program
@@ -187,8 +187,8 @@ def register(app: typer.Typer) -> None:
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
         synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = 288,
-        groups: GroupsOption = 8,
+        replicas: ReplicasOption = None,
+        groups: GroupsOption = None,
         nodes: NodesOption = None,
         gpus: GpusOption = 32,
         cluster: ClusterOption = None,
@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare placement policies under the protocol, side by side.
 
-        Without options: every built-in policy on the built-in synthetic DeepSeek-V3 trace.
+        Without options: every built-in policy on the built-in synthetic trace of the --model.
         """
         names = _parse_policies(policies)
         labels = _program_labels(programs or [], names)
@@ -254,11 +254,9 @@ def register(app: typer.Typer) -> None:
             if failed:
                 raise typer.Exit(1)
             return
-        layout = setup.layout
-        console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
-                      f"{counted(layout.num_nodes, 'node')}, {counted(layout.num_replicas, 'slot')}; "
-                      f"{dispatch} dispatch on {setup.cluster.name}[/]", highlight=False)
-        console.print(_table(summary, version_value))
+        console.print(f"[dim]{escape(setup.described)}; {escape(setup.setting())}[/]",
+                      highlight=False)
+        console.print(_table(summary, version_value, f"{setup.model.name} on {setup.cluster.name}"))
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False,
                           soft_wrap=True)  # a long path stays on one line, to copy
@@ -266,10 +264,12 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
 
 
-def _table(summary: dict[str, dict], version: int | str) -> Table:
+def _table(summary: dict[str, dict], version: int | str, setting: str = "deepseek-v3 on h800"
+           ) -> Table:
     """Metrics down, policies across (the table stays narrow however many metrics); first the
-    combined score of the chosen `version`, in bold."""
-    table = Table(title="policies under the protocol (means over window pairs)",
+    combined score of the chosen `version`, in bold; the title names the model and cluster
+    (`setting`)."""
+    table = Table(title=f"{setting}: policies under the protocol (means over window pairs)",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
     # Labels fit at 80 columns (they would wrap in a narrower terminal); numbers are never cut;
     # a header breaks after each '-' and ':' of its policy ("tape:fast" over two lines).

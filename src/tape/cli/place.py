@@ -43,7 +43,7 @@ from tape.cli.common import (
 )
 from tape.cli.formatting import format_value
 from tape.costmodel import migration_metrics
-from tape.errors import ConfigError, PlacementError, counted
+from tape.errors import ConfigError, PlacementError
 from tape.files import atomic_output, to_json_text
 from tape.placement import Placement
 from tape.policies import parse_policy_spec
@@ -194,8 +194,8 @@ def register(app: typer.Typer) -> None:
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
         synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = 288,
-        groups: GroupsOption = 8,
+        replicas: ReplicasOption = None,
+        groups: GroupsOption = None,
         nodes: NodesOption = None,
         gpus: GpusOption = 32,
         cluster: ClusterOption = None,
@@ -246,12 +246,9 @@ def register(app: typer.Typer) -> None:
                 "output": None if output is None else str(output), "placements": columns,
             }))
             return
-        layout = setup.layout
-        console.print(f"[dim]{escape(setup.described)}; {counted(layout.num_gpus, 'GPU')} on "
-                      f"{counted(layout.num_nodes, 'node')}, "
-                      f"{counted(layout.num_replicas, 'slot')}; {setup.dispatch} dispatch on "
-                      f"{setup.cluster.name}[/]", highlight=False)
-        console.print(_table(columns))
+        console.print(f"[dim]{escape(setup.described)}; {escape(setup.setting())}[/]",
+                      highlight=False)
+        console.print(_table(columns, f"{setup.model.name} on {setup.cluster.name}"))
         if output is not None:
             console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
 
@@ -267,8 +264,8 @@ def _write_placement(path: Path, placement: Placement, dense_layers: int = 0) ->
         temporary.write_text(f'{{\n  "{MAP_KEY}": [\n{rows}\n  ]\n}}\n')
 
 
-def _table(columns: dict[str, dict[str, float]]) -> Table:
-    table = Table(title="on the newest window (the one placed for)",
+def _table(columns: dict[str, dict[str, float]], setting: str) -> Table:
+    table = Table(title=f"{setting}, on the newest window (the one placed for)",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
     table.add_column("metric", min_width=12)
     for name in columns:

@@ -4,8 +4,8 @@ Every expert gets one replica. Each of the S - E spare slots then goes, one at a
 replica with the highest value, the j-th replica (j >= 2) of expert e being worth
 
     load[e] / (j - 1)                       the per-replica load it splits (DeepSeek EPLB's greedy)
-  + node_spread * load[e] * [j <= N]        it can sit in one more node (locality dispatch keeps
-                                            that node's tokens inside it)
+  + node_spread * load[e] / N * [j <= N]    it can sit in one more node: locality dispatch then
+                                            keeps that node's tokens, load[e] / N, inside it
   + keep_margin * mean GPU load * [j <= previous count]
                                             it already exists (moving it costs a weight copy).
 
@@ -54,7 +54,8 @@ def replica_counts(
     Args:
         load: [L, E] float64, forecast tokens per expert.
         layout: the cluster (S slots, G GPUs, N nodes); E <= S <= E * G.
-        node_spread: weight of a replica that adds a node, relative to the load it splits.
+        node_spread: worth of each inter-node token a replica saves by adding a node (load / N
+            of them), relative to the load it splits.
         keep_margin: bonus of an existing replica, as a fraction of the layer's mean GPU load.
         previous_counts: [L, E] int64, the replica counts in force, or None.
 
@@ -73,7 +74,8 @@ def replica_counts(
 
     # The second replica is each expert's most valuable: an expert outside the `spare` best
     # second replicas gets no spare slot, so only those `spare` experts are candidates.
-    second = load * (1.0 + node_spread * (nodes >= 2))
+    spread = node_spread / nodes if nodes >= 2 else 0.0  # per token of load, for j <= N
+    second = load * (1.0 + spread)
     if keep:
         second += np.where(previous_counts >= 2, keep_bonus[:, None], 0.0)
     candidates = min(spare, num_experts)
@@ -89,7 +91,7 @@ def replica_counts(
         by_count = int(previous_counts.max()) if keep else 1
         widest = min(limit, max(nodes, by_count, by_load))
     replica = np.arange(2, widest + 1)  # [J]: the j of each column
-    worth = 1.0 / (replica - 1) + node_spread * (replica <= nodes)  # [J] per token of load
+    worth = 1.0 / (replica - 1) + spread * (replica <= nodes)  # [J] per token of load
     # Rows: the C = `candidates` chosen experts of every layer; columns: replicas 2..J + 1.
     value = chosen_load.reshape(-1, 1) * worth  # [L * C, J]
     if keep:

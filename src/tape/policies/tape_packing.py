@@ -4,6 +4,10 @@
   of G, each round dealt in about the opposite direction of the one before (a "snake", which
   pairs heavy replicas with light ones), over GPUs ordered so that neighbours sit in different
   nodes (an expert's replicas, dealt one after another, land in different nodes).
+- `packed_placement` packs replicas from scratch by DeepSeek's greedy (each replica, heaviest
+  first, to the lightest GPU with room that holds fewest replicas of its expert), over the
+  same node-interleaved GPU order: a finer balance than the snake's fixed rounds when the
+  replicas' loads are uneven.
 - `reassign_replicas` changes a placement's replica counts with as few changed slots as possible:
   only the replicas that must go are freed, and each new replica takes the freed slot that
   costs the objective least (tape_state module doc): the lightest GPU, preferring one that held
@@ -22,11 +26,13 @@ from __future__ import annotations
 import numpy as np
 
 from tape.layout import Layout
+from tape.policies.packing import balanced_packing, expert_major_replicas, take_rows
 from tape.policies.tape_state import SlotState
 
 __all__ = [
     "dealt_placement",
     "keep_previous_slots",
+    "packed_placement",
     "reassign_replicas",
     "repair_duplicates",
     "second_replicas",
@@ -72,6 +78,29 @@ def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.
     orders = _dealing_orders(layout, int(counts.max()) - 1)
     experts = np.empty((num_layers, num_gpus, per_gpu), dtype=np.int64)
     experts[:, orders, np.arange(per_gpu)[:, None]] = dealt
+    return experts
+
+
+def packed_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.ndarray:
+    """A first placement by DeepSeek's packing greedy (module doc, `packing.balanced_packing`).
+
+    Args:
+        load: [L, E] float64 forecast tokens per expert.
+        counts: [L, E] int64 replicas per expert, in [1, G], each layer summing to S.
+        layout: the cluster.
+
+    Returns:
+        experts: [L, G, k] int64; GPU g is the g-th of the node-interleaved order (consecutive
+        packs, which the greedy fills with an expert's consecutive replicas, sit in different
+        nodes). A GPU may hold two replicas of an expert only where packing left no choice
+        (`repair_duplicates` fixes it).
+    """
+    num_layers = load.shape[0]
+    replica_load, replica_expert, _ = expert_major_replicas(load, counts)
+    item_at = balanced_packing(replica_load, layout.num_gpus, replica_expert)
+    packed = take_rows(replica_expert, item_at).reshape(num_layers, layout.num_gpus, -1)
+    experts = np.empty_like(packed)
+    experts[:, _dealing_orders(layout, 0)[0]] = packed
     return experts
 
 

@@ -6,15 +6,17 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
    (tape_forecast: a moving average of each window's shares, its smoothing chosen by
    backtesting on the history, down to `smoothing_floor`).
 2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
-   hot expert is worth more (`node_spread`) and a replica that already exists is kept unless
+   hot expert is worth more (`node_spread`, per inter-node token it saves: load / N) and a
+   replica that already exists is kept unless
    another is clearly better (`keep_margin`) (tape_counts).
-3. Place the replicas. Without a previous placement: deal them to GPUs in snake order
-   (tape_packing). With one: keep it, free only the slots whose replicas go, and give each new
-   replica the freed slot that costs least (tape_packing).
+3. Place the replicas. Without a previous placement: pack them by DeepSeek's greedy over
+   node-interleaved GPUs (tape_packing). With one: keep it, free only the slots whose replicas
+   go, and give each new replica the freed slot that costs least (tape_packing).
 4. Improve by swaps between the heaviest and lightest GPUs (tape_search), each swap charged its
-   weight copies (`migration_weight`) and the inter-node tokens it adds (`locality_weight`),
-   for at most `search_rounds` rounds of `pairs_per_round` pairs, leaving alone layers within
-   `tolerance` of perfect balance.
+   weight copies (`migration_weight`, in mean slot loads: the same trade at any slots per
+   GPU) and the inter-node tokens it adds (`locality_weight`), for at most `search_rounds`
+   rounds of `pairs_per_round` pairs, leaving alone layers within `tolerance` of perfect
+   balance and, with a previous placement, adding no copy to a layer past `copy_budget`.
 5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
@@ -43,8 +45,8 @@ from tape.policies import PolicyError, register
 from tape.policies.tape_counts import replica_counts
 from tape.policies.tape_forecast import MEMORY, forecast_load
 from tape.policies.tape_packing import (
-    dealt_placement,
     keep_previous_slots,
+    packed_placement,
     reassign_replicas,
     repair_duplicates,
     second_replicas,
@@ -56,13 +58,17 @@ __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
 
 PARAMETER_HELP: dict[str, str] = {
     "smoothing_floor": "least weight the forecast may give the newest window (1: newest only)",
-    "node_spread": "extra worth of a replica that puts a hot expert in one more node",
+    "node_spread": "worth of an inter-node token a replica saves by putting its expert in one "
+                   "more node (load / N tokens)",
     "keep_margin": "bonus of an existing replica when counting replicas, x mean GPU load",
-    "migration_weight": "charge per moved expert (one expert's weights), x mean GPU load",
+    "migration_weight": "charge per moved expert (one expert's weights), x mean slot load "
+                        "(mean GPU load / slots per GPU)",
     "locality_weight": "charge per inter-node token, relative to the layer's total tokens",
     "tolerance": "a layer within (1 + tolerance) x mean GPU load is left as it is",
     "search_rounds": "most rounds of swaps",
     "pairs_per_round": "heavy/light GPU pairs tried per round (at most G / 2 are used)",
+    "copy_budget": "most weight copies the swaps may leave in a layer, as a fraction of its "
+                   "slots (1: no budget)",
     "keep_balancedness": "a layer the placement in force balances at least this well (forecast "
                          "GPU balancedness) is not replanned (1: replan every layer)",
 }
@@ -70,13 +76,14 @@ PARAMETER_HELP: dict[str, str] = {
 
 SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "smoothing_floor": (0.1, 1.0, "float"),
-    "node_spread": (0.0, 3.0, "float"),
+    "node_spread": (0.0, 12.0, "float"),
     "keep_margin": (0.0, 0.3, "float"),
-    "migration_weight": (0.002, 0.2, "log"),
+    "migration_weight": (0.018, 1.8, "log"),
     "locality_weight": (0.0, 200.0, "float"),
     "tolerance": (0.0, 0.1, "float"),
     "search_rounds": (0, 48, "int"),
     "pairs_per_round": (1, 8, "int"),
+    "copy_budget": (0.02, 1.0, "float"),
     "keep_balancedness": (0.3, 1.0, "float"),
 }
 """Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
@@ -91,39 +98,43 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.0,
         "search_rounds": 32,
         "pairs_per_round": 4,
+        "copy_budget": 1.0,
         "keep_balancedness": 1.0,
     },
     "balance-migration": {
         "smoothing_floor": 0.3,
         "node_spread": 0.0,
         "keep_margin": 0.08,
-        "migration_weight": 0.03,
+        "migration_weight": 0.27,
         "locality_weight": 0.0,
         "tolerance": 0.03,
         "search_rounds": 8,
         "pairs_per_round": 4,
+        "copy_budget": 1.0,
         "keep_balancedness": 1.0,
     },
     "all": {
         "smoothing_floor": 0.3,
-        "node_spread": 0.3,
+        "node_spread": 1.2,
         "keep_margin": 0.03,
-        "migration_weight": 0.035,
+        "migration_weight": 0.1,
         "locality_weight": 150.0,
         "tolerance": 0.0,
         "search_rounds": 3,
         "pairs_per_round": 4,
+        "copy_budget": 0.08,
         "keep_balancedness": 1.0,
     },
     "fast": {
         "smoothing_floor": 1.0,
         "node_spread": 0.0,
         "keep_margin": 0.1,
-        "migration_weight": 0.04,
+        "migration_weight": 0.36,
         "locality_weight": 0.0,
         "tolerance": 0.0,
         "search_rounds": 1,
         "pairs_per_round": 8,
+        "copy_budget": 1.0,
         "keep_balancedness": 1.0,
     },
 }
@@ -133,7 +144,8 @@ of swaps)."""
 
 _INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
 # Charges and rounds far beyond any useful value would overflow the costs' arithmetic.
-_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0, "node_spread": 1e6,
+_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0, "copy_budget": 1.0,
+                 "node_spread": 1e6,
                  "keep_margin": 1e6, "migration_weight": 1e6, "locality_weight": 1e6,
                  "tolerance": 1e6, "search_rounds": 10**6, "pairs_per_round": 10**6}
 _LOWER_BOUNDS = {"pairs_per_round": 1}
@@ -223,6 +235,7 @@ def _search(state: SlotState, settings: dict[str, float | int], migration_weight
         migration_weight=migration_weight,
         locality_weight=settings["locality_weight"],
         tolerance=settings["tolerance"],
+        copy_budget=settings["copy_budget"] if settings["copy_budget"] < 1.0 else None,
     )
 
 
@@ -231,7 +244,7 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
     counts = replica_counts(
         load, layout, node_spread=settings["node_spread"], keep_margin=0.0, previous_counts=None
     )
-    state = SlotState.build(load, dealt_placement(load, counts, layout), layout)
+    state = SlotState.build(load, packed_placement(load, counts, layout), layout)
     if state.duplicates:
         repair_duplicates(state, np.flatnonzero(second_replicas(state.experts)))
     _search(state, settings, 0.0)
@@ -242,6 +255,9 @@ def _incremental_plan(
     load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
 ) -> np.ndarray:
     """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-5)."""
+    # A swap or a refill trades slots, so the balance it buys is in slot loads: a weight copy
+    # is charged in mean slot loads (M / k), the same trade whatever the slots per GPU.
+    copy_charge = settings["migration_weight"] / layout.slots_per_gpu  # x mean GPU load M
     state = SlotState.build(load, previous.copy(), layout, in_force=True)
     counts = replica_counts(
         load,
@@ -253,10 +269,10 @@ def _incremental_plan(
     reassign_replicas(
         state,
         counts,
-        migration_weight=settings["migration_weight"],
+        migration_weight=copy_charge,
         locality_weight=settings["locality_weight"],
     )
-    _search(state, settings, settings["migration_weight"])
+    _search(state, settings, copy_charge)
     return keep_previous_slots(state.experts, previous, state.held_before)
 
 

@@ -42,6 +42,7 @@ def balance_by_swaps(
     migration_weight: float,
     locality_weight: float,
     tolerance: float,
+    copy_budget: float | None = None,
 ) -> None:
     """Improve `state` in place by rounds of swaps (module doc).
 
@@ -52,6 +53,9 @@ def balance_by_swaps(
         migration_weight: charge per weight copy, in units of the layer's mean GPU load.
         locality_weight: charge per inter-node token, relative to the layer's total load.
         tolerance: a layer whose heaviest GPU is at most (1 + tolerance) * mean is left alone.
+        copy_budget: with a previous placement, the most weight copies a layer may have (slots
+            whose GPU did not hold their expert before), as a fraction of its slots: a layer at
+            the budget makes no swap that adds a copy. None: no budget.
     """
     layout = state.layout
     num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
@@ -72,6 +76,20 @@ def balance_by_swaps(
     load_flat = state.load.reshape(-1)
     held = state.held.reshape(-1)
     active = state.gpu_load.max(axis=1) > limit
+    budgeted = copy_budget is not None and state.held_before is not None
+    if budgeted:
+        held_before = state.held_before.reshape(-1)
+        room = (copy_budget * layout.num_replicas
+                - (~held_before[state.slot_held + experts_flat]).reshape(
+                    -1, layout.num_replicas).sum(axis=1))  # [L] copies a layer may still add
+
+        def copies_of(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+            """Copies the swaps of flat slots `first` and `second` add (negative: remove)."""
+            one, two = experts_flat[first], experts_flat[second]
+            at_one, at_two = state.slot_held[first], state.slot_held[second]
+            before = (~held_before[at_one + one]).astype(np.int64) + ~held_before[at_two + two]
+            after = (~held_before[at_two + one]).astype(np.int64) + ~held_before[at_one + two]
+            return after - before
     for _ in range(rounds):
         layers = np.flatnonzero(active)
         if not len(layers):
@@ -118,10 +136,31 @@ def balance_by_swaps(
         best = score.argmin(axis=0)  # [P]
         gain = half_gap - score[best, np.arange(len(best))]
         useful = (gain > 1e-12 * mean[pair_layer]) & (pair_load[0] > limit[pair_layer])
+        if budgeted:
+            # The copies the best swap adds: each expert that moves onto a GPU that did not
+            # hold it before, less each that returns to one.
+            heavy_slot, light_slot = np.divmod(best, per_gpu)
+            pick = np.arange(len(best))
+            moved = (copies_of(slots[0, heavy_slot, pick], slots[1, light_slot, pick]))
+            spend = np.zeros(len(best))
+            # pairs of one layer spend its room in turn (heaviest pair first)
+            order = np.argsort(pair_layer, kind="stable")
+            spend[order] = _running_sum_by(pair_layer[order], moved[order])
+            useful &= (moved <= 0) | (spend <= room[pair_layer])
         active[layers[~useful.reshape(count, pairs).any(axis=1)]] = False
         chosen = np.flatnonzero(useful)
         if not len(chosen):
             break
         heavy_slot, light_slot = np.divmod(best[chosen], per_gpu)
+        if budgeted:
+            np.add.at(room, pair_layer[chosen], -moved[chosen])
         state.swap(pair_gpu[0, chosen] * per_gpu + heavy_slot,
                    pair_gpu[1, chosen] * per_gpu + light_slot)
+
+
+def _running_sum_by(groups: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Running sum of `values` within each run of equal, sorted `groups`."""
+    total = np.cumsum(values)
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    offsets = np.repeat(total[starts] - values[starts], np.diff(np.r_[starts, len(groups)]))
+    return total - offsets
