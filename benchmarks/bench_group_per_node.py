@@ -21,7 +21,7 @@ import argparse
 
 import numpy as np
 
-import tape.policies.tape_policy  # noqa: F401  (registers "tape")
+import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape.layout import Layout
 from tape.metrics import gpu_balancedness
 from tape.placement import PlacedWindow, Placement

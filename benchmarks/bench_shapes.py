@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-import tape.policies.tape_policy  # noqa: F401  (registers "tape")
+import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape.layout import Layout
 from tape.presets import cluster_preset, model_preset
 from tape.protocol import score_policy

@@ -48,14 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
-import tape.policies.tape_policy  # registers "tape"
+import tape.policies.tape  # registers "tape"
 from tape.dispatch import fewest_ib_tokens
 from tape.layout import Layout
 from tape.placement import Placement
-from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_packing import reassign_replicas
-from tape.policies.tape_search import balance_by_swaps
-from tape.policies.tape_state import SlotState
+from tape.policies.tape.counts import replica_counts
+from tape.policies.tape.packing import reassign_replicas
+from tape.policies.tape.search import balance_by_swaps
+from tape.policies.tape.state import SlotState
 from tape.protocol import replay, score_policy, score_replay
 from tape.synthetic import CALIBRATED, SURGES, TraceModel, synthetic_trace
 from tape.trace import window_loads
@@ -116,7 +116,7 @@ def incremental_source(layout: Layout):
 
     def plan(weight, previous):
         if previous is None:
-            return tape.policies.tape_policy.tape_policy(weight, layout, preset="balance")
+            return tape.policies.tape.tape_policy(weight, layout, preset="balance")
         num_layers = weight.shape[0]
         experts = previous.phy2log.reshape(num_layers, layout.num_gpus, -1).copy()
         state = SlotState.build(weight, experts, layout, in_force=True)

@@ -5,20 +5,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tape.policies.tape_policy  # noqa: F401  (registers "tape")
+import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
-from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_forecast import CANDIDATES, forecast_load, smoothing_coefficients
-from tape.policies.tape_packing import (
+from tape.policies.tape import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
+from tape.policies.tape.counts import replica_counts
+from tape.policies.tape.forecast import CANDIDATES, forecast_load, smoothing_coefficients
+from tape.policies.tape.packing import (
     dealt_placement,
     keep_previous_slots,
     reassign_replicas,
     repair_duplicates,
 )
-from tape.policies.tape_policy import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
-from tape.policies.tape_search import balance_by_swaps
-from tape.policies.tape_state import SlotState
+from tape.policies.tape.search import balance_by_swaps
+from tape.policies.tape.state import SlotState
 
 LAYOUT = Layout(num_replicas=40, num_groups=4, num_nodes=2, num_gpus=8)  # k = 5, E = 32
 

@@ -5,11 +5,11 @@ budget of the swaps."""
 import numpy as np
 import pytest
 
-import tape.policies.tape_policy  # noqa: F401  (registers "tape")
+import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout
-from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_packing import dealt_placement, packed_placement
-from tape.policies.tape_policy import tape_policy
+from tape.policies.tape import tape_policy
+from tape.policies.tape.counts import replica_counts
+from tape.policies.tape.packing import dealt_placement, packed_placement
 
 
 def plain_counts_with_node_bonus(load, slots, nodes, node_spread):

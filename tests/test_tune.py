@@ -22,7 +22,7 @@ from tape.placement import Placement
 SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
 # 1000 steps: the held-out quarter covers two window pairs, not one.
 LONGER = EvaluationSettings(version=2, **{**SMALL_SYNTHETIC, "synthetic_steps": 1000})
-HAS_TAPE_POLICY = importlib.util.find_spec("tape.policies.tape_policy") is not None
+HAS_TAPE_POLICY = importlib.util.find_spec("tape.policies.tape") is not None
 
 
 def spare_to_hot(weight, layout, *, previous=None, history=None, hot_share=0.0):

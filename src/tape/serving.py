@@ -30,7 +30,7 @@ from tape.arrays import like_input, to_numpy
 from tape.errors import TraceError, checked_integer
 from tape.layout import Layout
 from tape.policies import PolicyError, get_policy
-from tape.policies.tape_forecast import MEMORY
+from tape.policies.tape.forecast import MEMORY
 
 __all__ = ["SHAPES_KEPT", "Rebalancer"]
 

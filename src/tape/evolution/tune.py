@@ -136,10 +136,9 @@ def _clipped(preset: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
 
 
 def _tape_policy_space() -> tuple[SearchSpace, dict[str, dict[str, Any]]]:
-    from tape.policies import get_policy, tape_policy
+    from tape.policies.tape import PRESETS, SEARCH_SPACE
 
-    get_policy("tape")  # registers the built-in policies
-    return dict(tape_policy.SEARCH_SPACE), dict(tape_policy.PRESETS)
+    return dict(SEARCH_SPACE), dict(PRESETS)
 
 
 def tune(

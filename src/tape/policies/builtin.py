@@ -5,7 +5,7 @@ from tape.policies import (  # noqa: F401
     deepseek,
     min_moves,
     replicate_hot,
-    tape_policy,
+    tape,
     vanilla,
 )
 

@@ -3,7 +3,7 @@
 Each round sorts every layer's GPUs by forecast load and pairs the heaviest with the lightest,
 the second heaviest with the second lightest, and so on for `pairs` pairs. For each pair it
 tries every swap of one slot of the heavy GPU with one slot of the light GPU and keeps the swap
-that lowers the objective most (tape_state module doc), counting for that swap:
+that lowers the objective most (`state` module doc), counting for that swap:
 
 - balance: the change of the pair's larger load (it must fall below the heavy GPU's load);
 - migration: the change in weight copies (a slot whose GPU did not hold its expert before);
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tape.policies.tape_state import SlotState
+from tape.policies.tape.state import SlotState
 
 __all__ = ["balance_by_swaps"]
 

@@ -10,7 +10,7 @@
   replicas' loads are uneven.
 - `reassign_replicas` changes a placement's replica counts with as few changed slots as possible:
   only the replicas that must go are freed, and each new replica takes the freed slot that
-  costs the objective least (tape_state module doc): the lightest GPU, preferring one that held
+  costs the objective least (`state` module doc): the lightest GPU, preferring one that held
   the expert before (no weight copy) and a node without the expert (fewer inter-node tokens).
 - `keep_previous_slots` orders each GPU's slots so that an expert the GPU held before stays in
   its old slot (the slot does not change at all) and new experts take the slots that left.
@@ -18,7 +18,7 @@
   previous placement may hold such GPUs (DeepSeek's reference makes them), and refilling may
   be left no other choice in rare corner cases.
 
-Arrays are addressed by flat indices (tape_state module doc).
+Arrays are addressed by flat indices (`state` module doc).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from tape.layout import Layout
 from tape.policies.packing import balanced_packing, expert_major_replicas, take_rows
-from tape.policies.tape_state import SlotState
+from tape.policies.tape.state import SlotState
 
 __all__ = [
     "dealt_placement",

@@ -1,23 +1,23 @@
-"""`tape`: TAPE's own placement policy, balance-, migration- and locality-aware.
+"""The `tape` policy's registered function, its parameters and presets.
 
 One call, batched over layers (docs/tape-policy.md tells the whole story):
 
 1. Forecast the next window's loads from the window to balance and the earlier ones
-   (tape_forecast: a moving average of each window's shares, its smoothing chosen by
+   (`forecast`: a moving average of each window's shares, its smoothing chosen by
    backtesting on the history, down to `smoothing_floor`).
 2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
    hot expert is worth more (`node_spread`, per inter-node token it saves: load / N) and a
    replica that already exists is kept unless
-   another is clearly better (`keep_margin`) (tape_counts).
+   another is clearly better (`keep_margin`) (`counts`).
 3. Place the replicas. Without a previous placement: pack them by DeepSeek's greedy over
-   node-interleaved GPUs (tape_packing). With one: keep it, free only the slots whose replicas
-   go, and give each new replica the freed slot that costs least (tape_packing).
-4. Improve by swaps between the heaviest and lightest GPUs (tape_search), each swap charged its
+   node-interleaved GPUs (`packing`). With one: keep it, free only the slots whose replicas
+   go, and give each new replica the freed slot that costs least (`packing`).
+4. Improve by swaps between the heaviest and lightest GPUs (`search`), each swap charged its
    weight copies (`migration_weight`, in mean slot loads: the same trade at any slots per
    GPU) and the inter-node tokens it adds (`locality_weight`), for at most `search_rounds`
    rounds of `pairs_per_round` pairs, leaving alone layers within `tolerance` of perfect
    balance and, with a previous placement, adding no copy to a layer past `copy_budget`.
-5. Keep every expert that stays on its GPU in its old slot (tape_packing). Starting from the
+5. Keep every expert that stays on its GPU in its old slot (`packing`). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
 With `keep_balancedness` below 1, a layer whose placement in force already balances the
@@ -42,17 +42,17 @@ from tape.errors import PlacementError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
-from tape.policies.tape_counts import replica_counts
-from tape.policies.tape_forecast import MEMORY, forecast_load
-from tape.policies.tape_packing import (
+from tape.policies.tape.counts import replica_counts
+from tape.policies.tape.forecast import MEMORY, forecast_load
+from tape.policies.tape.packing import (
     keep_previous_slots,
     packed_placement,
     reassign_replicas,
     repair_duplicates,
     second_replicas,
 )
-from tape.policies.tape_search import balance_by_swaps
-from tape.policies.tape_state import SlotState
+from tape.policies.tape.search import balance_by_swaps
+from tape.policies.tape.state import SlotState
 
 __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
 
@@ -254,7 +254,7 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
 def _incremental_plan(
     load: np.ndarray, previous: np.ndarray, layout: Layout, settings: dict[str, float | int]
 ) -> np.ndarray:
-    """[L, G, k] plan that starts from `previous` (tape_policy module doc, steps 2-5)."""
+    """[L, G, k] plan that starts from `previous` (module doc, steps 2-5)."""
     # A swap or a refill trades slots, so the balance it buys is in slot loads: a weight copy
     # is charged in mean slot loads (M / k), the same trade whatever the slots per GPU.
     copy_charge = settings["migration_weight"] / layout.slots_per_gpu  # x mean GPU load M
@@ -293,7 +293,7 @@ def tape_policy(
         layout: the cluster; needs E <= S and k = S / G <= E.
         previous: the placement in force, or None (then the plan starts from scratch).
         history: [W, L, E] tokens of the earlier windows, oldest first, or None. The forecast
-            reads (and checks) the last 15 (`tape_forecast.MEMORY` - 1), none when
+            reads (and checks) the last 15 (`forecast.MEMORY` - 1), none when
             `smoothing_floor` is 1.
         preset: "balance", "balance-migration", "all" or "fast" (PRESETS).
         **params: overrides of the preset's parameters (PARAMETER_HELP, SEARCH_SPACE).
