@@ -37,8 +37,6 @@ Glossary:
 
 from __future__ import annotations
 
-import importlib.metadata
-
 from tape.api import place, rebalance_experts
 from tape.errors import (
     ConfigError,
@@ -52,11 +50,19 @@ from tape.layout import Layout
 from tape.placement import Placement
 from tape.serving import Rebalancer
 
-try:
-    __version__ = importlib.metadata.version("tape-moe")
-    """The installed distribution's version (pyproject.toml's, the one source)."""
-except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> str:
+    """`tape.__version__`: the installed distribution's version (pyproject.toml's, the one
+    source), read when first asked for (importlib.metadata takes tens of ms to import)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'tape' has no attribute {name!r}")
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("tape-moe")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
 
 __all__ = [
     "ConfigError",
