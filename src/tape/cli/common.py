@@ -32,12 +32,14 @@ from tape.policies import PolicyError
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
 __all__ = [
+    "BudgetOption",
     "ClusterOption",
     "ConfigOption",
     "DispatchOption",
     "GpusOption",
     "GroupsOption",
     "IntervalOption",
+    "IsolationOption",
     "JsonOption",
     "MemoryOption",
     "ModelOption",
@@ -65,6 +67,7 @@ __all__ = [
     "parse_out",
     "prepare",
     "progress_bar",
+    "sandbox_isolation",
     "write_json_atomic",
 ]
 
@@ -121,6 +124,16 @@ TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
                         help="Seconds one call of a program may take before its process is "
                         "killed (at most a day).")
+]
+BudgetOption = Annotated[
+    float | None, typer.Option("--budget", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
+                               help="Seconds all calls of one program may take together "
+                               "(default 5 x --timeout); past it the program fails.")
+]
+IsolationOption = Annotated[
+    str, typer.Option("--isolation", help="How programs are isolated: auto (bubblewrap where "
+                      "it runs, else partial isolation and a warning), strict (bubblewrap, or "
+                      "refuse to run) or partial.")
 ]
 MemoryOption = Annotated[
     # more than MAX_INTEGER MB cannot be set as the process's limit (in bytes)
@@ -379,6 +392,23 @@ def handles_errors(command: Any) -> Any:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def sandbox_isolation(setting: str) -> str:
+    """The isolation setting that runs here for --isolation `setting`, resolved once before any
+    work: "strict" where bubblewrap runs, else "partial" (after a one-line warning, for auto);
+    IsolationError (a one-line error) for strict without bubblewrap or an unknown setting."""
+    import warnings
+
+    from tape.isolation import IsolationWarning, resolve_isolation
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IsolationWarning)
+        isolation = resolve_isolation(setting)
+    for warning in caught:
+        error_console.print(f"warning: {warning.message}", markup=False, highlight=False,
+                            soft_wrap=True)
+    return "strict" if isolation.name == "bwrap" else "partial"
 
 
 def check_program_file(program: Path) -> None:

@@ -17,12 +17,14 @@ from rich import box
 from rich.table import Table
 
 from tape.cli.common import (
+    BudgetOption,
     ClusterOption,
     ConfigOption,
     DispatchOption,
     GpusOption,
     GroupsOption,
     IntervalOption,
+    IsolationOption,
     MemoryOption,
     ModelOption,
     NodesOption,
@@ -41,6 +43,7 @@ from tape.cli.common import (
     loading,
     nodes_for,
     progress_bar,
+    sandbox_isolation,
 )
 from tape.errors import ConfigError, TraceError
 from tape.presets import load_config
@@ -175,6 +178,8 @@ def register(app: typer.Typer) -> None:
         ] = False,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
+        budget: BudgetOption = None,
+        isolation: IsolationOption = "auto",
     ) -> None:
         """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
         from tape.evolution import configs, require_extra, run
@@ -192,7 +197,8 @@ def register(app: typer.Typer) -> None:
             seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
             nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
             dispatch=dispatch,
-            timeout_s=timeout, memory_mb=memory_mb,
+            timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
+            isolation=sandbox_isolation(isolation),
         )
         if initial is not None and not initial.is_file():
             problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
