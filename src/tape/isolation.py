@@ -7,9 +7,10 @@ Two isolations, named in every result that ran a program:
   read-only binds of what Python needs (`/usr`, the `/lib*` links, the interpreter's prefixes),
   the program file (as `/sandbox/program.py`), a fresh `/proc` (its own processes only), a
   minimal `/dev` and a private tmpfs `/tmp`; its environment holds HOME, TMPDIR, PATH and LANG
-  only. TAPE's own package is hidden (a program that imports it could regenerate a synthetic
-  trace). Killing bwrap, or the evaluator's death (SIGKILL and SIGHUP included), kills every
-  process in the namespace.
+  only. TAPE's package is readable (a program written by `tape tune` imports it), but not its
+  synthetic trace generator (with the seed, a program could regenerate its windows). Killing
+  bwrap, or the evaluator's death (SIGKILL and SIGHUP included), kills every process in the
+  namespace.
 - `partial`, where bwrap is missing or user namespaces are refused: the child is a plain process
   in its own session with a clean environment and a private temporary folder as working folder,
   killed with its parent (`PR_SET_PDEATHSIG`); at a stop, its session, process group and
@@ -22,6 +23,7 @@ Two isolations, named in every result that ran a program:
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -96,9 +98,18 @@ def _bind_arguments() -> list[str]:
                 arguments += ["--symlink", prefix, sys.prefix]
     import tape
 
-    package = os.path.realpath(os.path.dirname(tape.__file__))
-    if any(package.startswith(prefix.rstrip("/") + "/") for prefix in (*prefixes, "/usr")):
-        arguments += ["--tmpfs", package]  # an installed TAPE is hidden from the program
+    # TAPE itself stays importable (a program made by `tape tune` calls tape.api), read-only,
+    # but its synthetic trace generator is masked: with the seed (0 by default) a program could
+    # regenerate the very windows it is scored on.
+    package = os.path.dirname(os.path.abspath(tape.__file__))
+    real = os.path.realpath(package)
+    if not any(real.startswith(prefix.rstrip("/") + "/") for prefix in (*prefixes, "/usr")):
+        arguments += ["--ro-bind", real, package]
+    masked = [os.path.join(package, "synthetic.py"),
+              *glob.glob(os.path.join(package, "__pycache__", "synthetic.*.pyc"))]
+    for path in masked:
+        if os.path.isfile(path):
+            arguments += ["--ro-bind", "/dev/null", path]
     return arguments
 
 

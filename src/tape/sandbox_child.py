@@ -1,10 +1,9 @@
 """The child side of `tape.sandbox`: a script that imports a program and answers calls.
 
 Run as `python -I sandbox_child.py PROGRAM MEMORY_MB` inside the sandbox, with the reply channel
-on its standard input and output. It imports nothing of TAPE (the sandbox hides the `tape`
-package: a program that could import it could regenerate a synthetic trace) and nothing but the
-standard library and numpy, so it also serves as the one definition of the wire format, which
-`tape.sandbox` imports.
+on its standard input and output. It imports nothing but the standard library and numpy
+(nothing of TAPE, whose package the child need not see), so it also serves as the one
+definition of the wire format, which `tape.sandbox` imports.
 
 Wire format, both ways: a frame is a 4-byte big-endian length, that many bytes of a JSON object
 (the header), then the raw C-order bytes of each array the header's `arrays` lists as
@@ -161,8 +160,6 @@ def _load_program(program_path: str, memory_mb: int) -> tuple[Any, bool]:
     except ModuleNotFoundError as error:
         if error.name == "torch":
             raise _Failure(_TORCH_HINT) from None
-        if error.name is not None and error.name.split(".")[0] == "tape":
-            raise _Failure("the program imports tape, which sandboxed programs cannot") from None
         raise _Failure(f"the program imports a missing module: {error.name}") from None
     except BaseException as error:  # noqa: BLE001 - any failure of foreign code is reported
         reason = _describe_exception(error, program_path, memory_mb)
