@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tape.cli.out_lock import out_lock
 from tape.errors import (
     MAX_INTEGER,
     ConfigError,
@@ -232,17 +233,20 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
     """Where a command with --out and --overwrite writes its results: a staging folder whose
     files appear in --out all together when the block succeeds, or not at all
     (`tape.files.staged_folder`); None without --out. Before the block, --out is checked
-    (`check_out_folder`: a used folder only with --overwrite) and written to, so that a path
-    that cannot be written fails before any work, with a one-line error. Ctrl-C in the block
+    (`check_out_folder`: a used folder only with --overwrite), locked (`out_lock`: one run at a
+    time, staging left by killed runs removed) and written to, so that a path that cannot be
+    written fails before any work, with a one-line error. Ctrl-C in the block
     leaves --out as it was and says so."""
     check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
     if out is None:
         yield None
         return
     stack = ExitStack()
+    stack.enter_context(out_lock(out))  # another run writing into --out: a one-line error
     try:
         staging = stack.enter_context(staged_folder(out))
     except OSError as error:
+        stack.close()
         raise _unwritable(out, error) from None
     try:
         with stack:

@@ -42,9 +42,11 @@ from tape.cli.common import (
     handles_errors,
     loading,
     nodes_for,
+    parse_out,
     progress_bar,
     sandbox_isolation,
 )
+from tape.cli.out_lock import out_lock
 from tape.errors import ConfigError, TraceError
 from tape.presets import load_config
 from tape.protocol import ProgramScore, parse_version
@@ -54,7 +56,7 @@ __all__ = ["register"]
 
 def _out_option(command: str) -> Any:
     resumed = "; with --resume, the checkpoint's run folder" if command == "evolve" else ""
-    return typer.Option("--out", help=f"Output folder (new or empty); default: "
+    return typer.Option("--out", parser=parse_out, metavar="<path>", help=f"Output folder (new or empty); default: "
                         f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
                         f"realistic{resumed}.")
 
@@ -192,51 +194,52 @@ def register(app: typer.Typer) -> None:
         # A resumed run's folder exists already, and run.evolve checks the checkpoint first.
         if resume is None:
             check_out_writable(out, must_be_empty=False)
-        settings = _settings(
-            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
-            dispatch=dispatch,
-            timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
-            isolation=sandbox_isolation(isolation),
-        )
-        if initial is not None and not initial.is_file():
-            problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
-            raise ConfigError(f"initial program {initial} {problem}")
-        config_path = configs.find_config(config) if config is not None else None
-        result = run.evolve(
-            settings, out_dir=out, iterations=iterations, config_path=config_path,
-            llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
-                              api_key_env=api_key_env),
-            full_rewrite=full_rewrite, resume=resume, initial_program=initial,
-            overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
-        )
-        from tape.evolution.prompts import version_metrics
+        with out_lock(out):
+            settings = _settings(
+                version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
+                seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
+                nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
+                dispatch=dispatch,
+                timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
+                isolation=sandbox_isolation(isolation),
+            )
+            if initial is not None and not initial.is_file():
+                problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
+                raise ConfigError(f"initial program {initial} {problem}")
+            config_path = configs.find_config(config) if config is not None else None
+            result = run.evolve(
+                settings, out_dir=out, iterations=iterations, config_path=config_path,
+                llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
+                                  api_key_env=api_key_env),
+                full_rewrite=full_rewrite, resume=resume, initial_program=initial,
+                overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
+            )
+            from tape.evolution.prompts import version_metrics
 
-        console.print(_comparison_table(
-            f"best evolved program vs deepseek (version {settings.version})",
-            {"best_program.py": result.best, "deepseek": result.deepseek},
-            version_metrics(settings.version),
-        ))
-        # soft_wrap: a path is never broken over two lines (it is meant to be copied)
-        console.print(f"best program: {result.best_program}", markup=False, highlight=False,
-                      soft_wrap=True)
-        held = [f"{name}/" for name in ("best", "checkpoints", "logs")
-                if (result.out_dir / name).is_dir()]
-        console.print(f"run folder:   {result.out_dir} ({', '.join(held)}, "
-                      "best/tape_scores.json)", markup=False, highlight=False, soft_wrap=True)
-        if result.newest_checkpoint is not None:
-            console.print(f"to continue:  --resume {result.newest_checkpoint}", markup=False,
-                          highlight=False, soft_wrap=True)
-        if result.best.error:
-            error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
-                                highlight=False, soft_wrap=True)
-        if result.interrupted:  # after the summary: what the finished iterations found
-            error_console.print(
-                "[bold yellow]interrupted[/]: the run stopped before its last iteration; the best "
-                "program is the best of the iterations that finished", highlight=False,
-                soft_wrap=True)
-            raise typer.Exit(130)
+            console.print(_comparison_table(
+                f"best evolved program vs deepseek (version {settings.version})",
+                {"best_program.py": result.best, "deepseek": result.deepseek},
+                version_metrics(settings.version),
+            ))
+            # soft_wrap: a path is never broken over two lines (it is meant to be copied)
+            console.print(f"best program: {result.best_program}", markup=False, highlight=False,
+                          soft_wrap=True)
+            held = [f"{name}/" for name in ("best", "checkpoints", "logs")
+                    if (result.out_dir / name).is_dir()]
+            console.print(f"run folder:   {result.out_dir} ({', '.join(held)}, "
+                          "best/tape_scores.json)", markup=False, highlight=False, soft_wrap=True)
+            if result.newest_checkpoint is not None:
+                console.print(f"to continue:  --resume {result.newest_checkpoint}", markup=False,
+                              highlight=False, soft_wrap=True)
+            if result.best.error:
+                error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
+                                    highlight=False, soft_wrap=True)
+            if result.interrupted:  # after the summary: what the finished iterations found
+                error_console.print(
+                    "[bold yellow]interrupted[/]: the run stopped before its last iteration; the best "
+                    "program is the best of the iterations that finished", highlight=False,
+                    soft_wrap=True)
+                raise typer.Exit(130)
 
     @app.command()
     @handles_errors
@@ -273,27 +276,28 @@ def register(app: typer.Typer) -> None:
         require_extra("optuna", "tape tune")  # before the trace is read
         out = out if out is not None else _default_out("tune", parse_version(version))
         check_out_writable(out)  # before the trials, not after them
-        settings = _settings(
-            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=model, presets=config,
-            dispatch=dispatch,
-        )
-        finished: list[int] = []  # one entry a finished trial
-        try:
-            with progress_bar("tuning", trials) as advance:
-                result = tuning.tune(settings, trials=trials, seed=sampler_seed, holdout=holdout,
-                                     progress=lambda: (finished.append(1), advance()))
-            paths = tuning.write_outputs(
-                result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
+        with out_lock(out):
+            settings = _settings(
+                version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
+                seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
+                nodes=nodes, gpus=gpus, cluster=cluster, moe_model=model, presets=config,
+                dispatch=dispatch,
             )
-        except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
-            when = "before any trial finished" if not finished else "before the results were written"
-            error_console.print(f"interrupted {when}; nothing written", highlight=False)
-            raise typer.Exit(130) from None
-        _print_tune_result(result, settings.version, holdout, paths, trials)
-        if result.interrupted:
-            raise typer.Exit(130)
+            finished: list[int] = []  # one entry a finished trial
+            try:
+                with progress_bar("tuning", trials) as advance:
+                    result = tuning.tune(settings, trials=trials, seed=sampler_seed, holdout=holdout,
+                                         progress=lambda: (finished.append(1), advance()))
+                paths = tuning.write_outputs(
+                    result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
+                )
+            except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
+                when = "before any trial finished" if not finished else "before the results were written"
+                error_console.print(f"interrupted {when}; nothing written", highlight=False)
+                raise typer.Exit(130) from None
+            _print_tune_result(result, settings.version, holdout, paths, trials)
+            if result.interrupted:
+                raise typer.Exit(130)
 
 
 def _print_tune_result(result: Any, version: int | str, holdout: float, paths: dict[str, Path],
