@@ -195,10 +195,11 @@ def parse_out(text: str) -> Path:
 
 
 def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
-                     overwrite_flag: bool = False) -> None:
+                     overwrite_flag: bool = False, hint: str = "") -> None:
     """ConfigError if --out is a file, or (with `must_be_empty`) a folder that already holds
     files: a run never mixes its results with another's unless asked to (`overwrite_flag`: the
-    command has --overwrite, and the message names it). Checked before any work is done."""
+    command has --overwrite, and the message names it; `hint`, another way, added to the
+    message). Checked before any work is done."""
     if out is None:
         return
     for parent in out.parents:
@@ -209,7 +210,8 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
     if must_be_empty and holds_files(out):
-        hint = ", or pass --overwrite to replace its files" if overwrite_flag else ""
+        if overwrite_flag:
+            hint = ", or pass --overwrite to replace its files"
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
@@ -259,10 +261,10 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
 
 
 def check_out_writable(out: Path | None, *, must_be_empty: bool = True,
-                       overwrite_flag: bool = False) -> None:
+                       overwrite_flag: bool = False, hint: str = "") -> None:
     """`check_out_folder`, then ConfigError unless results can be staged for --out
     (`tape.files.probe_writable`): for commands that write --out only after long work."""
-    check_out_folder(out, must_be_empty=must_be_empty, overwrite_flag=overwrite_flag)
+    check_out_folder(out, must_be_empty=must_be_empty, overwrite_flag=overwrite_flag, hint=hint)
     if out is None:
         return
     try:

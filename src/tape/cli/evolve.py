@@ -9,6 +9,7 @@ there; `tape tune` keeps `tape evaluate`'s `--model` and `--config`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,7 +48,7 @@ from tape.cli.common import (
     sandbox_isolation,
 )
 from tape.cli.out_lock import out_lock
-from tape.errors import ConfigError, TraceError
+from tape.errors import ConfigError, TraceError, counted
 from tape.presets import load_config
 from tape.protocol import ProgramScore, parse_version
 
@@ -268,36 +269,77 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         dispatch: DispatchOption = "locality",
         out: Annotated[Path | None, _out_option("tune")] = None,
+        storage: Annotated[
+            str | None, typer.Option("--storage", metavar="<url>", help="Optuna storage of the "
+                                     "study, an SQLAlchemy URL (postgresql://..., for several "
+                                     "machines tuning one study with --resume); default: "
+                                     "sqlite in --out/study.db.")
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the study in --out (or join the one "
+                               "in --storage) until --trials trials have finished in all.")
+        ] = False,
     ) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
         from tape.evolution import require_extra
-        from tape.evolution import tune as tuning
 
         require_extra("optuna", "tape tune")  # before the trace is read
         out = out if out is not None else _default_out("tune", parse_version(version))
-        check_out_writable(out)  # before the trials, not after them
+        if storage is not None and not storage.strip():
+            raise ConfigError("--storage is an empty URL; give an SQLAlchemy URL such as "
+                              "postgresql://user@host/db, or leave it out")
+        # before the trials, not after them; a used folder only to resume its study
+        check_out_writable(out, must_be_empty=not resume, hint=", or pass --resume to continue "
+                           "the study it holds" if storage is None else "")
         with out_lock(out):
             settings = _settings(
-                version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-                seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-                nodes=nodes, gpus=gpus, cluster=cluster, moe_model=model, presets=config,
-                dispatch=dispatch,
+                version=parse_version(version), trace=trace, synthetic=synthetic,
+                interval=interval, seed=seed, synthetic_model=synthetic_model,
+                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
+                moe_model=model, presets=config, dispatch=dispatch,
             )
-            finished: list[int] = []  # one entry a finished trial
-            try:
-                with progress_bar("tuning", trials) as advance:
-                    result = tuning.tune(settings, trials=trials, seed=sampler_seed, holdout=holdout,
-                                         progress=lambda: (finished.append(1), advance()))
-                paths = tuning.write_outputs(
-                    result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
-                )
-            except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
-                when = "before any trial finished" if not finished else "before the results were written"
-                error_console.print(f"interrupted {when}; nothing written", highlight=False)
-                raise typer.Exit(130) from None
-            _print_tune_result(result, settings.version, holdout, paths, trials)
-            if result.interrupted:
-                raise typer.Exit(130)
+            _tune_into(out, settings, trials=trials, seed=sampler_seed, holdout=holdout,
+                       storage=storage, resume=resume)
+
+
+def _tune_into(out: Path, settings: Any, *, trials: int, seed: int, holdout: float,
+               storage: str | None, resume: bool) -> None:
+    """Run the study (in `storage`, else in --out's study.db), write the results into `out`,
+    print them. A new --out made for a run that finished no trial is removed again."""
+    from tape.evolution import tune as tuning
+
+    study_file = out / tuning.STUDY_FILE
+    if storage is None and resume and not study_file.is_file():
+        raise ConfigError(f"nothing to resume: {out} holds no study ({tuning.STUDY_FILE}); "
+                          "leave out --resume to start one")
+    made = not out.exists()
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{study_file.resolve()}"
+    finished: list[int] = []  # one entry a trial this process finished
+    try:
+        with progress_bar("tuning", trials) as advance:
+            result = tuning.tune(settings, trials=trials, seed=seed, holdout=holdout,
+                                 progress=lambda: (finished.append(1), advance()),
+                                 storage=url, resume=resume)
+        paths = tuning.write_outputs(result, settings, out, trials=trials, seed=seed,
+                                     holdout=holdout, replace=True)
+    except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
+        if made and not finished:
+            shutil.rmtree(out, ignore_errors=True)
+        kept = (f"; {tuning.hide_password(url)} keeps what finished "
+                f"({counted(len(finished), 'trial')}): continue with --resume") if finished else ""
+        when = "before any trial finished" if not finished else "before the results were written"
+        error_console.print(f"interrupted {when}; nothing written{kept}", highlight=False,
+                            soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
+    except BaseException:
+        if made and not finished:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    _print_tune_result(result, settings.version, holdout, paths, trials)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
 def _print_tune_result(result: Any, version: int | str, holdout: float, paths: dict[str, Path],
