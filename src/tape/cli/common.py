@@ -344,7 +344,9 @@ def load_windows(
     else:
         loads = load_trace(trace)
         source = str(trace)
-    windows = check_windows(window_loads(loads, interval), layout, replay=replay)
+    # one step is one window where no replay is made (`tape place`)
+    windowed = loads if not replay and loads.shape[0] == 1 else window_loads(loads, interval)
+    windows = check_windows(windowed, layout, replay=replay)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
     described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
