@@ -72,3 +72,18 @@ def test_tape_place_takes_a_one_step_trace(tmp_path):
     result = runner.invoke(app, ["place", "--trace", str(path), "--replicas", "12", "--groups",
                                  "2", "--nodes", "2", "--gpus", "4", "--policy", "deepseek"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_config_model_shape_other_than_the_traces_is_an_error(tmp_path):
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).random((40, 3, 8)))
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  num_layers: 10\n")
+    arguments = ["compare", "--trace", str(trace), "--interval", "10", "--policies", "vanilla",
+                 "--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4",
+                 "--config", str(config)]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2
+    assert "model num_layers is 10 but the trace's layers are 3" in result.stderr
+    config.write_text("model:\n  num_layers: 3\n  num_experts: 8\n")
+    assert runner.invoke(app, arguments).exit_code == 0

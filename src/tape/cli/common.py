@@ -308,7 +308,25 @@ def prepare(
     with loading(trace, show_progress):
         windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
                                                  synthetic_model, replay)
+    if config is not None:
+        _check_model_shape(config, windows.shape[1:], layout.num_groups)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
+
+
+def _check_model_shape(config: Path, shape: tuple[int, ...], groups: int) -> None:
+    """ConfigError if the config file's model section sets a shape (layers, experts, groups)
+    other than the trace's and --groups: the cost model takes the shape from those, so the
+    file's value would be ignored without a word."""
+    from tape.presets import read_mapping_file
+
+    model = read_mapping_file(config, "config file").get("model") or {}
+    for key, actual, source in (("num_layers", shape[0], "the trace's layers"),
+                                ("num_experts", shape[1], "the trace's experts"),
+                                ("num_groups", groups, "--groups")):
+        if key in model and model[key] != actual:
+            raise ConfigError(f"config file {config}: model {key} is {model[key]!r} but "
+                              f"{source} are {actual}; the cost model takes the shape from the "
+                              f"trace and the flags: fix or remove {key}")
 
 
 def load_windows(
