@@ -113,10 +113,22 @@ def _bind_arguments() -> list[str]:
     return arguments
 
 
+@cache
+def _tmpfs_size_option() -> bool:
+    """Whether this bwrap takes `--size` (bubblewrap 0.7 and later)."""
+    try:
+        result = subprocess.run([shutil.which("bwrap") or "bwrap", "--help"], text=True,
+                                capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--size" in result.stdout + result.stderr
+
+
 def _bwrap_arguments(memory_mb: int) -> list[str]:
+    size = ["--size", str(memory_mb * 2**20)] if _tmpfs_size_option() else []
     return [
         "--unshare-all", "--die-with-parent", "--new-session", *_bind_arguments(),
-        "--proc", "/proc", "--dev", "/dev", "--size", str(memory_mb * 2**20), "--tmpfs", "/tmp",
+        "--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp",
         "--dir", SANDBOX_FOLDER, "--chdir", "/tmp", "--clearenv", "--setenv", "HOME", "/tmp",
         "--setenv", "TMPDIR", "/tmp", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
         "--setenv", "LANG", "C.UTF-8",
