@@ -42,8 +42,7 @@ import subprocess
 import tempfile
 import unicodedata
 from pathlib import Path
-from time import monotonic, perf_counter
-from typing import Any
+from time import perf_counter
 
 import numpy as np
 
@@ -103,6 +102,18 @@ def clean_reason(text: object, limit: int = REASON_CHARS) -> str:
             line = line.replace(value, "***")
     line = " ".join(line.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _ready(descriptor: int, event: int, deadline: float) -> bool:
+    """Wait until `descriptor` is ready for `event` (select.POLLIN or POLLOUT; a closed or
+    broken end counts as ready) or `deadline` (a `perf_counter` time) passes; _Timeout then.
+    poll, not select: an evaluator may hold more than FD_SETSIZE files."""
+    wait = deadline - perf_counter()
+    if wait <= 0:
+        raise _Timeout
+    poller = select.poll()
+    poller.register(descriptor, event)
+    return bool(poller.poll(max(1, int(wait * 1000))))
 
 
 class _Timeout(Exception):
@@ -230,7 +241,7 @@ class SandboxedProgram:
         if self._process is None:
             return
         try:
-            self._send(encode_frame({"kind": "exit"}), monotonic() + 1.0, monotonic)
+            self._send(encode_frame({"kind": "exit"}), perf_counter() + 1.0)
             self._process.wait(timeout=2.0)
         except (_Timeout, _Died, subprocess.TimeoutExpired):
             pass
@@ -274,7 +285,7 @@ class SandboxedProgram:
             raise ProgramError(f"cannot start the sandbox: {error}") from None
         for stream in (self._process.stdin, self._process.stdout):
             os.set_blocking(stream.fileno(), False)
-        self._expect_status(monotonic() + STARTUP_SECONDS,
+        self._expect_status(perf_counter() + STARTUP_SECONDS,
                             f"the sandbox did not start within {STARTUP_SECONDS:g} s")
         timeout, reason = self._limit(f"importing the program timed out after {self.timeout_s:g} s")
         start = perf_counter()
@@ -285,8 +296,7 @@ class SandboxedProgram:
 
     def _expect_status(self, deadline: float, timeout_reason: str) -> None:
         """Read the child's "started" or "ready" message; ProgramError on anything else."""
-        clock = monotonic if timeout_reason.startswith("the sandbox") else perf_counter
-        reply, _ = self._exchange(None, deadline, None, timeout_reason, clock)
+        reply, _ = self._exchange(None, deadline, None, timeout_reason)
         if reply["kind"] == "error":
             self._stop()
             raise ProgramError(clean_reason(reply.get("reason")))
@@ -296,35 +306,31 @@ class SandboxedProgram:
 
     def _pending(self) -> bool:
         """Whether the child sent something nobody asked for yet (or closed the channel)."""
-        readable, _, _ = select.select([self._process.stdout], [], [], 0)
-        return bool(readable)
+        poller = select.poll()
+        poller.register(self._process.stdout.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
-    def _send(self, data: bytes, deadline: float, clock: Any = perf_counter) -> None:
+    def _send(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
-        stream = self._process.stdin
+        descriptor = self._process.stdin.fileno()
         try:
             while view:
-                wait = deadline - clock()
-                if wait <= 0:
-                    raise _Timeout
-                _, writable, _ = select.select([], [stream], [], wait)
-                if writable:
-                    view = view[os.write(stream.fileno(), view):]
-        except (BrokenPipeError, ValueError):
+                if _ready(descriptor, select.POLLOUT, deadline):
+                    try:
+                        view = view[os.write(descriptor, view):]
+                    except BlockingIOError:
+                        continue
+        except (OSError, ValueError):  # a broken pipe: the child is gone
             raise _Died from None
 
-    def _read(self, count: int, deadline: float, clock: Any) -> bytes:
+    def _read(self, count: int, deadline: float) -> bytes:
         chunks, missing = [], count
-        stream = self._process.stdout
+        descriptor = self._process.stdout.fileno()
         while missing:
-            wait = deadline - clock()
-            if wait <= 0:
-                raise _Timeout
-            readable, _, _ = select.select([stream], [], [], wait)
-            if not readable:
+            if not _ready(descriptor, select.POLLIN, deadline):
                 continue
             try:
-                chunk = os.read(stream.fileno(), min(missing, 1 << 20))
+                chunk = os.read(descriptor, min(missing, 1 << 20))
             except BlockingIOError:
                 continue
             if not chunk:
@@ -334,15 +340,15 @@ class SandboxedProgram:
         return b"".join(chunks)
 
     def _exchange(self, request: bytes | None, deadline: float, expected: list | None,
-                  timeout_reason: str, clock: Any = perf_counter) -> tuple[dict, list[np.ndarray]]:
+                  timeout_reason: str) -> tuple[dict, list[np.ndarray]]:
         """Send `request` (if any), then read the child's next message: its header and arrays
         (three int64 maps of the `expected` shapes, None standing for any size from 1 to S,
         after an "ok"; none otherwise). The child is killed and ProgramError raised on a
         timeout, its death, or a message the protocol does not allow."""
         try:
             if request is not None:
-                self._send(request, deadline, clock)
-            return self._read_message(deadline, expected, clock)
+                self._send(request, deadline)
+            return self._read_message(deadline, expected)
         except _Timeout:
             self._stop()
             raise ProgramError(f"{timeout_reason}; its process was killed") from None
@@ -353,11 +359,11 @@ class SandboxedProgram:
             raise ProgramError(f"the program sent a malformed reply: {error}; its process was "
                                "killed") from None
 
-    def _read_message(self, deadline: float, expected: list | None,
-                      clock: Any) -> tuple[dict, list[np.ndarray]]:
+    def _read_message(self, deadline: float, expected: list | None
+                      ) -> tuple[dict, list[np.ndarray]]:
         try:
-            length = frame_length(self._read(4, deadline, clock))
-            header = json.loads(self._read(length, deadline, clock))
+            length = frame_length(self._read(4, deadline))
+            header = json.loads(self._read(length, deadline))
         except (ValueError, RecursionError) as error:
             raise _Malformed(clean_reason(error, 100)) from None
         if not isinstance(header, dict) or header.get("kind") not in (
@@ -383,7 +389,7 @@ class SandboxedProgram:
             ):
                 raise _Malformed(f"{name} of dtype {dtype} and shape {actual}")
             layouts.append((dtype, actual, nbytes))
-        arrays = [np.frombuffer(self._read(nbytes, deadline, clock), dtype=dtype).reshape(shape)
+        arrays = [np.frombuffer(self._read(nbytes, deadline), dtype=dtype).reshape(shape)
                   for dtype, shape, nbytes in layouts]
         return header, arrays
 
