@@ -12,6 +12,7 @@ import time
 
 import pytest
 from test_cli import SMALL_LAYOUT, good_program, runner, small_trace
+from test_sandbox import marked_processes, wait_until
 
 from tape.cli import app
 from tape.cli.out_lock import lock_path, out_lock
@@ -71,3 +72,25 @@ def test_an_empty_or_blank_out_is_refused_by_every_command(tmp_path, small_trace
     assert result.exit_code == 2, result.output
     assert "--out" in result.output and "empty path" in result.output
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_sighup_leaves_no_staging_lock_or_program_behind(tmp_path, small_trace):
+    # A closed terminal (SIGHUP) ends the command as SIGTERM does: cleanly.
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text("import time\ndef rebalance_experts(*arguments):\n    time.sleep(60)\n")
+    out = tmp_path / "results"
+    command = subprocess.Popen(
+        [sys.executable, "-c", "from tape.cli import main; main()", "compare", "--trace",
+         str(small_trace), "--interval", "10", "--policies", "vanilla", "--program",
+         str(sleeper), "--timeout", "100", "--out", str(out), *SMALL_LAYOUT],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".results.staging-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert wait_until(lambda: bool(marked_processes(str(sleeper))), 30)  # the program runs
+    command.send_signal(signal.SIGHUP)
+    _, errors = command.communicate(timeout=60)
+    assert command.returncode == 128 + signal.SIGHUP, errors
+    assert "Traceback" not in errors
+    assert not list(tmp_path.glob(".results*")) and not out.exists()
+    assert wait_until(lambda: not marked_processes(str(sleeper)))
