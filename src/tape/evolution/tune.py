@@ -241,6 +241,12 @@ def tune(
                     optuna.study.MaxTrialsCallback(trials, states=(complete,))])
         except KeyboardInterrupt:
             interrupted = True
+        except Exception as error:  # the storage's database failing (locked, gone), one line
+            if not type(error).__module__.startswith("sqlalchemy"):
+                raise
+            reason = " ".join(str(error).split())[:300]
+            raise ConfigError(f"the study storage {hide_password(str(storage))} failed: "
+                              f"{reason}; the finished trials are kept there (--resume)") from None
     finally:
         optuna.logging.set_verbosity(verbosity)
 
