@@ -94,3 +94,26 @@ def test_sighup_leaves_no_staging_lock_or_program_behind(tmp_path, small_trace):
     assert "Traceback" not in errors
     assert not list(tmp_path.glob(".results*")) and not out.exists()
     assert wait_until(lambda: not marked_processes(str(sleeper)))
+
+
+def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
+    import errno
+
+    from tape.cli import out_lock as module
+    from tape.errors import ConfigError
+
+    def no_flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(module.fcntl, "flock", no_flock)
+    out = tmp_path / "results"
+    lock_path(out).write_text(str(os.getppid()))  # a live process
+    with pytest.raises(ConfigError, match=f"another tape run \\(process {os.getppid()}\\)"), \
+            out_lock(out):
+        pass
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out).write_text(str(dead.pid))  # a stale one
+    with out_lock(out):
+        assert lock_path(out).read_text() == str(os.getpid())
+    assert not lock_path(out).exists()

@@ -5,7 +5,8 @@ A command that writes --out holds `.NAME.tape-lock` in --out's parent folder (an
 write. A second run into the same folder, while the first is writing, is refused with a
 one-line error naming the first run's process. The kernel drops the lock when its process dies
 however it dies (SIGKILL included), so a lock file left by a killed run is stale: the next run
-finds no live holder, takes it over, and removes the staging folders the killed run left
+finds no live holder (on a file system without `flock`, no live process of the id the file
+holds), takes it over, and removes the staging folders the killed run left
 (`tape.files.staged_folder`: `.staging-*` inside --out, `.NAME.staging-*` beside it).
 """
 
@@ -39,17 +40,36 @@ def _holder(descriptor: int) -> str:
     return f"process {text}" if text.isdigit() else "another process"
 
 
+def _holder_alive(descriptor: int) -> bool:
+    """Whether the process whose id a lock file holds is alive (and not this one)."""
+    text = _holder(descriptor).removeprefix("process ")
+    if not text.isdigit() or int(text) == os.getpid():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _acquire(path: Path, out: Path) -> int:
     """The descriptor of `path`, locked; ConfigError if a live run holds it."""
     for _ in range(10):
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
         except BlockingIOError:
+            held = True
+        except OSError:  # a file system without flock (some network ones): the PID decides
+            held = _holder_alive(descriptor)
+        if held:
             holder = _holder(descriptor)
             os.close(descriptor)
             raise ConfigError(f"--out {out} is being written by another tape run ({holder}); "
-                              "wait for it to finish or choose another folder") from None
+                              "wait for it to finish or choose another folder")
         try:
             same = os.fstat(descriptor).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
