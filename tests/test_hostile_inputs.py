@@ -34,6 +34,8 @@ def test_sparse_and_meta_tensors_are_one_line_errors():
         tape.rebalance_experts(dense.to_sparse(), *ARGUMENTS)
     with pytest.raises(TraceError, match="weight is a meta tensor, which holds no values"):
         tape.rebalance_experts(torch.empty((2, 8), device="meta"), *ARGUMENTS)
+    with pytest.raises(TraceError, match="weight is a torch.sparse_coo tensor"):
+        Rebalancer("deepseek")(dense.to_sparse(), *ARGUMENTS)
     previous = torch.zeros((2, 12), dtype=torch.int64).to_sparse()
     with pytest.raises(PlacementError, match="previous_phy2log is a torch.sparse_coo tensor"):
         tape.rebalance_experts(dense, *ARGUMENTS, previous_phy2log=previous)

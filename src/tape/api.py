@@ -9,12 +9,11 @@ argument and every policy's output, and raise a `TapeError` subclass that says w
 from __future__ import annotations
 
 import inspect
-import sys
 from typing import Any
 
 import numpy as np
 
-from tape.arrays import is_torch_tensor, like_input, to_numpy
+from tape.arrays import dense_numpy, like_input
 from tape.errors import PlacementError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
@@ -139,21 +138,11 @@ MAX_LOAD = 2.0**53
 that differ would compare equal and placements would be silently wrong."""
 
 
-def _dense_numpy(value: Any, name: str, error: type[TapeError]) -> np.ndarray:
-    """`to_numpy(value)`; `error` for a torch tensor that holds no dense values (sparse, meta)."""
-    if is_torch_tensor(value):
-        if value.is_meta:
-            raise error(f"{name} is a meta tensor, which holds no values; pass a tensor with data")
-        if value.layout != sys.modules["torch"].strided:
-            raise error(f"{name} is a {value.layout} tensor; pass a dense one (.to_dense())")
-    return to_numpy(value)
-
-
 def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: int) -> Placement:
     """`previous_phy2log` as a Placement, or a PlacementError that names it and its shape."""
     num_layers, num_experts = load_shape
     try:
-        array = _dense_numpy(value, "previous_phy2log", PlacementError)
+        array = dense_numpy(value, "previous_phy2log", PlacementError)
     except ValueError as error:
         if isinstance(error, TapeError):
             raise
@@ -183,7 +172,7 @@ def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
     """`value` as a float64 array of `ndim` dimensions, finite, non-negative, at most MAX_LOAD
     and not empty."""
     try:
-        array = _dense_numpy(value, name, TraceError)
+        array = dense_numpy(value, name, TraceError)
     except ValueError as error:
         if isinstance(error, TapeError):
             raise

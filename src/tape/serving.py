@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tape.api import place, rebalance_experts
-from tape.arrays import like_input, to_numpy
+from tape.arrays import dense_numpy, like_input
 from tape.errors import TraceError, checked_integer
 from tape.layout import Layout
 from tape.policies import PolicyError, get_policy
@@ -155,7 +155,7 @@ class Rebalancer:
 
 def _window_load(weight: Any) -> np.ndarray:
     """`weight` as a float64 [L, E] array: a [T, L, E] one summed over its first axis."""
-    load = to_numpy(weight)
+    load = dense_numpy(weight, "weight", TraceError)
     if load.ndim not in (2, 3):
         raise TraceError(
             f"weight must be [layers, experts] or [steps, layers, experts], got shape "
