@@ -294,3 +294,32 @@ def test_the_programs_processes_die_with_the_evaluator(tmp_path, signal_number):
         for pid in marked_processes(marker):
             os.kill(pid, signal.SIGKILL)
         evaluator.kill()
+
+
+PRIVILEGES = GOOD.replace("def rebalance_experts", "def good") + """
+import os, sys
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    with open("/proc/self/status") as status:
+        capabilities = [line.split()[1] for line in status if line.startswith("CapEff")]
+    assert capabilities == ["0000000000000000"], capabilities
+    for path in (__file__, os.path.join(sys.prefix, "tape-was-here"), "/usr/tape-was-here"):
+        try:
+            with open(path, "a"):
+                pass
+        except OSError:
+            continue
+        raise RuntimeError(f"wrote {path}")
+    with open("/tmp/scratch", "w") as scratch:  # the private tmpfs is writable
+        scratch.write("ok")
+    return good(weight, num_replicas, num_groups, num_nodes, num_gpus)
+"""
+
+
+def test_under_bwrap_a_program_has_no_capabilities_and_writes_only_its_tmpfs(tmp_path):
+    if isolation_now() != "bwrap":
+        pytest.skip("partial isolation does not drop what the evaluator may do")
+    with sandbox(write(tmp_path, PRIVILEGES), timeout_s=20) as program:
+        placement, _ = program.call(window(), LAYOUT)
+    np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(window()))
+    assert not (Path(sys.prefix) / "tape-was-here").exists()

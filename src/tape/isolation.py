@@ -3,7 +3,9 @@
 Two isolations, named in every result that ran a program:
 
 - `bwrap` (Linux, the `bubblewrap` system package): the child runs under `bwrap --unshare-all
-  --die-with-parent --new-session` in its own PID, network, IPC and mount namespaces. It sees
+  --cap-drop ALL --die-with-parent --new-session` in its own PID, network, IPC and mount
+  namespaces, with no capabilities (and as nobody in a user namespace of its own where the
+  evaluator runs as root and user namespaces work). It sees
   read-only binds of what Python needs (`/usr`, the `/lib*` links, the interpreter's prefixes),
   the program file (as `/sandbox/program.py`), a fresh `/proc` (its own processes only), a
   minimal `/dev` and a private tmpfs `/tmp`; its environment holds HOME, TMPDIR, PATH and LANG
@@ -124,10 +126,18 @@ def _tmpfs_size_option() -> bool:
     return "--size" in result.stdout + result.stderr
 
 
-def _bwrap_arguments(memory_mb: int) -> list[str]:
+_NOBODY = ["--unshare-user", "--uid", "65534", "--gid", "65534"]
+"""Run as nobody in a user namespace of its own: for an evaluator running as root."""
+
+
+def _bwrap_arguments(memory_mb: int, as_nobody: bool | None = None) -> list[str]:
+    """bwrap's options before the command; `as_nobody` (default: where it works, for root)
+    adds `_NOBODY`. Every capability is dropped: bwrap started by root would leave them all."""
     size = ["--size", str(memory_mb * 2**20)] if _tmpfs_size_option() else []
+    nobody = _NOBODY if (_nobody_works() if as_nobody is None else as_nobody) else []
     return [
-        "--unshare-all", "--die-with-parent", "--new-session", *_bind_arguments(),
+        "--unshare-all", *nobody, "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+        *_bind_arguments(),
         "--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp",
         "--dir", SANDBOX_FOLDER, "--chdir", "/tmp", "--clearenv", "--setenv", "HOME", "/tmp",
         "--setenv", "TMPDIR", "/tmp", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
@@ -135,17 +145,12 @@ def _bwrap_arguments(memory_mb: int) -> list[str]:
     ]
 
 
-@cache
-def bwrap_failure() -> str | None:
-    """Why bwrap cannot run a sandbox here, or None when it can (tried once per process)."""
-    if not sys.platform.startswith("linux"):
-        return f"bwrap needs Linux, this is {sys.platform}"
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return "bwrap is not installed"
+def _try_bwrap(as_nobody: bool) -> str | None:
+    """Why a sandbox that imports numpy does not run, or None when it does."""
     try:
         result = subprocess.run(
-            [bwrap, *_bwrap_arguments(64), sys.executable, "-I", "-c", "import numpy"],
+            [shutil.which("bwrap") or "bwrap", *_bwrap_arguments(64, as_nobody),
+             sys.executable, "-I", "-c", "import numpy"],
             stdin=subprocess.DEVNULL, capture_output=True, timeout=60, text=True, check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
@@ -154,6 +159,22 @@ def bwrap_failure() -> str | None:
         lines = (result.stderr or "").strip().splitlines()
         return f"bwrap does not start: {lines[-1] if lines else f'exit code {result.returncode}'}"
     return None
+
+
+@cache
+def _nobody_works() -> bool:
+    """Whether the sandbox can run as nobody: tried where this process runs as root."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and _try_bwrap(True) is None
+
+
+@cache
+def bwrap_failure() -> str | None:
+    """Why bwrap cannot run a sandbox here, or None when it can (tried once per process)."""
+    if not sys.platform.startswith("linux"):
+        return f"bwrap needs Linux, this is {sys.platform}"
+    if shutil.which("bwrap") is None:
+        return "bwrap is not installed"
+    return _try_bwrap(_nobody_works())
 
 
 _warned = False
