@@ -323,3 +323,27 @@ def test_under_bwrap_a_program_has_no_capabilities_and_writes_only_its_tmpfs(tmp
         placement, _ = program.call(window(), LAYOUT)
     np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(window()))
     assert not (Path(sys.prefix) / "tape-was-here").exists()
+
+
+def test_under_bwrap_a_program_reaches_no_network(tmp_path):
+    import socket
+
+    if isolation_now() != "bwrap":
+        pytest.skip("partial isolation leaves the network reachable (its warning says so)")
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    body = GOOD.replace("def rebalance_experts", "def good") + f"""
+import socket
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    try:
+        socket.create_connection(("127.0.0.1", {port}), timeout=2).close()
+    except OSError:
+        return good(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    raise RuntimeError("reached the evaluator's machine")
+"""
+    try:
+        with sandbox(write(tmp_path, body), timeout_s=20) as program:
+            program.call(window(), LAYOUT)
+    finally:
+        server.close()
