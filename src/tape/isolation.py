@@ -98,12 +98,10 @@ def _bind_arguments() -> list[str]:
             arguments += ["--ro-bind", prefix, prefix]
             if os.path.realpath(sys.prefix) == prefix and sys.prefix != prefix:
                 arguments += ["--symlink", prefix, sys.prefix]
-    import tape
-
     # TAPE itself stays importable (a program made by `tape tune` calls tape.api), read-only,
     # but its synthetic trace generator is masked: with the seed (0 by default) a program could
     # regenerate the very windows it is scored on.
-    package = os.path.dirname(os.path.abspath(tape.__file__))
+    package = os.path.dirname(os.path.abspath(__file__))  # this module's package, tape
     real = os.path.realpath(package)
     if not any(real.startswith(prefix.rstrip("/") + "/") for prefix in (*prefixes, "/usr")):
         arguments += ["--ro-bind", real, package]
