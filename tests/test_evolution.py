@@ -416,6 +416,23 @@ def test_a_key_written_in_the_config_is_refused(tmp_path):
         resolve(tmp_path, config, {"OPENAI_API_KEY": "k"})
 
 
+@pytest.mark.parametrize(("config", "message"), [
+    ({"llm": 5}, "section llm of .* must be a mapping of settings .*got a number \\(5\\)"),
+    ({"llm": [1, 2]}, "section llm of .* must be a mapping of settings .*got a list"),
+    ({"llm": {"models": 5}}, "llm: models of .* must be a list of models"),
+    ({"llm": {"models": [3]}}, "llm: models of .* must be a list of models"),
+    ({"prompt": 3}, "section prompt of .* must be a mapping"),
+])
+def test_sections_of_the_wrong_type_are_one_line_errors(tmp_path, config, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(tmp_path, config, {})
+
+
+def test_an_api_base_that_is_not_a_url_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="--api-base notaurl is not an http\\(s\\) URL"):
+        resolve(tmp_path, REMOTE, {}, api_base="notaurl")
+
+
 def test_unknown_config_keys_are_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key\(s\) timeuot in section evaluator"):
         resolve(tmp_path, {**LOCAL, "evaluator": {"timeuot": 5}}, {})

@@ -1,10 +1,12 @@
-"""The sandbox contains programs that hang, eat memory, raise, return garbage or snoop."""
+"""The sandbox contains programs that hang, eat memory, raise, return garbage, snoop or attack.
+
+Every test runs on both isolation paths: bwrap (skipped where it cannot run) and partial.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import textwrap
 import time
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from tape.errors import ProgramError
+from tape.isolation import bwrap_failure
 from tape.layout import Layout
 from tape.sandbox import SandboxedProgram
 
@@ -37,6 +40,26 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
             log2phy[layer, expert, 1] = experts + offset
     return phy2log, log2phy, logcnt
 """
+
+
+ISOLATION = {"setting": "partial"}
+
+
+@pytest.fixture(autouse=True, params=["bwrap", "partial"])
+def isolation(request) -> str:
+    """Each test once under bwrap (isolation strict) and once under partial isolation."""
+    if request.param == "bwrap":
+        if bwrap_failure() is not None:
+            pytest.skip(f"bwrap cannot run here: {bwrap_failure()}")
+        ISOLATION["setting"] = "strict"
+    else:
+        ISOLATION["setting"] = "partial"
+    return request.param
+
+
+def sandbox(path, **options) -> SandboxedProgram:
+    """A SandboxedProgram under the isolation of the running test."""
+    return SandboxedProgram(path, isolation=ISOLATION["setting"], **options)
 
 
 def write(tmp_path, body: str, name: str = "program.py") -> str:
@@ -79,7 +102,7 @@ def expected_good_phy2log(weight: np.ndarray) -> np.ndarray:
 
 def test_a_correct_program_runs_and_reuses_one_child(tmp_path):
     path = write(tmp_path, GOOD)
-    with SandboxedProgram(path, timeout_s=20) as program:
+    with sandbox(path, timeout_s=20) as program:
         first, seconds = program.call(window(0), LAYOUT)
         pid = program.pid
         second, _ = program.call(window(1), LAYOUT)
@@ -105,7 +128,7 @@ def test_a_program_that_sleeps_forever_is_killed_within_the_timeout(tmp_path):
     )
     stuck = window(0)
     stuck[0, 0] = -1
-    with SandboxedProgram(path, timeout_s=1.0) as program:
+    with sandbox(path, timeout_s=1.0) as program:
         program.call(window(0), LAYOUT)
         pid = program.pid
         start = time.monotonic()
@@ -118,41 +141,55 @@ def test_a_program_that_sleeps_forever_is_killed_within_the_timeout(tmp_path):
         np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(window(1)))
 
 
-def test_processes_a_program_starts_are_killed_with_it(tmp_path):
+def marked_processes(marker: str) -> list[int]:
+    """The live (not zombie) processes whose command line holds `marker`, seen from here."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                    if marker.encode() in cmdline.read() and not process_gone(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def wait_until(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+# Starts a grandchild in a session of its own (it leaves the child's process group) and a
+# plain one, both carrying MARKER on their command lines, then hangs.
+DETACHING = """
+import subprocess, sys, time
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "MARKER"]
+    subprocess.Popen(sleeper, start_new_session=True)
+    subprocess.Popen(sleeper)
+    time.sleep(60)
+"""
+
+
+def test_processes_a_program_starts_die_with_it_even_in_a_session_of_their_own(tmp_path):
     # A pool of workers or a subprocess would otherwise outlive the child the timeout killed.
-    started = tmp_path / "grandchild.pid"
-    path = write(tmp_path, f"""
-        import subprocess, sys, time
-
-        def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
-            worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-            with open({str(started)!r}, "w") as file:
-                file.write(str(worker.pid))
-            time.sleep(60)
-    """)
-    with SandboxedProgram(path, timeout_s=0.5) as program:
-        assert_fails(program, window(), "timed out")
-    grandchild = int(started.read_text())
-    deadline = time.monotonic() + 2
-    while not process_gone(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process_gone(grandchild)
-
-
-def test_a_ctrl_c_while_the_child_starts_is_left_to_the_parent(tmp_path, monkeypatch):
-    # Ctrl-C reaches the terminal's whole process group: a child still starting up (before it
-    # ignores SIGINT) would die with a KeyboardInterrupt traceback on the terminal.
-    receive = SandboxedProgram._receive
-
-    def interrupted_start(self, timeout, reason):
-        if not hasattr(self, "interrupted"):
-            self.interrupted = True
-            os.kill(self.pid, signal.SIGINT)
-        return receive(self, timeout, reason)
-
-    monkeypatch.setattr(SandboxedProgram, "_receive", interrupted_start)
-    with SandboxedProgram(write(tmp_path, GOOD), timeout_s=20) as program:
+    marker = f"tape-test-{os.getpid()}-{time.monotonic_ns()}"
+    path = write(tmp_path, DETACHING.replace("MARKER", marker))
+    with sandbox(path, timeout_s=2.0) as program, pytest.raises(ProgramError, match="timed out"):
         program.call(window(), LAYOUT)
+    assert wait_until(lambda: not marked_processes(marker)), marked_processes(marker)
+
+
+def test_the_child_is_outside_the_callers_session(tmp_path):
+    # A Ctrl-C at the terminal reaches the terminal's foreground group, not the child (which
+    # could die with a traceback on the terminal while it starts).
+    with sandbox(write(tmp_path, GOOD), timeout_s=20) as program:
+        program.call(window(), LAYOUT)
+        assert os.getsid(program.pid) == program.pid != os.getsid(0)
 
 
 def test_output_that_bypasses_sys_stdout_does_not_reach_the_terminal(tmp_path, capfd):
@@ -162,7 +199,7 @@ def test_output_that_bypasses_sys_stdout_does_not_reach_the_terminal(tmp_path, c
         "    os.write(1, b'LEAKED-BY-FD\\n')\n"
         "    os.system('echo LEAKED-BY-SHELL; echo LEAKED-TO-STDERR >&2')\n",
     ))
-    with SandboxedProgram(path, timeout_s=20) as program:
+    with sandbox(path, timeout_s=20) as program:
         program.call(window(), LAYOUT)
     captured = capfd.readouterr()
     assert "LEAKED" not in captured.out + captured.err
@@ -172,7 +209,7 @@ def test_a_program_that_hangs_at_import_is_killed(tmp_path):
     path = write(tmp_path, "while True:\n    pass\n" + GOOD)
     start = time.monotonic()
     assert_fails(
-        SandboxedProgram(path, timeout_s=1.0), window(), "importing the program timed out after 1 s"
+        sandbox(path, timeout_s=1.0), window(), "importing the program timed out after 1 s"
     )
     assert time.monotonic() - start < 30
 
@@ -189,7 +226,7 @@ def test_a_program_that_eats_memory_is_contained(tmp_path):
                 hoard.append(np.ones(2**24))  # 128 MiB at a time, touched
         """,
     )
-    program = SandboxedProgram(path, timeout_s=30, memory_mb=300)
+    program = sandbox(path, timeout_s=30, memory_mb=300)
     assert_fails(program, window(),
                  "rebalance_experts raised MemoryError: it exceeded the memory limit of 300 MB")
 
@@ -203,7 +240,7 @@ def test_a_program_that_raises_reports_the_error_and_its_line(tmp_path):
             raise ValueError("no placement for you")
         """,
     )
-    with SandboxedProgram(path, timeout_s=20) as program, pytest.raises(ProgramError) as caught:
+    with sandbox(path, timeout_s=20) as program, pytest.raises(ProgramError) as caught:
         program.call(window(), LAYOUT)
     message = str(caught.value)
     assert "rebalance_experts raised ValueError: no placement for you (line 4 of the program)" in (
@@ -258,7 +295,7 @@ def test_garbage_outputs_are_rejected_with_the_reason(tmp_path, returned, reason
         + "    phy2log, log2phy, logcnt = maps(*weight.shape, num_replicas)\n"
         + f"    return {returned}\n",
     )
-    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+    assert_fails(sandbox(path, timeout_s=20), window(), reason)
 
 
 SNOOP = """
@@ -286,25 +323,25 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
 def test_a_program_that_inspects_its_callers_finds_no_other_window(tmp_path):
     path = write(tmp_path, GOOD.replace("def rebalance_experts", "def good") + SNOOP)
     windows = np.stack([window(0), np.full((NUM_LAYERS, NUM_EXPERTS), 7777.0)])
-    with SandboxedProgram(path, timeout_s=20) as program:
+    with sandbox(path, timeout_s=20) as program:
         placement, _ = program.call(windows[0], LAYOUT)
     np.testing.assert_array_equal(placement.phy2log, expected_good_phy2log(windows[0]))
     # The same search does find the marked window when it is the one passed in: the probe works.
-    assert_fails(SandboxedProgram(path, timeout_s=20), windows[1], "found a later window")
+    assert_fails(sandbox(path, timeout_s=20), windows[1], "found a later window")
 
 
-def test_secrets_are_removed_from_the_childs_environment(tmp_path, monkeypatch):
+def test_nothing_of_the_evaluators_environment_reaches_the_child(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("TAPE_WINDOWS", str(tmp_path / "windows.npz"))  # every window scored on
-    monkeypatch.setenv("PLAIN_VISIBLE", "yes")
+    monkeypatch.setenv("PLAIN_VARIABLE", "yes")
     path = write(
         tmp_path,
         "import os\n"
         "assert 'OPENAI_API_KEY' not in os.environ, 'key leaked'\n"
         "assert 'TAPE_WINDOWS' not in os.environ, 'the windows file leaked'\n"
-        "assert os.environ.get('PLAIN_VISIBLE') == 'yes', 'ordinary variables must pass'\n" + GOOD,
+        "assert 'PLAIN_VARIABLE' not in os.environ, 'the environment leaked'\n" + GOOD,
     )
-    with SandboxedProgram(path, timeout_s=20) as program:
+    with sandbox(path, timeout_s=20) as program:
         program.call(window(), LAYOUT)
 
 
@@ -329,12 +366,12 @@ def test_programs_that_cannot_load_are_rejected(tmp_path, body, reason):
     if body.startswith("import torch") and importlib.util.find_spec("torch") is not None:
         pytest.skip("torch is installed here")
     path = write(tmp_path, body)
-    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+    assert_fails(sandbox(path, timeout_s=20), window(), reason)
 
 
 def test_a_missing_file_is_rejected(tmp_path):
     with pytest.raises(ProgramError, match="does not exist"):
-        SandboxedProgram(tmp_path / "absent.py").call(window(), LAYOUT)
+        sandbox(tmp_path / "absent.py").call(window(), LAYOUT)
 
 
 @pytest.mark.parametrize(
@@ -351,7 +388,7 @@ def test_a_program_that_exits_or_dies_is_reported(tmp_path, exit_line, reason):
         f"def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
         f"    {exit_line}\n",
     )
-    assert_fails(SandboxedProgram(path, timeout_s=20), window(), reason)
+    assert_fails(sandbox(path, timeout_s=20), window(), reason)
 
 
 TORCH_PROGRAM = """
@@ -373,7 +410,7 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
 def test_a_torch_program_gets_a_float64_tensor_and_may_return_tensors(tmp_path):
     pytest.importorskip("torch")
     path = write(tmp_path, TORCH_PROGRAM)
-    with SandboxedProgram(path, timeout_s=60) as program:
+    with sandbox(path, timeout_s=60) as program:
         placement, _ = program.call(window(), LAYOUT)
     expected = np.tile(np.arange(12) % NUM_EXPERTS, (NUM_LAYERS, 1))
     np.testing.assert_array_equal(placement.phy2log, expected)
@@ -386,5 +423,5 @@ def test_a_multi_line_error_message_arrives_on_one_line(tmp_path):
         "def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):\n"
         "    raise ValueError('first line\\nsecond line')\n",
     )
-    assert_fails(SandboxedProgram(path, timeout_s=20), window(),
+    assert_fails(sandbox(path, timeout_s=20), window(),
                  "raised ValueError: first line second line")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +386,81 @@ def test_a_killed_runs_staging_folder_does_not_make_a_run_folder_used(tmp_path):
     (out / "x").write_text("")
     with pytest.raises(ConfigError, match="already holds files"):
         require_new_folder(out)
+
+
+# -- the study in Optuna's RDB storage: resume after a kill, several processes on one study ----
+
+
+def tune_process(tmp_path, out, trials, *extra) -> subprocess.Popen:
+    """`tape tune` on the small synthetic problem, in a process of its own."""
+    from tape.synthetic import synthetic_trace
+
+    trace = tmp_path / "trace.npy"
+    if not trace.exists():
+        np.save(trace, synthetic_trace(num_steps=600, num_layers=4, num_experts=32,
+                                       num_groups=4))
+    return subprocess.Popen(
+        [sys.executable, "-c", "from tape.cli import main; main()", "tune",
+         "--version", "2", "--trials", str(trials), "--trace", str(trace), "--replicas", "48",
+         "--groups", "4", "--nodes", "2", "--gpus", "8", "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished_trials(url: str) -> list:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=tuning.STUDY_NAME, storage=url)
+    except Exception:  # noqa: BLE001 - not made yet
+        return []
+    return [trial for trial in study.trials if trial.state.name == "COMPLETE"]
+
+
+@needs_tape_policy
+def test_a_killed_tape_tune_resumes_with_every_finished_trial(tmp_path):
+    out = tmp_path / "tuned"
+    url = f"sqlite:///{out / tuning.STUDY_FILE}"
+    process = tune_process(tmp_path, out, 200)
+    deadline = time.monotonic() + 120
+    while len(finished_trials(url)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {trial.number: trial.params for trial in finished_trials(url)}
+    assert len(before) >= 3
+    again = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=3)
+    assert again.exit_code == 2 and "pass --resume" in again.output  # not without --resume
+    target = len(before) + 2
+    resumed = tune_from_the_command_line(tmp_path, 600, "2", target, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    manifest = json.loads((out / "tune_manifest.json").read_text())
+    history = {trial["number"]: trial["params"] for trial in manifest["trial_history"]}
+    assert manifest["finished_trials"] == target
+    assert all(history[number] == params for number, params in before.items())
+
+
+@needs_tape_policy
+def test_two_processes_tune_one_study_together(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    processes = [tune_process(tmp_path, tmp_path / f"out{index}", 6, "--storage", url,
+                              "--resume") for index in range(2)]
+    for process in processes:
+        _, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, errors
+    trials = finished_trials(url)
+    assert 6 <= len(trials) <= 8  # each stops once 6 finished in all (one more may be running)
+    manifests = [json.loads((tmp_path / f"out{index}" / "tune_manifest.json").read_text())
+                 for index in range(2)]
+    assert max(manifest["finished_trials"] for manifest in manifests) == len(trials)
+
+
+def test_a_resume_with_other_settings_or_a_bad_storage_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot open the study storage nosuch://u:\\*\\*\\*@h"):
+        tuning.tune(SMALL, trials=1, holdout=0.0, storage="nosuch://u:secret@h/db")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    tuning.tune(SMALL, trials=1, holdout=0.0, storage=url)
+    with pytest.raises(ConfigError, match="already holds a tape tune study; pass --resume"):
+        tuning.tune(SMALL, trials=2, holdout=0.0, storage=url)
+    with pytest.raises(ConfigError, match="cannot resume: .* another holdout"):
+        tuning.tune(SMALL, trials=2, holdout=0.25, storage=url, resume=True)
+    assert len(tuning.tune(SMALL, trials=2, holdout=0.0, storage=url, resume=True).trials) == 2

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from tape.arrays import like_input, to_numpy
-from tape.errors import PlacementError, TraceError
+from tape.arrays import dense_numpy, like_input
+from tape.errors import PlacementError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, get_policy
@@ -133,12 +133,19 @@ def place(
     return placement.validate(layout, num_layers)
 
 
+MAX_LOAD = 2.0**53
+"""The largest load taken: above it float64 no longer holds every whole token count, so loads
+that differ would compare equal and placements would be silently wrong."""
+
+
 def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: int) -> Placement:
     """`previous_phy2log` as a Placement, or a PlacementError that names it and its shape."""
     num_layers, num_experts = load_shape
     try:
-        array = to_numpy(value)
-    except ValueError:
+        array = dense_numpy(value, "previous_phy2log", PlacementError)
+    except ValueError as error:
+        if isinstance(error, TapeError):
+            raise
         raise PlacementError(
             f"previous_phy2log must be a rectangular array [layers, num_replicas] = "
             f"[{num_layers}, {num_replicas}], got ragged nested sequences"
@@ -162,10 +169,13 @@ def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: i
 
 
 def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    """`value` as a float64 array of `ndim` dimensions, finite, non-negative and not empty."""
+    """`value` as a float64 array of `ndim` dimensions, finite, non-negative, at most MAX_LOAD
+    and not empty."""
     try:
-        array = to_numpy(value)
-    except ValueError:
+        array = dense_numpy(value, name, TraceError)
+    except ValueError as error:
+        if isinstance(error, TapeError):
+            raise
         raise TraceError(
             f"{name} must be a rectangular array of {ndim} dimensions, got ragged nested sequences"
         ) from None
@@ -180,6 +190,9 @@ def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
         raise TraceError(f"{name} holds NaN or infinite loads")
     if array.min() < 0:
         raise TraceError(f"{name} holds negative loads (smallest {array.min()}); loads are >= 0")
+    if array.max() > MAX_LOAD:
+        raise TraceError(f"{name} holds loads above 2**53 (largest {array.max():.3g}), where "
+                         "float64 cannot tell token counts apart; scale the loads down")
     return array
 
 

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_torch_tensor", "like_input", "to_numpy"]
+from tape.errors import TapeError
+
+__all__ = ["dense_numpy", "is_torch_tensor", "like_input", "to_numpy"]
 
 
 def is_torch_tensor(value: Any) -> bool:
@@ -34,6 +36,17 @@ def to_numpy(value: Any) -> np.ndarray:
             tensor = tensor.float()
         return tensor.numpy()
     return np.asarray(value)
+
+
+def dense_numpy(value: Any, name: str, error: type[TapeError]) -> np.ndarray:
+    """`to_numpy(value)`; `error` naming `name` for a torch tensor that holds no dense values
+    (a sparse tensor, a meta tensor), where torch would raise TypeError or NotImplementedError."""
+    if is_torch_tensor(value):
+        if value.is_meta:
+            raise error(f"{name} is a meta tensor, which holds no values; pass a tensor with data")
+        if value.layout != sys.modules["torch"].strided:
+            raise error(f"{name} is a {value.layout} tensor; pass a dense one (.to_dense())")
+    return to_numpy(value)
 
 
 def like_input(array: np.ndarray, template: Any) -> Any:

@@ -7,6 +7,7 @@ from numbers import Integral
 __all__ = [
     "ConfigError",
     "EvolutionError",
+    "IsolationError",
     "LayoutError",
     "PlacementError",
     "ProgramError",
@@ -39,6 +40,10 @@ class ConfigError(TapeError):
 
 class ProgramError(TapeError):
     """A user program (a file defining `rebalance_experts`) that cannot be loaded or run."""
+
+
+class IsolationError(TapeError):
+    """A sandbox isolation that cannot run here (`isolation strict` without bubblewrap)."""
 
 
 class EvolutionError(TapeError):

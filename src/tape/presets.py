@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from tape.errors import ConfigError
+from tape.preset_bounds import check_bounds
 
 __all__ = [
     "ClusterSpec",
@@ -138,6 +139,7 @@ def _build(kind: type, name: str, fields: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         if value <= 0:
             raise ConfigError(f"{where}: {key} must be positive, got {value!r}")
+        check_bounds(key, value, where)
         if expected.startswith("int"):
             if value != int(value):
                 raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")

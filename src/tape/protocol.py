@@ -121,6 +121,8 @@ class ProgramScore:
         error: why the program failed (then `combined_score` is 0), else None.
         placements: the placements the source produced (not serialized).
         seconds: each policy call's runtime in seconds.
+        isolation: for a program run in the sandbox, the isolation it ran with ("bwrap" or
+            "partial", `tape.isolation`); None for a registered policy.
     """
 
     metrics: dict[str, float]
@@ -128,14 +130,17 @@ class ProgramScore:
     error: str | None = None
     placements: list[Placement] = field(default_factory=list, repr=False)
     seconds: list[float] = field(default_factory=list)
+    isolation: str | None = None
 
     @classmethod
-    def failed(cls, reason: str) -> ProgramScore:
-        return cls(metrics={"combined_score": 0.0}, error=reason)
+    def failed(cls, reason: str, isolation: str | None = None) -> ProgramScore:
+        return cls(metrics={"combined_score": 0.0}, error=reason, isolation=isolation)
 
     def to_json(self) -> dict[str, Any]:
-        """One JSON object: the metric names as keys, `per_pair` lists, and `error`."""
-        return {**self.metrics, "per_pair": self.per_pair, "error": self.error}
+        """One JSON object: the metric names as keys, `per_pair` lists, `error`, and
+        `isolation` for a sandboxed program."""
+        extra = {} if self.isolation is None else {"isolation": self.isolation}
+        return {**self.metrics, "per_pair": self.per_pair, "error": self.error, **extra}
 
 
 def window_metrics(
@@ -243,6 +248,8 @@ def score_program(
     version: int | str = 0,
     timeout_s: float = 60.0,
     memory_mb: int = 4096,
+    budget_s: float | None = None,
+    isolation: str = "auto",
     model: ModelSpec | None = None,
     cluster: ClusterSpec | None = None,
     dispatch: str = "locality",
@@ -251,9 +258,12 @@ def score_program(
 ) -> ProgramScore:
     """Run a user's program (a file defining `rebalance_experts`) through the protocol.
 
-    The program runs in a sandboxed child process that sees one window per call. A program that
-    cannot be loaded, raises, times out or returns a bad placement scores 0 with the reason in
-    `error`; bad trace or layout arguments raise `TapeError`.
+    The program runs in a sandboxed child process that sees one window per call
+    (`tape.sandbox.SandboxedProgram`: `timeout_s` a call, `budget_s` all calls, `memory_mb`,
+    `isolation`), timed from outside it. A program that cannot be loaded, raises, times out,
+    runs past its budget or returns a bad placement scores 0 with the reason in `error`; the
+    result names the isolation that ran. Bad trace or layout arguments raise `TapeError`, an
+    isolation that cannot run `IsolationError`.
     """
     from tape.sandbox import SandboxedProgram
 
@@ -262,19 +272,23 @@ def score_program(
     path = Path(program_path)
     if not path.is_file():
         raise ProgramError(f"program {path} does not exist")
+    program = SandboxedProgram(path, timeout_s=timeout_s, memory_mb=memory_mb,
+                               budget_s=budget_s, isolation=isolation)
     try:
-        with SandboxedProgram(path, timeout_s=timeout_s, memory_mb=memory_mb) as program:
+        with program:
 
             def source(index, weight, previous, history):
                 return program.call(weight, layout)
 
             run = replay(source, windows, progress=progress)
-    except ProgramError as error:
-        return ProgramScore.failed(str(error))
-    return score_replay(
-        run, windows, layout, version=version, model=model, cluster=cluster,
-        dispatch=dispatch, steps_per_window=steps_per_window,
-    )
+        score = score_replay(
+            run, windows, layout, version=version, model=model, cluster=cluster,
+            dispatch=dispatch, steps_per_window=steps_per_window,
+        )
+    except TapeError as error:  # the program's failure, never the whole run's
+        return ProgramScore.failed(str(error), program.isolation)
+    score.isolation = program.isolation
+    return score
 
 
 def policy_source(

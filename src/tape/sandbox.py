@@ -2,319 +2,130 @@
 
 A program (a Python file that defines `rebalance_experts(weight, num_replicas, num_groups,
 num_nodes, num_gpus) -> (phy2log, log2phy, logcnt)`, DeepSeek EPLB's entry point) may hang, eat
-memory, crash, return garbage or look through its caller's stack for data it should not see.
-`SandboxedProgram` contains all of that:
+memory, crash, return garbage, forge its runtime, attack the evaluator or look for data it should
+not see (LLM-written candidates learn to cheat when they can). `SandboxedProgram` contains that:
 
-- the program is imported and called in one long-lived child process started with the `spawn`
-  method (a fresh interpreter: none of the caller's memory), reused across calls and restarted
-  after it is killed; the child leads its own process group, and the whole group is killed, so
-  processes the program starts (a pool of workers, a subprocess) do not outlive it;
-- each call sends the child only the window being balanced, so nothing in the child (stack
-  frames, globals, the garbage collector) holds another window;
-- each call has a hard timeout: past it the child is killed, not merely abandoned;
+- the program is imported and called in one long-lived child process (`tape.sandbox_child`, a
+  fresh interpreter that holds nothing of the caller's), reused across calls and restarted after
+  it is killed; under `bwrap` isolation (`tape.isolation`) the child has its own PID namespace,
+  no network and no files but the Python installation, the program and a private tmpfs;
+- each call sends the child only the window being balanced;
+- the reply channel carries JSON headers and raw arrays, never pickles; the parent checks the
+  header, dtypes and shapes before reading an array, and the maps' ranges and consistency
+  (`Placement.from_maps(...).validate(...)`) before using them; a malformed reply is a failure;
+- the seconds of a call are measured here, around the call as seen from outside the child
+  (sending the window, the call, receiving the maps): no clock the program can reach decides
+  them; a reply that arrives before its call was sent is refused;
+- each call has a hard timeout, and all calls (and the import) together a time budget; past
+  either the child and every process it started are killed;
 - the child's address space is capped (`RLIMIT_AS`, on Linux) at its size after start-up plus
-  `memory_mb`, so a program that eats memory fails with a MemoryError or dies alone;
-- API keys and other secrets, and the evaluator's `TAPE_*` settings (which name the windows file),
-  are removed from the child's environment, and SIGINT is left to the parent (from the child's
-  start: a Ctrl-C while it starts up does not reach it);
-- outputs are checked in the child (a 3-tuple of integer arrays of the right shapes) and again in
-  the parent (`Placement.from_maps(...).validate(...)`: consistent maps, every expert replicated);
-- the seconds reported are measured in the child around the call alone, with a clock bound
-  before the program was imported;
-- what the program prints (stdout and stderr) is not shown: the child keeps its last few hundred
-  characters, and they reach the parent only inside the reason of a call that raised ("...; its
-  last output: ..."); output that bypasses `sys.stdout` (os.write, a subprocess) is dropped.
+  `memory_mb`; under bwrap its tmpfs is capped at `memory_mb` too;
+- the child's environment holds nothing of the evaluator's; a failure's reason is one line,
+  stripped of control characters and escape sequences, capped in length, and any value of the
+  evaluator's secret variables (API keys, tokens) in it is masked;
+- what the program prints is not shown: its last few hundred characters reach the parent only
+  inside the reason of a call that raised ("...; its last output: ...").
 
-Every failure raises `tape.errors.ProgramError` with a one-line reason. The sandbox contains
-faults and hides data; it is not a security boundary against code written to attack TAPE itself
-(such code could, for example, forge its own timing from inside the child).
+Every failure raises `tape.errors.ProgramError` with a one-line reason.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import json
 import os
+import re
+import secrets
+import select
+import shutil
 import signal
-import sys
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+import subprocess
+import tempfile
+import unicodedata
 from pathlib import Path
 from time import perf_counter
-from typing import Any
 
 import numpy as np
 
-from tape.arrays import to_numpy
+from tape import sandbox_child
 from tape.errors import PlacementError, ProgramError
+from tape.isolation import (
+    Isolation,
+    kill_process_tree,
+    partial_environment,
+    resolve_isolation,
+    sandbox_command,
+)
 from tape.layout import Layout
 from tape.placement import Placement
+from tape.sandbox_child import ENTRY_POINT, array_nbytes, encode_frame, frame_length
 
-__all__ = ["ENTRY_POINT", "STARTUP_SECONDS", "SandboxedProgram"]
-
-ENTRY_POINT = "rebalance_experts"
-"""The function a program must define."""
+__all__ = [
+    "BUDGET_TIMEOUTS",
+    "ENTRY_POINT",
+    "REASON_CHARS",
+    "STARTUP_SECONDS",
+    "SandboxedProgram",
+    "clean_reason",
+]
 
 STARTUP_SECONDS = 120.0
 """How long a fresh child may take to start its interpreter (before the program is imported)."""
 
+BUDGET_TIMEOUTS = 5
+"""The default time budget of a program over all its calls, in timeouts."""
+
+REASON_CHARS = 500
+"""The longest failure reason, in characters."""
+
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
-_OUTPUT_TAIL_CHARS = 300
-_TORCH_HINT = (
-    "the program imports torch, which is not installed: install TAPE's torch extra, "
-    "`pip install -e '.[torch]'` in a checkout of TAPE (a CPU build of torch is enough)"
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, screen clears
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC: window titles, hyperlinks, clipboard
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"  # DCS, SOS, PM, APC strings
+    r"|\x1b[ -/]*[0-~]?"  # any other escape
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
 )
 
 
-def _one_line(text: str, limit: int = 500) -> str:
-    line = " ".join(str(text).split())
+def clean_reason(text: object, limit: int = REASON_CHARS) -> str:
+    """`text` as one printable line: escape sequences, control and format characters removed,
+    the values of this process's secret variables (API keys, tokens) masked, whitespace runs
+    made one space, cut to `limit` characters."""
+    line = _ESCAPE_SEQUENCE.sub("", str(text))
+    line = "".join(
+        " " if character.isspace() else character
+        for character in line
+        if character.isspace() or unicodedata.category(character)[0] != "C"
+    )
+    for name, value in os.environ.items():
+        if len(value) >= 8 and any(marker in name.upper() for marker in _SECRET_MARKERS):
+            line = line.replace(value, "***")
+    line = " ".join(line.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-# ----------------------------------------------------------------------------------------------
-# The child process.
+def _ready(descriptor: int, event: int, deadline: float) -> bool:
+    """Wait until `descriptor` is ready for `event` (select.POLLIN or POLLOUT; a closed or
+    broken end counts as ready) or `deadline` (a `perf_counter` time) passes; _Timeout then.
+    poll, not select: an evaluator may hold more than FD_SETSIZE files."""
+    wait = deadline - perf_counter()
+    if wait <= 0:
+        raise _Timeout
+    poller = select.poll()
+    poller.register(descriptor, event)
+    return bool(poller.poll(max(1, int(wait * 1000))))
 
 
-class _TailBuffer:
-    """A write-only text stream that keeps the last few hundred characters written to it."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text = (self.text + text)[-_OUTPUT_TAIL_CHARS:]
-        return len(text)
-
-    def flush(self) -> None:
-        pass
+class _Timeout(Exception):
+    """The child did not answer before the deadline."""
 
 
-def _address_space_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return None
+class _Malformed(Exception):
+    """The child sent something the protocol does not allow."""
 
 
-def _limit_memory(memory_mb: int) -> None:
-    """Cap the address space at its current size plus `memory_mb` (Linux only)."""
-    try:
-        import resource
-    except ImportError:
-        return
-    current = _address_space_bytes()
-    if current is None:
-        return
-    limit = current + int(memory_mb) * 2**20
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except (ValueError, OSError):
-        pass
-
-
-def _remove_secrets() -> None:
-    """Remove API keys and the like, and the evaluator's TAPE_* settings: TAPE_WINDOWS and
-    TAPE_TRACE name the file holding every window the program is scored on."""
-    for name in list(os.environ):
-        upper = name.upper()
-        if upper.startswith("TAPE_") or any(marker in upper for marker in _SECRET_MARKERS):
-            del os.environ[name]
-
-
-def _silence_output_descriptors() -> None:
-    """Point file descriptors 1 and 2 at the null device: what bypasses `sys.stdout` (os.write,
-    a subprocess, a C extension) does not reach the terminal either."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for descriptor in (1, 2):
-            os.dup2(null, descriptor)
-    finally:
-        os.close(null)
-
-
-def _describe_exception(error: BaseException, program_path: str, memory_mb: int) -> str:
-    if isinstance(error, MemoryError):
-        # Read after "raised" or "failed:": "rebalance_experts raised MemoryError: ...".
-        return f"MemoryError: it exceeded the memory limit of {memory_mb} MB"
-    where = ""
-    for frame in reversed(traceback.extract_tb(error.__traceback__)):
-        if frame.filename == program_path:
-            where = f" (line {frame.lineno} of the program)"
-            break
-    message = f": {error}" if str(error) else ""
-    return f"{type(error).__name__}{message}{where}"
-
-
-def _load_program(program_path: str, memory_mb: int) -> tuple[Any, bool]:
-    """Import the program; return its entry point and whether it uses torch."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sandboxed_program", program_path)
-    if spec is None or spec.loader is None:
-        raise ProgramError(f"cannot load {program_path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as error:
-        raise ProgramError(
-            f"syntax error in the program, line {error.lineno}: {error.msg}"
-        ) from None
-    except ModuleNotFoundError as error:
-        if error.name == "torch":
-            raise ProgramError(_TORCH_HINT) from None
-        raise ProgramError(f"the program imports a missing module: {error.name}") from None
-    except BaseException as error:  # noqa: BLE001 - any failure of foreign code is reported
-        reason = _describe_exception(error, program_path, memory_mb)
-        raise ProgramError(f"importing the program failed: {reason}") from None
-    function = getattr(module, ENTRY_POINT, None)
-    if not callable(function):
-        raise ProgramError(f"the program defines no function `{ENTRY_POINT}`")
-    return function, "torch" in sys.modules
-
-
-def _check_outputs(result: Any, num_layers: int, num_experts: int, num_replicas: int) -> tuple:
-    """The three outputs as int64 numpy arrays, with their shapes checked."""
-    if not isinstance(result, (tuple, list)) or len(result) != 3:
-        kind = f"a {type(result).__name__}"
-        if isinstance(result, (tuple, list)):
-            kind += f" of length {len(result)}"
-        raise ProgramError(
-            f"{ENTRY_POINT} returned {kind}, expected a tuple (phy2log, log2phy, logcnt)"
-        )
-    expected = {
-        "phy2log": (num_layers, num_replicas),
-        "log2phy": (num_layers, num_experts, None),
-        "logcnt": (num_layers, num_experts),
-    }
-    arrays = []
-    for (name, shape), value in zip(expected.items(), result):
-        try:
-            array = to_numpy(value)
-        except Exception as error:  # noqa: BLE001 - foreign objects may fail in any way
-            raise ProgramError(f"{name} is not an array ({type(value).__name__}): {error}")
-        whole_floats = array.dtype.kind == "f" and bool(
-            np.all(np.isfinite(array)) and np.all(array == np.round(array))
-        )
-        if array.dtype.kind not in "iub" and not whole_floats:
-            raise ProgramError(f"{name} must hold integers, got dtype {array.dtype}")
-        if array.ndim != len(shape) or any(
-            size is not None and actual != size for actual, size in zip(array.shape, shape)
-        ):
-            wanted = "(" + ", ".join("X" if size is None else str(size) for size in shape) + ")"
-            raise ProgramError(f"{name} has shape {array.shape}, expected {wanted}")
-        if name == "log2phy" and not 1 <= array.shape[2] <= num_replicas:
-            raise ProgramError(
-                f"log2phy has {array.shape[2]} columns, expected 1 to num_replicas ({num_replicas})"
-            )
-        arrays.append(np.ascontiguousarray(array, dtype=np.int64))
-    return tuple(arrays)
-
-
-def _run_call(
-    function: Any,
-    weight: np.ndarray,
-    arguments: tuple[int, int, int, int],
-    uses_torch: bool,
-    clock: Any,
-    program_path: str,
-    memory_mb: int,
-) -> tuple:
-    """One call of the program, as the message to send back."""
-    num_layers, num_experts = weight.shape
-    try:
-        if uses_torch:
-            import torch
-
-            argument = torch.from_numpy(weight)
-        else:
-            argument = weight
-        start = clock()
-        result = function(argument, *arguments)
-        seconds = clock() - start
-        outputs = _check_outputs(result, num_layers, num_experts, arguments[0])
-    except ProgramError as error:
-        return ("error", str(error))
-    except BaseException as error:  # noqa: BLE001 - any failure of foreign code is reported
-        reason = _describe_exception(error, program_path, memory_mb)
-        return ("error", f"{ENTRY_POINT} raised {reason}")
-    return ("ok", *outputs, float(seconds))
-
-
-def _child_main(connection: Any, program_path: str, memory_mb: int) -> None:
-    """The child's whole life: start, import the program, then answer calls until told to exit.
-
-    Messages in: ("call", weight [L, E] float64, (num_replicas, num_groups, num_nodes, num_gpus))
-    or ("exit",). Messages out: ("started",), then ("ready",) or ("error", reason), then one
-    ("ok", phy2log, log2phy, logcnt, seconds) or ("error", reason) per call.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # blocked while it started (`_interrupts_held`); a
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # pending Ctrl-C is dropped
-    if hasattr(os, "setpgrp"):
-        os.setpgrp()  # `_stop` kills the group: what the program starts dies with it
-    _remove_secrets()
-    output = _TailBuffer()
-    sys.stdout = sys.stderr = output
-    _silence_output_descriptors()
-    connection.send(("started",))
-    _limit_memory(memory_mb)
-    try:
-        function, uses_torch = _load_program(program_path, memory_mb)
-    except ProgramError as error:
-        connection.send(("error", str(error)))
-        return
-    connection.send(("ready",))
-    clock = perf_counter
-    while True:
-        try:
-            message = connection.recv()
-        except EOFError:
-            return
-        if message[0] == "exit":
-            return
-        _, weight, arguments = message
-        del message
-        reply = _run_call(function, weight, arguments, uses_torch, clock, program_path, memory_mb)
-        if reply[0] == "error" and reply[1].startswith(f"{ENTRY_POINT} raised") and output.text:
-            reply = ("error", f"{reply[1]}; its last output: {_one_line(output.text, 200)}")
-        del weight
-        connection.send(reply)
-
-
-# ----------------------------------------------------------------------------------------------
-# The parent side.
-
-
-@contextmanager
-def _interrupts_held() -> Iterator[None]:
-    """SIGINT blocked in this thread, then delivered: a child started meanwhile inherits the
-    block, so a Ctrl-C cannot interrupt its start-up (and print a traceback) before it ignores
-    SIGINT; `_child_main` unblocks it then."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()  # launching it, a spawn would unblock SIGINT again
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _kill_group(pid: int | None) -> None:
-    """Kill the process group the child `pid` leads (it and what it started), if there is one.
-
-    Safe after the child was reaped: a process id is not reused while a group still bears it.
-    """
-    if pid is None or not hasattr(os, "killpg"):
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):  # no such group: the child never made it
-        pass
+class _Died(Exception):
+    """The child closed the channel: it exited or was killed."""
 
 
 class SandboxedProgram:
@@ -330,18 +141,33 @@ class SandboxedProgram:
         timeout_s: seconds one call (or the program's import) may take before the child is
             killed.
         memory_mb: megabytes of address space the program may add to the child's start-up size.
+        budget_s: seconds all calls and imports together may take (default BUDGET_TIMEOUTS x
+            `timeout_s`); past it every call fails.
+        isolation: "auto", "strict" or "partial" (`tape.isolation`); `self.isolation` is the
+            one that runs ("bwrap" or "partial").
+
+    Raises:
+        ProgramError: a limit that is not positive.
+        IsolationError: `isolation` is unknown, or strict where bwrap cannot run.
     """
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 60.0, memory_mb: int = 4096):
+    def __init__(self, path: str | Path, *, timeout_s: float = 60.0, memory_mb: int = 4096,
+                 budget_s: float | None = None, isolation: str = "auto"):
         if not timeout_s > 0:
             raise ProgramError(f"timeout_s must be positive, got {timeout_s}")
         if not memory_mb > 0:
             raise ProgramError(f"memory_mb must be positive, got {memory_mb}")
+        budget_s = BUDGET_TIMEOUTS * float(timeout_s) if budget_s is None else budget_s
+        if not budget_s > 0:
+            raise ProgramError(f"budget_s must be positive, got {budget_s}")
         self.path = Path(path).resolve()
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
-        self._process: Any = None
-        self._connection: Any = None
+        self.budget_s = float(budget_s)
+        self.spent_s = 0.0
+        self._isolation: Isolation = resolve_isolation(isolation)
+        self._process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
 
     def __enter__(self) -> SandboxedProgram:
         return self
@@ -350,8 +176,13 @@ class SandboxedProgram:
         self.close()
 
     @property
+    def isolation(self) -> str:
+        """The isolation the program runs with: "bwrap" or "partial"."""
+        return self._isolation.name
+
+    @property
     def pid(self) -> int | None:
-        """The child's process id, or None when no child is running."""
+        """The child's process id (bwrap's, under bwrap isolation), or None when none runs."""
         return self._process.pid if self._process is not None else None
 
     def call(self, weight: np.ndarray, layout: Layout) -> tuple[Placement, float]:
@@ -362,98 +193,234 @@ class SandboxedProgram:
             layout: the cluster layout whose arguments are passed on.
 
         Returns:
-            The validated placement and the seconds the call itself took (measured in the child).
+            The validated placement and the seconds the call took, measured here from sending
+            the window to receiving the maps (the child's start and the import not included).
 
         Raises:
-            ProgramError: the program could not be loaded, raised, timed out (its process is
-                killed), exceeded its memory, died, or returned an invalid placement.
+            ProgramError: the program could not be loaded, raised, timed out, ran past its
+                budget (its process is killed), exceeded its memory, died, sent a malformed
+                reply, or returned an invalid placement.
         """
-        weight = np.ascontiguousarray(weight, dtype=np.float64)
+        weight = np.ascontiguousarray(weight, dtype="<f8")
         if weight.ndim != 2:
             raise ProgramError(f"weight must be [layers, experts], got shape {weight.shape}")
         self._ensure_started()
-        arguments = (layout.num_replicas, layout.num_groups, layout.num_nodes, layout.num_gpus)
-        self._connection.send(("call", weight, arguments))
-        reply = self._receive(self.timeout_s, f"{ENTRY_POINT} timed out after {self.timeout_s:g} s")
-        if reply[0] == "error":
-            raise ProgramError(_one_line(reply[1]))
-        _, phy2log, log2phy, logcnt, seconds = reply
+        call_id = secrets.token_hex(8)
+        header = {"kind": "call", "id": call_id, "arguments": [
+            layout.num_replicas, layout.num_groups, layout.num_nodes, layout.num_gpus]}
+        num_layers, num_experts = weight.shape
+        expected = [(num_layers, layout.num_replicas), (num_layers, num_experts, None),
+                    (num_layers, num_experts)]
+        if self._pending():
+            self._stop()
+            raise ProgramError("the program wrote to the reply channel outside a call; "
+                               "its process was killed")
+        timeout, reason = self._limit(f"{ENTRY_POINT} timed out after {self.timeout_s:g} s")
+        start = perf_counter()
         try:
-            placement = Placement.from_maps(phy2log, log2phy, logcnt).validate(
-                layout, weight.shape[0]
-            )
+            reply, arrays = self._exchange(encode_frame(header, (weight,)), start + timeout,
+                                           expected, reason)
+        finally:
+            self.spent_s += perf_counter() - start
+        seconds = perf_counter() - start
+        if reply.get("id") != call_id:
+            self._stop()
+            raise ProgramError("the program's reply does not answer the call; its process was "
+                               "killed")
+        if reply["kind"] == "error":
+            raise ProgramError(clean_reason(reply.get("reason")))
+        try:
+            placement = Placement.from_maps(*arrays).validate(layout, num_layers)
         except PlacementError as error:
-            raise ProgramError(f"{ENTRY_POINT} returned an invalid placement: {error}") from None
-        if not (isinstance(seconds, float) and np.isfinite(seconds) and seconds >= 0):
-            raise ProgramError(f"the child reported an invalid runtime {seconds!r}")
+            raise ProgramError(clean_reason(
+                f"{ENTRY_POINT} returned an invalid placement: {error}")) from None
         return placement, seconds
 
     def close(self) -> None:
-        """Ask the child to exit; kill it if it does not. Safe to call twice."""
+        """Ask the child to exit, then kill it and all it started. Safe to call twice."""
         if self._process is None:
             return
         try:
-            self._connection.send(("exit",))
-        except (OSError, ValueError):
+            self._send(encode_frame({"kind": "exit"}), perf_counter() + 1.0)
+            self._process.wait(timeout=2.0)
+        except (_Timeout, _Died, subprocess.TimeoutExpired):
             pass
-        self._process.join(timeout=2.0)
         self._stop()
 
     # -- internals --------------------------------------------------------------------------
 
+    def _limit(self, timeout_reason: str) -> tuple[float, str]:
+        """The seconds the next wait may take and the reason to give past them (the timeout,
+        or the rest of the budget when that is shorter); ProgramError if no budget is left."""
+        left = self.budget_s - self.spent_s
+        budget_reason = (f"{ENTRY_POINT} ran past its time budget of {self.budget_s:g} s over "
+                         "all calls")
+        if left <= 0:
+            self._stop()
+            raise ProgramError(budget_reason)
+        if left < self.timeout_s:
+            return left, budget_reason
+        return self.timeout_s, timeout_reason
+
     def _ensure_started(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             return
         self._stop()
         if not self.path.is_file():
             raise ProgramError(f"program {self.path} does not exist")
-        context = multiprocessing.get_context("spawn")
-        parent_end, child_end = context.Pipe(duplex=True)
-        process = context.Process(
-            target=_child_main,
-            args=(child_end, str(self.path), self.memory_mb),
-            name=f"tape-sandbox:{self.path.name}",
-            daemon=True,
-        )
-        with _interrupts_held():  # a Ctrl-C while it starts is the parent's alone
-            process.start()
-            child_end.close()
-            self._process, self._connection = process, parent_end
-        self._receive(STARTUP_SECONDS, f"the sandbox did not start within {STARTUP_SECONDS:g} s")
-        reply = self._receive(
-            self.timeout_s, f"importing the program timed out after {self.timeout_s:g} s"
-        )
-        if reply[0] == "error":
-            self._stop()
-            raise ProgramError(_one_line(reply[1]))
-
-    def _receive(self, timeout: float, timeout_reason: str) -> tuple:
-        """The child's next message; kill it and raise ProgramError on timeout or death."""
+        self._workdir = Path(tempfile.mkdtemp(prefix="tape-sandbox-"))
+        command = sandbox_command(
+            self._isolation, Path(sandbox_child.__file__), self.path, self.memory_mb,
+            self._workdir)
+        partial = self._isolation.name == "partial"
         try:
-            ready = self._connection.poll(timeout)
-            if ready:
-                return self._connection.recv()
-        except (EOFError, OSError):
+            self._process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+                env=partial_environment(self._workdir) if partial else {},
+                cwd=self._workdir, close_fds=True,
+            )
+        except OSError as error:
+            self._stop()
+            raise ProgramError(f"cannot start the sandbox: {error}") from None
+        for stream in (self._process.stdin, self._process.stdout):
+            os.set_blocking(stream.fileno(), False)
+        self._expect_status(perf_counter() + STARTUP_SECONDS,
+                            f"the sandbox did not start within {STARTUP_SECONDS:g} s")
+        timeout, reason = self._limit(f"importing the program timed out after {self.timeout_s:g} s")
+        start = perf_counter()
+        try:
+            self._expect_status(start + timeout, reason)
+        finally:
+            self.spent_s += perf_counter() - start
+
+    def _expect_status(self, deadline: float, timeout_reason: str) -> None:
+        """Read the child's "started" or "ready" message; ProgramError on anything else."""
+        reply, _ = self._exchange(None, deadline, None, timeout_reason)
+        if reply["kind"] == "error":
+            self._stop()
+            raise ProgramError(clean_reason(reply.get("reason")))
+        if reply["kind"] not in ("started", "ready"):
+            self._stop()
+            raise ProgramError("the program sent a malformed message: an unexpected kind")
+
+    def _pending(self) -> bool:
+        """Whether the child sent something nobody asked for yet (or closed the channel)."""
+        poller = select.poll()
+        poller.register(self._process.stdout.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        descriptor = self._process.stdin.fileno()
+        try:
+            while view:
+                if _ready(descriptor, select.POLLOUT, deadline):
+                    try:
+                        view = view[os.write(descriptor, view):]
+                    except BlockingIOError:
+                        continue
+        except (OSError, ValueError):  # a broken pipe: the child is gone
+            raise _Died from None
+
+    def _read(self, count: int, deadline: float) -> bytes:
+        chunks, missing = [], count
+        descriptor = self._process.stdout.fileno()
+        while missing:
+            if not _ready(descriptor, select.POLLIN, deadline):
+                continue
+            try:
+                chunk = os.read(descriptor, min(missing, 1 << 20))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise _Died
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+
+    def _exchange(self, request: bytes | None, deadline: float, expected: list | None,
+                  timeout_reason: str) -> tuple[dict, list[np.ndarray]]:
+        """Send `request` (if any), then read the child's next message: its header and arrays
+        (three int64 maps of the `expected` shapes, None standing for any size from 1 to S,
+        after an "ok"; none otherwise). The child is killed and ProgramError raised on a
+        timeout, its death, or a message the protocol does not allow."""
+        try:
+            if request is not None:
+                self._send(request, deadline)
+            return self._read_message(deadline, expected)
+        except _Timeout:
+            self._stop()
+            raise ProgramError(f"{timeout_reason}; its process was killed") from None
+        except _Died:
             raise ProgramError(self._death_reason()) from None
-        self._stop()
-        raise ProgramError(f"{timeout_reason}; its process was killed")
+        except _Malformed as error:
+            self._stop()
+            raise ProgramError(f"the program sent a malformed reply: {error}; its process was "
+                               "killed") from None
+
+    def _read_message(self, deadline: float, expected: list | None
+                      ) -> tuple[dict, list[np.ndarray]]:
+        try:
+            length = frame_length(self._read(4, deadline))
+            header = json.loads(self._read(length, deadline))
+        except (ValueError, RecursionError) as error:
+            raise _Malformed(clean_reason(error, 100)) from None
+        if not isinstance(header, dict) or header.get("kind") not in (
+            ("ok", "error") if expected is not None else ("started", "ready", "error")
+        ):
+            raise _Malformed("an unexpected message")
+        described = header.get("arrays", [])
+        if header["kind"] != "ok":
+            if described:
+                raise _Malformed("arrays in a message that carries none")
+            return header, []
+        if not isinstance(described, list) or len(described) != 3:
+            raise _Malformed("expected three arrays")
+        layouts = []
+        for name, entry, shape in zip(("phy2log", "log2phy", "logcnt"), described, expected):
+            try:
+                dtype, actual, nbytes = array_nbytes(entry)
+            except ValueError as error:
+                raise _Malformed(f"{name}: {error}") from None
+            wanted = tuple(shape[:2] + (actual[2:3] if len(shape) == 3 else ()))
+            if dtype != np.dtype("<i8") or actual != wanted or (
+                len(shape) == 3 and not 1 <= actual[2] <= expected[0][1]
+            ):
+                raise _Malformed(f"{name} of dtype {dtype} and shape {actual}")
+            layouts.append((dtype, actual, nbytes))
+        arrays = [np.frombuffer(self._read(nbytes, deadline), dtype=dtype).reshape(shape)
+                  for dtype, shape, nbytes in layouts]
+        return header, arrays
 
     def _death_reason(self) -> str:
-        self._process.join(timeout=5.0)
-        code = self._process.exitcode
+        try:
+            code = self._process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            code = None
         self._stop()
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            hint = " (out of memory?)" if name in ("SIGKILL", "SIGSEGV", "SIGABRT") else ""
-            return f"the program's process died from signal {name}{hint}"
-        return f"the program's process exited unexpectedly (exit code {code})"
+        number = -code if code is not None and code < 0 else None
+        if code is not None and code > 128 and self.isolation == "bwrap":
+            number = code - 128  # bwrap exits with 128 + the signal that killed the program
+        if number is None:
+            return f"the program's process exited unexpectedly (exit code {code})"
+        name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+        hint = " (out of memory?)" if name in ("SIGKILL", "SIGSEGV", "SIGABRT") else ""
+        return f"the program's process died from signal {name}{hint}"
 
     def _stop(self) -> None:
-        if self._process is not None:
-            _kill_group(self._process.pid)
-            if self._process.is_alive():
-                self._process.kill()
-            self._process.join(timeout=5.0)
-        if self._connection is not None:
-            self._connection.close()
-        self._process = self._connection = None
+        process, self._process = self._process, None
+        if process is not None:
+            kill_process_tree(process.pid)
+            try:
+                process.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+            for stream in (process.stdin, process.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None

@@ -26,16 +26,19 @@ from typing import Any
 import numpy as np
 
 from tape.api import place, rebalance_experts
-from tape.arrays import like_input, to_numpy
+from tape.arrays import dense_numpy, like_input
 from tape.errors import TraceError, checked_integer
 from tape.layout import Layout
 from tape.policies import PolicyError, get_policy
 from tape.policies.tape.forecast import MEMORY
 
-__all__ = ["SHAPES_KEPT", "Rebalancer"]
+__all__ = ["MAX_HISTORY_WINDOWS", "SHAPES_KEPT", "Rebalancer"]
 
 SHAPES_KEPT = 4
 """How many shapes (layers, experts, slots) a `Rebalancer` remembers, the ones used last."""
+
+MAX_HISTORY_WINDOWS = 1024
+"""The most earlier windows a `Rebalancer` keeps (memory and each call's time grow with them)."""
 
 _TRIAL_LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
 """A small cluster on which the constructor tries the policy and its parameters once."""
@@ -57,8 +60,9 @@ class Rebalancer:
 
     Args:
         policy: a registered policy name (`tape.policies.policy_names()`); "tape" by default.
-        history_windows: how many earlier windows to keep and pass as `history` (0 keeps none);
-            by default the 15 that `tape`'s forecast reads.
+        history_windows: how many earlier windows to keep and pass as `history` (0 keeps none,
+            at most MAX_HISTORY_WINDOWS); by default the 15 that `tape`'s forecast reads. A
+            window of no load at all (vLLM's profile run) is not kept.
         **params: the policy's own parameters, e.g. `preset="fast"` for `tape`.
 
     Raises:
@@ -77,6 +81,9 @@ class Rebalancer:
         self.policy = policy
         self.history_windows = checked_integer(history_windows, "history_windows", PolicyError,
                                                minimum=0)
+        if self.history_windows > MAX_HISTORY_WINDOWS:
+            raise PolicyError(f"history_windows must be at most {MAX_HISTORY_WINDOWS}, got "
+                              f"{history_windows}")
         self.params = dict(params)
         place(_TRIAL_LOAD, _TRIAL_LAYOUT, policy, **self.params)
         self._lock = threading.Lock()
@@ -141,13 +148,14 @@ class Rebalancer:
                     self._memory.popitem(last=False)  # the shape used longest ago
             self._memory.move_to_end(shape)
             memory.previous = outputs[0].copy()  # not the array handed out, which the engine owns
-            memory.windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
+            if load.any():  # an all-zero window (vLLM's profile run) says nothing of the load
+                memory.windows.append(load)  # a no-op with history_windows 0 (maxlen 0)
         return tuple(like_input(array, weight) for array in outputs)
 
 
 def _window_load(weight: Any) -> np.ndarray:
     """`weight` as a float64 [L, E] array: a [T, L, E] one summed over its first axis."""
-    load = to_numpy(weight)
+    load = dense_numpy(weight, "weight", TraceError)
     if load.ndim not in (2, 3):
         raise TraceError(
             f"weight must be [layers, experts] or [steps, layers, experts], got shape "
@@ -155,6 +163,8 @@ def _window_load(weight: Any) -> np.ndarray:
         )
     if load.dtype.kind not in "iuf":
         raise TraceError(f"weight must hold numbers, got dtype {load.dtype}")
+    if load.size == 0:
+        raise TraceError(f"weight is empty (shape {list(load.shape)}); give at least one step")
     if load.ndim == 3:
         return load.sum(axis=0, dtype=np.float64)
     return np.array(load, dtype=np.float64)

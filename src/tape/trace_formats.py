@@ -15,6 +15,7 @@ import re
 import warnings
 import zipfile
 import zlib
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,8 @@ def _step_array(entry: Any, step: int, path: Path) -> np.ndarray:
                 f"{path}: ragged load at step {step}: layer {layer} has "
                 f"{counted(len(row), 'expert')}, layer 0 has {len(rows[0])}"
             )
-    try:
-        array = np.array(rows)
+    try:  # numpy would read a JSON true among numbers as 1
+        array = None if bool in set(map(type, chain.from_iterable(rows))) else np.array(rows)
     except (TypeError, ValueError, OverflowError):
         array = None
     if array is None or array.dtype.kind not in "iuf" or array.ndim != 2:

@@ -75,8 +75,10 @@ _register_commands()
 
 
 def _terminated(signum: int, frame: Any) -> None:
-    """SIGTERM (`kill`, `timeout`, a batch system's cancel) ends the command like an error
-    does, so that what it was writing is cleaned up (`tape.files.staged_folder`); exit 143."""
+    """SIGTERM (`kill`, `timeout`, a batch system's cancel) or SIGHUP (its terminal closed) ends
+    the command like an error does, so that what it was writing is cleaned up
+    (`tape.files.staged_folder`, the --out lock) and sandboxed programs are stopped; exit 128 +
+    the signal's number."""
     raise SystemExit(128 + signum)
 
 
@@ -85,4 +87,6 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminated)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _terminated)
     app()

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tape.cli.out_lock import out_lock
 from tape.errors import (
     MAX_INTEGER,
     ConfigError,
@@ -33,12 +34,14 @@ from tape.policies import PolicyError
 from tape.presets import ClusterSpec, ModelSpec, load_config
 
 __all__ = [
+    "BudgetOption",
     "ClusterOption",
     "ConfigOption",
     "DispatchOption",
     "GpusOption",
     "GroupsOption",
     "IntervalOption",
+    "IsolationOption",
     "JsonOption",
     "MemoryOption",
     "ModelOption",
@@ -68,6 +71,7 @@ __all__ = [
     "parse_out",
     "prepare",
     "progress_bar",
+    "sandbox_isolation",
     "write_json_atomic",
 ]
 
@@ -134,6 +138,16 @@ TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
                         help="Seconds one call of a program may take before its process is "
                         "killed (at most a day).")
+]
+BudgetOption = Annotated[
+    float | None, typer.Option("--budget", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
+                               help="Seconds all calls of one program may take together "
+                               "(default 5 x --timeout); past it the program fails.")
+]
+IsolationOption = Annotated[
+    str, typer.Option("--isolation", help="How programs are isolated: auto (bubblewrap where "
+                      "it runs, else partial isolation and a warning), strict (bubblewrap, or "
+                      "refuse to run) or partial.")
 ]
 MemoryOption = Annotated[
     # more than MAX_INTEGER MB cannot be set as the process's limit (in bytes)
@@ -205,10 +219,11 @@ def parse_out(text: str) -> Path:
 
 
 def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
-                     overwrite_flag: bool = False) -> None:
+                     overwrite_flag: bool = False, hint: str = "") -> None:
     """ConfigError if --out is a file, or (with `must_be_empty`) a folder that already holds
     files: a run never mixes its results with another's unless asked to (`overwrite_flag`: the
-    command has --overwrite, and the message names it). Checked before any work is done."""
+    command has --overwrite, and the message names it; `hint`, another way, added to the
+    message). Checked before any work is done."""
     if out is None:
         return
     for parent in out.parents:
@@ -219,7 +234,8 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
     if not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder (new or empty)")
     if must_be_empty and holds_files(out):
-        hint = ", or pass --overwrite to replace its files" if overwrite_flag else ""
+        if overwrite_flag:
+            hint = ", or pass --overwrite to replace its files"
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
 
 
@@ -243,17 +259,20 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
     """Where a command with --out and --overwrite writes its results: a staging folder whose
     files appear in --out all together when the block succeeds, or not at all
     (`tape.files.staged_folder`); None without --out. Before the block, --out is checked
-    (`check_out_folder`: a used folder only with --overwrite) and written to, so that a path
-    that cannot be written fails before any work, with a one-line error. Ctrl-C in the block
+    (`check_out_folder`: a used folder only with --overwrite), locked (`out_lock`: one run at a
+    time, staging left by killed runs removed) and written to, so that a path that cannot be
+    written fails before any work, with a one-line error. Ctrl-C in the block
     leaves --out as it was and says so."""
     check_out_folder(out, must_be_empty=not overwrite, overwrite_flag=True)
     if out is None:
         yield None
         return
     stack = ExitStack()
+    stack.enter_context(out_lock(out))  # another run writing into --out: a one-line error
     try:
         staging = stack.enter_context(staged_folder(out))
     except OSError as error:
+        stack.close()
         raise _unwritable(out, error) from None
     try:
         with stack:
@@ -266,10 +285,10 @@ def output_folder(out: Path | None, overwrite: bool) -> Iterator[Path | None]:
 
 
 def check_out_writable(out: Path | None, *, must_be_empty: bool = True,
-                       overwrite_flag: bool = False) -> None:
+                       overwrite_flag: bool = False, hint: str = "") -> None:
     """`check_out_folder`, then ConfigError unless results can be staged for --out
     (`tape.files.probe_writable`): for commands that write --out only after long work."""
-    check_out_folder(out, must_be_empty=must_be_empty, overwrite_flag=overwrite_flag)
+    check_out_folder(out, must_be_empty=must_be_empty, overwrite_flag=overwrite_flag, hint=hint)
     if out is None:
         return
     try:
@@ -317,7 +336,8 @@ def prepare(
     """Check the flags, load presets and the trace; raise TapeError naming what is wrong.
     The model preset gives the synthetic trace's shape and the default groups; the default
     slots follow the trace's experts (`default_replicas`). `replay`: the trace must have the 2
-    windows a replay needs (else one is enough)."""
+    windows a replay needs (else one is enough); `cache`: read a trace file through the trace
+    cache (`tape.trace_cache`)."""
     from tape.dispatch import check_dispatch
 
     check_dispatch(dispatch)
@@ -333,7 +353,25 @@ def prepare(
     if replicas is None:
         layout = Layout(default_replicas(loads.shape[2], gpus), groups, nodes, gpus)
     windows, described, steps = _windowed(loads, source, interval, layout, replay)
+    if config is not None:
+        _check_model_shape(config, windows.shape[1:], layout.num_groups)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
+
+
+def _check_model_shape(config: Path, shape: tuple[int, ...], groups: int) -> None:
+    """ConfigError if the config file's model section sets a shape (layers, experts, groups)
+    other than the trace's and --groups: the cost model takes the shape from those, so the
+    file's value would be ignored without a word."""
+    from tape.presets import read_mapping_file
+
+    model = read_mapping_file(config, "config file").get("model") or {}
+    for key, actual, source in (("num_layers", shape[0], "the trace's layers"),
+                                ("num_experts", shape[1], "the trace's experts"),
+                                ("num_groups", groups, "--groups")):
+        if key in model and model[key] != actual:
+            raise ConfigError(f"config file {config}: model {key} is {model[key]!r} but "
+                              f"{source} are {actual}; the cost model takes the shape from the "
+                              f"trace and the flags: fix or remove {key}")
 
 
 def load_windows(
@@ -389,7 +427,9 @@ def _windowed(
     from tape.trace import describe, window_loads
 
     checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
-    windows = check_windows(window_loads(loads, interval), layout, replay=replay)
+    # one step is one window where no replay is made (`tape place`)
+    windowed = loads if not replay and loads.shape[0] == 1 else window_loads(loads, interval)
+    windows = check_windows(windowed, layout, replay=replay)
     total = loads.shape[0]
     steps = tuple(min(interval, total - start) for start in range(0, total, interval))
     described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
@@ -453,6 +493,23 @@ def handles_errors(command: Any) -> Any:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def sandbox_isolation(setting: str) -> str:
+    """The isolation setting that runs here for --isolation `setting`, resolved once before any
+    work: "strict" where bubblewrap runs, else "partial" (after a one-line warning, for auto);
+    IsolationError (a one-line error) for strict without bubblewrap or an unknown setting."""
+    import warnings
+
+    from tape.isolation import IsolationWarning, resolve_isolation
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", IsolationWarning)
+        isolation = resolve_isolation(setting)
+    for warning in caught:
+        error_console.print(f"warning: {warning.message}", markup=False, highlight=False,
+                            soft_wrap=True)
+    return "strict" if isolation.name == "bwrap" else "partial"
 
 
 def check_program_file(program: Path) -> None:

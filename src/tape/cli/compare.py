@@ -12,12 +12,14 @@ from rich.table import Table
 from tape import __version__
 from tape.api import place
 from tape.cli.common import (
+    BudgetOption,
     ClusterOption,
     ConfigOption,
     DispatchOption,
     GpusOption,
     GroupsOption,
     IntervalOption,
+    IsolationOption,
     JsonOption,
     MemoryOption,
     ModelOption,
@@ -42,10 +44,12 @@ from tape.cli.common import (
     parse_out,
     prepare,
     progress_bar,
+    sandbox_isolation,
 )
 from tape.cli.formatting import format_value
 from tape.errors import ProgramError
 from tape.files import to_json_text
+from tape.isolation import check_isolation
 from tape.policies import PolicyError, parse_policy_spec, policy_names
 from tape.protocol import parse_version, score_program
 from tape.report import compare_policies, summarize, write_comparison
@@ -197,6 +201,8 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
+        budget: BudgetOption = None,
+        isolation: IsolationOption = "auto",
         as_json: JsonOption = False,
         no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
@@ -208,6 +214,7 @@ def register(app: typer.Typer) -> None:
         names = _parse_policies(policies)
         labels = _program_labels(programs or [], names)
         version_value = parse_version(version)
+        isolation = sandbox_isolation(isolation) if labels else check_isolation(isolation)
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
@@ -231,7 +238,8 @@ def register(app: typer.Typer) -> None:
                 for label, program in labels.items():
                     results[label] = score_program(
                         program, setup.windows, setup.layout, version=version_value,
-                        timeout_s=timeout, memory_mb=memory_mb, model=setup.model,
+                        timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
+                        isolation=isolation, model=setup.model,
                         cluster=setup.cluster, dispatch=dispatch,
                         steps_per_window=setup.window_steps, progress=advance,
                     )
@@ -239,6 +247,7 @@ def register(app: typer.Typer) -> None:
                 manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
                             "version": version_value, "policies": names, "skipped": skipped,
                             "programs": {label: str(path) for label, path in labels.items()},
+                            "isolation": {label: results[label].isolation for label in labels},
                             **setup.manifest()}
                 written = write_comparison(
                     staging, results, setup.windows, setup.layout, model=setup.model,
@@ -249,8 +258,10 @@ def register(app: typer.Typer) -> None:
         # as `tape evaluate` on a failing program: the table shows why, the exit code says so
         failed = any(results[label].error for label in labels)
         if as_json:
+            isolations = {label: results[label].isolation for label in labels}
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
-                                     "policies": summary, "skipped": skipped}))
+                                     "policies": summary, "skipped": skipped,
+                                     **({"isolation": isolations} if labels else {})}))
             if failed:
                 raise typer.Exit(1)
             return

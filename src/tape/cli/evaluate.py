@@ -11,12 +11,14 @@ from rich.table import Table
 
 from tape import __version__
 from tape.cli.common import (
+    BudgetOption,
     ClusterOption,
     ConfigOption,
     DispatchOption,
     GpusOption,
     GroupsOption,
     IntervalOption,
+    IsolationOption,
     JsonOption,
     MemoryOption,
     ModelOption,
@@ -40,6 +42,7 @@ from tape.cli.common import (
     parse_out,
     prepare,
     progress_bar,
+    sandbox_isolation,
     write_json_atomic,
 )
 from tape.cli.formatting import format_value
@@ -118,12 +121,14 @@ def _summary_table(title: str, results: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-def _score(program: Path, setup: Setup, version, timeout, memory_mb, show_progress: bool
+def _score(program: Path, setup: Setup, version, limits: dict[str, Any], show_progress: bool
            ) -> ProgramScore:
+    """Score one program; `limits`: score_program's timeout_s, memory_mb, budget_s and
+    isolation."""
     with progress_bar(program.name, setup.windows.shape[0] - 1, show_progress) as advance:
         return score_program(
-            program, setup.windows, setup.layout, version=version, timeout_s=timeout,
-            memory_mb=memory_mb, model=setup.model, cluster=setup.cluster,
+            program, setup.windows, setup.layout, version=version, **limits,
+            model=setup.model, cluster=setup.cluster,
             dispatch=setup.dispatch, steps_per_window=setup.window_steps, progress=advance,
         )
 
@@ -151,19 +156,23 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
+        budget: BudgetOption = None,
+        isolation: IsolationOption = "auto",
         as_json: JsonOption = False,
         no_cache: NoCacheOption = False,
     ) -> None:
         """Score one program: rebalance on each window, score on the next, average the pairs."""
         check_program_file(program)
         version_value = parse_version(version)
+        limits = {"timeout_s": timeout, "memory_mb": memory_mb, "budget_s": budget,
+                  "isolation": sandbox_isolation(isolation)}
         setup = prepare(
             trace=trace, synthetic=synthetic, interval=interval, seed=seed,
             synthetic_model=synthetic_model, replicas=replicas,
             groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
             dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
         )
-        score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
+        score = _score(program, setup, version_value, limits, not as_json)
         if as_json:
             payload = {"program": str(program), "version": version_value,
                        "trace": setup.described, **score.to_json()}
@@ -202,6 +211,8 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         timeout: TimeoutOption = 60.0,
         memory_mb: MemoryOption = 4096,
+        budget: BudgetOption = None,
+        isolation: IsolationOption = "auto",
         as_json: JsonOption = False,
         no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
@@ -219,6 +230,8 @@ def register(app: typer.Typer) -> None:
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
         version_value = parse_version(version)
+        limits = {"timeout_s": timeout, "memory_mb": memory_mb, "budget_s": budget,
+                  "isolation": sandbox_isolation(isolation)}
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
@@ -228,7 +241,7 @@ def register(app: typer.Typer) -> None:
             )
             results: dict[str, dict[str, Any]] = {}
             for program in programs:
-                score = _score(program, setup, version_value, timeout, memory_mb, not as_json)
+                score = _score(program, setup, version_value, limits, not as_json)
                 results[program.name] = {"program": str(program), "version": version_value,
                                          "trace": setup.described, **score.to_json()}
                 if staging is not None:
@@ -239,6 +252,7 @@ def register(app: typer.Typer) -> None:
                     "command": "evaluate-dir", "tape_version": __version__,
                     "directory": str(directory), "version": version_value, "seed": seed,
                     **setup.manifest(), "programs": sorted(results),
+                    "isolation": "bwrap" if limits["isolation"] == "strict" else "partial",
                 })
         if as_json:
             typer.echo(to_json_text(results))

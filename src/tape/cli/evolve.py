@@ -9,6 +9,7 @@ there; `tape tune` keeps `tape evaluate`'s `--model` and `--config`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +18,14 @@ from rich import box
 from rich.table import Table
 
 from tape.cli.common import (
+    BudgetOption,
     ClusterOption,
     ConfigOption,
     DispatchOption,
     GpusOption,
     GroupsOption,
     IntervalOption,
+    IsolationOption,
     MemoryOption,
     ModelOption,
     NodesOption,
@@ -40,9 +43,12 @@ from tape.cli.common import (
     handles_errors,
     loading,
     nodes_for,
+    parse_out,
     progress_bar,
+    sandbox_isolation,
 )
-from tape.errors import ConfigError, TraceError
+from tape.cli.out_lock import out_lock
+from tape.errors import ConfigError, TraceError, counted
 from tape.presets import load_config
 from tape.protocol import ProgramScore, parse_version
 
@@ -51,7 +57,7 @@ __all__ = ["register"]
 
 def _out_option(command: str) -> Any:
     resumed = "; with --resume, the checkpoint's run folder" if command == "evolve" else ""
-    return typer.Option("--out", help=f"Output folder (new or empty); default: "
+    return typer.Option("--out", parser=parse_out, metavar="<path>", help=f"Output folder (new or empty); default: "
                         f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
                         f"realistic{resumed}.")
 
@@ -175,6 +181,8 @@ def register(app: typer.Typer) -> None:
         ] = False,
         timeout: TimeoutOption = 10.0,
         memory_mb: MemoryOption = 4096,
+        budget: BudgetOption = None,
+        isolation: IsolationOption = "auto",
     ) -> None:
         """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
         from tape.evolution import configs, require_extra, run
@@ -187,50 +195,52 @@ def register(app: typer.Typer) -> None:
         # A resumed run's folder exists already, and run.evolve checks the checkpoint first.
         if resume is None:
             check_out_writable(out, must_be_empty=False)
-        settings = _settings(
-            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
-            dispatch=dispatch,
-            timeout_s=timeout, memory_mb=memory_mb,
-        )
-        if initial is not None and not initial.is_file():
-            problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
-            raise ConfigError(f"initial program {initial} {problem}")
-        config_path = configs.find_config(config) if config is not None else None
-        result = run.evolve(
-            settings, out_dir=out, iterations=iterations, config_path=config_path,
-            llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
-                              api_key_env=api_key_env),
-            full_rewrite=full_rewrite, resume=resume, initial_program=initial,
-            overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
-        )
-        from tape.evolution.prompts import version_metrics
+        with out_lock(out):
+            settings = _settings(
+                version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
+                seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
+                nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
+                dispatch=dispatch,
+                timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
+                isolation=sandbox_isolation(isolation),
+            )
+            if initial is not None and not initial.is_file():
+                problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
+                raise ConfigError(f"initial program {initial} {problem}")
+            config_path = configs.find_config(config) if config is not None else None
+            result = run.evolve(
+                settings, out_dir=out, iterations=iterations, config_path=config_path,
+                llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
+                                  api_key_env=api_key_env),
+                full_rewrite=full_rewrite, resume=resume, initial_program=initial,
+                overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
+            )
+            from tape.evolution.prompts import version_metrics
 
-        console.print(_comparison_table(
-            f"best evolved program vs deepseek (version {settings.version})",
-            {"best_program.py": result.best, "deepseek": result.deepseek},
-            version_metrics(settings.version),
-        ))
-        # soft_wrap: a path is never broken over two lines (it is meant to be copied)
-        console.print(f"best program: {result.best_program}", markup=False, highlight=False,
-                      soft_wrap=True)
-        held = [f"{name}/" for name in ("best", "checkpoints", "logs")
-                if (result.out_dir / name).is_dir()]
-        console.print(f"run folder:   {result.out_dir} ({', '.join(held)}, "
-                      "best/tape_scores.json)", markup=False, highlight=False, soft_wrap=True)
-        if result.newest_checkpoint is not None:
-            console.print(f"to continue:  --resume {result.newest_checkpoint}", markup=False,
-                          highlight=False, soft_wrap=True)
-        if result.best.error:
-            error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
-                                highlight=False, soft_wrap=True)
-        if result.interrupted:  # after the summary: what the finished iterations found
-            error_console.print(
-                "[bold yellow]interrupted[/]: the run stopped before its last iteration; the best "
-                "program is the best of the iterations that finished", highlight=False,
-                soft_wrap=True)
-            raise typer.Exit(130)
+            console.print(_comparison_table(
+                f"best evolved program vs deepseek (version {settings.version})",
+                {"best_program.py": result.best, "deepseek": result.deepseek},
+                version_metrics(settings.version),
+            ))
+            # soft_wrap: a path is never broken over two lines (it is meant to be copied)
+            console.print(f"best program: {result.best_program}", markup=False, highlight=False,
+                          soft_wrap=True)
+            held = [f"{name}/" for name in ("best", "checkpoints", "logs")
+                    if (result.out_dir / name).is_dir()]
+            console.print(f"run folder:   {result.out_dir} ({', '.join(held)}, "
+                          "best/tape_scores.json)", markup=False, highlight=False, soft_wrap=True)
+            if result.newest_checkpoint is not None:
+                console.print(f"to continue:  --resume {result.newest_checkpoint}", markup=False,
+                              highlight=False, soft_wrap=True)
+            if result.best.error:
+                error_console.print(f"[bold red]best program failed:[/] {escape(result.best.error)}",
+                                    highlight=False, soft_wrap=True)
+            if result.interrupted:  # after the summary: what the finished iterations found
+                error_console.print(
+                    "[bold yellow]interrupted[/]: the run stopped before its last iteration; the best "
+                    "program is the best of the iterations that finished", highlight=False,
+                    soft_wrap=True)
+                raise typer.Exit(130)
 
     @app.command()
     @handles_errors
@@ -259,35 +269,77 @@ def register(app: typer.Typer) -> None:
         config: ConfigOption = None,
         dispatch: DispatchOption = "locality",
         out: Annotated[Path | None, _out_option("tune")] = None,
+        storage: Annotated[
+            str | None, typer.Option("--storage", metavar="<url>", help="Optuna storage of the "
+                                     "study, an SQLAlchemy URL (postgresql://..., for several "
+                                     "machines tuning one study with --resume); default: "
+                                     "sqlite in --out/study.db.")
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="Continue the study in --out (or join the one "
+                               "in --storage) until --trials trials have finished in all.")
+        ] = False,
     ) -> None:
         """Tune the tape policy's parameters with Optuna (no LLM); compare with deepseek."""
         from tape.evolution import require_extra
-        from tape.evolution import tune as tuning
 
         require_extra("optuna", "tape tune")  # before the trace is read
         out = out if out is not None else _default_out("tune", parse_version(version))
-        check_out_writable(out)  # before the trials, not after them
-        settings = _settings(
-            version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-            seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-            nodes=nodes, gpus=gpus, cluster=cluster, moe_model=model, presets=config,
-            dispatch=dispatch,
-        )
-        finished: list[int] = []  # one entry a finished trial
-        try:
-            with progress_bar("tuning", trials) as advance:
-                result = tuning.tune(settings, trials=trials, seed=sampler_seed, holdout=holdout,
-                                     progress=lambda: (finished.append(1), advance()))
-            paths = tuning.write_outputs(
-                result, settings, out, trials=trials, seed=sampler_seed, holdout=holdout
+        if storage is not None and not storage.strip():
+            raise ConfigError("--storage is an empty URL; give an SQLAlchemy URL such as "
+                              "postgresql://user@host/db, or leave it out")
+        # before the trials, not after them; a used folder only to resume its study
+        check_out_writable(out, must_be_empty=not resume, hint=", or pass --resume to continue "
+                           "the study it holds" if storage is None else "")
+        with out_lock(out):
+            settings = _settings(
+                version=parse_version(version), trace=trace, synthetic=synthetic,
+                interval=interval, seed=seed, synthetic_model=synthetic_model,
+                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
+                moe_model=model, presets=config, dispatch=dispatch,
             )
-        except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
-            when = "before any trial finished" if not finished else "before the results were written"
-            error_console.print(f"interrupted {when}; nothing written", highlight=False)
-            raise typer.Exit(130) from None
-        _print_tune_result(result, settings.version, holdout, paths, trials)
-        if result.interrupted:
-            raise typer.Exit(130)
+            _tune_into(out, settings, trials=trials, seed=sampler_seed, holdout=holdout,
+                       storage=storage, resume=resume)
+
+
+def _tune_into(out: Path, settings: Any, *, trials: int, seed: int, holdout: float,
+               storage: str | None, resume: bool) -> None:
+    """Run the study (in `storage`, else in --out's study.db), write the results into `out`,
+    print them. A new --out made for a run that finished no trial is removed again."""
+    from tape.evolution import tune as tuning
+
+    study_file = out / tuning.STUDY_FILE
+    if storage is None and resume and not study_file.is_file():
+        raise ConfigError(f"nothing to resume: {out} holds no study ({tuning.STUDY_FILE}); "
+                          "leave out --resume to start one")
+    made = not out.exists()
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{study_file.resolve()}"
+    finished: list[int] = []  # one entry a trial this process finished
+    try:
+        with progress_bar("tuning", trials) as advance:
+            result = tuning.tune(settings, trials=trials, seed=seed, holdout=holdout,
+                                 progress=lambda: (finished.append(1), advance()),
+                                 storage=url, resume=resume)
+        paths = tuning.write_outputs(result, settings, out, trials=trials, seed=seed,
+                                     holdout=holdout, replace=True)
+    except KeyboardInterrupt:  # no finished trial, or Ctrl-C while the files are written
+        if made and not finished:
+            shutil.rmtree(out, ignore_errors=True)
+        kept = (f"; {tuning.hide_password(url)} keeps what finished "
+                f"({counted(len(finished), 'trial')}): continue with --resume") if finished else ""
+        when = "before any trial finished" if not finished else "before the results were written"
+        error_console.print(f"interrupted {when}; nothing written{kept}", highlight=False,
+                            soft_wrap=True, markup=False)
+        raise typer.Exit(130) from None
+    except BaseException:
+        if made and not finished:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    _print_tune_result(result, settings.version, holdout, paths, trials)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
 def _print_tune_result(result: Any, version: int | str, holdout: float, paths: dict[str, Path],

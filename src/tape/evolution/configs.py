@@ -158,10 +158,26 @@ def _check_keys(data: Mapping[str, Any], path: Path) -> None:
         "evaluator": schema.EvaluatorConfig, "evolution_trace": schema.EvolutionTraceConfig,
     }
     for name, kind in sections.items():
+        if data.get(name) is not None and not isinstance(data[name], dict):
+            raise ConfigError(f"section {name} of {path} must be a mapping of settings "
+                              f"(key: value), got {_kind(data[name])}")
         if isinstance(data.get(name), dict):
             check(data[name], kind, f"section {name}")
+    for key in ("models", "evaluator_models"):
+        models = (data.get("llm") or {}).get(key)
+        if models is not None and not (isinstance(models, list) and all(
+                isinstance(model, dict) for model in models)):
+            raise ConfigError(f"llm: {key} of {path} must be a list of models (each a mapping "
+                              f"with name: and weight:), got {_kind(models)}")
     for index, model in enumerate(_model_entries(data.get("llm") or {})):
         check(model, schema.LLMModelConfig, f"llm model {index}")
+
+
+def _kind(value: Any) -> str:
+    """How a message names the type of a YAML value: "an int (5)", "a list"."""
+    name = {"int": "a number", "float": "a number", "str": "a string", "list": "a list",
+            "bool": "a boolean", "dict": "a mapping"}.get(type(value).__name__, "a value")
+    return f"{name} ({value!r})" if not isinstance(value, (list, dict)) else name
 
 
 def _model_entries(llm: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -311,6 +327,10 @@ def resolve_config(
             llm_section.pop(key, None)
         llm_section["models"] = [{"name": name, "weight": 1.0} for name in llm.models]
     if llm.api_base:
+        parts = urlparse(llm.api_base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"--api-base {llm.api_base} is not an http(s) URL; give the "
+                              "endpoint's base URL, e.g. http://localhost:8000/v1")
         llm_section["api_base"] = llm.api_base
         for model in _model_entries(llm_section):
             model.pop("api_base", None)

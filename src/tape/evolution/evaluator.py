@@ -49,7 +49,8 @@ def score_candidate(program_path: str | Path, settings: EvaluationSettings) -> P
     model, cluster = settings.specs()
     return score_program(
         program_path, settings.windows(), settings.layout(), version=settings.version,
-        timeout_s=settings.timeout_s, memory_mb=settings.memory_mb, model=model,
+        timeout_s=settings.timeout_s, memory_mb=settings.memory_mb, budget_s=settings.budget_s,
+        isolation=settings.isolation, model=model,
         cluster=cluster, dispatch=settings.dispatch, steps_per_window=settings.window_steps(),
     )
 

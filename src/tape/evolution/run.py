@@ -56,7 +56,7 @@ from tape.evolution.settings import (
 )
 from tape.files import CommitError, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
-from tape.sandbox import STARTUP_SECONDS
+from tape.sandbox import BUDGET_TIMEOUTS, STARTUP_SECONDS
 
 __all__ = ["MANIFEST", "RUN_ENTRIES", "EvolveResult", "evolve", "newest_checkpoint"]
 
@@ -87,9 +87,11 @@ class EvolveResult:
 
 
 def _evaluation_bound(settings: EvaluationSettings) -> float:
-    """Seconds one evaluation can take at most: start-up, import and every call at its limit."""
+    """Seconds one evaluation can take at most: start-up, then the import and every call at
+    their limit, or the whole budget when that is less."""
     pairs = settings.windows().shape[0] - 1
-    return STARTUP_SECONDS + (pairs + 1) * settings.timeout_s + 30.0
+    budget = settings.budget_s or BUDGET_TIMEOUTS * settings.timeout_s
+    return STARTUP_SECONDS + min((pairs + 1) * settings.timeout_s, budget) + 30.0
 
 
 # -- the run folder --------------------------------------------------------------------------

@@ -42,6 +42,8 @@ ENVIRONMENT: dict[str, str] = {
     "gpus": "TAPE_GPUS",
     "timeout_s": "TAPE_TIMEOUT",
     "memory_mb": "TAPE_MEMORY_MB",
+    "budget_s": "TAPE_BUDGET",
+    "isolation": "TAPE_ISOLATION",
     "moe_model": "TAPE_MOE_MODEL",
     "cluster": "TAPE_CLUSTER",
     "presets": "TAPE_PRESETS",
@@ -70,6 +72,9 @@ class EvaluationSettings:
         replicas, groups, nodes, gpus: the layout (S, expert groups, N, G).
         timeout_s: seconds one call of the program may take before its process is killed.
         memory_mb: megabytes the program may allocate.
+        budget_s: seconds all calls of one program may take together (None: the sandbox's
+            default, `tape.sandbox.BUDGET_TIMEOUTS` x `timeout_s`).
+        isolation: the sandbox's isolation setting: auto, strict or partial (`tape.isolation`).
         moe_model, cluster: model and cluster presets of the realistic cost model (None: the
             defaults, deepseek-v3 and h800).
         presets: a YAML/JSON file overriding preset fields (`model:` / `cluster:` sections).
@@ -91,6 +96,8 @@ class EvaluationSettings:
     gpus: int = 32
     timeout_s: float = 10.0
     memory_mb: int = 4096
+    budget_s: float | None = None
+    isolation: str = "auto"
     moe_model: str | None = None
     cluster: str | None = None
     presets: Path | None = None
@@ -127,6 +134,11 @@ class EvaluationSettings:
                               f"(got seed {self.seed})")
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s!r}")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise ConfigError(f"budget_s must be positive, got {self.budget_s!r}")
+        from tape.isolation import check_isolation
+
+        check_isolation(self.isolation)
         if self.dispatch not in DISPATCH_POLICIES:
             known = ", ".join(DISPATCH_POLICIES)
             raise ConfigError(f"unknown dispatch {self.dispatch!r}; expected one of {known}")
@@ -237,7 +249,7 @@ def _parse(name: str, text: str, variable: str) -> Any:
     try:
         if name in _INTEGER_FIELDS:
             return int(text)
-        if name == "timeout_s":
+        if name in ("timeout_s", "budget_s"):
             return float(text)
     except ValueError:
         kind = "an integer" if name in _INTEGER_FIELDS else "a number"

@@ -16,11 +16,20 @@ that calls `tape.api.rebalance_experts(..., policy="tape", **params)`, usable wh
 is expected, e.g. `tape evaluate` or `tape evolve --initial`) and `tune_manifest.json`
 (settings, the finished trials, full scores, whether Ctrl-C stopped the search, and whether the
 comparison was made: `"compared": false` and no scores when Ctrl-C stopped it).
+
+With `storage` (an SQLAlchemy URL: `tape tune` uses `sqlite:///OUT/study.db` by default, or
+`--storage postgresql://...`) the study lives in Optuna's RDB storage: each trial is stored as
+it finishes, so a killed run loses at most the trial in flight, and `resume` continues it.
+Several processes (machines) given the same storage and `resume` tune one study together, in
+Optuna's distributed mode, until `trials` trials have finished in all. The study remembers what
+it tunes (policy, search space, held-out share, settings): resuming with others is an error.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +40,15 @@ from tape.evolution.settings import EvaluationSettings, require_new_folder
 from tape.files import CommitError, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 
-__all__ = ["SearchSpace", "TuneResult", "split_windows", "tune", "tuned_program_text",
-           "write_outputs"]
+__all__ = ["STUDY_FILE", "STUDY_NAME", "SearchSpace", "TuneResult", "hide_password",
+           "split_windows", "tune",
+           "tuned_program_text", "write_outputs"]
+
+STUDY_NAME = "tape-tune"
+"""The study's name in its storage."""
+
+STUDY_FILE = "study.db"
+"""The SQLite file `tape tune` keeps its study in, in --out, unless --storage is given."""
 
 TIMING_REPEATS = 3
 """Each policy call is timed by the fastest of this many (speed scores of versions 0, 3, 4 and
@@ -151,6 +167,8 @@ def tune(
     search_space: SearchSpace | None = None,
     presets: dict[str, dict[str, Any]] | None = None,
     progress: Callable[[], None] | None = None,
+    storage: str | None = None,
+    resume: bool = False,
 ) -> TuneResult:
     """Search `policy`'s parameters for the best `combined_score` under `settings.version`.
 
@@ -161,7 +179,10 @@ def tune(
         holdout: share of the windows kept out of tuning for the final comparison.
         policy: a registered policy name; "tape" reads its SEARCH_SPACE and PRESETS.
         search_space, presets: override what is searched and what is tried first.
-        progress: called after every trial.
+        progress: called after every trial (of this process).
+        storage: an SQLAlchemy URL of Optuna's RDB storage (None: in memory, lost on exit).
+        resume: continue (or join) the study already in `storage`; without it, a storage that
+            holds a study is an error.
 
     A KeyboardInterrupt (Ctrl-C) during the search stops it: the result is that of the
     finished trials, with `interrupted` set. With no finished trial it is raised again. One
@@ -201,22 +222,34 @@ def tune(
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     interrupted = False
+    complete = optuna.trial.TrialState.COMPLETE
+    identity = {"policy": policy, "search_space": {name: list(entry) for name, entry in
+                                                   search_space.items()},
+                "holdout": holdout, "settings": settings.to_json()}
     try:
-        study = optuna.create_study(
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
-        )
-        for preset in (presets or {}).values():
-            start = _clipped(preset, search_space)
-            if start:
-                study.enqueue_trial(start)
+        study, new = _open_study(optuna, storage, seed, resume, identity)
+        if new:
+            for preset in (presets or {}).values():
+                start = _clipped(preset, search_space)
+                if start:
+                    study.enqueue_trial(start)
+        done = len(study.get_trials(deepcopy=False, states=(complete,)))
         try:
-            study.optimize(objective, n_trials=trials)
+            if done < trials:
+                study.optimize(objective, n_trials=trials - done, callbacks=[
+                    optuna.study.MaxTrialsCallback(trials, states=(complete,))])
         except KeyboardInterrupt:
             interrupted = True
+        except Exception as error:  # the storage's database failing (locked, gone), one line
+            if not type(error).__module__.startswith("sqlalchemy"):
+                raise
+            reason = " ".join(str(error).split())[:300]
+            raise ConfigError(f"the study storage {hide_password(str(storage))} failed: "
+                              f"{reason}; the finished trials are kept there (--resume)") from None
     finally:
         optuna.logging.set_verbosity(verbosity)
 
-    finished = [trial for trial in study.trials if trial.state == optuna.trial.TrialState.COMPLETE]
+    finished = [trial for trial in study.trials if trial.state == complete]
     if not finished:
         raise KeyboardInterrupt  # only an interrupted search ends with no finished trial
     result = TuneResult(
@@ -238,6 +271,50 @@ def tune(
     else:
         result.tuned, result.defaults, result.deepseek = scores
     return result
+
+
+def hide_password(url: str) -> str:
+    """`url` with the password of its `user:password@` part masked."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _open_study(optuna: Any, storage: str | None, seed: int, resume: bool,
+                identity: dict[str, Any]) -> tuple[Any, bool]:
+    """The study to run and whether it is new; ConfigError for a storage that cannot be
+    opened, a study there without `resume`, or one made with another `identity`."""
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    if storage is None:
+        return optuna.create_study(direction="maximize", sampler=sampler), True
+    # SQLite: wait for another process's write rather than fail at once
+    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+    for attempt in range(5):  # processes that make one new storage at once may collide once
+        try:
+            study = optuna.create_study(
+                study_name=STUDY_NAME, sampler=sampler, direction="maximize",
+                storage=optuna.storages.RDBStorage(storage, engine_kwargs=engine),
+                load_if_exists=True)
+            break
+        except Exception as error:  # noqa: BLE001 - SQLAlchemy and drivers raise many kinds
+            racing = type(error).__name__ in ("IntegrityError", "OperationalError",
+                                              "DuplicatedStudyError")
+            if attempt == 4 or not racing:
+                reason = " ".join(str(error).split())[:300] or type(error).__name__
+                raise ConfigError(f"cannot open the study storage {hide_password(storage)}: "
+                                  f"{reason}") from None
+            time.sleep(0.5 + attempt)
+    saved = study.user_attrs.get("identity")
+    if saved is None:
+        study.set_user_attr("identity", identity)
+        return study, True
+    if not resume:
+        raise ConfigError(f"the study storage {hide_password(storage)} already holds a tape "
+                          "tune study; pass --resume to continue it, or choose a new --out "
+                          "(or --storage)")
+    if saved != identity:
+        changed = sorted(key for key in identity if saved.get(key) != identity[key])
+        raise ConfigError(f"cannot resume: the study in {hide_password(storage)} tunes with "
+                          f"another {', '.join(changed)}; resume with the same settings")
+    return study, False
 
 
 def tuned_program_text(policy: str, params: dict[str, Any], version: int | str) -> str:
@@ -289,17 +366,19 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
 
 def write_outputs(
     result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
-    holdout: float,
+    holdout: float, replace: bool = False,
 ) -> dict[str, Path]:
     """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`
-    (all three or, if writing fails or is interrupted, none).
+    (all three or, if writing fails or is interrupted, none). With `replace`, `out_dir` may
+    hold files already (the study's database, a resumed run's outputs, which are replaced).
 
     Raises:
-        ConfigError: `out_dir` holds files, cannot be written, or the finished files could not
-            be moved into it (the message says where they were kept).
+        ConfigError: `out_dir` holds files (without `replace`), cannot be written, or the
+            finished files could not be moved into it (the message says where they were kept).
     """
     out_dir = Path(out_dir)
-    require_new_folder(out_dir)
+    if not replace:
+        require_new_folder(out_dir)
     try:
         with staged_folder(out_dir) as staging:
             written = _write_outputs(result, settings, staging, trials=trials, seed=seed,
