@@ -37,9 +37,10 @@ ENVIRONMENT_VARIABLE = "TAPE_EPLB_POLICY"
 
 @dataclass(frozen=True)
 class EngineSetting:
-    """What `TAPE_EPLB_POLICY` asks for: the policy spec as `compare --policies` writes it, and
-    the process's rebalancer for it."""
+    """What `TAPE_EPLB_POLICY` asks for: its text, the policy spec as `compare --policies`
+    writes it, and the process's rebalancer for it."""
 
+    text: str
     spec: str
     rebalancer: Rebalancer
 
@@ -81,7 +82,7 @@ def engine_setting() -> EngineSetting | None:
         raise SystemExit(f"tape: {ENVIRONMENT_VARIABLE}={text!r}: {error} (expected a tape "
                          f"preset such as all or fast, or a policy as tape compare --policies "
                          f"takes it, such as tape:fast)") from None
-    setting = _SETTINGS[text] = EngineSetting(spec, rebalancer)
+    setting = _SETTINGS[text] = EngineSetting(text, spec, rebalancer)
     return setting
 
 
@@ -92,4 +93,4 @@ def announce(engine: str, logger_name: str, setting: EngineSetting, where: str) 
     _ANNOUNCED.add((engine, setting.spec))
     logging.getLogger(logger_name).info(
         "tape is in charge of %s's expert placement (%s; %s=%s): %s",
-        engine, setting.described, ENVIRONMENT_VARIABLE, setting.spec, where)
+        engine, setting.described, ENVIRONMENT_VARIABLE, setting.text, where)
