@@ -5,10 +5,10 @@ through entry points (`vllm.general_plugins`, `sglang.srt.plugins`; pyproject.to
 `tape.engines.vllm_plugin:register` and `tape.engines.sglang_plugin:register`). A plugin does
 nothing unless the environment variable `TAPE_EPLB_POLICY` is set:
 
-- a preset of the `tape` policy: `all`, `balance`, `balance-migration`, `fast`;
+- a preset of the `tape` policy: `all`, `balance`, `balance-migration`, `fast`, alone or with
+  parameters (`fast:migration_weight=0.1`, or parameters alone: `migration_weight=0.1`);
 - or a policy with parameters as `tape compare --policies` writes them: `tape:fast`,
-  `tape:preset=all:migration_weight=0.1`, `deepseek`, ... (a leading preset may also take
-  parameters: `all:migration_weight=0.1`).
+  `tape:preset=all:migration_weight=0.1`, `deepseek`, ...
 
 Then the plugin puts a `tape.Rebalancer` of that policy where the engine looks for its policy,
 and logs one line through the engine's logger. A bad value stops the process with one line
@@ -26,7 +26,8 @@ import os
 from dataclasses import dataclass
 
 from tape.errors import TapeError
-from tape.policies import parse_policy_spec, policy_names
+from tape.policies import PolicyError, parse_policy_spec, policy_names
+from tape.policies.tape_policy import PRESETS
 from tape.serving import Rebalancer
 
 __all__ = ["ENVIRONMENT_VARIABLE", "EngineSetting", "announce", "engine_setting"]
@@ -74,8 +75,11 @@ def engine_setting() -> EngineSetting | None:
     if text in _SETTINGS:
         return _SETTINGS[text]
     first = text.split(":", 1)[0].strip()
-    spec = text if first in policy_names() else f"tape:{text}"
+    spec = f"tape:{text}" if first in PRESETS or "=" in first else text
     try:
+        if first not in PRESETS and "=" not in first and first not in policy_names():
+            raise PolicyError(f"{first!r} is neither a tape preset ({', '.join(PRESETS)}) nor a "
+                              f"policy ({', '.join(policy_names())})")
         name, params = parse_policy_spec(spec)
         rebalancer = Rebalancer(name, **params)
     except TapeError as error:
