@@ -8,7 +8,12 @@ the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in 
 - the numpy loop reading (benchmarks/reference_eplb.py), always;
 - the torch reading (benchmarks/reference_eplb_torch.py), the reference's own operations on
   CPU torch tensors, when torch is installed (it is not a TAPE dependency). Its input is a
-  torch tensor made before timing, as the reference receives one.
+  torch tensor made before timing, as the reference receives one;
+- vLLM's current default policy, itself (`DefaultEplbPolicy`, DeepSeek's algorithm read in
+  numpy, plus its pass that keeps experts in their slots on the same GPU), when vLLM imports
+  (docs/serving.md installs it beside a CPU torch): called as vLLM's EPLB calls it, with a CPU
+  int64 load tensor and the map in force (the previous window's placement) made before
+  timing.
 
 Each policy's ratio to each reading is printed. `deepseek core` times the policy's
 computation alone (the maps as arrays, like the reference returns); `deepseek` adds building
@@ -18,6 +23,9 @@ reading's: largest slot load per layer (must be equal), GPU balancedness (mean /
 loads, summed over layers), and GPUs holding two replicas of one expert. The two readings
 may place tied items differently (torch's default sort is not stable), never with another
 largest slot load. Target: deepseek >= 50x faster than the reference.
+
+`tape, as served` is the `tape` policy given the placement in force and the earlier windows,
+as `tape.Rebalancer` gives them behind an engine.
 
 Run: python benchmarks/bench_policies.py  (about a minute on one core with torch, less
 without)
@@ -52,7 +60,9 @@ TORCH_REPEATS = 2  # the torch reading takes about half a second a call
 TARGET_RATIO = 50.0
 NUMPY_READING = "reference (numpy reading)"
 TORCH_READING = "reference (torch reading)"
-SHORT_NAMES = {NUMPY_READING: "numpy", TORCH_READING: "torch"}
+VLLM_READING = "vLLM default policy (numpy)"
+SHORT_NAMES = {NUMPY_READING: "numpy", TORCH_READING: "torch", VLLM_READING: "vLLM"}
+SERVING_TAPE = "tape, as served"
 
 
 def timed(call, num_windows: int, warmup: int = WARMUP, repeats: int = REPEATS) -> list[float]:
@@ -80,6 +90,15 @@ def torch_reading():
     return reference_eplb_torch
 
 
+def vllm_default_policy():
+    """vLLM's default EPLB policy class, or None when vLLM (or torch) does not import."""
+    try:
+        from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+    except ImportError:
+        return None
+    return DefaultEplbPolicy
+
+
 def gpu_balancedness(placement: Placement, weight: np.ndarray) -> float:
     loads = placement.gpu_loads(weight, LAYOUT.num_gpus)
     return float(loads.mean(axis=1).sum() / loads.max(axis=1).sum())
@@ -89,7 +108,9 @@ def main() -> None:
     trace = synthetic_trace(num_steps=NUM_WINDOWS * STEPS_PER_WINDOW, seed=0)
     windows = trace.reshape(NUM_WINDOWS, STEPS_PER_WINDOW, *trace.shape[1:]).sum(axis=1)
     deepseek_previous = [place(w, LAYOUT, "deepseek") for w in windows]
+    tape_previous = [place(w, LAYOUT, "tape") for w in windows]
     torch_reference = torch_reading()
+    vllm_policy = vllm_default_policy()
 
     calls = {
         NUMPY_READING: lambda i: reference_eplb.rebalance_experts(windows[i], *ARGS),
@@ -104,6 +125,10 @@ def main() -> None:
             )
         else:
             calls[name] = lambda i, p=policy: p(windows[i], LAYOUT)
+    # as tape.Rebalancer calls it behind an engine: the placement in force and earlier windows
+    tape = get_policy("tape")
+    calls[SERVING_TAPE] = lambda i: tape(windows[i], LAYOUT, previous=tape_previous[i - 1],
+                                         history=windows[:i] if i else None)
 
     print(
         f"DeepSeek-V3 shape, {NUM_WINDOWS} windows of {STEPS_PER_WINDOW} synthetic steps; "
@@ -130,6 +155,23 @@ def main() -> None:
             repeats=TORCH_REPEATS,
         )
         readings.append(TORCH_READING)
+    if vllm_policy is None:
+        print("vLLM not installed: docs/serving.md installs it to measure against its default "
+              "policy")
+    else:
+        from importlib.metadata import version
+
+        import torch
+
+        vllm_windows = [torch.from_numpy(w.astype(np.int64)) for w in windows]
+        in_force = [torch.from_numpy(p.phy2log) for p in deepseek_previous]
+        print(f"vLLM {version('vllm')}: its default policy with the map in force, over "
+              f"{REPEATS} repeats after {WARMUP} warm-ups")
+        results[VLLM_READING] = timed(
+            lambda i: vllm_policy.rebalance_experts(vllm_windows[i], *ARGS, in_force[i - 1]),
+            NUM_WINDOWS,
+        )
+        readings.append(VLLM_READING)
 
     reading_means = [statistics.mean(results[r]) for r in readings]
     reading_mins = [min(results[r]) for r in readings]
@@ -146,6 +188,11 @@ def main() -> None:
             f"{max(samples):9.3f}{ratios}"
         )
     for reading, reading_mean in zip(readings, reading_means):
+        if reading == VLLM_READING:  # what an engine user switches from: no target, the ratio
+            for name in ("tape", SERVING_TAPE, "deepseek"):
+                ratio = reading_mean / statistics.mean(results[name])
+                print(f"{name} vs {reading}: {ratio:.1f}x")
+            continue
         for name in ("deepseek core", "deepseek"):
             ratio = reading_mean / statistics.mean(results[name])
             verdict = "met" if ratio >= TARGET_RATIO else "not met"
