@@ -43,6 +43,7 @@ from tape.cli.common import (
     progress_bar,
 )
 from tape.cli.evaluate import format_value
+from tape.cli.profile_option import ProfileOption, check_profile_folder, write_profiles
 from tape.errors import ProgramError, counted
 from tape.files import to_json_text
 from tape.policies import PolicyError, parse_policy_spec, policy_names
@@ -198,6 +199,7 @@ def register(app: typer.Typer) -> None:
         memory_mb: MemoryOption = 4096,
         as_json: JsonOption = False,
         overwrite: OverwriteOption = False,
+        profile: ProfileOption = None,
     ) -> None:
         """Compare placement policies under the protocol, side by side.
 
@@ -206,6 +208,7 @@ def register(app: typer.Typer) -> None:
         names = _parse_policies(policies)
         labels = _program_labels(programs or [], names)
         version_value = parse_version(version)
+        check_profile_folder(profile, out, overwrite)
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
@@ -233,11 +236,16 @@ def register(app: typer.Typer) -> None:
                         cluster=setup.cluster, dispatch=dispatch,
                         steps_per_window=setup.window_steps, progress=advance,
                     )
+            profiles = None
+            if profile is not None:
+                profiles = write_profiles(profile, names, setup,
+                                          {"seed": seed, "policies": names, **setup.manifest()})
             if staging is not None:
                 manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
                             "version": version_value, "policies": names, "skipped": skipped,
                             "programs": {label: str(path) for label, path in labels.items()},
-                            **setup.manifest()}
+                            **setup.manifest(),
+                            **({} if profiles is None else {"profiles": profiles})}
                 written = write_comparison(
                     staging, results, setup.windows, setup.layout, model=setup.model,
                     cluster=setup.cluster, dispatch=dispatch,
@@ -260,6 +268,9 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False,
                           soft_wrap=True)  # a long path stays on one line, to copy
+        if profiles is not None:
+            console.print(f"wrote the profiles of {len(profiles)} policies to {profile}",
+                          markup=False, highlight=False, soft_wrap=True)
         if failed:
             raise typer.Exit(1)
 
