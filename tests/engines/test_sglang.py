@@ -130,6 +130,8 @@ def test_a_model_without_groups(server, logical_count):
 def test_elasticity_aware_is_sglangs_own_while_a_rank_is_down(server, logical_count,
                                                                monkeypatch):
     server.load_plugins("all")
+    server.load_plugins("all")  # engines load plugins again: SGLang's own stays SGLang's
+    assert sglang_plugin._state["engine_own"] is ENGINE_OWN
     sglang_plugin._state["setting"].rebalancer.reset()
     server.moe.eplb_algorithm = "elasticity_aware_hierarchical"
     active = torch.ones(GPUS, dtype=torch.int32)
