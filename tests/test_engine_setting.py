@@ -65,3 +65,22 @@ def test_a_bad_value_is_one_line_naming_the_variable(setting, value, expected):
 ])
 def test_vllm_wants_phy2log_alone_from_0_19(version, phy2log_only):
     assert returns_phy2log_only(version) is phy2log_only
+
+
+def test_unset_the_plugins_import_no_engine_and_change_nothing():
+    """Engines call every installed plugin in every process: without the variable tape's do
+    nothing, not even import the engine (or torch)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tape.engines import sglang_plugin, vllm_plugin\n"
+        "vllm_plugin.register(); sglang_plugin.register()\n"
+        "print(','.join(m for m in ('vllm', 'sglang', 'torch') if m in sys.modules))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != ENVIRONMENT_VARIABLE}
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env=environment).stdout.strip()
+    assert loaded == ""
