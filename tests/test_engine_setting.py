@@ -84,3 +84,18 @@ def test_unset_the_plugins_import_no_engine_and_change_nothing():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, env=environment).stdout.strip()
     assert loaded == ""
+
+
+def test_the_settings_docs_serving_shows_are_accepted(setting):
+    """Every TAPE_EPLB_POLICY=VALUE of docs/serving.md's command lines, and the values its text
+    quotes as examples, make a rebalancer (the vLLM class and SGLang function behind them are
+    tested inside the engines, tests/engines/)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    values = set(re.findall(r"TAPE_EPLB_POLICY=([\w:.=-]+) ", text))
+    values |= {"fast:keep_margin=0.02", "tape:preset=all:migration_weight=0.1", "deepseek"}
+    assert "all" in values and all(value in text for value in values)
+    for value in values:
+        assert setting(value).rebalancer is not None
