@@ -3,6 +3,7 @@
 The placement is saved as `{"physical_to_logical_map": [[...S] * L]}`, the JSON that SGLang's
 `--init-expert-location` takes; `--previous` reads the same format (the placement in force, so
 that `tape` and `min-moves` keep experts where they are, and the table counts the moves).
+`--show LAYER` prints the experts each GPU holds on that layer (`tape.assignment`).
 """
 
 from __future__ import annotations
