@@ -1,6 +1,7 @@
 """`tape compare --profile DIR`: a profile of each policy's calls, named in the manifests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +57,13 @@ def test_a_used_profile_folder_needs_overwrite_and_is_not_out(trace, tmp_path):
     result = _compare(trace, "--profile", str(tmp_path / "same"), "--out", str(tmp_path / "same"))
     assert result.exit_code == 2 and "is --out's folder" in result.output
     assert not (tmp_path / "same").exists()
+
+
+def test_json_names_the_profiles(trace, tmp_path):
+    profile = tmp_path / "profile"
+    result = _compare(trace, "--profile", str(profile), "--json")
+    assert result.exit_code == 0, result.output
+    profiles = json.loads(result.stdout)["profiles"]
+    assert profiles["tape:fast"] == [str(profile / "tape_fast_profile.html"),
+                                     str(profile / "tape_fast_profile.txt")]
+    assert all(Path(path).is_file() for paths in profiles.values() for path in paths)

@@ -256,7 +256,8 @@ def register(app: typer.Typer) -> None:
         failed = any(results[label].error for label in labels)
         if as_json:
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
-                                     "policies": summary, "skipped": skipped}))
+                                     "policies": summary, "skipped": skipped,
+                                     **({} if profiles is None else {"profiles": profiles})}))
             if failed:
                 raise typer.Exit(1)
             return
