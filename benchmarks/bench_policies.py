@@ -1,19 +1,21 @@
-"""Benchmark: the baseline policies against two readings of DeepSeek EPLB's reference.
+"""Benchmark: the baseline policies against DeepSeek EPLB's reference and vLLM's default policy.
 
 DeepSeek-V3 shape (58 layers, 256 experts, 288 slots, 8 groups, 4 nodes, 32 GPUs), realistic
 skewed loads: windows of 100 steps of TAPE's synthetic trace (group-limited top-8 routing,
-drifting per-layer popularity). Two readings of the reference are timed in the same run as
-the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in ms per call):
+drifting per-layer popularity). Two readings of the reference, and vLLM's default policy,
+are timed in the same run as the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in ms per call):
 
 - the numpy loop reading (benchmarks/reference_eplb.py), always;
 - the torch reading (benchmarks/reference_eplb_torch.py), the reference's own operations on
   CPU torch tensors, when torch is installed (it is not a TAPE dependency). Its input is a
   torch tensor made before timing, as the reference receives one;
-- vLLM's current default policy, itself (`DefaultEplbPolicy`, DeepSeek's algorithm read in
-  numpy, plus its pass that keeps experts in their slots on the same GPU), when vLLM imports
-  (docs/serving.md installs it beside a CPU torch): called as vLLM's EPLB calls it, with a CPU
-  int64 load tensor and the map in force (the previous window's placement) made before
-  timing.
+- a numpy reading of vLLM's current default policy (benchmarks/reference_vllm_default.py:
+  DeepSeek's algorithm as vLLM writes it in numpy, plus its pass that keeps experts in their
+  slots on the same GPU), always, given the map in force (the previous window's placement) as
+  vLLM gives it. Where vLLM imports (docs/serving.md installs it beside a CPU torch), its own
+  `DefaultEplbPolicy` is timed too, called as vLLM calls it (a CPU int64 load tensor and the
+  map in force, made before timing), a row beside the reading it should match in cost
+  (tests/engines/ checks that the two place alike).
 
 Each policy's ratio to each reading is printed. `deepseek core` times the policy's
 computation alone (the maps as arrays, like the reference returns); `deepseek` adds building
@@ -49,6 +51,7 @@ from tape.synthetic import synthetic_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_eplb
+import reference_vllm_default
 
 LAYOUT = Layout(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
 ARGS = (LAYOUT.num_replicas, LAYOUT.num_groups, LAYOUT.num_nodes, LAYOUT.num_gpus)
@@ -60,7 +63,8 @@ TORCH_REPEATS = 2  # the torch reading takes about half a second a call
 TARGET_RATIO = 50.0
 NUMPY_READING = "reference (numpy reading)"
 TORCH_READING = "reference (torch reading)"
-VLLM_READING = "vLLM default policy (numpy)"
+VLLM_READING = "vLLM default (numpy reading)"
+VLLM_ITSELF = "vLLM default (vLLM's own)"
 SHORT_NAMES = {NUMPY_READING: "numpy", TORCH_READING: "torch", VLLM_READING: "vLLM"}
 SERVING_TAPE = "tape, as served"
 
@@ -114,6 +118,8 @@ def main() -> None:
 
     calls = {
         NUMPY_READING: lambda i: reference_eplb.rebalance_experts(windows[i], *ARGS),
+        VLLM_READING: lambda i: reference_vllm_default.rebalance_experts(
+            windows[i], *ARGS, deepseek_previous[i - 1].phy2log),
         "deepseek core": lambda i: hierarchical_placement(windows[i], LAYOUT, 8, 4),
         "api rebalance_experts": lambda i: rebalance_experts(windows[i], *ARGS),
     }
@@ -135,7 +141,7 @@ def main() -> None:
         f"ms per call over {REPEATS} repeats after {WARMUP} warm-ups"
     )
     results = {name: timed(call, NUM_WINDOWS) for name, call in calls.items()}
-    readings = [NUMPY_READING]
+    readings = [NUMPY_READING, VLLM_READING]
     if torch_reference is None:
         print(
             "torch not installed: pip install torch==2.13.0 to measure against the torch reference"
@@ -156,8 +162,8 @@ def main() -> None:
         )
         readings.append(TORCH_READING)
     if vllm_policy is None:
-        print("vLLM not installed: docs/serving.md installs it to measure against its default "
-              "policy")
+        print("vLLM not installed: its default policy is timed in the numpy reading only "
+              "(docs/serving.md installs vLLM to time its own beside it)")
     else:
         from importlib.metadata import version
 
@@ -167,11 +173,10 @@ def main() -> None:
         in_force = [torch.from_numpy(p.phy2log) for p in deepseek_previous]
         print(f"vLLM {version('vllm')}: its default policy with the map in force, over "
               f"{REPEATS} repeats after {WARMUP} warm-ups")
-        results[VLLM_READING] = timed(
+        results[VLLM_ITSELF] = timed(
             lambda i: vllm_policy.rebalance_experts(vllm_windows[i], *ARGS, in_force[i - 1]),
             NUM_WINDOWS,
         )
-        readings.append(VLLM_READING)
 
     reading_means = [statistics.mean(results[r]) for r in readings]
     reading_mins = [min(results[r]) for r in readings]

@@ -179,3 +179,25 @@ def test_a_bad_setting_stops_vllm_with_one_line(load_plugins):
     message = str(stopped.value)
     assert "TAPE_EPLB_POLICY='tape:nonsense'" in message and "preset" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("args", [ARGS, (288, 8, 1, 32), (288, 1, 4, 32), (320, 8, 4, 32)])
+def test_the_benchmarks_numpy_reading_places_as_vllms_default_policy(windows, args):
+    """benchmarks/bench_policies.py times vLLM's default policy through a numpy reading where
+    vLLM is not installed: it must place exactly as vLLM's own, with and without a map in
+    force (hierarchical and global)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import reference_vllm_default
+    finally:
+        sys.path.pop(0)
+    in_force = None
+    for window in windows:
+        theirs = policy_registry.DefaultEplbPolicy.rebalance_experts(window, *args, in_force)
+        ours = reference_vllm_default.rebalance_experts(
+            window.numpy(), *args, None if in_force is None else in_force.numpy())
+        np.testing.assert_array_equal(ours, theirs.numpy())
+        in_force = theirs
