@@ -1,14 +1,21 @@
-"""Benchmark: the baseline policies against two readings of DeepSeek EPLB's reference.
+"""Benchmark: the baseline policies against DeepSeek EPLB's reference and vLLM's default policy.
 
 DeepSeek-V3 shape (58 layers, 256 experts, 288 slots, 8 groups, 4 nodes, 32 GPUs), realistic
 skewed loads: windows of 100 steps of TAPE's synthetic trace (group-limited top-8 routing,
-drifting per-layer popularity). Two readings of the reference are timed in the same run as
-the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in ms per call):
+drifting per-layer popularity). Two readings of the reference, and vLLM's default policy,
+are timed in the same run as the policies, on the same windows (warm-up, then repeats; mean, sd, min, max in ms per call):
 
 - the numpy loop reading (tests/reference_eplb.py), always;
 - the torch reading (tests/reference_eplb_torch.py), the reference's own operations on
   CPU torch tensors, when torch is installed (it is not a TAPE dependency). Its input is a
-  torch tensor made before timing, as the reference receives one.
+  torch tensor made before timing, as the reference receives one;
+- a numpy reading of vLLM's current default policy (tests/reference_vllm_default.py:
+  DeepSeek's algorithm as vLLM writes it in numpy, plus its pass that keeps experts in their
+  slots on the same GPU), always, given the map in force (the previous window's placement) as
+  vLLM gives it. Where vLLM imports (docs/serving.md installs it beside a CPU torch), its own
+  `DefaultEplbPolicy` is timed too, called as vLLM calls it (a CPU int64 load tensor and the
+  map in force, made before timing), a row beside the reading it should match in cost
+  (tests/engines/ checks that the two place alike).
 
 Each policy's ratio to each reading is printed. `deepseek core` times the policy's
 computation alone (the maps as arrays, like the reference returns); `deepseek` adds building
@@ -18,6 +25,9 @@ reading's: largest slot load per layer (must be equal), GPU balancedness (mean /
 loads, summed over layers), and GPUs holding two replicas of one expert. The two readings
 may place tied items differently (torch's default sort is not stable), never with another
 largest slot load. Target: deepseek >= 50x faster than the reference.
+
+`tape, as served` is the `tape` policy given the placement in force and the earlier windows,
+as `tape.Rebalancer` gives them behind an engine.
 
 Run: python benchmarks/bench_policies.py  (about a minute on one core with torch, less
 without)
@@ -41,6 +51,7 @@ from tape.synthetic import synthetic_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the references
 import reference_eplb
+import reference_vllm_default
 
 LAYOUT = Layout(num_replicas=288, num_groups=8, num_nodes=4, num_gpus=32)
 ARGS = (LAYOUT.num_replicas, LAYOUT.num_groups, LAYOUT.num_nodes, LAYOUT.num_gpus)
@@ -52,7 +63,10 @@ TORCH_REPEATS = 2  # the torch reading takes about half a second a call
 TARGET_RATIO = 50.0
 NUMPY_READING = "reference (numpy reading)"
 TORCH_READING = "reference (torch reading)"
-SHORT_NAMES = {NUMPY_READING: "numpy", TORCH_READING: "torch"}
+VLLM_READING = "vLLM default (numpy reading)"
+VLLM_ITSELF = "vLLM default (vLLM's own)"
+SHORT_NAMES = {NUMPY_READING: "numpy", TORCH_READING: "torch", VLLM_READING: "vLLM"}
+SERVING_TAPE = "tape, as served"
 
 
 def timed(call, num_windows: int, warmup: int = WARMUP, repeats: int = REPEATS) -> list[float]:
@@ -80,6 +94,15 @@ def torch_reading():
     return reference_eplb_torch
 
 
+def vllm_default_policy():
+    """vLLM's default EPLB policy class, or None when vLLM (or torch) does not import."""
+    try:
+        from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
+    except ImportError:
+        return None
+    return DefaultEplbPolicy
+
+
 def gpu_balancedness(placement: Placement, weight: np.ndarray) -> float:
     loads = placement.gpu_loads(weight, LAYOUT.num_gpus)
     return float(loads.mean(axis=1).sum() / loads.max(axis=1).sum())
@@ -89,10 +112,14 @@ def main() -> None:
     trace = synthetic_trace(num_steps=NUM_WINDOWS * STEPS_PER_WINDOW, seed=0)
     windows = trace.reshape(NUM_WINDOWS, STEPS_PER_WINDOW, *trace.shape[1:]).sum(axis=1)
     deepseek_previous = [place(w, LAYOUT, "deepseek") for w in windows]
+    tape_previous = [place(w, LAYOUT, "tape") for w in windows]
     torch_reference = torch_reading()
+    vllm_policy = vllm_default_policy()
 
     calls = {
         NUMPY_READING: lambda i: reference_eplb.rebalance_experts(windows[i], *ARGS),
+        VLLM_READING: lambda i: reference_vllm_default.rebalance_experts(
+            windows[i], *ARGS, deepseek_previous[i - 1].phy2log),
         "deepseek core": lambda i: hierarchical_placement(windows[i], LAYOUT, 8, 4),
         "api rebalance_experts": lambda i: rebalance_experts(windows[i], *ARGS),
     }
@@ -104,13 +131,17 @@ def main() -> None:
             )
         else:
             calls[name] = lambda i, p=policy: p(windows[i], LAYOUT)
+    # as tape.Rebalancer calls it behind an engine: the placement in force and earlier windows
+    tape = get_policy("tape")
+    calls[SERVING_TAPE] = lambda i: tape(windows[i], LAYOUT, previous=tape_previous[i - 1],
+                                         history=windows[:i] if i else None)
 
     print(
         f"DeepSeek-V3 shape, {NUM_WINDOWS} windows of {STEPS_PER_WINDOW} synthetic steps; "
         f"ms per call over {REPEATS} repeats after {WARMUP} warm-ups"
     )
     results = {name: timed(call, NUM_WINDOWS) for name, call in calls.items()}
-    readings = [NUMPY_READING]
+    readings = [NUMPY_READING, VLLM_READING]
     if torch_reference is None:
         print(
             "torch not installed: pip install torch==2.13.0 to measure against the torch reference"
@@ -130,6 +161,22 @@ def main() -> None:
             repeats=TORCH_REPEATS,
         )
         readings.append(TORCH_READING)
+    if vllm_policy is None:
+        print("vLLM not installed: its default policy is timed in the numpy reading only "
+              "(docs/serving.md installs vLLM to time its own beside it)")
+    else:
+        from importlib.metadata import version
+
+        import torch
+
+        vllm_windows = [torch.from_numpy(w.astype(np.int64)) for w in windows]
+        in_force = [torch.from_numpy(p.phy2log) for p in deepseek_previous]
+        print(f"vLLM {version('vllm')}: its default policy with the map in force, over "
+              f"{REPEATS} repeats after {WARMUP} warm-ups")
+        results[VLLM_ITSELF] = timed(
+            lambda i: vllm_policy.rebalance_experts(vllm_windows[i], *ARGS, in_force[i - 1]),
+            NUM_WINDOWS,
+        )
 
     reading_means = [statistics.mean(results[r]) for r in readings]
     reading_mins = [min(results[r]) for r in readings]
@@ -146,6 +193,11 @@ def main() -> None:
             f"{max(samples):9.3f}{ratios}"
         )
     for reading, reading_mean in zip(readings, reading_means):
+        if reading == VLLM_READING:  # what an engine user switches from: no target, the ratio
+            for name in ("tape", SERVING_TAPE, "deepseek"):
+                ratio = reading_mean / statistics.mean(results[name])
+                print(f"{name} vs {reading}: {ratio:.1f}x")
+            continue
         for name in ("deepseek core", "deepseek"):
             ratio = reading_mean / statistics.mean(results[name])
             verdict = "met" if ratio >= TARGET_RATIO else "not met"

@@ -12,7 +12,7 @@ preset against `deepseek` in the same run, it checks on every shape:
 - inter-node tokens (locality dispatch) <= deepseek's;
 - modelled step time <= deepseek's, and realistic score >= deepseek's;
 - runtime per call <= 20 ms and <= 1/50 of DeepSeek's reference (the torch reading,
-  benchmarks/reference_eplb_torch.py, when torch is installed; else the numpy loop reading),
+  tests/reference_eplb_torch.py, when torch is installed; else the numpy loop reading),
   timed on the same windows (each call the fastest of 3).
 
 Seeds: the benchmark's traces use seed 1000 + the shape's index (100-step windows) and 2000 +

@@ -47,6 +47,7 @@ from tape.cli.common import (
     sandbox_isolation,
 )
 from tape.cli.formatting import format_value
+from tape.cli.profile_option import ProfileOption, check_profile_folder, write_profiles
 from tape.errors import ProgramError
 from tape.files import to_json_text
 from tape.isolation import check_isolation
@@ -206,6 +207,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
         no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
+        profile: ProfileOption = None,
     ) -> None:
         """Compare placement policies under the protocol, side by side.
 
@@ -215,6 +217,7 @@ def register(app: typer.Typer) -> None:
         labels = _program_labels(programs or [], names)
         version_value = parse_version(version)
         isolation = sandbox_isolation(isolation) if labels else check_isolation(isolation)
+        check_profile_folder(profile, out, overwrite)
         with output_folder(out, overwrite) as staging:
             setup = prepare(
                 trace=trace, synthetic=synthetic, interval=interval, seed=seed,
@@ -243,12 +246,17 @@ def register(app: typer.Typer) -> None:
                         cluster=setup.cluster, dispatch=dispatch,
                         steps_per_window=setup.window_steps, progress=advance,
                     )
+            profiles = None
+            if profile is not None:
+                profiles = write_profiles(profile, names, setup,
+                                          {"seed": seed, "policies": names, **setup.manifest()})
             if staging is not None:
                 manifest = {"command": "compare", "tape_version": __version__, "seed": seed,
                             "version": version_value, "policies": names, "skipped": skipped,
                             "programs": {label: str(path) for label, path in labels.items()},
                             "isolation": {label: results[label].isolation for label in labels},
-                            **setup.manifest()}
+                            **setup.manifest(),
+                            **({} if profiles is None else {"profiles": profiles})}
                 written = write_comparison(
                     staging, results, setup.windows, setup.layout, model=setup.model,
                     cluster=setup.cluster, dispatch=dispatch,
@@ -261,7 +269,8 @@ def register(app: typer.Typer) -> None:
             isolations = {label: results[label].isolation for label in labels}
             typer.echo(to_json_text({"trace": setup.described, "version": version_value,
                                      "policies": summary, "skipped": skipped,
-                                     **({"isolation": isolations} if labels else {})}))
+                                     **({"isolation": isolations} if labels else {}),
+                                     **({} if profiles is None else {"profiles": profiles})}))
             if failed:
                 raise typer.Exit(1)
             return
@@ -271,6 +280,9 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             console.print(f"wrote {len(written)} files to {out}", markup=False, highlight=False,
                           soft_wrap=True)  # a long path stays on one line, to copy
+        if profiles is not None:
+            console.print(f"wrote the profiles of {len(profiles)} policies to {profile}",
+                          markup=False, highlight=False, soft_wrap=True)
         if failed:
             raise typer.Exit(1)
 

@@ -3,6 +3,7 @@
 The placement is saved as `{"physical_to_logical_map": [[...S] * L]}`, the JSON that SGLang's
 `--init-expert-location` takes; `--previous` reads the same format (the placement in force, so
 that `tape` and `min-moves` keep experts where they are, and the table counts the moves).
+`--show LAYER` prints the experts each GPU holds on that layer (`tape.assignment`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich import box
 from rich.table import Table
 
 from tape.api import place
+from tape.assignment import gpu_assignment_text, gpu_experts
 from tape.cli.common import (
     ClusterOption,
     ConfigOption,
@@ -191,6 +193,12 @@ def register(app: typer.Typer) -> None:
                               "trace's in --output and --previous: SGLang wants a row for every "
                               "layer (3 for DeepSeek-V3 with its 58 MoE layers).")
         ] = 0,
+        show: Annotated[
+            int | None,
+            typer.Option("--show", min=0, metavar="LAYER",
+                         help="Print the experts each GPU holds on this layer of the trace "
+                         "(from 0), node by node.")
+        ] = None,
         interval: IntervalOption = 100,
         seed: SeedOption = 0,
         synthetic_model: SyntheticModelOption = "calibrated",
@@ -226,6 +234,8 @@ def register(app: typer.Typer) -> None:
         if previous is not None:
             in_force = read_placement_file(previous, setup, dense_layers)
         placement, seconds = _timed_place(setup, name, params, in_force)
+        if show is not None:
+            shown = gpu_experts(placement, setup.layout, show)  # a bad layer: before any output
         columns = {policy: _scores(placement, in_force, setup, seconds)}
         if name != "deepseek":
             reference, reference_seconds = _timed_place(setup, "deepseek", {}, in_force)
@@ -244,11 +254,16 @@ def register(app: typer.Typer) -> None:
                 "history_windows": setup.windows.shape[0] - 1, "dense_layers": dense_layers,
                 "previous": None if previous is None else str(previous),
                 "output": None if output is None else str(output), "placements": columns,
+                **({} if show is None else {"show": {"layer": show, "gpu_experts": shown}}),
             }))
             return
         console.print(f"[dim]{escape(setup.described)}; {escape(setup.setting())}[/]",
                       highlight=False)
         console.print(_table(columns, f"{setup.model.name} on {setup.cluster.name}"))
+        if show is not None:
+            console.print(f"\nexperts each GPU holds on layer {show} ({policy}):\n"
+                          f"{gpu_assignment_text(placement, setup.layout, show)}", markup=False,
+                          highlight=False, soft_wrap=True)
         if output is not None:
             console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
 
