@@ -1,4 +1,4 @@
-"""Benchmark: `tape evaluate --version 4` against the seed evaluator's loading and scoring.
+"""Benchmark: `tape evaluate --scoring 4` against the seed evaluator's loading and scoring.
 
 Writes a synthetic DeepSeek-V3 trace (1,200 steps, 58 layers x 256 experts) as a compact
 `expert-load.json` into a temporary folder and scores `src/tape/evolve_assets/initial_program.py`
@@ -9,7 +9,7 @@ Writes a synthetic DeepSeek-V3 trace (1,200 steps, 58 layers x 256 experts) as a
   file, a torch tensor per window (`torch.tensor(steps).sum(dim=0)`), then per pair the program
   called in-process and version 4 scored as the seed does, with Python loops reading one torch
   element at a time (`.item()`) over layers, experts, replicas and source GPUs;
-- `tape cold`: `tape evaluate PROGRAM --trace FILE --version 4 --json` with an empty trace cache
+- `tape cold`: `tape evaluate PROGRAM --trace FILE --scoring 4 --json` with an empty trace cache
   (`TAPE_CACHE_DIR` a new folder): the trace is parsed and cached;
 - `tape warm`: the same command again: the trace is memory-mapped from the cache.
 
@@ -156,7 +156,7 @@ def main() -> None:
         print(f"trace: {args.steps} steps, {trace.stat().st_size / 2**20:.0f} MB of JSON")
         environment = {**os.environ, "TAPE_CACHE_DIR": str(Path(folder) / "cache")}
         tape = [shutil.which("tape") or "tape", "evaluate", str(PROGRAM), "--trace",
-                str(trace), "--version", "4", "--json"]
+                str(trace), "--scoring", "4", "--json"]
         seconds, results = {}, {}
         seconds["tape cold"], results["tape cold"] = _timed(tape, environment)
         seconds["tape warm"], results["tape warm"] = _timed(tape, environment)

@@ -60,7 +60,7 @@ def _json(result):
 
 def test_evaluate_json_has_every_metric_and_per_pair_lists(small_trace, good_program):
     result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
-                                 "--interval", "10", "--version", "3", "--json", *SMALL_LAYOUT])
+                                 "--interval", "10", "--scoring", "3", "--json", *SMALL_LAYOUT])
     assert result.exit_code == 0, result.output
     data = _json(result)
     for key in ("balancedness_score", "speed_score", "communication_score",
@@ -78,7 +78,7 @@ def test_evaluate_json_has_every_metric_and_per_pair_lists(small_trace, good_pro
 def test_evaluate_prints_a_table(small_trace, good_program):
     # Version 2 has no timing in its score: the table shows the numbers --json gives.
     arguments = ["evaluate", str(good_program), "--trace", str(small_trace), "--interval", "10",
-                 "--version", "2", *SMALL_LAYOUT]
+                 "--scoring", "2", *SMALL_LAYOUT]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     scores = json.loads(runner.invoke(app, [*arguments, "--json"]).stdout)
@@ -95,7 +95,7 @@ def test_evaluate_prints_a_table(small_trace, good_program):
 def test_evaluate_lists_the_combined_score_under_its_versions_heading(
         small_trace, good_program, version, section):
     result = runner.invoke(app, ["evaluate", str(good_program), "--trace", str(small_trace),
-                                 "--interval", "10", "--version", version, *SMALL_LAYOUT])
+                                 "--interval", "10", "--scoring", version, *SMALL_LAYOUT])
     assert result.exit_code == 0, result.output
     names = [line.split("│")[1].rstrip() for line in result.stdout.splitlines()
              if line.count("│") == 3]
@@ -125,7 +125,7 @@ def test_program_without_rebalance_experts_scores_zero_with_reason(tmp_path, sma
         (["--replicas", "0"], "error: --replicas must be a positive integer, got 0"),
         (["--groups", "3"], "error: --groups (3) must divide the number of experts (8)"),
         (["--nodes", "3"], "error: --gpus (4) must be a multiple of --nodes (3)"),
-        (["--version", "7"], "unknown version"),
+        (["--scoring", "7"], "unknown version"),
         (["--dispatch", "nearest"], "unknown dispatch"),
     ],
 )
@@ -142,7 +142,7 @@ def test_user_mistakes_get_one_line_errors(small_trace, good_program, arguments,
 
 
 def test_synthetic_trace_errors_name_the_groups_flag():
-    result = runner.invoke(app, ["compare", "--synthetic", "--groups", "2", "--policies",
+    result = runner.invoke(app, ["compare", "--groups", "2", "--policies",
                                  "deepseek"])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: cannot make the synthetic deepseek-v3 trace with "
@@ -357,11 +357,11 @@ def test_help_shows_flags_without_a_placeholder(command):
     result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     flags = [line for line in result.output.splitlines()
-             if any(f"│ {flag} " in line for flag in ("--help", "--synthetic", "--json",
-                                                       "--overwrite", "--version"))]
+             if any(f"│ {flag} " in line for flag in ("--help", "--no-cache", "--json",
+                                                       "--overwrite", "--scoring", "--version"))]
     assert any("--help" in line for line in flags)
     for line in flags:
-        if "--version" in line and command:
+        if "--scoring" in line:
             assert "<str>" in line, line  # the scoring version takes a value
         else:
             assert "<" not in line, line
@@ -412,7 +412,7 @@ def test_overwrite_writes_into_a_used_out_folder(tmp_path, small_trace, good_pro
 @pytest.mark.parametrize("command", ["compare", "evaluate"])
 def test_negative_seed_is_a_usage_error(good_program, command):
     extra = [str(good_program)] if command == "evaluate" else []
-    result = runner.invoke(app, [command, *extra, "--synthetic", "--seed", "-1", *SMALL_LAYOUT])
+    result = runner.invoke(app, [command, *extra, "--seed", "-1", *SMALL_LAYOUT])
     assert result.exit_code == 2, result.output
     assert "--seed" in result.output and "Traceback" not in result.output
 
@@ -480,7 +480,7 @@ def test_compare_table_shows_the_chosen_versions_score_first(small_trace):
                  "vanilla,deepseek", *SMALL_LAYOUT]
     for version, label, same_as in (("2", "score (v2)", "  seed v2 "),
                                     ("realistic", "score (realistic)", "  realistic ")):
-        result = runner.invoke(app, [*arguments, "--version", version])
+        result = runner.invoke(app, [*arguments, "--scoring", version])
         assert result.exit_code == 0, result.output
         lines = result.stdout.splitlines()
         row = lines[1 + next(i for i, line in enumerate(lines) if line.startswith("───"))]
@@ -489,7 +489,7 @@ def test_compare_table_shows_the_chosen_versions_score_first(small_trace):
         numbers = row.split()[-2:]
         assert numbers == next(line for line in lines if line.startswith(same_as)).split()[-2:]
         if version == "2":
-            scores = json.loads(runner.invoke(app, [*arguments, "--version", "2",
+            scores = json.loads(runner.invoke(app, [*arguments, "--scoring", "2",
                                                     "--json"]).stdout)["policies"]
             assert numbers == [format_value(scores[name]["combined_score"], 3)
                                for name in ("vanilla", "deepseek")]
@@ -620,7 +620,7 @@ def test_out_that_cannot_be_written_is_refused_before_any_work(good_program, mon
         raise AssertionError("the run started")
 
     monkeypatch.setattr(f"tape.cli.{command[0].split('-')[0]}.prepare", no_work)
-    result = runner.invoke(app, [*command, "--synthetic", "--out", "/proc/tape-out"])
+    result = runner.invoke(app, [*command, "--out", "/proc/tape-out"])
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
         "error: cannot write to --out /proc/tape-out: No such file or directory"]
@@ -752,7 +752,7 @@ def test_compare_scores_programs_beside_the_policies(small_trace, good_program, 
     ("missing.py", "does not exist"), ("notes.txt", "is not a .py file")])
 def test_compare_refuses_a_bad_program_before_any_work(tmp_path, name, message):
     (tmp_path / "notes.txt").write_text("x")
-    result = runner.invoke(app, ["compare", "--program", str(tmp_path / name), "--synthetic"])
+    result = runner.invoke(app, ["compare", "--program", str(tmp_path / name)])
     assert result.exit_code == 2 and message in result.output, result.output
 
 
@@ -761,7 +761,7 @@ def test_compare_refuses_two_programs_of_one_name(tmp_path, good_program):
     other.mkdir()
     (other / "good.py").write_text(good_program.read_text())
     result = runner.invoke(app, ["compare", "--program", str(good_program), "--program",
-                                 str(other / "good.py"), "--synthetic"])
+                                 str(other / "good.py")])
     assert result.exit_code == 2 and "two columns would be named 'good.py'" in result.output
 
 

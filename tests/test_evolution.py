@@ -25,18 +25,14 @@ from openevolve.utils.code_utils import parse_evolve_blocks
 
 from tape.errors import ConfigError, TapeError
 from tape.evolution import configs, evaluator, prompts, run
-from tape.evolution.settings import (
-    ENVIRONMENT,
-    SMALL_SYNTHETIC,
-    EvaluationSettings,
-    require_new_folder,
-)
+from tape.files import require_new_folder
 from tape.policies import get_policy
 from tape.protocol import replay
+from tape.settings import ENVIRONMENT, SMALL_SYNTHETIC, Settings
 from tape.synthetic import SURGES, synthetic_trace
 from tape.trace import window_loads
 
-SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
+SMALL = Settings(version=2, **SMALL_SYNTHETIC)
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +63,14 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_settings_round_trip_through_the_environment():
-    settings = EvaluationSettings(version="realistic", trace=Path("t.json"), interval=50,
+    settings = Settings(version="realistic", trace=Path("t.json"), interval=50,
                                   timeout_s=2.5, cluster="h100", **SMALL_SYNTHETIC)
     environment = settings.to_environment()
     assert environment["TAPE_VERSION"] == "realistic"
     assert environment["TAPE_TRACE"] == str(Path("t.json").resolve())
     assert environment["TAPE_TIMEOUT"] == "2.5"
     assert "TAPE_WINDOWS" not in environment  # unset fields are left out
-    assert EvaluationSettings.from_environment(environment) == settings
+    assert Settings.from_environment(environment) == settings
 
 
 @pytest.mark.parametrize(
@@ -85,30 +81,30 @@ def test_settings_round_trip_through_the_environment():
         ({"TAPE_VERSION": "5"}, "unknown version '5'"),
         ({"TAPE_TRACE": "a.json", "TAPE_WINDOWS": "w.npy"}, "either a trace or a windows file"),
         ({"TAPE_REPLICAS": "50", "TAPE_GPUS": "8"}, "multiple of num_gpus"),
-        ({"TAPE_DISPATCH": "random"}, "unknown dispatch 'random'"),
+        ({"TAPE_DISPATCH": "random"}, "unknown dispatch policy 'random'"),
         ({"TAPE_SEED": "-1"}, "seed must be a non-negative integer"),
         ({"TAPE_SYNTHETIC_MODEL": "bursty"}, "unknown synthetic model 'bursty'; known: calibrated"),
         ({"TAPE_SYNTHETIC_MODEL": "surges", "TAPE_TRACE": "a.json"},
-         "applies to the synthetic trace only"),
-        ({"TAPE_SEED": "3", "TAPE_TRACE": "a.json"}, "a seed applies to the synthetic trace only"),
+         "--synthetic-model applies to the synthetic trace, not to --trace"),
+        ({"TAPE_SEED": "3", "TAPE_TRACE": "a.json"}, "--seed applies to the synthetic trace, not to --trace"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_reason(environment, reason):
     # TapeError, not any Exception: a KeyError or TypeError with a like message must fail here.
     with pytest.raises(TapeError, match=reason):
-        EvaluationSettings.from_environment(environment)
+        Settings.from_environment(environment)
 
 
 def test_the_synthetic_model_reaches_the_windows(tmp_path):
     small = {**SMALL_SYNTHETIC, "synthetic_steps": 300}
-    surges = EvaluationSettings.from_environment(
-        {**EvaluationSettings(**small).to_environment(), "TAPE_SYNTHETIC_MODEL": "surges"})
+    surges = Settings.from_environment(
+        {**Settings(**small).to_environment(), "TAPE_SYNTHETIC_MODEL": "surges"})
     assert surges.synthetic_model == "surges"
     assert "surges model" in surges.describe_source()
     expected = window_loads(synthetic_trace(
         num_steps=300, num_layers=4, num_experts=32, num_groups=4, seed=0, model=SURGES), 100)
     assert np.array_equal(surges.windows(), expected)
-    assert not np.array_equal(EvaluationSettings(**small).windows(), expected)
+    assert not np.array_equal(Settings(**small).windows(), expected)
     # tape evolve hands its workers the same settings with the windows in a file.
     path = tmp_path / "windows.npz"
     surges.save_windows(path)
@@ -153,7 +149,7 @@ def test_configure_sets_the_variables_and_clears_the_others():
     settings = evaluator.configure(version=3, **SMALL_SYNTHETIC)
     assert os.environ["TAPE_VERSION"] == "3"
     assert "TAPE_TRACE" not in os.environ
-    assert EvaluationSettings.from_environment() == settings
+    assert Settings.from_environment() == settings
 
 
 def test_windows_are_the_summed_steps_of_the_synthetic_trace():
@@ -163,14 +159,14 @@ def test_windows_are_the_summed_steps_of_the_synthetic_trace():
     windows = SMALL.windows()
     assert windows.shape == (6, 4, 32)
     np.testing.assert_allclose(windows[2], loads[200:300].sum(axis=0))
-    shorter = EvaluationSettings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
+    shorter = Settings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
     assert shorter.window_steps() == (100, 100, 100, 100, 100, 50)  # the last window is shorter
 
 
 def test_a_windows_file_gives_back_the_windows_and_their_steps(tmp_path):
-    shorter = EvaluationSettings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
+    shorter = Settings(**{**SMALL_SYNTHETIC, "synthetic_steps": 550})
     shorter.save_windows(tmp_path / "w.npz")
-    saved = EvaluationSettings(**{**SMALL_SYNTHETIC, "windows_file": tmp_path / "w.npz"})
+    saved = Settings(**{**SMALL_SYNTHETIC, "windows_file": tmp_path / "w.npz"})
     np.testing.assert_array_equal(saved.windows(), shorter.windows())
     assert saved.window_steps() == shorter.window_steps()
 
@@ -208,7 +204,7 @@ def test_the_initial_program_matches_deepseeks_slot_loads():
     module = load_module(Path(prompts.__file__).parent.parent / "evolve_assets" /
                          "initial_program.py")
     weight = SMALL.windows()[0]
-    for settings in (SMALL, EvaluationSettings(**{**SMALL_SYNTHETIC, "nodes": 8, "groups": 4})):
+    for settings in (SMALL, Settings(**{**SMALL_SYNTHETIC, "nodes": 8, "groups": 4})):
         layout = settings.layout()
         from tape.placement import Placement
 
@@ -359,7 +355,7 @@ def test_every_shipped_config_loads(name):
     assert resolved.config.max_iterations == 7
     assert all(model.api_key == "sk-test" for model in resolved.config.llm.models)
     assert "sk-test" not in yaml.safe_dump(resolved.saved)
-    bound = run._evaluation_bound(EvaluationSettings())
+    bound = run._evaluation_bound(Settings())
     assert resolved.config.evaluator.timeout >= bound
 
 
@@ -611,7 +607,7 @@ def test_openevolve_improves_the_program_writes_its_layout_and_resumes(tmp_path)
 
         # Resuming with other evaluation settings would make scores incomparable.
         with pytest.raises(ConfigError, match="version: run 2, now 0"):
-            start_run(tmp_path, llm, out="run", iterations=1, settings=EvaluationSettings(
+            start_run(tmp_path, llm, out="run", iterations=1, settings=Settings(
                 version=0, **SMALL_SYNTHETIC), resume=out / "checkpoints" / "checkpoint_3")
         with pytest.raises(ConfigError, match="already holds files"):
             start_run(tmp_path, llm, out="run", iterations=1)
@@ -635,7 +631,7 @@ def test_a_stray_tape_variable_stops_the_run_before_openevolve_starts(tmp_path, 
         ("llm: [1, 2\nmax_iterations: 3\n", {}, "not valid YAML"),
         ("max_iterations: 3\n", {"initial_program": "missing.py"}, "missing.py cannot be read"),
         ("max_iterations: 3\n", {"trace": "missing.json"}, "missing.json"),
-        ("max_iterations: 3\n", {"presets": "openevolve.yaml"}, "unknown section"),
+        ("max_iterations: 3\n", {"config": "openevolve.yaml"}, "unknown section"),
     ],
 )
 def test_a_bad_input_stops_the_run_before_its_folder_is_made(tmp_path, text, given, reason):
@@ -643,7 +639,7 @@ def test_a_bad_input_stops_the_run_before_its_folder_is_made(tmp_path, text, giv
     config.write_text(text)
     given = {name: tmp_path / value for name, value in given.items()}
     initial = given.pop("initial_program", None)
-    settings = EvaluationSettings(version=2, **SMALL_SYNTHETIC, **given)
+    settings = Settings(version=2, **SMALL_SYNTHETIC, **given)
     with pytest.raises(TapeError, match=reason):
         run.evolve(settings, out_dir=tmp_path / "out", iterations=1, config_path=config,
                    llm=configs.LLMChoice(api_base="http://127.0.0.1:9/v1", models=("m",)),
@@ -701,8 +697,8 @@ def test_an_out_that_cannot_be_written_stops_tape_evolve_before_the_endpoint_che
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     base = f"http://127.0.0.1:{closed_port()}/v1"  # checked later, it would fail too
     result = CliRunner().invoke(make_app(), [
-        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
-        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+        "evolve", "--scoring", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--llm", "m", "--evolve-config", "local", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [
@@ -718,7 +714,7 @@ def test_full_rewrites_and_a_hanging_candidate_inside_a_run(tmp_path):
     replies = iter([f"```python\n{hanging}\n```", f"```python\n{improved}\n```"])
     with ScriptedLLM([], "") as llm:
         llm.reply_to = lambda body: (llm.requests.append(body), next(replies))[1]
-        settings = EvaluationSettings(version=2, timeout_s=1.0, **SMALL_SYNTHETIC)
+        settings = Settings(version=2, timeout_s=1.0, **SMALL_SYNTHETIC)
         start = time.monotonic()
         result = start_run(tmp_path, llm, out="rewrite", iterations=2, full_rewrite=True,
                            settings=settings)
@@ -868,8 +864,8 @@ def test_tape_evolve_with_a_closed_port_stops_before_the_run_folder(tmp_path, mo
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     base = f"http://127.0.0.1:{closed_port()}/v1"
     result = CliRunner().invoke(make_app(), [
-        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
-        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+        "evolve", "--scoring", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--llm", "m", "--evolve-config", "local", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 2, result.output
     message = (
@@ -886,8 +882,8 @@ def test_a_key_with_a_trailing_carriage_return_is_stripped_and_never_shown(tmp_p
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-1234\r")  # from a CRLF .env file
     base = f"http://127.0.0.1:{closed_port()}/v1"
     result = CliRunner().invoke(make_app(), [
-        "evolve", "--version", "2", *small_trace_options(tmp_path), "--api-base", base,
-        "--model", "m", "--config", "local", "--out", str(tmp_path / "out"),
+        "evolve", "--scoring", "2", *small_trace_options(tmp_path), "--api-base", base,
+        "--llm", "m", "--evolve-config", "local", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 2, result.output
     assert "Connection refused" in result.output  # the real problem, not the header
@@ -952,8 +948,8 @@ def test_no_endpoint_check_skips_the_preflight(tmp_path, monkeypatch):
     given = {}
     monkeypatch.setattr(run, "evolve", lambda *args, **kwargs: given.update(kwargs) or stop())
     CliRunner().invoke(make_app(), [
-        "evolve", "--version", "2", *small_trace_options(tmp_path), "--no-endpoint-check",
-        "--config", "local", "--out", str(tmp_path / "out")])
+        "evolve", "--scoring", "2", *small_trace_options(tmp_path), "--no-endpoint-check",
+        "--evolve-config", "local", "--out", str(tmp_path / "out")])
     assert given["check_endpoints"] is False
 
 
@@ -974,7 +970,7 @@ def test_tape_evolve_without_a_key_explains_how_to_set_one(tmp_path, monkeypatch
     from typer.testing import CliRunner
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    result = CliRunner().invoke(make_app(), ["evolve", "--version", "2", "--out",
+    result = CliRunner().invoke(make_app(), ["evolve", "--scoring", "2", "--out",
                                              str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "no API key: set OPENAI_API_KEY" in result.output
@@ -985,7 +981,7 @@ def test_tape_evolve_without_openevolve_says_how_to_install_it(tmp_path, monkeyp
     from typer.testing import CliRunner
 
     monkeypatch.setitem(sys.modules, "openevolve", None)  # as if OpenEvolve were not installed
-    result = CliRunner().invoke(make_app(), ["evolve", "--version", "2", "--out",
+    result = CliRunner().invoke(make_app(), ["evolve", "--scoring", "2", "--out",
                                              str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     message = (
@@ -1018,8 +1014,8 @@ def evolve_from_the_command_line(tmp_path, monkeypatch, version: str, reply: str
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with ScriptedLLM([], reply, models_status=models_status) as llm:
         return CliRunner().invoke(make_app(), [
-            "evolve", "--version", version, "--iterations", "1", *small_trace_options(tmp_path),
-            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
+            "evolve", "--scoring", version, "--iterations", "1", *small_trace_options(tmp_path),
+            "--api-base", llm.base_url, "--llm", "scripted", "--evolve-config", str(config),
             "--out", str(tmp_path / "cli-run"), *options,
         ])
 
@@ -1032,9 +1028,9 @@ def test_an_initial_program_that_fails_stops_tape_evolve_before_the_run_folder(t
     raises = write(tmp_path, "raise.py", RAISES)
     with ScriptedLLM([], KEEP) as llm:
         result = CliRunner().invoke(make_app(), [
-            "evolve", "--version", "2", "--iterations", "1", *small_trace_options(tmp_path),
+            "evolve", "--scoring", "2", "--iterations", "1", *small_trace_options(tmp_path),
             "--initial", str(raises),
-            "--api-base", llm.base_url, "--model", "scripted", "--config", "local",
+            "--api-base", llm.base_url, "--llm", "scripted", "--evolve-config", "local",
             "--out", str(tmp_path / "out"),
         ])
     assert result.exit_code == 2, result.output
@@ -1050,22 +1046,23 @@ def test_an_initial_program_that_is_a_folder_is_named_as_such(tmp_path):
 
     result = CliRunner().invoke(make_app(), [
         "evolve", "--initial", str(tmp_path), "--api-base", "http://127.0.0.1:9/v1",
-        "--model", "m", *small_trace_options(tmp_path), "--out", str(tmp_path / "out"),
+        "--llm", "m", *small_trace_options(tmp_path), "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: initial program {tmp_path} is a folder, not a Python file"
     assert not (tmp_path / "out").exists()
 
 
-def test_evolve_help_names_presets_not_config_for_the_preset_defaults():
-    # In tape evolve --config is OpenEvolve's YAML; the cost model's presets file is --presets.
+def test_evolve_names_the_moe_model_and_presets_as_every_command_does():
+    # --model is the MoE model and --config the presets file, as in tape evaluate; the LLM side
+    # has --llm and --evolve-config.
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(make_app(), ["evolve", "--help"], env={"COLUMNS": "200"})
     text = " ".join(result.output.replace("│", " ").split())
-    assert "the --presets file's cluster: preset:, else h800" in text
-    assert "the --presets file's model: preset:, else deepseek-v3" in text
-    assert "the config file's" not in text
+    assert "the --config file's cluster: preset:, else h800" in text
+    assert "the --config file's model: preset:, else deepseek-v3" in text
+    assert "--llm" in text and "--evolve-config" in text and "--moe-model" not in text
     assert "with --resume, the checkpoint's run folder" in text
 
 
@@ -1098,8 +1095,8 @@ def test_ctrl_c_stops_tape_evolve_keeps_the_best_so_far_and_says_so(tmp_path, mo
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with InterruptingLLM([], KEEP) as llm:
         result = CliRunner().invoke(make_app(), [
-            "evolve", "--version", "2", "--iterations", "50", *small_trace_options(tmp_path),
-            "--api-base", llm.base_url, "--model", "scripted", "--config", str(config),
+            "evolve", "--scoring", "2", "--iterations", "50", *small_trace_options(tmp_path),
+            "--api-base", llm.base_url, "--llm", "scripted", "--evolve-config", str(config),
             "--out", str(out),
         ])
     assert result.exit_code == 130, result.output

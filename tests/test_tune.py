@@ -19,12 +19,12 @@ pytest.importorskip("optuna")
 from tape import policies
 from tape.errors import ConfigError
 from tape.evolution import tune as tuning
-from tape.evolution.settings import SMALL_SYNTHETIC, EvaluationSettings
 from tape.placement import Placement
+from tape.settings import SMALL_SYNTHETIC, Settings
 
-SMALL = EvaluationSettings(version=2, **SMALL_SYNTHETIC)
+SMALL = Settings(version=2, **SMALL_SYNTHETIC)
 # 1000 steps: the held-out quarter covers two window pairs, not one.
-LONGER = EvaluationSettings(version=2, **{**SMALL_SYNTHETIC, "synthetic_steps": 1000})
+LONGER = Settings(version=2, **{**SMALL_SYNTHETIC, "synthetic_steps": 1000})
 HAS_TAPE_POLICY = importlib.util.find_spec("tape.policies.tape") is not None
 
 
@@ -169,7 +169,7 @@ def tune_from_the_command_line(tmp_path, steps: int, version: str, trials: int, 
     trace = tmp_path / "trace.npy"
     np.save(trace, synthetic_trace(num_steps=steps, num_layers=4, num_experts=32, num_groups=4))
     return CliRunner().invoke(app, [
-        "tune", "--version", version, "--trials", str(trials), "--trace", str(trace),
+        "tune", "--scoring", version, "--trials", str(trials), "--trace", str(trace),
         "--replicas", "48", "--groups", "4", "--nodes", "2", "--gpus", "8",
         "--out", str(tmp_path / "tuned"), *extra,
     ])
@@ -378,7 +378,7 @@ def test_results_that_cannot_be_moved_into_out_are_a_one_line_error_naming_where
 
 def test_a_killed_runs_staging_folder_does_not_make_a_run_folder_used(tmp_path):
     from tape.errors import ConfigError
-    from tape.evolution.settings import require_new_folder
+    from tape.files import require_new_folder
 
     out = tmp_path / "out"
     (out / ".staging-0123456789ab").mkdir(parents=True)
@@ -401,7 +401,7 @@ def tune_process(tmp_path, out, trials, *extra) -> subprocess.Popen:
                                        num_groups=4))
     return subprocess.Popen(
         [sys.executable, "-c", "from tape.cli import main; main()", "tune",
-         "--version", "2", "--trials", str(trials), "--trace", str(trace), "--replicas", "48",
+         "--scoring", "2", "--trials", str(trials), "--trace", str(trace), "--replicas", "48",
          "--groups", "4", "--nodes", "2", "--gpus", "8", "--out", str(out), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -16,12 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from tape.errors import ConfigError
+
 __all__ = [
     "STAGING_PREFIX",
     "CommitError",
     "atomic_output",
     "holds_files",
     "probe_writable",
+    "require_new_folder",
     "staged_folder",
     "to_json_text",
     "write_json_atomic",
@@ -278,3 +281,12 @@ def write_records_csv(
     writer.writerows([_csv_cell(value) for value in row] for row in rows)
     with atomic_output(path) as temporary:
         temporary.write_text(text.getvalue())
+
+
+def require_new_folder(path: Path, hint: str = "choose another --out") -> None:
+    """ConfigError unless `path` is absent or an empty folder: a run never mixes its files with
+    another's."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a folder; give a folder (new or empty) as --out")
+    if path.exists() and holds_files(path):
+        raise ConfigError(f"output folder {path} already holds files; {hint}")

@@ -11,9 +11,9 @@ __all__ = ["app", "main"]
 
 
 def _no_flag_placeholders(params: list[Any]) -> list[Any]:
-    """`params`, their flags (options that take no value, such as --synthetic and --help) given
+    """`params`, their flags (options that take no value, such as --no-cache and --help) given
     an empty metavar: typer's help shows the `<bool>` type of a flag otherwise, as if it took
-    one (`--synthetic <bool>`)."""
+    one (`--no-cache <bool>`)."""
     for param in params:
         if getattr(param, "is_flag", False):
             param.metavar = ""

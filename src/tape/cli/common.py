@@ -1,17 +1,14 @@
-"""Options and helpers shared by the CLI's commands: traces, layout, presets, output."""
+"""Helpers shared by the CLI's commands: output, errors, progress; the shared options live in
+`tape.cli.options`."""
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -19,42 +16,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tape.cli.out_lock import out_lock
 from tape.errors import (
-    MAX_INTEGER,
     ConfigError,
     LayoutError,
     ProgramError,
     TapeError,
-    TraceError,
-    checked_integer,
-    counted,
 )
 from tape.files import CommitError, holds_files, probe_writable, staged_folder, write_json_atomic
-from tape.layout import Layout, default_replicas
 from tape.policies import PolicyError
-from tape.presets import ClusterSpec, ModelSpec, load_config
+from tape.settings import Settings, Setup, flag_names
 
 __all__ = [
-    "BudgetOption",
-    "ClusterOption",
-    "ConfigOption",
-    "DispatchOption",
-    "GpusOption",
-    "GroupsOption",
-    "IntervalOption",
-    "IsolationOption",
     "JsonOption",
-    "MemoryOption",
-    "ModelOption",
-    "NoCacheOption",
-    "NodesOption",
     "OverwriteOption",
-    "ReplicasOption",
-    "SeedOption",
     "Setup",
-    "SyntheticOption",
-    "TimeoutOption",
-    "TraceOption",
-    "VersionOption",
     "check_out_folder",
     "check_out_writable",
     "check_program_file",
@@ -62,11 +36,8 @@ __all__ = [
     "error_console",
     "escape",
     "flag_names",
-    "groups_for",
     "handles_errors",
-    "load_windows",
     "loading",
-    "nodes_for",
     "output_folder",
     "parse_out",
     "prepare",
@@ -78,136 +49,11 @@ __all__ = [
 console = Console()
 error_console = Console(stderr=True)
 
-TraceOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--trace", help="Expert-load trace: expert-load.json, a folder of per-layer CSVs, an "
-        "SGLang .pt dump, or .npy/.npz \\[steps, layers, experts].",
-    ),
-]
-SyntheticOption = Annotated[
-    bool, typer.Option("--synthetic", help="Use the built-in synthetic trace, in the --model's "
-                       "shape (the default when no --trace is given).")
-]
-IntervalOption = Annotated[int, typer.Option("--interval", min=1, help="Steps per window.")]
-SeedOption = Annotated[int, typer.Option("--seed", min=0, help="Seed of the synthetic trace.")]
-SyntheticModelOption = Annotated[
-    str, typer.Option("--synthetic-model", help="Model of the synthetic trace: calibrated "
-                      "(against the public trace's figures) or surges (the previous default: "
-                      "unpredictable single-expert surges).")
-]
-ReplicasOption = Annotated[
-    int | None, typer.Option("--replicas", help="Physical slots per layer (S); default: one "
-                             "more a GPU than the experts need, G * (ceil(E / G) + 1).")
-]
-GroupsOption = Annotated[
-    int | None, typer.Option("--groups", help="Expert groups; default: the --model's (1 for a "
-                             "model without group-limited routing).")
-]
-NodesOption = Annotated[
-    int | None,
-    typer.Option("--nodes", help="Nodes (N); default: GPUs / the cluster preset's GPUs per node."),
-]
-GpusOption = Annotated[int, typer.Option("--gpus", help="GPUs (G).")]
-VersionOption = Annotated[
-    str, typer.Option("--version", help="Scoring version: 0, 2, 3, 4 (the seed's) or realistic.")
-]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
-NoCacheOption = Annotated[
-    bool, typer.Option("--no-cache", help="Parse --trace anew and keep nothing in the trace "
-                       "cache (TAPE_CACHE_DIR, default the user's cache folder).")
-]
-
-
-def _at_most(limit: int, unit: str) -> Any:
-    """An option callback refusing a value above `limit` (a usage error, as typer's `min`):
-    typer's own `max` would widen the help's option column with the range, and cut lines."""
-
-    def check(value: float | None) -> float | None:
-        if value is not None and value > limit:
-            raise typer.BadParameter(f"at most {limit}{unit}, got {value}{unit}")
-        return value
-
-    return check
-
-
-MAX_TIMEOUT_S = 86400
-"""The largest --timeout, one day: Python's waits refuse an infinite timeout, or one of about 25
-days and more, with a traceback."""
-TimeoutOption = Annotated[
-    float, typer.Option("--timeout", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
-                        help="Seconds one call of a program may take before its process is "
-                        "killed (at most a day).")
-]
-BudgetOption = Annotated[
-    float | None, typer.Option("--budget", min=0.1, callback=_at_most(MAX_TIMEOUT_S, " s"),
-                               help="Seconds all calls of one program may take together "
-                               "(default 5 x --timeout); past it the program fails.")
-]
-IsolationOption = Annotated[
-    str, typer.Option("--isolation", help="How programs are isolated: auto (bubblewrap where "
-                      "it runs, else partial isolation and a warning), strict (bubblewrap, or "
-                      "refuse to run) or partial.")
-]
-MemoryOption = Annotated[
-    # more than MAX_INTEGER MB cannot be set as the process's limit (in bytes)
-    int, typer.Option("--memory-mb", min=64, callback=_at_most(MAX_INTEGER, " MB"),
-                      help="Memory a program's process may allocate, MB.")
-]
 OverwriteOption = Annotated[
     bool, typer.Option("--overwrite", help="Write into an --out folder that already holds files, "
                        "replacing files of the same names.")
 ]
-ClusterOption = Annotated[
-    str | None, typer.Option("--cluster", help="Cluster preset, its GPUs per node (NVLink "
-                             "domain) and bandwidths: h800, h100, h200, b200 or gb200-nvl72 "
-                             "(default: the config file's cluster: preset:, else h800).")
-]
-ModelOption = Annotated[
-    str | None, typer.Option("--model", help="Model preset, the shape of the synthetic trace, "
-                             "the layout and the cost model: deepseek-v3, kimi-k2, "
-                             "qwen3-235b-a22b, qwen3-30b-a3b, gpt-oss-120b, gpt-oss-20b, glm-4.5, "
-                             "glm-4.5-air or llama-4-maverick (default: the config file's "
-                             "model: preset:, else deepseek-v3).")
-]
-DispatchOption = Annotated[
-    str, typer.Option("--dispatch", help="Token dispatch of the cost model: locality or uniform.")
-]
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", help="YAML/JSON file overriding model: and cluster: preset fields."),
-]
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What every scoring command needs: layout, presets, dispatch and the windowed trace."""
-
-    layout: Layout
-    model: ModelSpec
-    cluster: ClusterSpec
-    dispatch: str
-    windows: np.ndarray
-    described: str
-    interval: int
-    window_steps: tuple[int, ...]
-
-    def setting(self) -> str:
-        """The model, the cluster and the layout in words, for a table's heading."""
-        layout = self.layout
-        return (f"{self.model.name} on {self.cluster.name}: {counted(layout.num_gpus, 'GPU')} "
-                f"on {counted(layout.num_nodes, 'node')}, {counted(layout.num_replicas, 'slot')}; "
-                f"{self.dispatch} dispatch")
-
-    def manifest(self) -> dict[str, Any]:
-        """The settings of a run, for the manifest beside its results."""
-        layout = self.layout
-        return {
-            "trace": self.described, "interval": self.interval, "dispatch": self.dispatch,
-            "layout": {"replicas": layout.num_replicas, "groups": layout.num_groups,
-                       "nodes": layout.num_nodes, "gpus": layout.num_gpus},
-            "model": dataclasses.asdict(self.model), "cluster": dataclasses.asdict(self.cluster),
-        }
 
 
 def parse_out(text: str) -> Path:
@@ -237,17 +83,6 @@ def check_out_folder(out: Path | None, *, must_be_empty: bool = True,
         if overwrite_flag:
             hint = ", or pass --overwrite to replace its files"
         raise ConfigError(f"--out {out} already holds files; choose a new or empty folder{hint}")
-
-
-_FLAGS = {"num_replicas": "--replicas", "num_groups": "--groups", "num_nodes": "--nodes",
-          "num_gpus": "--gpus"}
-
-
-def flag_names(message: str) -> str:
-    """`message` with the layout's argument names (num_gpus, ...) as the flags that set them
-    (--gpus, ...): the library's messages name its arguments, a CLI user typed flags."""
-    return re.sub(r"\b(?:num_replicas|num_groups|num_nodes|num_gpus)\b",
-                  lambda match: _FLAGS[match[0]], message)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -301,140 +136,10 @@ def _unwritable(out: Path, error: OSError) -> ConfigError:
     return ConfigError(f"cannot write to --out {out}: {error.strerror or error}")
 
 
-def nodes_for(nodes: int | None, gpus: int, cluster: ClusterSpec) -> int:
-    """--nodes, or else G / the cluster preset's GPUs per node (1 node for a smaller G)."""
-    if nodes is not None:
-        return nodes
-    if gpus <= cluster.gpus_per_node:
-        return 1
-    if gpus % cluster.gpus_per_node:
-        raise LayoutError(
-            f"--gpus {gpus} is not a multiple of the {cluster.name} preset's "
-            f"{cluster.gpus_per_node} GPUs per node; give --nodes"
-        )
-    return gpus // cluster.gpus_per_node
-
-
-def groups_for(groups: int | None, model: ModelSpec) -> int:
-    """--groups, or else the model's groups (1 without group-limited routing); LayoutError for
-    --groups on a model whose routing has no groups."""
-    if groups is None:
-        return model.layout_groups
-    if model.num_groups is None and groups != 1:
-        raise LayoutError(f"--groups {groups}: the {model.name} model routes without expert "
-                          "groups; leave --groups out (or give the model num_groups and "
-                          "topk_groups in --config)")
-    return groups
-
-
-def prepare(
-    *, trace: Path | None, synthetic: bool, interval: int, seed: int, replicas: int | None,
-    groups: int | None, nodes: int | None, gpus: int, cluster: str | None, model: str | None,
-    dispatch: str, config: Path | None, show_progress: bool = True,
-    synthetic_model: str = "calibrated", replay: bool = True, cache: bool = True,
-) -> Setup:
-    """Check the flags, load presets and the trace; raise TapeError naming what is wrong.
-    The model preset gives the synthetic trace's shape and the default groups; the default
-    slots follow the trace's experts (`default_replicas`). `replay`: the trace must have the 2
-    windows a replay needs (else one is enough); `cache`: read a trace file through the trace
-    cache (`tape.trace_cache`)."""
-    from tape.dispatch import check_dispatch
-
-    check_dispatch(dispatch)
-    model_spec, cluster_spec = load_config(config, model=model, cluster=cluster)
-    nodes = nodes_for(nodes, gpus, cluster_spec)
-    groups = groups_for(groups, model_spec)
-    # the layout's own checks (G a multiple of N, S of G) before any trace is read
-    layout = Layout(num_replicas=gpus if replicas is None else replicas, num_groups=groups,
-                    num_nodes=nodes, num_gpus=gpus)
-    with loading(trace, show_progress):
-        loads, source = _trace_loads(trace, synthetic, seed, model_spec, groups, synthetic_model,
-                                     cache)
-    if replicas is None:
-        layout = Layout(default_replicas(loads.shape[2], gpus), groups, nodes, gpus)
-    windows, described, steps = _windowed(loads, source, interval, layout, replay)
-    if config is not None:
-        _check_model_shape(config, windows.shape[1:], layout.num_groups)
-    return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
-
-
-def _check_model_shape(config: Path, shape: tuple[int, ...], groups: int) -> None:
-    """ConfigError if the config file's model section sets a shape (layers, experts, groups)
-    other than the trace's and --groups: the cost model takes the shape from those, so the
-    file's value would be ignored without a word."""
-    from tape.presets import read_mapping_file
-
-    model = read_mapping_file(config, "config file").get("model") or {}
-    for key, actual, source in (("num_layers", shape[0], "the trace's layers"),
-                                ("num_experts", shape[1], "the trace's experts"),
-                                ("num_groups", groups, "--groups")):
-        if key in model and model[key] != actual:
-            raise ConfigError(f"config file {config}: model {key} is {model[key]!r} but "
-                              f"{source} are {actual}; the cost model takes the shape from the "
-                              f"trace and the flags: fix or remove {key}")
-
-
-def load_windows(
-    trace: Path | None, synthetic: bool, interval: int, seed: int, layout: Layout,
-    synthetic_model: str = "calibrated", replay: bool = True, model: ModelSpec | None = None,
-    cache: bool = True,
-) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """Windowed loads [W, L, E] of the chosen trace (the synthetic one in `model`'s shape,
-    DeepSeek-V3's by default), a one-line description of it, and the forward steps in each
-    window (the last window may be shorter); at least 2 windows with `replay`."""
-    from tape.presets import model_preset
-
-    loads, source = _trace_loads(trace, synthetic, seed, model or model_preset(),
-                                 layout.num_groups, synthetic_model, cache)
-    return _windowed(loads, source, interval, layout, replay)
-
-
-def _trace_loads(
-    trace: Path | None, synthetic: bool, seed: int, model: ModelSpec, groups: int,
-    synthetic_model: str, cache: bool = True,
-) -> tuple[np.ndarray, str]:
-    """The trace's loads [steps, L, E] and where they come from, in words."""
-    from tape.trace import load_trace
-
-    if trace is not None and synthetic:
-        raise TraceError("give either --trace PATH or --synthetic, not both")
-    if trace is not None and synthetic_model != "calibrated":
-        raise TraceError("--synthetic-model applies to the synthetic trace, not to --trace")
-    if trace is not None and seed != 0:  # runs with --seed 1, 2, ... would all be the same
-        raise TraceError("--seed applies to the synthetic trace, not to --trace")
-    if trace is not None:
-        return load_trace(trace, cache=cache), str(trace)
-    from tape.synthetic import model_trace, trace_model
-
-    if seed > MAX_INTEGER:
-        raise TraceError(f"--seed must be at most {MAX_INTEGER}, got {seed}")
-    chosen = trace_model(synthetic_model)
-    try:
-        loads = model_trace(model, seed=seed, model=chosen,
-                            num_groups=None if model.num_groups is None else groups)
-    except TraceError as error:
-        raise TraceError(f"cannot make the synthetic {model.name} trace with --groups "
-                         f"{groups} and --seed {seed}: {flag_names(str(error))}") from None
-    return loads, f"synthetic {model.name} trace ({synthetic_model} model, seed {seed})"
-
-
-def _windowed(
-    loads: np.ndarray, source: str, interval: int, layout: Layout, replay: bool
-) -> tuple[np.ndarray, str, tuple[int, ...]]:
-    """`loads` cut into windows of `interval` steps and checked against `layout`, with the
-    description and the steps of each window (`load_windows`)."""
-    from tape.protocol import check_windows
-    from tape.trace import describe, window_loads
-
-    checked_integer(interval, "--interval", TraceError)  # the flag, not window_loads' argument
-    # one step is one window where no replay is made (`tape place`)
-    windowed = loads if not replay and loads.shape[0] == 1 else window_loads(loads, interval)
-    windows = check_windows(windowed, layout, replay=replay)
-    total = loads.shape[0]
-    steps = tuple(min(interval, total - start) for start in range(0, total, interval))
-    described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
-                 f"{counted(interval, 'step')}")
-    return windows, described, steps
+def prepare(settings: Settings, *, show_progress: bool = True, replay: bool = True) -> Setup:
+    """`settings.prepare(replay=...)` with a spinner while the trace is read (`loading`)."""
+    with loading(settings.trace, show_progress):
+        return settings.prepare(replay=replay)
 
 
 def loading(trace: Path | None, enabled: bool = True) -> Any:

@@ -12,28 +12,8 @@ from rich.table import Table
 from tape import __version__
 from tape.api import place
 from tape.cli.common import (
-    BudgetOption,
-    ClusterOption,
-    ConfigOption,
-    DispatchOption,
-    GpusOption,
-    GroupsOption,
-    IntervalOption,
-    IsolationOption,
     JsonOption,
-    MemoryOption,
-    ModelOption,
-    NoCacheOption,
-    NodesOption,
     OverwriteOption,
-    ReplicasOption,
-    SeedOption,
-    Setup,
-    SyntheticModelOption,
-    SyntheticOption,
-    TimeoutOption,
-    TraceOption,
-    VersionOption,
     check_program_file,
     console,
     error_console,
@@ -47,13 +27,14 @@ from tape.cli.common import (
     sandbox_isolation,
 )
 from tape.cli.formatting import format_value
+from tape.cli.options import with_settings
 from tape.cli.profile_option import ProfileOption, check_profile_folder, write_profiles
 from tape.errors import ProgramError
 from tape.files import to_json_text
-from tape.isolation import check_isolation
 from tape.policies import PolicyError, parse_policy_spec, policy_names
-from tape.protocol import parse_version, score_program
+from tape.protocol import score_program
 from tape.report import compare_policies, summarize, write_comparison
+from tape.settings import Settings, Setup
 
 __all__ = ["DEFAULT_POLICIES", "register"]
 
@@ -163,9 +144,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @handles_errors
+    @with_settings()
     def compare(
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
+        settings: Settings,
         policies: Annotated[
             str | None,
             typer.Option("--policies", help="Comma-separated policies (default: all built-in "
@@ -188,24 +169,7 @@ def register(app: typer.Typer) -> None:
                          "plots and timelines; over all, a per-window CSV and plot, a JSON of "
                          "everything and a manifest."),
         ] = None,
-        version: VersionOption = "0",
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = None,
-        groups: GroupsOption = None,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
-        model: ModelOption = None,
-        dispatch: DispatchOption = "locality",
-        config: ConfigOption = None,
-        timeout: TimeoutOption = 60.0,
-        memory_mb: MemoryOption = 4096,
-        budget: BudgetOption = None,
-        isolation: IsolationOption = "auto",
         as_json: JsonOption = False,
-        no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
         profile: ProfileOption = None,
     ) -> None:
@@ -215,16 +179,11 @@ def register(app: typer.Typer) -> None:
         """
         names = _parse_policies(policies)
         labels = _program_labels(programs or [], names)
-        version_value = parse_version(version)
-        isolation = sandbox_isolation(isolation) if labels else check_isolation(isolation)
+        version_value, dispatch, seed = settings.version, settings.dispatch, settings.seed
+        isolation = sandbox_isolation(settings.isolation) if labels else settings.isolation
         check_profile_folder(profile, out, overwrite)
         with output_folder(out, overwrite) as staging:
-            setup = prepare(
-                trace=trace, synthetic=synthetic, interval=interval, seed=seed,
-                synthetic_model=synthetic_model,
-                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
-                model=model, dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
-            )
+            setup = prepare(settings, show_progress=not as_json)
             names, skipped = _usable_policies(names, setup, named=policies is not None)
             for spec, reason in skipped.items():
                 error_console.print(f"note: skipped {spec}: {reason}", markup=False,
@@ -241,7 +200,8 @@ def register(app: typer.Typer) -> None:
                 for label, program in labels.items():
                     results[label] = score_program(
                         program, setup.windows, setup.layout, version=version_value,
-                        timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
+                        timeout_s=settings.timeout_s, memory_mb=settings.memory_mb,
+                        budget_s=settings.budget_s,
                         isolation=isolation, model=setup.model,
                         cluster=setup.cluster, dispatch=dispatch,
                         steps_per_window=setup.window_steps, progress=advance,

@@ -11,28 +11,8 @@ from rich.table import Table
 
 from tape import __version__
 from tape.cli.common import (
-    BudgetOption,
-    ClusterOption,
-    ConfigOption,
-    DispatchOption,
-    GpusOption,
-    GroupsOption,
-    IntervalOption,
-    IsolationOption,
     JsonOption,
-    MemoryOption,
-    ModelOption,
-    NoCacheOption,
-    NodesOption,
     OverwriteOption,
-    ReplicasOption,
-    SeedOption,
-    Setup,
-    SyntheticModelOption,
-    SyntheticOption,
-    TimeoutOption,
-    TraceOption,
-    VersionOption,
     check_program_file,
     console,
     error_console,
@@ -46,9 +26,11 @@ from tape.cli.common import (
     write_json_atomic,
 )
 from tape.cli.formatting import format_value
+from tape.cli.options import with_settings
 from tape.errors import ProgramError
 from tape.files import to_json_text
-from tape.protocol import ProgramScore, parse_version, score_program
+from tape.protocol import ProgramScore, score_program
+from tape.settings import Settings, Setup
 
 __all__ = ["METRIC_SECTIONS", "register"]
 
@@ -121,15 +103,16 @@ def _summary_table(title: str, results: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
-def _score(program: Path, setup: Setup, version, limits: dict[str, Any], show_progress: bool
-           ) -> ProgramScore:
-    """Score one program; `limits`: score_program's timeout_s, memory_mb, budget_s and
-    isolation."""
+def _score(program: Path, setup: Setup, settings: Settings, isolation: str,
+           show_progress: bool) -> ProgramScore:
+    """Score one program under `settings`' version and limits, in `isolation` (resolved)."""
     with progress_bar(program.name, setup.windows.shape[0] - 1, show_progress) as advance:
         return score_program(
-            program, setup.windows, setup.layout, version=version, **limits,
-            model=setup.model, cluster=setup.cluster,
-            dispatch=setup.dispatch, steps_per_window=setup.window_steps, progress=advance,
+            program, setup.windows, setup.layout, version=settings.version,
+            timeout_s=settings.timeout_s, memory_mb=settings.memory_mb,
+            budget_s=settings.budget_s, isolation=isolation, model=setup.model,
+            cluster=setup.cluster, dispatch=setup.dispatch,
+            steps_per_window=setup.window_steps, progress=advance,
         )
 
 
@@ -138,41 +121,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @handles_errors
+    @with_settings()
     def evaluate(
         program: Annotated[Path, typer.Argument(help="Python file defining rebalance_experts.")],
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
-        version: VersionOption = "0",
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = None,
-        groups: GroupsOption = None,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
-        model: ModelOption = None,
-        dispatch: DispatchOption = "locality",
-        config: ConfigOption = None,
-        timeout: TimeoutOption = 60.0,
-        memory_mb: MemoryOption = 4096,
-        budget: BudgetOption = None,
-        isolation: IsolationOption = "auto",
+        settings: Settings,
         as_json: JsonOption = False,
-        no_cache: NoCacheOption = False,
     ) -> None:
         """Score one program: rebalance on each window, score on the next, average the pairs."""
         check_program_file(program)
-        version_value = parse_version(version)
-        limits = {"timeout_s": timeout, "memory_mb": memory_mb, "budget_s": budget,
-                  "isolation": sandbox_isolation(isolation)}
-        setup = prepare(
-            trace=trace, synthetic=synthetic, interval=interval, seed=seed,
-            synthetic_model=synthetic_model, replicas=replicas,
-            groups=groups, nodes=nodes, gpus=gpus, cluster=cluster, model=model,
-            dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
-        )
-        score = _score(program, setup, version_value, limits, not as_json)
+        version_value = settings.version
+        isolation = sandbox_isolation(settings.isolation)
+        setup = prepare(settings, show_progress=not as_json)
+        score = _score(program, setup, settings, isolation, not as_json)
         if as_json:
             payload = {"program": str(program), "version": version_value,
                        "trace": setup.described, **score.to_json()}
@@ -189,32 +149,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("evaluate-dir")
     @handles_errors
+    @with_settings()
     def evaluate_dir(
         directory: Annotated[Path, typer.Argument(help="Folder of .py programs.")],
+        settings: Settings,
         out: Annotated[
             Path | None, typer.Option("--out", parser=parse_out, metavar="<path>",
                                       help="Write one JSON result per program here.")
         ] = None,
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
-        version: VersionOption = "0",
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = None,
-        groups: GroupsOption = None,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
-        model: ModelOption = None,
-        dispatch: DispatchOption = "locality",
-        config: ConfigOption = None,
-        timeout: TimeoutOption = 60.0,
-        memory_mb: MemoryOption = 4096,
-        budget: BudgetOption = None,
-        isolation: IsolationOption = "auto",
         as_json: JsonOption = False,
-        no_cache: NoCacheOption = False,
         overwrite: OverwriteOption = False,
     ) -> None:
         """Score every .py program in a folder and print a summary table.
@@ -229,19 +172,13 @@ def register(app: typer.Typer) -> None:
         programs = sorted(path for path in directory.glob("*.py") if path.is_file())
         if not programs:
             raise ProgramError(f"no .py programs in {directory}")
-        version_value = parse_version(version)
-        limits = {"timeout_s": timeout, "memory_mb": memory_mb, "budget_s": budget,
-                  "isolation": sandbox_isolation(isolation)}
+        version_value = settings.version
+        isolation = sandbox_isolation(settings.isolation)
         with output_folder(out, overwrite) as staging:
-            setup = prepare(
-                trace=trace, synthetic=synthetic, interval=interval, seed=seed,
-                synthetic_model=synthetic_model,
-                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
-                model=model, dispatch=dispatch, config=config, show_progress=not as_json, cache=not no_cache,
-            )
+            setup = prepare(settings, show_progress=not as_json)
             results: dict[str, dict[str, Any]] = {}
             for program in programs:
-                score = _score(program, setup, version_value, limits, not as_json)
+                score = _score(program, setup, settings, isolation, not as_json)
                 results[program.name] = {"program": str(program), "version": version_value,
                                          "trace": setup.described, **score.to_json()}
                 if staging is not None:
@@ -250,9 +187,9 @@ def register(app: typer.Typer) -> None:
             if staging is not None:
                 write_json_atomic(staging / "manifest.json", {
                     "command": "evaluate-dir", "tape_version": __version__,
-                    "directory": str(directory), "version": version_value, "seed": seed,
-                    **setup.manifest(), "programs": sorted(results),
-                    "isolation": "bwrap" if limits["isolation"] == "strict" else "partial",
+                    "directory": str(directory), "version": version_value,
+                    "seed": settings.seed, **setup.manifest(), "programs": sorted(results),
+                    "isolation": "bwrap" if isolation == "strict" else "partial",
                 })
         if as_json:
             typer.echo(to_json_text(results))

@@ -1,14 +1,14 @@
 """`tape evolve` (OpenEvolve with an LLM) and `tape tune` (Optuna, no LLM): search for policies.
 
-Both score candidates exactly as `tape evaluate` does, through `tape.evolution.settings`. Their
-`--trace`, `--synthetic`, `--interval`, `--seed`, layout, `--cluster` and `--dispatch` flags mean
-what they mean for `tape evaluate`. In `tape evolve`, `--model` and `--config` belong to the
-LLM side (the issue's interface), so the cost model's presets are `--moe-model` and `--presets`
-there; `tape tune` keeps `tape evaluate`'s `--model` and `--config`.
+Both score candidates exactly as `tape evaluate` does, with the same `tape.settings.Settings`
+and the same shared options (`tape.cli.options`): `--model` is the MoE model and `--config` the
+presets file in every command. The LLM side of `tape evolve` has its own names: `--llm` for the
+model(s), `--evolve-config` for OpenEvolve's config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,39 +18,21 @@ from rich import box
 from rich.table import Table
 
 from tape.cli.common import (
-    BudgetOption,
-    ClusterOption,
-    ConfigOption,
-    DispatchOption,
-    GpusOption,
-    GroupsOption,
-    IntervalOption,
-    IsolationOption,
-    MemoryOption,
-    ModelOption,
-    NodesOption,
-    ReplicasOption,
-    SeedOption,
-    SyntheticModelOption,
-    SyntheticOption,
-    TimeoutOption,
-    TraceOption,
-    VersionOption,
     check_out_writable,
     console,
     error_console,
     escape,
     handles_errors,
-    loading,
-    nodes_for,
     parse_out,
+    prepare,
     progress_bar,
     sandbox_isolation,
 )
+from tape.cli.options import with_settings
 from tape.cli.out_lock import out_lock
-from tape.errors import ConfigError, TraceError, counted
-from tape.presets import load_config
-from tape.protocol import ProgramScore, parse_version
+from tape.errors import ConfigError, counted
+from tape.protocol import ProgramScore
+from tape.settings import Settings
 
 __all__ = ["register"]
 
@@ -62,16 +44,10 @@ def _out_option(command: str) -> Any:
                         f"realistic{resumed}.")
 
 
-def _settings(**values: Any) -> Any:
-    from tape.evolution.settings import EvaluationSettings
-
-    if values.pop("synthetic") and values["trace"] is not None:
-        raise TraceError("give either --trace PATH or --synthetic, not both")
-    _, cluster_spec = load_config(values["presets"], cluster=values["cluster"])
-    values["nodes"] = nodes_for(values["nodes"], values["gpus"], cluster_spec)
-    settings = EvaluationSettings(**values)
-    with loading(settings.trace):
-        settings.windows()  # cached: a bad trace is an error before any folder is made
+def _checked(settings: Settings) -> Settings:
+    """`settings`, its windows read (cached) with a spinner: a bad trace is an error before any
+    folder is made."""
+    prepare(settings)
     return settings
 
 
@@ -112,50 +88,28 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @handles_errors
+    @with_settings()
     def evolve(
-        version: VersionOption = "0",
+        settings: Settings,
         iterations: Annotated[
             int | None, typer.Option("--iterations", min=1, help="Evolution iterations "
                                      "(default: the config's max_iterations).")
         ] = None,
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = 288,
-        groups: GroupsOption = 8,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: Annotated[  # not ClusterOption: here --config is OpenEvolve's, not presets
-            str | None, typer.Option("--cluster", help="Cluster preset: h800 or h100 (default: "
-                                     "the --presets file's cluster: preset:, else h800).")
-        ] = None,
-        moe_model: Annotated[
-            str | None, typer.Option("--moe-model", help="MoE model preset of the realistic "
-                                     "cost model: deepseek-v3 (default: the --presets file's "
-                                     "model: preset:, else deepseek-v3).")
-        ] = None,
-        presets: Annotated[
-            Path | None, typer.Option("--presets", help="YAML/JSON file overriding model: and "
-                                      "cluster: preset fields.")
-        ] = None,
-        dispatch: DispatchOption = "locality",
         api_base: Annotated[
             str | None, typer.Option("--api-base", help="OpenAI-compatible endpoint, e.g. "
                                      "http://localhost:8000/v1 (vLLM) or :11434/v1 (ollama).")
         ] = None,
-        model: Annotated[
-            list[str] | None, typer.Option("--model", metavar="<name>", help="LLM model name; "
+        llm: Annotated[
+            list[str] | None, typer.Option("--llm", metavar="<name>", help="LLM model name; "
                                            "repeat for an ensemble (equal weights).")
         ] = None,
         api_key_env: Annotated[
             str | None, typer.Option("--api-key-env", help="Environment variable holding the "
                                      "API key (default OPENAI_API_KEY).")
         ] = None,
-        config: Annotated[
-            str | None, typer.Option("--config", help="OpenEvolve YAML, or a shipped config's "
-                                     "name: gemini (default), local.")
+        evolve_config: Annotated[
+            str | None, typer.Option("--evolve-config", help="OpenEvolve YAML, or a shipped "
+                                     "config's name: gemini (default), local.")
         ] = None,
         full_rewrite: Annotated[
             bool, typer.Option("--full-rewrite", help="Ask for whole programs, not diffs.")
@@ -179,10 +133,6 @@ def register(app: typer.Typer) -> None:
                                "run, that each LLM endpoint can be connected to (one GET of "
                                "its /models).")
         ] = False,
-        timeout: TimeoutOption = 10.0,
-        memory_mb: MemoryOption = 4096,
-        budget: BudgetOption = None,
-        isolation: IsolationOption = "auto",
     ) -> None:
         """Evolve rebalance_experts with OpenEvolve and an LLM; score with TAPE's sandbox."""
         from tape.evolution import configs, require_extra, run
@@ -190,27 +140,22 @@ def register(app: typer.Typer) -> None:
         require_extra("openevolve", "tape evolve")  # before the trace is read
         if out is None:
             out = resume.resolve().parent.parent if resume else _default_out(
-                "evolve", parse_version(version))
+                "evolve", settings.version)
         # A used folder: run.evolve's hint (--resume with its newest checkpoint, or --overwrite).
         # A resumed run's folder exists already, and run.evolve checks the checkpoint first.
         if resume is None:
             check_out_writable(out, must_be_empty=False)
         with out_lock(out):
-            settings = _settings(
-                version=parse_version(version), trace=trace, synthetic=synthetic, interval=interval,
-                seed=seed, synthetic_model=synthetic_model, replicas=replicas, groups=groups,
-                nodes=nodes, gpus=gpus, cluster=cluster, moe_model=moe_model, presets=presets,
-                dispatch=dispatch,
-                timeout_s=timeout, memory_mb=memory_mb, budget_s=budget,
-                isolation=sandbox_isolation(isolation),
-            )
+            settings = _checked(dataclasses.replace(
+                settings, isolation=sandbox_isolation(settings.isolation)))
             if initial is not None and not initial.is_file():
                 problem = "is a folder, not a Python file" if initial.is_dir() else "does not exist"
                 raise ConfigError(f"initial program {initial} {problem}")
-            config_path = configs.find_config(config) if config is not None else None
+            config_path = (configs.find_config(evolve_config) if evolve_config is not None
+                           else None)
             result = run.evolve(
                 settings, out_dir=out, iterations=iterations, config_path=config_path,
-                llm=configs.LLMChoice(api_base=api_base, models=tuple(model or ()),
+                llm=configs.LLMChoice(api_base=api_base, models=tuple(llm or ()),
                                   api_key_env=api_key_env),
                 full_rewrite=full_rewrite, resume=resume, initial_program=initial,
                 overwrite=overwrite, check_endpoints=not no_endpoint_check, warn=_warn,
@@ -244,8 +189,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @handles_errors
+    @with_settings(sandbox=False)
     def tune(
-        version: VersionOption = "0",
+        settings: Settings,
         trials: Annotated[int, typer.Option("--trials", min=1, help="Optuna trials.")] = 50,
         holdout: Annotated[
             float, typer.Option("--holdout", min=0.0, max=0.9, help="Share of the last windows "
@@ -255,19 +201,6 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--sampler-seed", min=0, max=2**32 - 1,
                              help="Seed of Optuna's TPE sampler.")
         ] = 0,
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = 288,
-        groups: GroupsOption = 8,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
-        model: ModelOption = None,
-        config: ConfigOption = None,
-        dispatch: DispatchOption = "locality",
         out: Annotated[Path | None, _out_option("tune")] = None,
         storage: Annotated[
             str | None, typer.Option("--storage", metavar="<url>", help="Optuna storage of the "
@@ -284,7 +217,7 @@ def register(app: typer.Typer) -> None:
         from tape.evolution import require_extra
 
         require_extra("optuna", "tape tune")  # before the trace is read
-        out = out if out is not None else _default_out("tune", parse_version(version))
+        out = out if out is not None else _default_out("tune", settings.version)
         if storage is not None and not storage.strip():
             raise ConfigError("--storage is an empty URL; give an SQLAlchemy URL such as "
                               "postgresql://user@host/db, or leave it out")
@@ -292,12 +225,7 @@ def register(app: typer.Typer) -> None:
         check_out_writable(out, must_be_empty=not resume, hint=", or pass --resume to continue "
                            "the study it holds" if storage is None else "")
         with out_lock(out):
-            settings = _settings(
-                version=parse_version(version), trace=trace, synthetic=synthetic,
-                interval=interval, seed=seed, synthetic_model=synthetic_model,
-                replicas=replicas, groups=groups, nodes=nodes, gpus=gpus, cluster=cluster,
-                moe_model=model, presets=config, dispatch=dispatch,
-            )
+            settings = _checked(settings)
             _tune_into(out, settings, trials=trials, seed=sampler_seed, holdout=holdout,
                        storage=storage, resume=resume)
 

@@ -21,22 +21,7 @@ from rich.table import Table
 from tape.api import place
 from tape.assignment import gpu_assignment_text, gpu_experts
 from tape.cli.common import (
-    ClusterOption,
-    ConfigOption,
-    DispatchOption,
-    GpusOption,
-    GroupsOption,
-    IntervalOption,
     JsonOption,
-    ModelOption,
-    NoCacheOption,
-    NodesOption,
-    ReplicasOption,
-    SeedOption,
-    Setup,
-    SyntheticModelOption,
-    SyntheticOption,
-    TraceOption,
     console,
     escape,
     flag_names,
@@ -44,12 +29,14 @@ from tape.cli.common import (
     prepare,
 )
 from tape.cli.formatting import format_value
+from tape.cli.options import with_settings
 from tape.costmodel import migration_metrics
 from tape.errors import ConfigError, PlacementError
 from tape.files import atomic_output, to_json_text
 from tape.placement import Placement
 from tape.policies import parse_policy_spec
 from tape.protocol import window_metrics
+from tape.settings import Settings, Setup
 
 __all__ = ["MAP_KEY", "MAX_DENSE_LAYERS", "read_placement_file", "register"]
 
@@ -163,9 +150,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command(name="place")
     @handles_errors
+    @with_settings(scoring=False, sandbox=False)
     def place_command(
-        trace: TraceOption = None,
-        synthetic: SyntheticOption = False,
+        settings: Settings,
         policy: Annotated[
             str, typer.Option("--policy", help="The policy, NAME[:PRESET][:KEY=VALUE...], "
                               "for example tape, tape:fast, deepseek.")
@@ -199,19 +186,7 @@ def register(app: typer.Typer) -> None:
                          help="Print the experts each GPU holds on this layer of the trace "
                          "(from 0), node by node.")
         ] = None,
-        interval: IntervalOption = 100,
-        seed: SeedOption = 0,
-        synthetic_model: SyntheticModelOption = "calibrated",
-        replicas: ReplicasOption = None,
-        groups: GroupsOption = None,
-        nodes: NodesOption = None,
-        gpus: GpusOption = 32,
-        cluster: ClusterOption = None,
-        model: ModelOption = None,
-        dispatch: DispatchOption = "locality",
-        config: ConfigOption = None,
         as_json: JsonOption = False,
-        no_cache: NoCacheOption = False,
     ) -> None:
         """Place the experts for the trace's newest window; the earlier ones are the history.
 
@@ -224,12 +199,7 @@ def register(app: typer.Typer) -> None:
         _check_output(output, overwrite)
         if previous is not None and not previous.is_file():
             raise ConfigError(f"--previous {previous} is not a file")
-        setup = prepare(
-            trace=trace, synthetic=synthetic, interval=interval, seed=seed,
-            synthetic_model=synthetic_model, replicas=replicas, groups=groups, nodes=nodes,
-            gpus=gpus, cluster=cluster, model=model, dispatch=dispatch, config=config,
-            show_progress=not as_json, cache=not no_cache, replay=False,
-        )
+        setup = prepare(settings, show_progress=not as_json, replay=False)
         in_force = None
         if previous is not None:
             in_force = read_placement_file(previous, setup, dense_layers)

@@ -1,8 +1,9 @@
 """Searching for better placement policies: with an LLM (OpenEvolve) or by tuning parameters.
 
+What they score on is a `tape.settings.Settings` (TAPE_* variables in OpenEvolve's workers).
+
 Modules (none is imported here; OpenEvolve and Optuna are optional extras, imported where used):
 
-    settings   `EvaluationSettings`: version, windows, layout, limits, presets; as TAPE_* variables.
     evaluator  OpenEvolve's evaluation file: `evaluate(program_path)` -> metrics + artifacts.
     prompts    the system message for a scoring version and the initial program (package data).
     configs    OpenEvolve configs: shipped ones, strict loading, the command line, the API key.

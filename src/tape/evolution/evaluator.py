@@ -6,7 +6,7 @@ hard timeout, a memory limit, one window per call) through the evaluation protoc
 window i, score on window i + 1. A candidate that fails scores 0 and the reason comes back as
 the artifact `failure_reason`, which OpenEvolve shows the LLM in its next prompt.
 
-What to score on comes from `TAPE_*` environment variables (`tape.evolution.settings.
+What to score on comes from `TAPE_*` environment variables (`tape.settings.
 ENVIRONMENT`), which OpenEvolve passes on to its workers; `configure(...)` sets them from Python.
 To use this file with OpenEvolve's own command line:
 
@@ -24,27 +24,27 @@ from typing import Any
 from openevolve.evaluation_result import EvaluationResult
 
 from tape.evolution.prompts import version_metrics
-from tape.evolution.settings import ENVIRONMENT, EvaluationSettings
 from tape.protocol import ProgramScore, score_program
+from tape.settings import ENVIRONMENT, Settings
 
 __all__ = ["candidate_metrics", "configure", "evaluate", "score_candidate"]
 
 
-def configure(**settings: Any) -> EvaluationSettings:
+def configure(**settings: Any) -> Settings:
     """Set what `evaluate` scores on, in this process and in every process it starts.
 
-    Takes the fields of `EvaluationSettings` (version, trace, interval, replicas, ...), checks
+    Takes the fields of `Settings` (version, trace, interval, replicas, ...), checks
     them, and writes them to `os.environ` as `TAPE_*` variables (clearing those not given), so
     that OpenEvolve's worker processes see them too. Returns the checked settings.
     """
-    checked = EvaluationSettings(**settings)
+    checked = Settings(**settings)
     for variable in ENVIRONMENT.values():
         os.environ.pop(variable, None)
     os.environ.update(checked.to_environment())
     return checked
 
 
-def score_candidate(program_path: str | Path, settings: EvaluationSettings) -> ProgramScore:
+def score_candidate(program_path: str | Path, settings: Settings) -> ProgramScore:
     """Run the program through the protocol in the sandbox; all metrics, or the failure reason."""
     model, cluster = settings.specs()
     return score_program(
@@ -80,7 +80,7 @@ def evaluate(program_path: str) -> EvaluationResult:
     Raises:
         TapeError: the settings themselves are wrong (bad variable, missing trace).
     """
-    settings = EvaluationSettings.from_environment()
+    settings = Settings.from_environment()
     score = score_candidate(program_path, settings)
     artifacts = {} if score.error is None else {"failure_reason": score.error}
     return EvaluationResult(metrics=candidate_metrics(score, settings.version), artifacts=artifacts)

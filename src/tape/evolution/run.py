@@ -49,14 +49,10 @@ from tape.evolution.configs import (
     resolve_config,
     shipped_config,
 )
-from tape.evolution.settings import (
-    ENVIRONMENT,
-    EvaluationSettings,
-    require_new_folder,
-)
-from tape.files import CommitError, staged_folder, write_json_atomic
+from tape.files import CommitError, require_new_folder, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
 from tape.sandbox import BUDGET_TIMEOUTS, STARTUP_SECONDS
+from tape.settings import ENVIRONMENT, Settings
 
 __all__ = ["MANIFEST", "RUN_ENTRIES", "EvolveResult", "evolve", "newest_checkpoint"]
 
@@ -86,7 +82,7 @@ class EvolveResult:
     interrupted: bool = False
 
 
-def _evaluation_bound(settings: EvaluationSettings) -> float:
+def _evaluation_bound(settings: Settings) -> float:
     """Seconds one evaluation can take at most: start-up, then the import and every call at
     their limit, or the whole budget when that is less."""
     pairs = settings.windows().shape[0] - 1
@@ -182,7 +178,7 @@ def _initial_source(initial_program: Path | None) -> str:
         raise ConfigError(f"initial program {initial_program} is not UTF-8 text") from None
 
 
-def _check_initial_program(path: Path, settings: EvaluationSettings) -> None:
+def _check_initial_program(path: Path, settings: Settings) -> None:
     """ProgramError naming the failure if the user's initial program scores 0 by failing (it
     raises, times out, returns a bad placement): evolution would start from nothing."""
     from tape.evolution import evaluator
@@ -231,7 +227,7 @@ def _put_back(aside: Path, out_dir: Path) -> None:
     aside.rmdir()
 
 
-def _write_setup(out_dir: Path, settings: EvaluationSettings, source: str,
+def _write_setup(out_dir: Path, settings: Settings, source: str,
                  saved_config: dict[str, Any], manifest: dict[str, Any], *,
                  replace_earlier_run: bool) -> None:
     """Write `initial_program.py`, `windows.npz`, `config.yaml` and the manifest into `out_dir`,
@@ -282,7 +278,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None:
+def _check_resumed_settings(out_dir: Path, settings: Settings) -> None:
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
         raise ConfigError(
@@ -304,7 +300,7 @@ def _check_resumed_settings(out_dir: Path, settings: EvaluationSettings) -> None
 
 
 @contextmanager
-def _evaluation_environment(settings: EvaluationSettings) -> Iterator[None]:
+def _evaluation_environment(settings: Settings) -> Iterator[None]:
     """TAPE_* variables for OpenEvolve's workers during the run; the old ones restored after."""
     saved = {name: os.environ.get(name) for name in ENVIRONMENT.values()}
     for name in ENVIRONMENT.values():
@@ -340,7 +336,7 @@ def _openevolve_side_effects_undone() -> Iterator[None]:
 
 
 def evolve(
-    settings: EvaluationSettings,
+    settings: Settings,
     *,
     out_dir: Path,
     iterations: int | None = None,
@@ -397,7 +393,7 @@ def evolve(
     llm = llm or LLMChoice()
     stray = {name: value for name, value in os.environ.items()
              if name.startswith("TAPE_") and name not in ENVIRONMENT.values()}
-    EvaluationSettings.from_environment(stray)  # a stray TAPE_* variable would fail every worker
+    Settings.from_environment(stray)  # a stray TAPE_* variable would fail every worker
     out_dir = Path(out_dir)
     resume = Path(resume) if resume is not None else None
     # Everything the user gave is checked before the run folder is made, so a mistake leaves none.
@@ -483,7 +479,7 @@ def _stopped_by_signal() -> bool:
     return getattr(signal.getsignal(signal.SIGINT), "__name__", None) == "force_exit_handler"
 
 
-def _manifest(settings: EvaluationSettings, config_path: Path, resolved: ResolvedConfig
+def _manifest(settings: Settings, config_path: Path, resolved: ResolvedConfig
               ) -> dict[str, Any]:
     from importlib.metadata import version as package_version
 

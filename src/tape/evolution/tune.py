@@ -1,7 +1,7 @@
 """`tape tune`: tune the `tape` policy's parameters with Optuna, no LLM needed.
 
 Each trial runs the policy with the trial's parameters through the evaluation protocol on the
-same windows, layout and scoring version as `tape evolve` (`EvaluationSettings`), and Optuna's
+same windows, layout and scoring version as `tape evolve` (`Settings`), and Optuna's
 TPE sampler (seeded) maximizes `combined_score`. The policy's presets are tried first (clipped
 into the search ranges, as many as there are trials), so the result is never worse than the best
 of those on the tuning windows; on held-out windows it may score below the policy's defaults
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from tape.errors import ConfigError
-from tape.evolution.settings import EvaluationSettings, require_new_folder
-from tape.files import CommitError, staged_folder, write_json_atomic
+from tape.files import CommitError, require_new_folder, staged_folder, write_json_atomic
 from tape.protocol import ProgramScore, score_policy
+from tape.settings import Settings
 
 __all__ = ["STUDY_FILE", "STUDY_NAME", "SearchSpace", "TuneResult", "hide_password",
            "split_windows", "tune",
@@ -158,7 +158,7 @@ def _tape_policy_space() -> tuple[SearchSpace, dict[str, dict[str, Any]]]:
 
 
 def tune(
-    settings: EvaluationSettings,
+    settings: Settings,
     *,
     trials: int,
     seed: int = 0,
@@ -365,7 +365,7 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
 
 
 def write_outputs(
-    result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
+    result: TuneResult, settings: Settings, out_dir: Path, *, trials: int, seed: int,
     holdout: float, replace: bool = False,
 ) -> dict[str, Path]:
     """Write best_params.json, tuned_program.py and tune_manifest.json into a new `out_dir`
@@ -391,7 +391,7 @@ def write_outputs(
 
 
 def _write_outputs(
-    result: TuneResult, settings: EvaluationSettings, out_dir: Path, *, trials: int, seed: int,
+    result: TuneResult, settings: Settings, out_dir: Path, *, trials: int, seed: int,
     holdout: float,
 ) -> dict[str, Path]:
     from importlib.metadata import version as package_version
