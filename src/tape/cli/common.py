@@ -53,6 +53,7 @@ __all__ = [
     "TimeoutOption",
     "TraceOption",
     "VersionOption",
+    "check_model_shape",
     "check_out_folder",
     "check_out_writable",
     "check_program_file",
@@ -309,11 +310,11 @@ def prepare(
         windows, described, steps = load_windows(trace, synthetic, interval, seed, layout,
                                                  synthetic_model, replay)
     if config is not None:
-        _check_model_shape(config, windows.shape[1:], layout.num_groups)
+        check_model_shape(config, windows.shape[1:], layout.num_groups)
     return Setup(layout, model_spec, cluster_spec, dispatch, windows, described, interval, steps)
 
 
-def _check_model_shape(config: Path, shape: tuple[int, ...], groups: int) -> None:
+def check_model_shape(config: Path, shape: tuple[int, ...], groups: int) -> None:
     """ConfigError if the config file's model section sets a shape (layers, experts, groups)
     other than the trace's and --groups: the cost model takes the shape from those, so the
     file's value would be ignored without a word."""

@@ -36,6 +36,7 @@ from tape.cli.common import (
     TimeoutOption,
     TraceOption,
     VersionOption,
+    check_model_shape,
     check_out_writable,
     console,
     error_console,
@@ -71,7 +72,9 @@ def _settings(**values: Any) -> Any:
     values["nodes"] = nodes_for(values["nodes"], values["gpus"], cluster_spec)
     settings = EvaluationSettings(**values)
     with loading(settings.trace):
-        settings.windows()  # cached: a bad trace is an error before any folder is made
+        windows = settings.windows()  # cached: a bad trace is an error before any folder is made
+    if settings.presets is not None:
+        check_model_shape(settings.presets, windows.shape[1:], settings.groups)
     return settings
 
 
