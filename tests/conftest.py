@@ -4,7 +4,18 @@ Tests that give their own `@settings(...)` inherit these unless they override th
 database is kept, so a run does not depend on what an earlier run stored.
 """
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("tape", derandomize=True, database=None)
 settings.load_profile("tape")
+
+
+@pytest.fixture(autouse=True)
+def _isolation_warning_given(monkeypatch):
+    """Where bwrap cannot run, the first command that runs a program warns once (one line) of
+    partial isolation; tests/test_cli_sandbox.py tests that warning. Elsewhere it would land in
+    the output of whichever test ran a program first."""
+    import tape.isolation
+
+    monkeypatch.setattr(tape.isolation, "_warned", True)
