@@ -26,3 +26,13 @@ def _private_trace_cache(tmp_path_factory):
         os.environ.pop(CACHE_DIR_ENV, None)
     else:
         os.environ[CACHE_DIR_ENV] = previous
+
+
+@pytest.fixture(autouse=True)
+def _isolation_warning_given(monkeypatch):
+    """Where bwrap cannot run, the first command that runs a program warns once (one line) of
+    partial isolation; tests/test_cli_sandbox.py tests that warning. Elsewhere it would land in
+    the output of whichever test ran a program first."""
+    import tape.isolation
+
+    monkeypatch.setattr(tape.isolation, "_warned", True)

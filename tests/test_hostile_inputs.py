@@ -92,3 +92,18 @@ def test_a_config_model_shape_other_than_the_traces_is_an_error(tmp_path):
                       "  topk_groups: 2\n")
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
+
+
+
+def test_tune_and_evolve_check_the_presets_model_shape_too(tmp_path):
+    pytest.importorskip("optuna")
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).random((40, 3, 8)))
+    config = tmp_path / "presets.yaml"
+    config.write_text("model:\n  num_layers: 5\n")
+    result = runner.invoke(app, ["tune", "--trace", str(trace), "--interval", "10",
+                                 "--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus",
+                                 "4", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "model num_layers is 5 but the trace's layers are 3" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -218,11 +218,11 @@ def sandbox_command(isolation: Isolation, child_script: Path, program: Path, mem
         command = [shutil.which("bwrap") or "bwrap", *_bwrap_arguments(memory_mb),
                    "--ro-bind", str(child_script), script,
                    "--ro-bind", str(program), f"{SANDBOX_FOLDER}/program.py",
-                   python, "-I", script, f"{SANDBOX_FOLDER}/program.py", str(memory_mb)]
+                   python, "-I", "-B", script, f"{SANDBOX_FOLDER}/program.py", str(memory_mb)]
         return command
     copy = workdir / "child.py"
     shutil.copyfile(child_script, copy)
-    return [python, "-I", str(copy), str(program), str(memory_mb), str(os.getpid())]
+    return [python, "-I", "-B", str(copy), str(program), str(memory_mb), str(os.getpid())]
 
 
 def partial_environment(workdir: Path) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """The child side of `tape.sandbox`: a script that imports a program and answers calls.
 
-Run as `python -I sandbox_child.py PROGRAM MEMORY_MB` inside the sandbox, with the reply channel
-on its standard input and output. It imports nothing but the standard library and numpy
-(nothing of TAPE, whose package the child need not see), so it also serves as the one
-definition of the wire format, which `tape.sandbox` imports.
+Run as `python -I -B sandbox_child.py PROGRAM MEMORY_MB [PARENT_PID]` inside the sandbox (`-B`:
+no `__pycache__` beside the program), with the reply channel on its standard input and output.
+It imports nothing but the standard library and numpy (nothing of TAPE, whose package the child
+need not see), so it also serves as the one definition of the wire format, which `tape.sandbox`
+imports.
 
 Wire format, both ways: a frame is a 4-byte big-endian length, that many bytes of a JSON object
 (the header), then the raw C-order bytes of each array the header's `arrays` lists as
