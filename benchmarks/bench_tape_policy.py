@@ -127,7 +127,7 @@ def incremental_source(layout: Layout):
                          locality_weight=0.0, tolerance=0.0)
         return Placement(state.experts.reshape(num_layers, -1), weight.shape[1])
 
-    def source(index, weight, previous, history):
+    def source(weight, previous, history):
         seconds = []
         for _ in range(TIMING_REPEATS):
             start = time.perf_counter()
@@ -211,7 +211,7 @@ def run_case(case: Case, params: dict[str, object], timed: list[Reading]) -> dic
                                      **timing)),
     }
     source = incremental_source(layout)
-    source(0, windows[0], None, windows[:0])  # warm-up, as score_policy does
+    source(windows[0], None, windows[:0])  # warm-up, as score_policy does
     results["incremental"] = summary(score_replay(replay(source, windows), windows, layout,
                                                   **scoring))
     seconds = [reference_seconds(reading, windows, layout) for reading in timed]

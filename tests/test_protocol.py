@@ -26,8 +26,8 @@ def test_replay_passes_only_earlier_windows_and_the_previous_placement():
     windows = _windows()
     seen = []
 
-    def source(index, weight, previous, history):
-        seen.append((index, weight.copy(), previous, history.copy()))
+    def source(weight, previous, history):
+        seen.append((len(seen), weight.copy(), previous, history.copy()))
         return Placement(np.tile([0, 1, 2, 3, 0, 1], (2, 1)), 4), 0.001
 
     run = replay(source, windows)
@@ -115,7 +115,7 @@ def test_timing_repeats_call_the_policy_again_and_keep_the_fastest(monkeypatch):
     monkeypatch.setattr("tape.protocol.time.perf_counter", lambda: clock[0])
     weight = np.arange(1.0, 9.0).reshape(2, 4)
     source = policy_source("deepseek", LAYOUT, timing_repeats=3)
-    placement, seconds = source(0, weight, None, weight[None][:0])
+    placement, seconds = source(weight, None, weight[None][:0])
     assert len(calls) == 3 and seconds == pytest.approx(0.2)
     assert placement.phy2log.shape == (2, LAYOUT.num_replicas)
 

@@ -42,9 +42,9 @@ __all__ = [
 
 VERSIONS: tuple[int | str, ...] = (0, 2, 3, 4, "realistic")
 
-# A placement source: (window index, window load [L, E], previous placement or None,
-# earlier windows [i, L, E]) -> (placement, seconds the policy itself took).
-PlacementSource = Callable[[int, np.ndarray, "Placement | None", np.ndarray], tuple[Placement, float]]
+# A placement source: (window load [L, E], previous placement or None, earlier windows
+# [i, L, E]) -> (placement, seconds the policy itself took).
+PlacementSource = Callable[[np.ndarray, "Placement | None", np.ndarray], tuple[Placement, float]]
 
 
 def window_steps(steps_per_window: int | Sequence[int], index: int) -> int:
@@ -100,7 +100,7 @@ def replay(
     seconds: list[float] = []
     previous: Placement | None = None
     for index in range(windows.shape[0] - 1):
-        placement, elapsed = source(index, windows[index], previous, windows[:index])
+        placement, elapsed = source(windows[index], previous, windows[:index])
         placements.append(placement)
         seconds.append(elapsed)
         previous = placement
@@ -277,7 +277,7 @@ def score_program(
     try:
         with program:
 
-            def source(index, weight, previous, history):
+            def source(weight, previous, history):
                 return program.call(weight, layout)
 
             run = replay(source, windows, progress=progress)
@@ -303,7 +303,7 @@ def policy_source(
 
     params = dict(params or {})
 
-    def source(index, weight, previous, history):
+    def source(weight, previous, history):
         history = history if len(history) else None
         seconds = []
         for _ in range(max(1, timing_repeats)):
@@ -335,7 +335,7 @@ def score_policy(
     version = parse_version(version)
     windows = check_windows(windows, layout)
     source = policy_source(policy, layout, params, timing_repeats=timing_repeats)
-    source(0, windows[0], None, windows[:0])  # warm-up: caches, imports, first-call costs
+    source(windows[0], None, windows[:0])  # warm-up: caches, imports, first-call costs
     run = replay(source, windows, progress=progress)
     return score_replay(
         run, windows, layout, version=version, model=model, cluster=cluster,
