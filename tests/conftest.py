@@ -1,14 +1,20 @@
-"""Suite-wide settings: every Hypothesis test draws the same examples on every run.
+"""Suite-wide settings and the scaffolding tests share.
+
+Every Hypothesis test draws the same examples on every run.
 
 Tests that give their own `@settings(...)` inherit these unless they override them; no example
 database is kept, so a run does not depend on what an earlier run stored.
 """
 
 import os
+import textwrap
 
+import numpy as np
 import pytest
 from hypothesis import settings
 
+from tape.layout import Layout
+from tape.presets import ClusterSpec, ModelSpec
 from tape.trace_cache import CACHE_DIR_ENV
 
 settings.register_profile("tape", derandomize=True, database=None)
@@ -36,3 +42,69 @@ def _isolation_warning_given(monkeypatch):
     import tape.isolation
 
     monkeypatch.setattr(tape.isolation, "_warned", True)
+
+
+# ---- shared scaffolding ---------------------------------------------------------------------
+
+# 3-byte experts (3 x 1 x 1 x 1 byte); NVLink 1 byte/s, InfiniBand 0.5 byte/s.
+TOY_MODEL = ModelSpec(
+    name="toy", num_layers=1, num_experts=4, num_groups=1, top_k=1, topk_groups=1,
+    hidden_size=1, moe_intermediate_size=1, bytes_per_parameter=1.0,
+    dispatch_bytes_per_token=1.0, combine_bytes_per_token=2.0,
+)
+TOY_CLUSTER = ClusterSpec(
+    name="toy", gpus_per_node=2, nvlink_bandwidth=1.0, ib_bandwidth=0.5, flops=6.0,
+    memory_bandwidth=30.0,
+)
+FOUR_GPUS = Layout(num_replicas=8, num_groups=1, num_nodes=2, num_gpus=4)
+"""Two nodes of two GPUs, two slots a GPU."""
+
+
+def gpu_balance(placement, weight, num_gpus):
+    """GPU balancedness read plainly: sum over layers of the mean GPU load / of the max (1 for
+    no load)."""
+    loads = placement.gpu_loads(weight, num_gpus)
+    top = loads.max(axis=1).sum()
+    return 1.0 if top == 0 else loads.mean(axis=1).sum() / top
+
+
+SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]
+
+GOOD_PROGRAM = '''
+import numpy as np
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    weight = np.asarray(weight, dtype=float)
+    layers, experts = weight.shape
+    phy2log = np.zeros((layers, num_replicas), dtype=np.int64)
+    for layer in range(layers):
+        counts = np.ones(experts)
+        for _ in range(num_replicas - experts):
+            counts[np.argmax(weight[layer] / counts)] += 1
+        phy2log[layer] = np.repeat(np.arange(experts), counts.astype(int))
+    width = int(max(np.bincount(row).max() for row in phy2log))
+    log2phy = -np.ones((layers, experts, width), dtype=np.int64)
+    logcnt = np.zeros((layers, experts), dtype=np.int64)
+    for layer in range(layers):
+        for slot, expert in enumerate(phy2log[layer]):
+            log2phy[layer, expert, logcnt[layer, expert]] = slot
+            logcnt[layer, expert] += 1
+    return phy2log, log2phy, logcnt
+'''
+
+
+@pytest.fixture()
+def small_trace(tmp_path):
+    rng = np.random.default_rng(0)
+    popularity = rng.pareto(1.5, size=(3, 8)) + 0.1
+    steps = rng.poisson(popularity * 20, size=(40, 3, 8)).astype(float)
+    path = tmp_path / "trace.npy"
+    np.save(path, steps)
+    return path
+
+
+@pytest.fixture()
+def good_program(tmp_path):
+    path = tmp_path / "good.py"
+    path.write_text(textwrap.dedent(GOOD_PROGRAM))
+    return path

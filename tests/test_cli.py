@@ -1,58 +1,16 @@
 """End-to-end tests of the `tape` command line on small traces."""
 
 import json
-import textwrap
 
 import numpy as np
 import pytest
+from conftest import SMALL_LAYOUT
 from typer.testing import CliRunner
 
 from tape.cli import app
 from tape.cli.formatting import format_value
 
 runner = CliRunner()
-SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]
-
-GOOD_PROGRAM = '''
-import numpy as np
-
-def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
-    weight = np.asarray(weight, dtype=float)
-    layers, experts = weight.shape
-    phy2log = np.zeros((layers, num_replicas), dtype=np.int64)
-    for layer in range(layers):
-        counts = np.ones(experts)
-        for _ in range(num_replicas - experts):
-            counts[np.argmax(weight[layer] / counts)] += 1
-        phy2log[layer] = np.repeat(np.arange(experts), counts.astype(int))
-    width = int(max(np.bincount(row).max() for row in phy2log))
-    log2phy = -np.ones((layers, experts, width), dtype=np.int64)
-    logcnt = np.zeros((layers, experts), dtype=np.int64)
-    for layer in range(layers):
-        for slot, expert in enumerate(phy2log[layer]):
-            log2phy[layer, expert, logcnt[layer, expert]] = slot
-            logcnt[layer, expert] += 1
-    return phy2log, log2phy, logcnt
-'''
-
-
-@pytest.fixture()
-def small_trace(tmp_path):
-    rng = np.random.default_rng(0)
-    popularity = rng.pareto(1.5, size=(3, 8)) + 0.1
-    steps = rng.poisson(popularity * 20, size=(40, 3, 8)).astype(float)
-    path = tmp_path / "trace.npy"
-    np.save(path, steps)
-    return path
-
-
-@pytest.fixture()
-def good_program(tmp_path):
-    path = tmp_path / "good.py"
-    path.write_text(textwrap.dedent(GOOD_PROGRAM))
-    return path
-
-
 def _json(result):
     assert result.exit_code in (0, 1), result.output
     return json.loads(result.stdout)

@@ -1,6 +1,5 @@
 """The sandbox seen from the command line: --isolation, --budget, and runs that one hostile
 program cannot sink."""
-# ruff: noqa: F401, F811 - the fixtures small_trace and good_program are test_cli's
 
 
 from __future__ import annotations
@@ -8,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import GOOD_PROGRAM, SMALL_LAYOUT, good_program, runner, small_trace
+from conftest import GOOD_PROGRAM, SMALL_LAYOUT
+from test_cli import runner
 
 from tape import isolation as isolation_module
 from tape.cli import app

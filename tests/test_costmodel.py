@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,22 +31,12 @@ from tape.presets import ClusterSpec, ModelSpec, cluster_preset, load_config, mo
 # flops_per_token = 2 * 3 * 1 * 1 = 6 FLOP and 6 FLOP/s, so 1 s a token;
 # bytes_per_expert = 3 * 1 * 1 * 1 = 3 bytes at 30 bytes/s, so 0.1 s per active slot;
 # NVLink 1 byte/s, InfiniBand 0.5 byte/s.
-TOY_MODEL = ModelSpec(
-    name="toy", num_layers=1, num_experts=4, num_groups=1, top_k=1, topk_groups=1,
-    hidden_size=1, moe_intermediate_size=1, bytes_per_parameter=1.0,
-    dispatch_bytes_per_token=1.0, combine_bytes_per_token=2.0,
-)
-TOY_CLUSTER = ClusterSpec(
-    name="toy", gpus_per_node=2, nvlink_bandwidth=1.0, ib_bandwidth=0.5, flops=6.0,
-    memory_bandwidth=30.0,
-)
 
 # Two nodes of two GPUs, two slots a GPU:
 #   GPU0 (node 0): experts 0, 1     GPU1 (node 0): experts 0, 2
 #   GPU2 (node 1): experts 3, 1     GPU3 (node 1): experts 3, 0
 # Replicas: expert 0 x3 (GPU0, GPU1, GPU3), expert 1 x2 (GPU0, GPU2), expert 2 x1 (GPU1),
 # expert 3 x2 (GPU2, GPU3). Load 12, 8, 4, 16: every GPU starts with 3, 2, 1, 4 tokens of them.
-FOUR_GPUS = Layout(num_replicas=8, num_groups=1, num_nodes=2, num_gpus=4)
 FOUR_GPU_PLACEMENT = Placement(np.array([[0, 1, 0, 2, 3, 1, 3, 0]]), 4)
 FOUR_GPU_LOAD = np.array([[12.0, 8.0, 4.0, 16.0]])
 FOUR_GPU_WINDOW = PlacedWindow.checked(FOUR_GPU_PLACEMENT, FOUR_GPU_LOAD, FOUR_GPUS)

@@ -11,24 +11,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tape import Layout, Placement, PlacementError
 from tape.costmodel import migration, migration_metrics
 from tape.presets import ClusterSpec, ModelSpec, load_config
-
-# 3-byte experts (3 x 1 x 1 x 1 byte); NVLink 1 byte/s, InfiniBand 0.5 byte/s.
-TOY_MODEL = ModelSpec(
-    name="toy", num_layers=1, num_experts=4, num_groups=1, top_k=1, topk_groups=1,
-    hidden_size=1, moe_intermediate_size=1, bytes_per_parameter=1.0,
-    dispatch_bytes_per_token=1.0, combine_bytes_per_token=2.0,
-)
-TOY_CLUSTER = ClusterSpec(
-    name="toy", gpus_per_node=2, nvlink_bandwidth=1.0, ib_bandwidth=0.5, flops=6.0,
-    memory_bandwidth=30.0,
-)
-FOUR_GPUS = Layout(num_replicas=8, num_groups=1, num_nodes=2, num_gpus=4)
 
 # Before: GPU0 {0, 1}, GPU1 {0, 2} (node 0); GPU2 {3, 1}, GPU3 {3, 0} (node 1).
 BEFORE = [0, 1, 0, 2, 3, 1, 3, 0]

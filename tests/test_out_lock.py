@@ -1,5 +1,4 @@
 """--out: one run at a time, staging left by killed runs removed, an empty path refused."""
-# ruff: noqa: F401, F811 - the fixtures small_trace and good_program are test_cli's
 
 from __future__ import annotations
 
@@ -11,7 +10,8 @@ import sys
 import time
 
 import pytest
-from test_cli import SMALL_LAYOUT, good_program, runner, small_trace
+from conftest import SMALL_LAYOUT
+from test_cli import runner
 from test_sandbox import marked_processes, wait_until
 
 from tape.cli import app

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import SMALL_LAYOUT
 from typer.testing import CliRunner
 
 from tape.cli import app
@@ -18,8 +19,6 @@ from tape.trace_cache import (
     TraceCacheWarning,
     cached_read,
 )
-
-SMALL_LAYOUT = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4"]
 
 
 def _trace(tmp_path, name="trace.json", seed=0, steps=30):
