@@ -17,7 +17,7 @@ from tape.arrays import dense_numpy, like_input
 from tape.errors import PlacementError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
-from tape.policies import PolicyError, get_policy
+from tape.policies import PolicyError, call_policy, get_policy
 
 __all__ = ["place", "rebalance_experts"]
 
@@ -123,7 +123,7 @@ def place(
                 f"history must have shape [windows, {num_layers}, {num_experts}], "
                 f"got {list(past.shape)}"
             )
-    placement = function(load, layout, previous=previous, history=past, **params)
+    placement = call_policy(function, load, layout, previous=previous, history=past, **params)
     if not isinstance(placement, Placement):
         raise PolicyError(f"policy {policy!r} returned {type(placement).__name__}, not a Placement")
     if placement.num_experts != num_experts:

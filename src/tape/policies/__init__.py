@@ -2,15 +2,19 @@
 
 A policy is a pure function, batched over layers:
 
+    policy(weight, layout, **params) -> Placement
     policy(weight, layout, *, previous=None, history=None, **params) -> Placement
 
-`weight[L, E]` (float64) is the load of the window to balance, `layout` the cluster, `previous`
-the placement in force (or None), `history[W, L, E]` the loads of earlier windows, oldest first
-(or None). Policies do no I/O and use seeded randomness only.
+`weight[L, E]` (float64) is the load of the window to balance, `layout` the cluster. A policy
+that keeps placements or forecasts also declares `previous`, the placement in force (or None),
+and `history[W, L, E]`, the loads of earlier windows, oldest first (or None); `call_policy`
+passes them only to a policy that declares them. Policies do no I/O and use seeded randomness
+only.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,7 +24,10 @@ from tape.errors import TapeError
 from tape.layout import Layout
 from tape.placement import Placement
 
-__all__ = ["Policy", "PolicyError", "get_policy", "parse_policy_spec", "policy_names", "register"]
+__all__ = [
+    "Policy", "PolicyError", "call_policy", "get_policy", "parse_policy_spec", "policy_names",
+    "register",
+]
 
 
 class PolicyError(TapeError):
@@ -28,15 +35,24 @@ class PolicyError(TapeError):
 
 
 class Policy(Protocol):
-    def __call__(
-        self,
-        weight: np.ndarray,
-        layout: Layout,
-        *,
-        previous: Placement | None = None,
-        history: np.ndarray | None = None,
-        **params: object,
-    ) -> Placement: ...
+    def __call__(self, weight: np.ndarray, layout: Layout, **params: Any) -> Placement: ...
+
+
+def call_policy(
+    function: Policy,
+    weight: np.ndarray,
+    layout: Layout,
+    *,
+    previous: Placement | None = None,
+    history: np.ndarray | None = None,
+    **params: Any,
+) -> Placement:
+    """`function(weight, layout, **params)`, with `previous` and `history` for a policy that
+    declares them (module doc)."""
+    declared = inspect.signature(function).parameters
+    context = {name: value for name, value in (("previous", previous), ("history", history))
+               if name in declared}
+    return function(weight, layout, **context, **params)
 
 
 _REGISTRY: dict[str, Policy] = {}
@@ -82,7 +98,7 @@ def parse_policy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A policy name and its parameters from `NAME[:PRESET][:KEY=VALUE...]`.
 
     For example "tape:fast" (preset "fast"), "tape:preset=all:migration_weight=0.1" or
-    "replicate-hot:k=2". A bare word after the name is the `preset` parameter; values that read
+    "min-moves:tolerance=0.05". A bare word after the name is the `preset` parameter; values that read
     as integers or floats become numbers, others stay strings. The name must be registered
     (`PolicyError` otherwise); whether the policy takes the parameters is checked when it runs.
     """

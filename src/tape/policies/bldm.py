@@ -33,14 +33,8 @@ __all__ = ["bldm", "bldm_packing"]
 
 
 @register("bldm")
-def bldm(
-    weight: np.ndarray,
-    layout: Layout,
-    *,
-    previous: Placement | None = None,
-    history: np.ndarray | None = None,
-) -> Placement:
-    """BLDM placement of `weight` on `layout` (ignores `previous` and `history`).
+def bldm(weight: np.ndarray, layout: Layout) -> Placement:
+    """BLDM placement of `weight` on `layout`.
 
     Args:
         weight: [L, E] float64, each expert's load.

@@ -51,14 +51,8 @@ __all__ = ["deepseek", "hierarchical_placement"]
 
 
 @register("deepseek")
-def deepseek(
-    weight: np.ndarray,
-    layout: Layout,
-    *,
-    previous: Placement | None = None,
-    history: np.ndarray | None = None,
-) -> Placement:
-    """DeepSeek EPLB's placement of `weight` on `layout` (ignores `previous` and `history`).
+def deepseek(weight: np.ndarray, layout: Layout) -> Placement:
+    """DeepSeek EPLB's placement of `weight` on `layout`.
 
     Args:
         weight: [L, E] float64, each expert's load (tokens) in the window to balance.

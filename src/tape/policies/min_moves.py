@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from tape.layout import Layout
 from tape.placement import Placement
-from tape.policies import PolicyError, get_policy, register
+from tape.policies import PolicyError, call_policy, get_policy, register
 from tape.policies.packing import placement_from_ranks, replica_ranks
 
 __all__ = ["min_moves"]
@@ -64,7 +64,7 @@ def min_moves(
     ):
         raise PolicyError(f"min-moves tolerance must be a number >= 0, got {tolerance!r}")
     num_layers, num_experts = weight.shape
-    placement = get_policy(base)(weight, layout, previous=previous, history=history)
+    placement = call_policy(get_policy(base), weight, layout, previous=previous, history=history)
     if previous is None:
         previous = get_policy("vanilla")(weight, layout)
     elif previous.phy2log.shape != placement.phy2log.shape or previous.num_experts != num_experts:

@@ -23,14 +23,8 @@ __all__ = ["replicate_hot"]
 
 
 @register("replicate-hot")
-def replicate_hot(
-    weight: np.ndarray,
-    layout: Layout,
-    *,
-    previous: Placement | None = None,
-    history: np.ndarray | None = None,
-) -> Placement:
-    """Vanilla plus copies of the hottest experts on every GPU (ignores `previous`, `history`).
+def replicate_hot(weight: np.ndarray, layout: Layout) -> Placement:
+    """Vanilla plus copies of the hottest experts on every GPU.
 
     Args:
         weight: [L, E] float64, each expert's load; E must be a multiple of G.

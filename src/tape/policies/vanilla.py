@@ -20,14 +20,8 @@ __all__ = ["vanilla"]
 
 
 @register("vanilla")
-def vanilla(
-    weight: np.ndarray,
-    layout: Layout,
-    *,
-    previous: Placement | None = None,
-    history: np.ndarray | None = None,
-) -> Placement:
-    """The vanilla placement (ignores `previous` and `history`; loads only order the copies).
+def vanilla(weight: np.ndarray, layout: Layout) -> Placement:
+    """The vanilla placement (loads only order the copies).
 
     Args:
         weight: [L, E] float64, each expert's load; E must be a multiple of G.
