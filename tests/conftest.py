@@ -108,3 +108,16 @@ def good_program(tmp_path):
     path = tmp_path / "good.py"
     path.write_text(textwrap.dedent(GOOD_PROGRAM))
     return path
+
+
+def random_layout(rng):
+    """A random small layout (1 to 3 nodes of 1, 2 or 4 GPUs, up to 12 experts, 1 to 3 layers):
+    (layout, experts, layers), every expert with a slot."""
+    num_nodes = int(rng.choice([1, 2, 3]))
+    num_gpus = num_nodes * int(rng.choice([1, 2, 4]))
+    experts = int(rng.integers(2, 13))
+    slots_per_gpu = int(rng.integers(1, 5))
+    while slots_per_gpu * num_gpus < experts:
+        slots_per_gpu += 1
+    layout = Layout(slots_per_gpu * num_gpus, 1, num_nodes, num_gpus)
+    return layout, experts, int(rng.integers(1, 4))

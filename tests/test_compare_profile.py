@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -14,23 +13,15 @@ runner = CliRunner()
 FLAGS = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4", "--interval", "10"]
 
 
-@pytest.fixture()
-def trace(tmp_path):
-    """[40, 3, 8] steps: four 10-step windows."""
-    rng = np.random.default_rng(0)
-    path = tmp_path / "trace.npy"
-    np.save(path, rng.poisson(rng.pareto(1.5, size=(3, 8)) * 20 + 2, size=(40, 3, 8)).astype(float))
-    return path
 
-
-def _compare(trace, *args):
-    return runner.invoke(app, ["compare", "--trace", str(trace), "--policies",
+def _compare(small_trace, *args):
+    return runner.invoke(app, ["compare", "--trace", str(small_trace), "--policies",
                                "deepseek,tape:fast", *args, *FLAGS])
 
 
-def test_each_policy_gets_a_profile_of_its_own_calls(trace, tmp_path):
+def test_each_policy_gets_a_profile_of_its_own_calls(small_trace, tmp_path):
     profile, out = tmp_path / "profile", tmp_path / "out"
-    result = _compare(trace, "--profile", str(profile), "--out", str(out))
+    result = _compare(small_trace, "--profile", str(profile), "--out", str(out))
     assert result.exit_code == 0, result.output
     manifest = json.loads((profile / "manifest.json").read_text())
     assert manifest["profiler"] == "pyinstrument" and manifest["policies"] == ["deepseek",
@@ -47,21 +38,21 @@ def test_each_policy_gets_a_profile_of_its_own_calls(trace, tmp_path):
                                  str(profile / "deepseek_profile.txt")]
 
 
-def test_a_used_profile_folder_needs_overwrite_and_is_not_out(trace, tmp_path):
+def test_a_used_profile_folder_needs_overwrite_and_is_not_out(small_trace, tmp_path):
     used = tmp_path / "used"
     used.mkdir()
     (used / "x.txt").write_text("x")
-    result = _compare(trace, "--profile", str(used))
+    result = _compare(small_trace, "--profile", str(used))
     assert result.exit_code == 2 and "--profile" in result.output
     assert "already holds files" in result.output
-    result = _compare(trace, "--profile", str(tmp_path / "same"), "--out", str(tmp_path / "same"))
+    result = _compare(small_trace, "--profile", str(tmp_path / "same"), "--out", str(tmp_path / "same"))
     assert result.exit_code == 2 and "is --out's folder" in result.output
     assert not (tmp_path / "same").exists()
 
 
-def test_json_names_the_profiles(trace, tmp_path):
+def test_json_names_the_profiles(small_trace, tmp_path):
     profile = tmp_path / "profile"
-    result = _compare(trace, "--profile", str(profile), "--json")
+    result = _compare(small_trace, "--profile", str(profile), "--json")
     assert result.exit_code == 0, result.output
     profiles = json.loads(result.stdout)["profiles"]
     assert profiles["tape:fast"] == [str(profile / "tape_fast_profile.html"),

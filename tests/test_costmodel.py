@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL
+from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL, random_layout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,14 +54,7 @@ def random_placement(rng: np.random.Generator, layers: int, experts: int, slots:
 def random_case(seed: int) -> tuple[Layout, Placement, np.ndarray]:
     """A random layout, placement and skewed load (with zeros) from `seed`."""
     rng = np.random.default_rng(seed)
-    num_nodes = int(rng.choice([1, 2, 3]))
-    num_gpus = num_nodes * int(rng.choice([1, 2, 4]))
-    experts = int(rng.integers(2, 13))
-    slots_per_gpu = int(rng.integers(1, 5))
-    while slots_per_gpu * num_gpus < experts:
-        slots_per_gpu += 1
-    layout = Layout(slots_per_gpu * num_gpus, 1, num_nodes, num_gpus)
-    layers = int(rng.integers(1, 4))
+    layout, experts, layers = random_layout(rng)
     placement = random_placement(rng, layers, experts, layout.num_replicas)
     load = rng.gamma(0.5, 100.0, (layers, experts)) * (rng.random((layers, experts)) < 0.8)
     return layout, placement, load

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL
+from conftest import FOUR_GPUS, TOY_CLUSTER, TOY_MODEL, random_layout
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -132,14 +132,7 @@ def test_deepseek_expert_is_about_44_megabytes_over_infiniband():
 
 def random_pair(seed: int) -> tuple[Layout, Placement, Placement]:
     rng = np.random.default_rng(seed)
-    num_nodes = int(rng.choice([1, 2, 3]))
-    num_gpus = num_nodes * int(rng.choice([1, 2, 4]))
-    experts = int(rng.integers(2, 13))
-    slots_per_gpu = int(rng.integers(1, 5))
-    while slots_per_gpu * num_gpus < experts:
-        slots_per_gpu += 1
-    layout = Layout(slots_per_gpu * num_gpus, 1, num_nodes, num_gpus)
-    layers = int(rng.integers(1, 4))
+    layout, experts, layers = random_layout(rng)
 
     def placement() -> Placement:
         rows = [

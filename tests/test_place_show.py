@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from tape.assignment import gpu_assignment_text, gpu_experts
@@ -15,14 +14,6 @@ runner = CliRunner()
 FLAGS = ["--replicas", "12", "--groups", "2", "--nodes", "2", "--gpus", "4", "--interval", "10"]
 LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
 
-
-@pytest.fixture()
-def trace(tmp_path):
-    """[40, 3, 8] steps: four 10-step windows."""
-    rng = np.random.default_rng(0)
-    path = tmp_path / "trace.npy"
-    np.save(path, rng.poisson(rng.pareto(1.5, size=(3, 8)) * 20 + 2, size=(40, 3, 8)).astype(float))
-    return path
 
 
 def test_the_text_lists_each_gpus_experts_under_its_node():
@@ -39,9 +30,9 @@ def test_wide_ids_line_up():
     assert lines[1] == "  GPU  0:  0  1" and lines[-1] == "  GPU 11: 10 11"
 
 
-def test_place_shows_the_layer_it_writes(trace, tmp_path):
+def test_place_shows_the_layer_it_writes(small_trace, tmp_path):
     output = tmp_path / "placement.json"
-    result = runner.invoke(app, ["place", "--trace", str(trace), "--show", "1", "--output",
+    result = runner.invoke(app, ["place", "--trace", str(small_trace), "--show", "1", "--output",
                                  str(output), *FLAGS])
     assert result.exit_code == 0, result.output
     written = Placement(json.loads(output.read_text())["physical_to_logical_map"], 8)
@@ -49,8 +40,8 @@ def test_place_shows_the_layer_it_writes(trace, tmp_path):
     assert "experts each GPU holds on layer 1 (tape)" in result.output
 
 
-def test_json_carries_the_assignment(trace):
-    result = runner.invoke(app, ["place", "--trace", str(trace), "--show", "2", "--json",
+def test_json_carries_the_assignment(small_trace):
+    result = runner.invoke(app, ["place", "--trace", str(small_trace), "--show", "2", "--json",
                                  "--policy", "deepseek", *FLAGS])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -60,8 +51,8 @@ def test_json_carries_the_assignment(trace):
     assert {e for gpu in experts for e in gpu} == set(range(8))
 
 
-def test_a_layer_past_the_last_is_one_line(trace):
-    result = runner.invoke(app, ["place", "--trace", str(trace), "--show", "3", *FLAGS])
+def test_a_layer_past_the_last_is_one_line(small_trace):
+    result = runner.invoke(app, ["place", "--trace", str(small_trace), "--show", "3", *FLAGS])
     assert result.exit_code == 2
     assert "--show 3: the placement has layers 0 to 2" in result.output
     assert "Traceback" not in result.output
