@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from tape.assignment import gpu_assignment_text, gpu_experts
@@ -61,3 +62,12 @@ def test_a_layer_past_the_last_is_one_line(small_trace):
 def test_gpu_experts_is_per_gpu_and_sorted():
     placement = Placement(np.array([[5, 1, 0, 7, 6, 2, 3, 4, 1, 0, 2, 3]]), 8)
     assert gpu_experts(placement, LAYOUT, 0) == [[0, 1, 5], [2, 6, 7], [1, 3, 4], [0, 2, 3]]
+
+
+@pytest.mark.parametrize("where", ["last", "before another option"])
+def test_a_bare_show_shows_the_first_layer(small_trace, where):
+    arguments = ["place", "--trace", str(small_trace), "--policy", "deepseek", *FLAGS, "--json"]
+    arguments = [*arguments, "--show"] if where == "last" else ["place", "--show", *arguments[1:]]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["show"]["layer"] == 0

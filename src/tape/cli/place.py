@@ -3,7 +3,8 @@
 The placement is saved as `{"physical_to_logical_map": [[...S] * L]}`, the JSON that SGLang's
 `--init-expert-location` takes; `--previous` reads the same format (the placement in force, so
 that `tape` and `min-moves` keep experts where they are, and the table counts the moves).
-`--show LAYER` prints the experts each GPU holds on that layer (`tape.assignment`).
+`--show [LAYER]` prints the experts each GPU holds on that layer, the first by default
+(`tape.assignment`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import typer
 from rich import box
 from rich.table import Table
+from typer.core import TyperCommand
 
 from tape.api import place
 from tape.assignment import gpu_assignment_text, gpu_experts
@@ -145,10 +147,24 @@ def _timed_place(setup: Setup, name: str, params: dict[str, Any],
     return placement, time.perf_counter() - start
 
 
+class _ShowTakesAnOptionalLayer(TyperCommand):
+    """`tape place`'s command: a bare `--show` (at the end, or before another option) shows the
+    first layer, as if `--show 0` were given; click's options take a value or none, not an
+    optional one."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        args = list(args)
+        for index, arg in enumerate(args):
+            if arg == "--show" and (index + 1 == len(args) or args[index + 1].startswith("--")):
+                args.insert(index + 1, "0")
+                break
+        return super().parse_args(ctx, args)
+
+
 def register(app: typer.Typer) -> None:
     """Add `place` to `app`."""
 
-    @app.command(name="place")
+    @app.command(name="place", cls=_ShowTakesAnOptionalLayer)
     @handles_errors
     @with_settings(scoring=False, sandbox=False)
     def place_command(
@@ -182,9 +198,9 @@ def register(app: typer.Typer) -> None:
         ] = 0,
         show: Annotated[
             int | None,
-            typer.Option("--show", min=0, metavar="LAYER",
+            typer.Option("--show", min=0, metavar="[LAYER]",
                          help="Print the experts each GPU holds on this layer of the trace "
-                         "(from 0), node by node.")
+                         "(from 0; the first when no layer follows), node by node.")
         ] = None,
         as_json: JsonOption = False,
     ) -> None:
