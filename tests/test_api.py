@@ -95,11 +95,11 @@ def test_policy_parameters_are_passed_on():
 @pytest.mark.parametrize(
     "weight, args, error, message",
     [
-        (WEIGHT[0], ARGS, TraceError, "2 dimensions"),
-        (WEIGHT[None], ARGS, TraceError, "2 dimensions"),
+        (WEIGHT[0], ARGS, TraceError, r"shape \[layers, experts\], all non-empty, got \(12,\)"),
+        (WEIGHT[None], ARGS, TraceError, r"shape \[layers, experts\], all non-empty, got \(1, 2, 12\)"),
         (np.zeros((0, 12)), ARGS, TraceError, "empty"),
         (np.array([["a"] * 12]), ARGS, TraceError, "numbers"),
-        (WEIGHT > 4, ARGS, TraceError, "must hold numbers, got dtype bool"),
+        (WEIGHT > 4, ARGS, TraceError, "loads must be numbers, got dtype bool"),
         (np.where(WEIGHT == 4, np.nan, WEIGHT), ARGS, TraceError, "NaN"),
         (np.where(WEIGHT == 4, np.inf, WEIGHT), ARGS, TraceError, "infinite"),
         (np.where(WEIGHT == 4, -1, WEIGHT), ARGS, TraceError, "negative"),
@@ -170,16 +170,17 @@ def test_a_bad_previous_phy2log_is_named_with_its_expected_shape(policy, previou
 
 def test_ragged_loads_are_named():
     # Once numpy's own "inhomogeneous shape" ValueError.
-    with pytest.raises(TraceError, match="^weight must be a rectangular array of 2 dim"):
+    with pytest.raises(TraceError, match=r"^weight: loads must be a rectangular array \[layers, "):
         rebalance_experts([[1] * 12, [1] * 11], *ARGS)
-    with pytest.raises(TraceError, match="^history must be a rectangular array of 3 dim"):
+    with pytest.raises(TraceError, match=r"^history: loads must be a rectangular array \[windows, "):
         rebalance_experts(WEIGHT, *ARGS, history=[WEIGHT.tolist(), WEIGHT[:1].tolist()])
 
 
 def test_previous_placement_and_history_are_checked():
     with pytest.raises(TraceError, match=r"history must have shape \[windows, 2, 12\]"):
         rebalance_experts(WEIGHT, *ARGS, history=np.zeros((3, 2, 11)))
-    with pytest.raises(TraceError, match="history holds negative"):
+    with pytest.raises(TraceError, match="history: load of expert 0 in layer 0 at window 0 is "
+                                         "negative"):
         rebalance_experts(WEIGHT, *ARGS, history=-np.ones((3, 2, 12)))
 
 

@@ -18,6 +18,7 @@ from tape.errors import PlacementError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, call_policy, get_policy
+from tape.trace import check_load, check_loads
 
 __all__ = ["place", "rebalance_experts"]
 
@@ -68,13 +69,13 @@ def rebalance_experts(
     for name, instead in _NOT_PARAMETERS.items():
         if name in params:
             raise PolicyError(f"rebalance_experts has no parameter {name!r}; {instead}")
-    load = _load_array(weight, "weight", 2)
+    load = check_load(weight)
     layout = Layout(num_replicas, num_groups, num_nodes, num_gpus)
     layout.check_experts(load.shape[1])
     previous = None
     if previous_phy2log is not None:
         previous = _previous_placement(previous_phy2log, load.shape, layout.num_replicas)
-    placement = place(load, layout, policy, previous=previous, history=history, **params)
+    placement = _place(load, layout, policy, previous, history, params)
     return tuple(like_input(array, weight) for array in placement.as_tuple())
 
 
@@ -100,7 +101,12 @@ def place(
     Returns:
         The policy's `Placement`, validated against `layout` and L.
     """
-    load = _load_array(weight, "weight", 2)
+    return _place(check_load(weight), layout, policy, previous, history, params)
+
+
+def _place(load: np.ndarray, layout: Layout, policy: str, previous: Placement | None,
+           history: Any | None, params: dict[str, Any]) -> Placement:
+    """`place` of a load checked by `check_load` (at `place`'s or `rebalance_experts`' door)."""
     num_layers, num_experts = load.shape
     layout.check_experts(num_experts)
     function = get_policy(policy)
@@ -117,7 +123,7 @@ def place(
         )
     past = None
     if history is not None:
-        past = _load_array(history, "history", 3)
+        past = check_loads(history, source="history", unit="window")
         if past.shape[1:] != load.shape:
             raise TraceError(
                 f"history must have shape [windows, {num_layers}, {num_experts}], "
@@ -133,7 +139,6 @@ def place(
     return placement.validate(layout, num_layers)
 
 
-MAX_LOAD = 2.0**53
 """The largest load taken: above it float64 no longer holds every whole token count, so loads
 that differ would compare equal and placements would be silently wrong."""
 
@@ -166,34 +171,6 @@ def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: i
             else f"previous_phy2log: {message}"
         )
         raise PlacementError(message) from None
-
-
-def _load_array(value: Any, name: str, ndim: int) -> np.ndarray:
-    """`value` as a float64 array of `ndim` dimensions, finite, non-negative, at most MAX_LOAD
-    and not empty."""
-    try:
-        array = dense_numpy(value, name, TraceError)
-    except ValueError as error:
-        if isinstance(error, TapeError):
-            raise
-        raise TraceError(
-            f"{name} must be a rectangular array of {ndim} dimensions, got ragged nested sequences"
-        ) from None
-    if array.ndim != ndim:
-        raise TraceError(f"{name} must have {ndim} dimensions, got shape {list(array.shape)}")
-    if array.size == 0:
-        raise TraceError(f"{name} is empty (shape {list(array.shape)})")
-    if array.dtype.kind not in "iuf":
-        raise TraceError(f"{name} must hold numbers, got dtype {array.dtype}")
-    array = array.astype(np.float64)
-    if not np.all(np.isfinite(array)):
-        raise TraceError(f"{name} holds NaN or infinite loads")
-    if array.min() < 0:
-        raise TraceError(f"{name} holds negative loads (smallest {array.min()}); loads are >= 0")
-    if array.max() > MAX_LOAD:
-        raise TraceError(f"{name} holds loads above 2**53 (largest {array.max():.3g}), where "
-                         "float64 cannot tell token counts apart; scale the loads down")
-    return array
 
 
 def _check_params(name: str, function: Any, params: dict[str, Any]) -> None:

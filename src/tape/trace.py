@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from tape.arrays import to_numpy
+from tape.arrays import dense_numpy
 from tape.errors import TraceError, checked_integer, counted
 from tape.files import atomic_output
 from tape.trace_cache import cached_read
@@ -123,7 +123,9 @@ def _checked(
     "experts" or the last two)."""
     shape_text = f"[{', '.join(axes)}]"
     try:
-        array = to_numpy(loads)
+        array = dense_numpy(loads, source, TraceError)
+    except TraceError:
+        raise
     except ValueError:
         raise TraceError(
             f"{source}: loads must be a rectangular array {shape_text}, got ragged nested "
