@@ -1224,3 +1224,23 @@ def test_overwrite_replaces_only_a_tape_evolve_run(tmp_path):
     assert used_folder_error(tmp_path, other, overwrite=True) == (
         f"--overwrite replaces an earlier tape evolve run, but {other} holds none (no "
         f"{run.MANIFEST}); choose another --out")
+
+
+def _sigint_ignored_after_importing_the_evaluator() -> bool:
+    import signal
+
+    import tape.evolution.evaluator  # noqa: F401  (as OpenEvolve's worker loads it)
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_worker_leaves_ctrl_c_to_tape_evolve():
+    # Ctrl-C reaches every process of the terminal's group: OpenEvolve's workers ignore it (no
+    # KeyboardInterrupt traceback from a worker busy in Python), the process that runs the
+    # evolution keeps it.
+    import multiprocessing
+    import signal
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_sigint_ignored_after_importing_the_evaluator) is True
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN

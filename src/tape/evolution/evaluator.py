@@ -30,6 +30,21 @@ from tape.settings import ENVIRONMENT, Settings
 __all__ = ["candidate_metrics", "configure", "evaluate", "score_candidate"]
 
 
+def _leave_ctrl_c_to_the_parent() -> None:
+    """In an OpenEvolve worker (a child process), ignore SIGINT. Ctrl-C reaches the terminal's
+    whole process group; `tape evolve`, the parent, stops the run and ends its workers, while a
+    worker interrupted in the middle of Python code would print a KeyboardInterrupt traceback
+    (about one Ctrl-C in ten). The evaluator in the parent itself keeps SIGINT."""
+    import multiprocessing
+    import signal
+
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_leave_ctrl_c_to_the_parent()  # OpenEvolve loads this file in every worker: its set-up is here
+
+
 def configure(**settings: Any) -> Settings:
     """Set what `evaluate` scores on, in this process and in every process it starts.
 
