@@ -222,3 +222,21 @@ def test_torch_in_torch_out(windows):
     want = rebalance_experts(windows[2], *ARGS, policy="tape", previous_phy2log=kept.numpy(),
                              history=np.stack([windows[0], rounded]))[0]
     np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("policy, params, message", [
+    ("tape", {"preset": "quick"}, "unknown tape preset 'quick'"),
+    ("tape", {"keep_margin": -1}, "keep_margin"),
+    ("min-moves", {"base": "nope"}, "unknown policy 'nope'"),
+    ("min-moves", {"tolerance": -0.5}, "tolerance must be a number >= 0"),
+])
+def test_the_constructor_checks_values_without_placing(monkeypatch, policy, params, message):
+    import tape.api
+
+    def no_placing(*args, **kwargs):
+        raise AssertionError("the constructor placed something")
+
+    monkeypatch.setattr(tape.api, "_place", no_placing)
+    with pytest.raises(PolicyError, match=message):
+        Rebalancer(policy, **params)
+    Rebalancer(policy)  # good settings: made without placing

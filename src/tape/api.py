@@ -8,7 +8,6 @@ argument and every policy's output, and raise a `TapeError` subclass that says w
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from tape.arrays import dense_numpy, like_input
 from tape.errors import PlacementError, TapeError, TraceError
 from tape.layout import Layout
 from tape.placement import Placement
-from tape.policies import PolicyError, call_policy, get_policy
+from tape.policies import PolicyError, call_policy, check_params, get_policy
 from tape.trace import check_load, check_loads
 
 __all__ = ["place", "rebalance_experts"]
@@ -110,7 +109,7 @@ def _place(load: np.ndarray, layout: Layout, policy: str, previous: Placement | 
     num_layers, num_experts = load.shape
     layout.check_experts(num_experts)
     function = get_policy(policy)
-    _check_params(policy, function, params)
+    check_params(policy, params)
     if previous is not None and (
         previous.num_layers != num_layers
         or previous.num_slots != layout.num_replicas
@@ -171,22 +170,3 @@ def _previous_placement(value: Any, load_shape: tuple[int, int], num_replicas: i
             else f"previous_phy2log: {message}"
         )
         raise PlacementError(message) from None
-
-
-def _check_params(name: str, function: Any, params: dict[str, Any]) -> None:
-    """Raise `PolicyError` for a parameter that policy `name` does not take."""
-    signature = inspect.signature(function)
-    accepted = [
-        parameter.name
-        for parameter in signature.parameters.values()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-        and parameter.name not in ("previous", "history")
-    ]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        takes = f"its parameters are: {', '.join(accepted)}" if accepted else "it takes none"
-        raise PolicyError(
-            f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}"
-        )

@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from tape.api import place, rebalance_experts
+from tape.api import rebalance_experts
 from tape.arrays import dense_numpy, like_input
 from tape.errors import TraceError, checked_integer
-from tape.layout import Layout
-from tape.policies import PolicyError, get_policy
+from tape.policies import PolicyError, check_params, get_policy
 from tape.policies.tape.forecast import MEMORY
 
 __all__ = ["MAX_HISTORY_WINDOWS", "SHAPES_KEPT", "Rebalancer"]
@@ -40,10 +39,6 @@ SHAPES_KEPT = 4
 MAX_HISTORY_WINDOWS = 1024
 """The most earlier windows a `Rebalancer` keeps (memory and each call's time grow with them)."""
 
-_TRIAL_LAYOUT = Layout(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
-"""A small cluster on which the constructor tries the policy and its parameters once."""
-_TRIAL_LOAD = np.arange(8.0, 0.0, -1.0).reshape(1, 8)
-"""One layer of 8 experts (2 groups of 4), loads 8 down to 1: the constructor's trial load."""
 
 
 @dataclass
@@ -67,8 +62,8 @@ class Rebalancer:
 
     Raises:
         PolicyError: an unknown policy, a bad `history_windows`, or parameters the policy does
-            not take or refuses: checked here, by one trial call on a small cluster, rather than
-            at the engine's first rebalance.
+            not take or refuses: checked here (`tape.policies.check_params`, without placing
+            anything), rather than at the engine's first rebalance.
 
     Example:
         >>> rebalance = Rebalancer("tape", preset="all")
@@ -85,7 +80,7 @@ class Rebalancer:
             raise PolicyError(f"history_windows must be at most {MAX_HISTORY_WINDOWS}, got "
                               f"{history_windows}")
         self.params = dict(params)
-        place(_TRIAL_LOAD, _TRIAL_LAYOUT, policy, **self.params)
+        check_params(policy, self.params)
         self._lock = threading.Lock()
         # by (L, E, S), the shape used last at the end
         self._memory: OrderedDict[tuple[int, int, int], _Memory] = OrderedDict()

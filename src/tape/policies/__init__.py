@@ -25,7 +25,7 @@ from tape.layout import Layout
 from tape.placement import Placement
 
 __all__ = [
-    "Policy", "PolicyError", "call_policy", "get_policy", "parse_policy_spec", "policy_names",
+    "Policy", "PolicyError", "call_policy", "check_params", "get_policy", "parse_policy_spec", "policy_names",
     "register",
 ]
 
@@ -36,6 +36,30 @@ class PolicyError(TapeError):
 
 class Policy(Protocol):
     def __call__(self, weight: np.ndarray, layout: Layout, **params: Any) -> Placement: ...
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """PolicyError unless policy `name` takes `params`: their names (by its signature) and, for
+    a policy that has a `check_params(params)` attribute, their values, without placing."""
+    function = get_policy(name)
+    signature = inspect.signature(function)
+    accepted = [
+        parameter.name
+        for parameter in signature.parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+        and parameter.name not in ("previous", "history")
+    ]
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                     for p in signature.parameters.values())
+    unknown = sorted(set(params) - set(accepted))
+    if unknown and not open_ended:
+        takes = f"its parameters are: {', '.join(accepted)}" if accepted else "it takes none"
+        raise PolicyError(
+            f"policy {name!r} has no parameter {', '.join(map(repr, unknown))}; {takes}"
+        )
+    checker = getattr(function, "check_params", None)
+    if checker is not None:
+        checker(params)
 
 
 def call_policy(

@@ -20,6 +20,7 @@ A replica that was on its GPU before is its expert's primary in `log2phy`.
 from __future__ import annotations
 
 from numbers import Real
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -57,12 +58,7 @@ def min_moves(
     Returns:
         Placement; a replica that stayed on its GPU comes first in `log2phy`.
     """
-    if base == "min-moves":
-        raise PolicyError("min-moves cannot use itself as its base policy")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not (
-        tolerance >= 0
-    ):
-        raise PolicyError(f"min-moves tolerance must be a number >= 0, got {tolerance!r}")
+    _check_values({"base": base, "tolerance": tolerance})
     num_layers, num_experts = weight.shape
     placement = call_policy(get_policy(base), weight, layout, previous=previous, history=history)
     if previous is None:
@@ -249,3 +245,20 @@ def _keep_slots(experts: np.ndarray, before: np.ndarray) -> np.ndarray:
     # layer and GPU, with as many of each in every group).
     source[np.nonzero(source < 0)] = np.nonzero(free)[2]
     return np.take_along_axis(experts, source, axis=2)
+
+
+def _check_values(params: dict[str, Any]) -> None:
+    """`base` a registered policy other than min-moves, `tolerance` a number >= 0; PolicyError
+    otherwise (also `tape.policies.check_params`, without placing)."""
+    base = params.get("base", "deepseek")
+    if base == "min-moves":
+        raise PolicyError("min-moves cannot use itself as its base policy")
+    get_policy(base)
+    tolerance = params.get("tolerance", 0.0)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not (
+        tolerance >= 0
+    ):
+        raise PolicyError(f"min-moves tolerance must be a number >= 0, got {tolerance!r}")
+
+
+min_moves.check_params = _check_values  # type: ignore[attr-defined]

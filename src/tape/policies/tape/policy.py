@@ -336,3 +336,13 @@ def _balancedness_in_force(load: np.ndarray, previous: Placement, layout: Layout
     gpu_loads = previous.gpu_loads(load, layout.num_gpus)
     peak = gpu_loads.max(axis=1)
     return np.divide(gpu_loads.mean(axis=1), peak, out=np.ones_like(peak), where=peak > 0)
+
+
+def _check_values(params: dict[str, Any]) -> None:
+    """The preset and parameters `params` would run with, checked without placing
+    (`tape.policies.check_params`); PolicyError for anything invalid."""
+    params = dict(params)
+    _settings(params.pop("preset", "all"), params)
+
+
+tape_policy.check_params = _check_values  # type: ignore[attr-defined]
