@@ -139,7 +139,7 @@ def test_pair_series_puts_migration_on_the_last_pairs_and_none_where_a_pair_has_
     # Three pairs; migration (moved_experts) exists from the second pair on; ib_tokens absent.
     score = ProgramScore({}, per_pair={"gpu_balancedness": [0.5, 0.6, 0.7],
                                        "moved_experts": [4.0, 2.0],
-                                       "policy_seconds": [0.1, 0.2, 0.3]})
+                                       "runtime_s": [0.1, 0.2, 0.3]})
     assert pair_series(score, ["gpu_balancedness", "moved_experts", "ib_tokens"]) == {
         "gpu_balancedness": [0.5, 0.6, 0.7],
         "moved_experts": [None, 4.0, 2.0],
@@ -174,12 +174,12 @@ def test_per_window_csv_has_one_row_per_pair_with_per_pairs_values(comparison_fo
         header = next(reader)
         rows = list(reader)
     assert header == ["policy", "pair", "gpu_balancedness", "moved_experts", "ib_tokens",
-                      "step_time_s", "policy_seconds"]
+                      "step_time_s", "runtime_s"]
     # The failed policy has no rows; deepseek has one per pair, in pair order.
     assert [(row[0], row[1]) for row in rows] == [("deepseek", "0"), ("deepseek", "1"),
                                                   ("deepseek", "2")]
     per_pair = results["deepseek"].per_pair
-    for metric in ("gpu_balancedness", "ib_tokens", "step_time_s", "policy_seconds"):
+    for metric in ("gpu_balancedness", "ib_tokens", "step_time_s", "runtime_s"):
         column = header.index(metric)
         assert [float(row[column]) for row in rows] == per_pair[metric]
     # Migration exists from the second pair on: the first pair's cell is empty, not 0.

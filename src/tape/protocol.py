@@ -176,7 +176,7 @@ def window_metrics(
     return values
 
 
-def _realistic_score(values: dict[str, float], steps: int, policy_seconds: float) -> float:
+def _realistic_score(values: dict[str, float], steps: int, runtime_s: float) -> float:
     """The `realistic` version's score of one pair: the fraction of ideal throughput.
 
     Ideal: `steps` forward steps with every layer's compute spread evenly over the GPUs and
@@ -186,7 +186,7 @@ def _realistic_score(values: dict[str, float], steps: int, policy_seconds: float
     """
     ideal = steps * values["balanced_compute_time_s"]
     actual = (steps * values["step_time_s"] + values.get("migration_seconds", 0.0)
-              + policy_seconds)
+              + runtime_s)
     return float(ideal / actual) if actual > 0 else 1.0
 
 
@@ -236,7 +236,7 @@ def score_replay(
             )
         means[combined_key(each)] = combined
     means["combined_score"] = means[combined_key(version)]
-    per_pair["policy_seconds"] = list(run.seconds)
+    per_pair["runtime_s"] = list(run.seconds)
     return ProgramScore(means, per_pair, None, run.placements, list(run.seconds))
 
 

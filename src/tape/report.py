@@ -118,7 +118,7 @@ def summarize(results: dict[str, ProgramScore], baseline: str = "deepseek"
 
 # Per-pair metrics of comparison_per_window.csv, in column order.
 PER_WINDOW_METRICS = ("gpu_balancedness", "moved_experts", "ib_tokens", "step_time_s",
-                      "policy_seconds")
+                      "runtime_s")
 
 
 def pair_series(score: ProgramScore, metrics: Sequence[str]) -> dict[str, list[float | None]]:

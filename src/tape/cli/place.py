@@ -58,7 +58,7 @@ _ROWS = (
     ("moved_experts", "moved experts", 1),
     ("ib_copies", "IB copies", 1),
     ("migration_seconds", "migration ms", 1e3),
-    ("policy_ms", "policy ms", 1),
+    ("runtime_ms", "runtime ms", 1),
 )
 
 
@@ -134,7 +134,7 @@ def _scores(placement: Placement, previous: Placement | None, setup: Setup,
         scores.update(migration_metrics(previous, placement, setup.layout, setup.model,
                                         setup.cluster))
     if seconds >= 0:
-        scores["policy_ms"] = seconds * 1e3
+        scores["runtime_ms"] = seconds * 1e3
     return scores
 
 
