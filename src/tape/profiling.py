@@ -61,7 +61,10 @@ def profile_policies(specs: Sequence[str], windows: np.ndarray, layout: Layout,
         seconds = time.perf_counter() - start
         html, text = f"{stem}_profile.html", f"{stem}_profile.txt"
         (folder / html).write_text(profiler.output_html(), encoding="utf-8")
-        (folder / text).write_text(profiler.output_text(unicode=False, color=False),
-                                   encoding="utf-8")
+        # TAPE's own frames are shown also where TAPE is installed in site-packages, whose
+        # frames pyinstrument hides as library code
+        tree = profiler.output_text(unicode=False, color=False,
+                                    processor_options={"show_regex": r".*[\\/]tape[\\/].*"})
+        (folder / text).write_text(tree, encoding="utf-8")
         written[spec] = {"files": [html, text], "calls": calls, "seconds": seconds}
     return written
