@@ -62,7 +62,6 @@ from numbers import Real
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.signal import lfilter
 
 from tape.errors import TraceError, checked_integer
 
@@ -242,6 +241,8 @@ def _ornstein_uhlenbeck(
     keep = np.exp(-POPULARITY_UPDATE_STEPS / correlation_steps)
     innovations = rng.standard_normal((num_updates, *shape))
     innovations[1:] *= np.sqrt(1.0 - keep**2)
+    from scipy.signal import lfilter  # here: importing scipy.signal takes most of a second
+
     return lfilter([1.0], [1.0, -keep], innovations, axis=0)
 
 

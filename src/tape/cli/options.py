@@ -39,7 +39,15 @@ def at_most(limit: int, unit: str) -> Any:
     return check
 
 
-_DEFAULTS = Settings()
+class _Defaults:
+    """`Settings`' field defaults, read from the dataclass without making one (which would
+    import the synthetic trace's model at the command line's start-up)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return Settings.__dataclass_fields__[name].default
+
+
+_DEFAULTS = _Defaults()
 
 ScoringOption = Annotated[
     str, typer.Option("--scoring", help="Scoring version: 0, 2, 3, 4 (the seed's) or "
