@@ -344,6 +344,7 @@ def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
 """
     try:
         with sandbox(write(tmp_path, body), timeout_s=20) as program:
-            program.call(window(), LAYOUT)
+            placement, _ = program.call(window(), LAYOUT)  # raises if the server was reached
+        assert placement.num_slots == LAYOUT.num_replicas
     finally:
         server.close()
