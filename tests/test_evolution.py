@@ -327,7 +327,7 @@ def test_a_candidate_that_inspects_the_callers_frames_finds_nothing_and_scores_z
     windows = SMALL.windows()
     found = []
 
-    def in_process(index, weight, previous, history):
+    def in_process(weight, previous, history):
         found.extend(cheater.later_windows(weight))
         return get_policy("deepseek")(weight, SMALL.layout()), 1e-3
 
