@@ -70,7 +70,7 @@ TARGET_SPEEDUP = 50.0
 INCREMENTAL_SWAP_ROUNDS = 12
 TORCH_WINDOWS = 3  # the torch reading takes about half a second a call
 TIMING_REPEATS = 3  # every call is timed by the fastest of 3: a shared machine is noisy
-INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
+INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round", "peak_rounds")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
    GPU) and the inter-node tokens it adds (`locality_weight`), for at most `search_rounds`
    rounds of `pairs_per_round` pairs, leaving alone layers within `tolerance` of perfect
    balance and, with a previous placement, adding no copy to a layer past `copy_budget`.
+   Then, with a previous placement and two or more slots a GPU, up to `peak_rounds` rounds in
+   which each layer's heaviest GPU swaps with its best partner among the ceil(G / 2k)
+   lightest GPUs (about G / 2 partner slots), spending the copies the budget leaves unused in
+   all layers together, best peak reduction per copy first (`search.relieve_peaks`).
 5. Keep every expert that stays on its GPU in its old slot (`packing`). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
@@ -51,7 +55,7 @@ from tape.policies.tape.packing import (
     repair_duplicates,
     second_replicas,
 )
-from tape.policies.tape.search import balance_by_swaps
+from tape.policies.tape.search import balance_by_swaps, relieve_peaks
 from tape.policies.tape.state import SlotState
 
 __all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
@@ -68,7 +72,9 @@ PARAMETER_HELP: dict[str, str] = {
     "search_rounds": "most rounds of swaps",
     "pairs_per_round": "heavy/light GPU pairs tried per round (at most G / 2 are used)",
     "copy_budget": "most weight copies the swaps may leave in a layer, as a fraction of its "
-                   "slots (1: no budget)",
+                   "slots (1: no budget); the peak rounds pool what the layers leave unused",
+    "peak_rounds": "with a previous placement, most rounds of swaps of each layer's heaviest "
+                   "GPU with its best partner among the lightest (0: none)",
     "keep_balancedness": "a layer the placement in force balances at least this well (forecast "
                          "GPU balancedness) is not replanned (1: replan every layer)",
 }
@@ -84,6 +90,7 @@ SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
     "search_rounds": (0, 48, "int"),
     "pairs_per_round": (1, 8, "int"),
     "copy_budget": (0.02, 1.0, "float"),
+    "peak_rounds": (0, 32, "int"),
     "keep_balancedness": (0.3, 1.0, "float"),
 }
 """Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
@@ -99,6 +106,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "search_rounds": 32,
         "pairs_per_round": 4,
         "copy_budget": 1.0,
+        "peak_rounds": 0,
         "keep_balancedness": 1.0,
     },
     "balance-migration": {
@@ -111,6 +119,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "search_rounds": 8,
         "pairs_per_round": 4,
         "copy_budget": 1.0,
+        "peak_rounds": 0,
         "keep_balancedness": 1.0,
     },
     "all": {
@@ -122,7 +131,8 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "tolerance": 0.0,
         "search_rounds": 3,
         "pairs_per_round": 4,
-        "copy_budget": 0.08,
+        "copy_budget": 0.075,
+        "peak_rounds": 8,
         "keep_balancedness": 1.0,
     },
     "fast": {
@@ -135,6 +145,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "search_rounds": 1,
         "pairs_per_round": 8,
         "copy_budget": 1.0,
+        "peak_rounds": 0,
         "keep_balancedness": 1.0,
     },
 }
@@ -142,12 +153,13 @@ PRESETS: dict[str, dict[str, float | int]] = {
 balance and migration at the least runtime (no forecast backtest, no locality terms, one round
 of swaps)."""
 
-_INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
+_INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round", "peak_rounds")
 # Charges and rounds far beyond any useful value would overflow the costs' arithmetic.
 _UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0, "copy_budget": 1.0,
                  "node_spread": 1e6,
                  "keep_margin": 1e6, "migration_weight": 1e6, "locality_weight": 1e6,
-                 "tolerance": 1e6, "search_rounds": 10**6, "pairs_per_round": 10**6}
+                 "tolerance": 1e6, "search_rounds": 10**6, "pairs_per_round": 10**6,
+                 "peak_rounds": 10**6}
 _LOWER_BOUNDS = {"pairs_per_round": 1}
 
 
@@ -225,17 +237,33 @@ def _checked_inputs(
 
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
-    pairs = min(int(settings["pairs_per_round"]), state.layout.num_gpus // 2)
-    if pairs == 0 or settings["search_rounds"] == 0:
-        return
-    balance_by_swaps(
+    """Steps 4 and 5 of the module doc: rounds of heavy/light pairs, then, with a previous
+    placement, rounds that relieve each layer's heaviest GPU."""
+    layout = state.layout
+    budget = settings["copy_budget"] if settings["copy_budget"] < 1.0 else None
+    pairs = min(int(settings["pairs_per_round"]), layout.num_gpus // 2)
+    if pairs > 0 and settings["search_rounds"] > 0:
+        balance_by_swaps(
+            state,
+            rounds=int(settings["search_rounds"]),
+            pairs=pairs,
+            migration_weight=migration_weight,
+            locality_weight=settings["locality_weight"],
+            tolerance=settings["tolerance"],
+            copy_budget=budget,
+        )
+    if state.held_before is None or settings["peak_rounds"] == 0 or layout.slots_per_gpu < 2:
+        return  # with one slot a GPU a swap exchanges two GPUs' loads: it never lowers a peak
+    # About G / 2 partner slots, whatever k: the partners' slots are as many as the lighter
+    # half of the GPUs would hold at one slot each, and a round costs k * G / 2 swaps a layer.
+    partners = min(layout.num_gpus - 1, -(-layout.num_gpus // (2 * layout.slots_per_gpu)))
+    relieve_peaks(
         state,
-        rounds=int(settings["search_rounds"]),
-        pairs=pairs,
+        rounds=int(settings["peak_rounds"]),
+        partners=partners,
         migration_weight=migration_weight,
         locality_weight=settings["locality_weight"],
-        tolerance=settings["tolerance"],
-        copy_budget=settings["copy_budget"] if settings["copy_budget"] < 1.0 else None,
+        copy_budget=budget,
     )
 
 
