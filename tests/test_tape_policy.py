@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
-from tape.policies.tape import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
+from tape.policies.tape import (
+    PARAMETER_HELP,
+    PARAMETERS,
+    PRESETS,
+    SEARCH_SPACE,
+    Parameter,
+    tape_policy,
+)
 from tape.policies.tape.counts import replica_counts
 from tape.policies.tape.forecast import CANDIDATES, forecast_load, smoothing_coefficients
 from tape.policies.tape.packing import (
@@ -482,12 +489,33 @@ def test_one_swap_round_makes_the_plain_loop_best_swap(migration_weight, localit
 
 def test_presets_and_search_space_cover_every_parameter():
     assert set(PRESETS) == {"balance", "balance-migration", "all", "fast"}
+    names = [parameter.name for parameter in PARAMETERS]
+    assert len(set(names)) == len(names)
     for values in PRESETS.values():
-        assert set(values) == set(PARAMETER_HELP)
-    assert set(SEARCH_SPACE) == set(PARAMETER_HELP)
-    for low, high, kind in SEARCH_SPACE.values():
-        assert low < high and kind in ("float", "int", "log")
-        assert kind != "log" or low > 0
+        assert list(values) == names
+    assert list(SEARCH_SPACE) == names and list(PARAMETER_HELP) == names
+    for parameter in PARAMETERS:
+        for value in parameter.presets:  # every preset's value passes its own check
+            assert parameter.checked(value) == value
+        low, high, kind = parameter.search
+        assert low < high and kind == ("int" if parameter.integer else kind)
+        assert kind in ("float", "int", "log") and (kind != "log" or low > 0)
+        assert parameter.checked(low) == low and parameter.checked(high) == high
+        # the top of the searched range is a value the policy runs with
+        assert tape_policy(skewed_load(0), LAYOUT, preset="fast", **{parameter.name: high})
+
+
+def test_a_parameter_checks_its_own_range():
+    floor = Parameter("floor", "x", (0.5,) * 4, (0.1, 1.0, "float"), high=1.0, low_open=True)
+    rounds = Parameter("rounds", "x", (1,) * 4, (0, 4, "int"), integer=True)
+    assert floor.checked(1) == 1.0 and isinstance(floor.checked(1), float)
+    assert rounds.checked(np.int64(3)) == 3 and isinstance(rounds.checked(np.int64(3)), int)
+    with pytest.raises(PolicyError, match=r"floor must be in \(0, 1\], got 0"):
+        floor.checked(0)
+    with pytest.raises(PolicyError, match="rounds must be an integer, got 1.5"):
+        rounds.checked(1.5)
+    with pytest.raises(PolicyError, match="rounds must be an integer, got True"):
+        rounds.checked(True)
 
 
 @pytest.mark.parametrize(
