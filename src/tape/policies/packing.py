@@ -323,7 +323,11 @@ def balanced_packing(
 
 
 def spread_replicas(
-    item_at: np.ndarray, item_expert: np.ndarray, item_load: np.ndarray, num_packs: int
+    item_at: np.ndarray,
+    item_expert: np.ndarray,
+    item_load: np.ndarray,
+    num_packs: int,
+    preferred: np.ndarray | None = None,
 ) -> np.ndarray:
     """Swap items between packs until no pack holds too many replicas of one expert.
 
@@ -331,7 +335,8 @@ def spread_replicas(
     row; in particular no pack holds two replicas of an expert with at most `num_packs`. Each
     round fixes one surplus replica in every row that has one: it trades places with the item,
     among those whose move lowers the row's total surplus, that leaves the larger of the two
-    packs' loads smallest. Such an item always exists: were every item of a pack q below the
+    packs' loads smallest (among the `preferred` items first, if given). Such an item always
+    exists: were every item of a pack q below the
     expert's bound barred, q would hold no more other items than the surplus pack p, hence at
     least as many replicas of the expert as p, a contradiction. So the rounds end.
 
@@ -340,6 +345,9 @@ def spread_replicas(
         item_expert: [X, n] int, the expert (0..n-1) of each item.
         item_load: [X, n] float, each item's load.
         num_packs: packs per row.
+        preferred: [X, n] bool, items to trade places with before any other (the `tape`
+            policy's new replicas: trading two of them moves no replica already in place), or
+            None.
 
     Returns:
         `item_at`, repaired.
@@ -354,6 +362,10 @@ def spread_replicas(
     copies = copies.reshape(rows, num_packs, num_items)  # [row, pack, expert]
     limit = -(-copies.sum(axis=1) // num_packs)  # [row, expert]: ceil(replicas / packs)
     pack_load = load_at.reshape(rows, num_packs, capacity).sum(axis=2)
+    if preferred is not None:
+        # more than any difference of loads: a preferred partner always wins
+        detour = 2.0 * float(np.abs(load_at).sum(axis=1).max()) + 1.0
+        preferred = np.asarray(preferred, dtype=bool)
 
     while True:
         surplus = copies > limit[:, None, :]
@@ -381,6 +393,8 @@ def spread_replicas(
         worst = np.maximum(
             pack_load[bad, pack][:, None] + delta, pack_load[bad[:, None], other] - delta
         )
+        if preferred is not None:
+            worst = worst + np.where(take_rows(preferred[bad], item_at[bad]), 0.0, detour)
         swap = np.where(valid, worst, np.inf).argmin(axis=1)
         assert np.all(valid[column[:, 0], swap]), "a surplus replica always has a partner"
         there, partner = pack_of[swap], expert_at[bad, swap]

@@ -143,7 +143,7 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
     )
     state = SlotState.build(load, packed_placement(load, counts, layout), layout)
     if state.duplicates:
-        repair_duplicates(state, np.flatnonzero(second_replicas(state.experts)))
+        repair_duplicates(state, np.flatnonzero(second_replicas(state.experts).any(axis=(1, 2))))
     _search(state, settings, 0.0)
     return state.experts
 
