@@ -50,6 +50,22 @@ def _largest(values: np.ndarray, count: int) -> np.ndarray:
     return (values > cut) | (tied & (np.cumsum(tied, axis=1) <= wanted))
 
 
+def _eplb_steps(weight: np.ndarray, counts: np.ndarray, spare: int) -> np.ndarray:
+    """`counts` ([X * n] ones) after `spare` steps of EPLB's greedy: each step gives every row's
+    expert of largest `weight / count` (the first on ties) one more replica."""
+    rows, num_experts = weight.shape
+    weight_flat = weight.reshape(-1)
+    per_replica = weight.copy()
+    per_replica_flat = per_replica.reshape(-1)
+    row_base = np.arange(0, rows * num_experts, num_experts)
+    for _ in range(spare):
+        flat = per_replica.argmax(axis=1) + row_base
+        replicas = counts[flat] + 1
+        counts[flat] = replicas
+        per_replica_flat[flat] = weight_flat[flat] / replicas.astype(weight.dtype)
+    return counts
+
+
 def replica_counts(
     weight: np.ndarray,
     num_slots: int,
@@ -77,7 +93,12 @@ def replica_counts(
     The value falls as j grows, so the greedy takes the spare-many most valuable replicas of
     all: one selection per row among the j-th replicas of the experts with the most valuable
     second replicas (an expert outside those gets no spare slot), j bounded by what can still
-    beat the worst of those.
+    beat the worst of those. Without bonuses or cap (EPLB's mode) the greedy runs instead as
+    EPLB writes it, one spare slot a step for all rows at once: the same counts (tests check
+    both against a plain loop), and faster when the spare slots are few (0.3 ms against 1-2.5
+    ms for 64 spare slots over 256 experts and 58 layers; 0.07 against 0.15 ms for
+    deepseek's per-node counts), where the selection's columns (up to the hottest expert's
+    load over the worst chosen second replica's) are many.
 
     Args:
         weight: [X, n] float, each expert's load. Values are computed and compared in
@@ -102,6 +123,8 @@ def replica_counts(
     limit = spare + 1 if max_replicas is None else min(max_replicas, spare + 1)
     spread = node_bonus if num_nodes >= 2 else 0.0
     keep = keep_bonus is not None and previous_counts is not None and np.any(keep_bonus > 0)
+    if not spread and not keep and limit == spare + 1:
+        return _eplb_steps(weight, counts, spare).reshape(rows, num_experts)
     second = weight * (1.0 + spread) if spread else weight
     if keep:
         second = second + np.where(previous_counts >= 2, keep_bonus[:, None], 0.0)
