@@ -81,7 +81,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               "node (load / N tokens)",
               (0.0, 0.0, 1.2, 0.0), (0.0, 12.0, "float")),
     Parameter("keep_margin", "bonus of an existing replica when counting replicas, x mean GPU load",
-              (0.0, 0.08, 0.03, 0.1), (0.0, 0.3, "float")),
+              (0.0, 0.08, 0.1, 0.1), (0.0, 0.3, "float")),
     Parameter("migration_weight",
               "charge per moved expert (one expert's weights), x mean slot load (mean GPU load "
               "/ slots per GPU)",
