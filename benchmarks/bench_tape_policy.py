@@ -52,6 +52,7 @@ import tape.policies.tape  # registers "tape"
 from tape.dispatch import fewest_ib_tokens
 from tape.layout import Layout
 from tape.placement import Placement
+from tape.policies.tape import PARAMETERS
 from tape.policies.tape.counts import replica_counts
 from tape.policies.tape.packing import reassign_replicas
 from tape.policies.tape.search import balance_by_swaps
@@ -70,7 +71,7 @@ TARGET_SPEEDUP = 50.0
 INCREMENTAL_SWAP_ROUNDS = 12
 TORCH_WINDOWS = 3  # the torch reading takes about half a second a call
 TIMING_REPEATS = 3  # every call is timed by the fastest of 3: a shared machine is noisy
-INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
+INTEGER_PARAMETERS = tuple(p.name for p in PARAMETERS if p.integer)  # NAME=VALUE as int
 
 
 @dataclass(frozen=True)

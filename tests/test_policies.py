@@ -520,3 +520,42 @@ def test_policy_specs_are_read(spec, expected):
 def test_bad_policy_specs_are_errors(spec, message):
     with pytest.raises(PolicyError, match=message):
         parse_policy_spec(spec)
+
+
+def _plain_eplb_counts(weight, num_slots, cap=None):
+    """Plain loop: DeepSeek EPLB's `replicate_experts`, each spare slot to the first expert of
+    largest weight / count (among those under `cap` replicas), in the weight's dtype."""
+    counts = np.ones(len(weight), dtype=np.int64)
+    for _ in range(num_slots - len(weight)):
+        per_replica = weight / counts.astype(weight.dtype)
+        if cap is not None:
+            per_replica = np.where(counts < cap, per_replica, -1)
+        counts[int(np.argmax(per_replica))] += 1
+    return counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_experts=st.integers(1, 24),
+    spare=st.integers(0, 30),
+    seed=st.integers(0, 2**32 - 1),
+    top=st.sampled_from([0, 1, 3, 1000]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_replica_counts_are_eplbs_greedy_with_ties_and_zero_loads(
+    num_experts, spare, seed, top, dtype
+):
+    # One selection per row, no cap on replicas: the same counts as the plain greedy, also on
+    # all-zero rows (the first expert takes every spare slot) and on ties.
+    weight = np.random.default_rng(seed).integers(0, top + 1, (3, num_experts)).astype(dtype)
+    counts = replica_counts(weight, num_experts + spare)
+    for row in range(3):
+        assert counts[row].tolist() == _plain_eplb_counts(weight[row], num_experts + spare).tolist()
+    # With a cap below `spare + 1` the counts come from one selection per row (the `tape`
+    # policy's way): the same greedy.
+    cap = max(2, -(-(num_experts + spare) // num_experts))
+    if cap <= spare:
+        capped = replica_counts(weight, num_experts + spare, max_replicas=cap)
+        for row in range(3):
+            expected = _plain_eplb_counts(weight[row], num_experts + spare, cap)
+            assert capped[row].tolist() == expected.tolist()

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout, Placement
 from tape.policies import PolicyError, get_policy
-from tape.policies.tape import PARAMETER_HELP, PRESETS, SEARCH_SPACE, tape_policy
+from tape.policies.tape import (
+    PARAMETER_HELP,
+    PARAMETERS,
+    PRESETS,
+    SEARCH_SPACE,
+    Parameter,
+    tape_policy,
+)
 from tape.policies.tape.counts import replica_counts
 from tape.policies.tape.forecast import CANDIDATES, forecast_load, smoothing_coefficients
 from tape.policies.tape.packing import (
@@ -169,19 +176,31 @@ def test_keep_balancedness_replans_only_the_layers_below_it():
 
 def test_one_repair_swap_can_fix_two_duplicates():
     # GPU 0 holds expert 0 twice (slots 0, 1), GPU 1 expert 3 twice (slots 5, 6), all four at
-    # load 5: slot 1's closest partner is slot 5, and that one swap fixes both GPUs; slot 5
-    # then holds a 0 that is no duplicate (and could go nowhere: both GPUs hold a 0).
+    # load 5: trading a 0 for a 3 leaves the larger GPU load smallest (17, against 18 or 19 for
+    # experts 5 or 4), and that one swap fixes both GPUs.
     layout = Layout(num_replicas=8, num_groups=1, num_nodes=1, num_gpus=2)
     load = np.array([[10.0, 1.0, 2.0, 10.0, 3.0, 4.0]])
     state = SlotState.build(load, np.array([[[0, 0, 1, 2], [4, 3, 3, 5]]]), layout)
-    repair_duplicates(state, np.array([1, 5]))
-    experts = state.experts[0]
-    assert experts.tolist() == [[0, 3, 1, 2], [4, 0, 3, 5]]
-    held = np.zeros((2, 6), dtype=bool)
-    for gpu, row in enumerate(experts):
-        held[gpu, row] = True
-    assert np.array_equal(state.held[0], held)
-    assert np.allclose(state.gpu_load[0], (load[0] / state.counts[0])[experts].sum(axis=1))
+    repair_duplicates(state, np.array([0]))
+    assert [sorted(gpu) for gpu in state.experts[0].tolist()] == [[0, 1, 2, 3], [0, 3, 4, 5]]
+    check_state(state)
+
+
+def test_repair_prefers_the_preferred_slots():
+    # GPU 0 holds expert 0 twice. Trading it for expert 5 (load 6) leaves the larger GPU load
+    # smallest (14); with expert 6's slot preferred, the 0 trades places with that one.
+    layout = Layout(num_replicas=8, num_groups=1, num_nodes=1, num_gpus=2)
+    load = np.array([[10.0, 1.0, 2.0, 3.0, 4.0, 6.0, 1.0]])
+    experts = np.array([[[0, 0, 1, 2], [4, 3, 6, 5]]])
+    plain = SlotState.build(load, experts.copy(), layout)
+    repair_duplicates(plain, np.array([0]))
+    assert [sorted(gpu) for gpu in plain.experts[0].tolist()] == [[0, 1, 2, 5], [0, 3, 4, 6]]
+    steered = SlotState.build(load, experts.copy(), layout)
+    preferred = np.zeros(8, dtype=bool)
+    preferred[6] = True
+    repair_duplicates(steered, np.array([0]), preferred=preferred)
+    assert [sorted(gpu) for gpu in steered.experts[0].tolist()] == [[0, 1, 2, 6], [0, 3, 4, 5]]
+    check_state(steered)
 
 
 def check_state(state):
@@ -482,12 +501,33 @@ def test_one_swap_round_makes_the_plain_loop_best_swap(migration_weight, localit
 
 def test_presets_and_search_space_cover_every_parameter():
     assert set(PRESETS) == {"balance", "balance-migration", "all", "fast"}
+    names = [parameter.name for parameter in PARAMETERS]
+    assert len(set(names)) == len(names)
     for values in PRESETS.values():
-        assert set(values) == set(PARAMETER_HELP)
-    assert set(SEARCH_SPACE) == set(PARAMETER_HELP)
-    for low, high, kind in SEARCH_SPACE.values():
-        assert low < high and kind in ("float", "int", "log")
-        assert kind != "log" or low > 0
+        assert list(values) == names
+    assert list(SEARCH_SPACE) == names and list(PARAMETER_HELP) == names
+    for parameter in PARAMETERS:
+        for value in parameter.presets:  # every preset's value passes its own check
+            assert parameter.checked(value) == value
+        low, high, kind = parameter.search
+        assert low < high and kind == ("int" if parameter.integer else kind)
+        assert kind in ("float", "int", "log") and (kind != "log" or low > 0)
+        assert parameter.checked(low) == low and parameter.checked(high) == high
+        # the top of the searched range is a value the policy runs with
+        assert tape_policy(skewed_load(0), LAYOUT, preset="fast", **{parameter.name: high})
+
+
+def test_a_parameter_checks_its_own_range():
+    floor = Parameter("floor", "x", (0.5,) * 4, (0.1, 1.0, "float"), high=1.0, low_open=True)
+    rounds = Parameter("rounds", "x", (1,) * 4, (0, 4, "int"), integer=True)
+    assert floor.checked(1) == 1.0 and isinstance(floor.checked(1), float)
+    assert rounds.checked(np.int64(3)) == 3 and isinstance(rounds.checked(np.int64(3)), int)
+    with pytest.raises(PolicyError, match=r"floor must be in \(0, 1\], got 0"):
+        floor.checked(0)
+    with pytest.raises(PolicyError, match="rounds must be an integer, got 1.5"):
+        rounds.checked(1.5)
+    with pytest.raises(PolicyError, match="rounds must be an integer, got True"):
+        rounds.checked(True)
 
 
 @pytest.mark.parametrize(

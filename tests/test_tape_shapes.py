@@ -1,6 +1,7 @@
 """The `tape` policy's rules that follow the shape: the node bonus per inter-node token saved,
 the first placement by DeepSeek's packing greedy, the copy charge in slot loads, the copy
-budget of the swaps."""
+budget of the swaps, the peak rounds (each layer's heaviest GPU with its best partner) and
+their pooled budget."""
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from tape import Layout
 from tape.policies.tape import tape_policy
 from tape.policies.tape.counts import replica_counts
 from tape.policies.tape.packing import dealt_placement, packed_placement
+from tape.policies.tape.search import relieve_peaks
+from tape.policies.tape.state import SlotState
 
 
 def plain_counts_with_node_bonus(load, slots, nodes, node_spread):
@@ -91,3 +94,99 @@ def test_the_copy_budget_bounds_the_copies_the_swaps_add():
     assert free.sum() > budgeted.sum()
     # a swap adds at most two copies: a layer stops within two of its budget (4 of 40 slots)
     assert np.all(budgeted <= np.maximum(refill_only, 4) + 2)
+
+
+def plain_best_peak_swap(state, layer, partners, migration_weight, locality_weight):
+    """Plain loops: the swap of the layer's heaviest GPU with a slot of one of its `partners`
+    lightest GPUs that lowers the objective most (the pair's larger load, in mean GPU loads,
+    plus the charges), among those that lower the heavy GPU's load; None if none does."""
+    layout, load = state.layout, state.load[layer]
+    mean = load.sum() / layout.num_gpus
+    experts = state.experts[layer].tolist()
+    before = [set(np.flatnonzero(row)) for row in state.held_before[layer]]
+    per_replica = load / state.counts[layer]
+    gpu_load = [sum(per_replica[e] for e in row) for row in experts]
+    heavy = int(np.argmax(gpu_load))
+
+    def charges(placement):
+        moves = sum(e not in before[g] for g, row in enumerate(placement) for e in row)
+        nodes = {e: {layout.gpu_node[g] for g, row in enumerate(placement) if e in row}
+                 for e in range(len(load))}
+        cross = sum(load[e] * (layout.num_nodes - len(n)) / layout.num_nodes
+                    for e, n in nodes.items())
+        return migration_weight * moves + locality_weight * cross / load.sum()
+
+    start, best = gpu_load[heavy] / mean + charges(experts), None
+    for light in np.argsort(gpu_load, kind="stable")[:partners]:
+        for i, give in enumerate(experts[heavy]):
+            for j, take in enumerate(experts[light]):
+                if light == heavy or give in experts[light] or take in experts[heavy]:
+                    continue
+                swapped = [row.copy() for row in experts]
+                swapped[heavy][i], swapped[light][j] = take, give
+                larger = max(sum(per_replica[e] for e in swapped[heavy]),
+                             sum(per_replica[e] for e in swapped[light]))
+                if larger >= gpu_load[heavy]:
+                    continue  # the heavy GPU's load must fall, and the partner stay below it
+                gain = start - larger / mean - charges(swapped)
+                if gain > 1e-9 and (best is None or gain > best[0] + 1e-9):
+                    best = (gain, {(heavy, i), (int(light), j)})
+    return best
+
+
+@pytest.mark.parametrize("migration_weight, locality_weight", [(0.0, 0.0), (0.3, 0.0),
+                                                                (0.05, 50.0)])
+def test_one_peak_round_makes_the_plain_loop_best_swap(migration_weight, locality_weight):
+    layout = Layout(num_replicas=24, num_groups=1, num_nodes=3, num_gpus=12)  # k = 2
+    rng = np.random.default_rng(8)
+    load = np.round(np.exp(rng.normal(0.0, 1.0, (5, 20))) * 100.0)
+    counts = replica_counts(load, layout, node_spread=0.0, keep_margin=0.0, previous_counts=None)
+    experts = dealt_placement(load, counts, layout)
+    experts = np.stack([layer[rng.permutation(layout.num_gpus)] for layer in experts])
+    state = SlotState.build(load, experts.copy(), layout, in_force=True)
+    state.held_before = state.held_before[:, rng.permutation(layout.num_gpus)]  # other GPUs
+    partners = 4
+    expected = [plain_best_peak_swap(state, layer, partners, migration_weight, locality_weight)
+                for layer in range(5)]
+    assert sum(best is not None for best in expected) >= 3  # the test exercises swaps
+    relieve_peaks(state, rounds=1, partners=partners, migration_weight=migration_weight,
+                  locality_weight=locality_weight)
+    for layer, best in enumerate(expected):
+        changed = {tuple(slot) for slot in np.argwhere(state.experts[layer] != experts[layer])}
+        assert changed == (set() if best is None else best[1])
+
+
+def test_peak_rounds_lower_the_peaks_with_two_slots_a_gpu_within_a_pooled_budget():
+    layout = Layout(num_replicas=48, num_groups=1, num_nodes=6, num_gpus=24)  # k = 2
+    rng = np.random.default_rng(5)
+    first = np.round(np.exp(rng.normal(0, 1.0, (8, 40))) * 100)
+    second = np.round(first * np.exp(rng.normal(0, 0.5, first.shape)))
+    previous = tape_policy(first, layout)
+
+    def run(**params):
+        placement = tape_policy(second, layout, previous=previous, smoothing_floor=1.0,
+                                **params)
+        before = previous.phy2log.reshape(8, 24, 2)
+        after = placement.phy2log.reshape(8, 24, 2)
+        held = (before[:, :, :, None] == np.arange(40)).any(axis=2)  # [L, G, E]
+        copies = (~np.take_along_axis(held, after, axis=2)).sum(axis=(1, 2))  # [L]
+        return placement.gpu_loads(second, 24).max(axis=1), copies
+
+    peaks_with, copies_with = run(peak_rounds=8, copy_budget=0.15)
+    peaks_without, copies_without = run(peak_rounds=0, copy_budget=0.15)
+    assert peaks_with.sum() < 0.97 * peaks_without.sum()
+    # the peak rounds spend the copies all layers leave unused: in total within the budget,
+    # but a layer may pass its own share (7.2 of 48 slots)
+    assert copies_without.sum() < copies_with.sum() <= 0.15 * 8 * 48
+    assert copies_with.max() > 0.15 * 48
+
+
+def test_peak_rounds_leave_one_slot_a_gpu_alone():
+    layout = Layout(num_replicas=16, num_groups=1, num_nodes=4, num_gpus=16)  # k = 1
+    rng = np.random.default_rng(6)
+    first = np.round(np.exp(rng.normal(0, 1.0, (4, 12))) * 100)
+    second = np.round(first * np.exp(rng.normal(0, 0.5, first.shape)))
+    previous = tape_policy(first, layout)
+    with_peaks = tape_policy(second, layout, previous=previous, peak_rounds=8)
+    without = tape_policy(second, layout, previous=previous, peak_rounds=0)
+    assert np.array_equal(with_peaks.phy2log, without.phy2log)

@@ -26,7 +26,12 @@ from __future__ import annotations
 import numpy as np
 
 from tape.layout import Layout
-from tape.policies.packing import balanced_packing, expert_major_replicas, take_rows
+from tape.policies.packing import (
+    balanced_packing,
+    expert_major_replicas,
+    spread_replicas,
+    take_rows,
+)
 from tape.policies.tape.state import SlotState
 
 __all__ = [
@@ -105,49 +110,32 @@ def packed_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np
 
 
 def repair_duplicates(
-    state: SlotState, slots: np.ndarray, preferred: np.ndarray | None = None
+    state: SlotState, layers: np.ndarray, preferred: np.ndarray | None = None
 ) -> None:
-    """Move each replica in `slots` (flat slot indices) off its GPU, which holds its expert twice.
+    """Move the second replica of an expert off every GPU of `layers` that holds it twice.
 
-    The replica swaps with the slot of another GPU whose load is closest to its own, among
-    slots whose expert is not on the replica's GPU, on GPUs without the replica's expert; among
-    the `preferred` slots ([L * S] bool) first, if given. Such a slot exists whenever k <= E
-    (slots per GPU at most the experts). All layers at once, one replica per layer per round.
+    `tape.policies.packing.spread_replicas` does the work (the deepseek and bldm policies'
+    repair): each surplus replica trades places with the slot, on a GPU without its expert,
+    that leaves the larger of the two GPUs' loads smallest; among the `preferred` slots
+    ([L * S] bool, flat) first, if given. Such a slot exists whenever k <= E.
+
+    Args:
+        state: the placement; updated in place (its bookkeeping too).
+        layers: [n] int, the layers to repair.
+        preferred: [L * S] bool, or None.
     """
+    layers = np.unique(np.asarray(layers, dtype=np.int64))
+    if not len(layers):
+        return
     layout = state.layout
-    num_slots, per_gpu = layout.num_replicas, layout.slots_per_gpu
-    experts = state.experts.reshape(-1)
-    slot_load = state.slot_load.reshape(-1)
-    held = state.held.reshape(-1)
-    pending = np.sort(np.asarray(slots, dtype=np.int64))
-    while len(pending):
-        # A swap may have moved a pending replica (or its twin) already: keep real duplicates.
-        gpu_slots = state.slot_gpu[pending][:, None] * per_gpu + np.arange(per_gpu)
-        twice = (experts[gpu_slots] == experts[pending][:, None]).sum(axis=1) > 1
-        pending = pending[twice]
-        if not len(pending):
-            break
-        layer = pending // num_slots
-        first = np.ones(len(pending), dtype=bool)
-        first[1:] = layer[1:] != layer[:-1]
-        now, pending, layer = pending[first], pending[~first], layer[first]
-        expert, own_held = experts[now], state.slot_held[now]
-        candidates = layer[:, None] * num_slots + np.arange(num_slots)  # [m, S]
-        allowed = ~held[state.slot_held[candidates] + expert[:, None]]
-        allowed &= ~held[own_held[:, None] + experts[candidates]]
-        distance = np.abs(slot_load[candidates] - slot_load[now, None])
-        if preferred is not None:
-            distance += np.where(preferred[candidates], 0.0, 2.0 * state.total_load.max())
-        distance = np.where(allowed, distance, np.inf)
-        best = distance.argmin(axis=1)
-        assert np.isfinite(distance[np.arange(len(now)), best]).all(), "k <= E gives a partner"
-        partner = candidates[np.arange(len(now)), best]
-        partner_expert = experts[partner]
-        state.swap(now, partner)
-        # A GPU that held its expert twice (the replica's, maybe the partner's) still holds it.
-        for slot, gone in ((now, expert), (partner, partner_expert)):
-            gpu_slots = state.slot_gpu[slot][:, None] * per_gpu + np.arange(per_gpu)
-            held[state.slot_held[slot] + gone] = (experts[gpu_slots] == gone[:, None]).any(axis=1)
+    num_slots = layout.num_replicas
+    experts = state.experts.reshape(-1, num_slots)[layers]  # [n, S]
+    slot_load = state.slot_load.reshape(-1, num_slots)[layers]
+    item_at = np.tile(np.arange(num_slots), (len(layers), 1))
+    spread_replicas(item_at, experts, slot_load, layout.num_gpus,
+                    None if preferred is None else preferred.reshape(-1, num_slots)[layers])
+    state.experts[layers] = take_rows(experts, item_at).reshape(len(layers), layout.num_gpus, -1)
+    state.reload(layers)
 
 
 def second_replicas(experts: np.ndarray) -> np.ndarray:
@@ -342,7 +330,8 @@ def reassign_replicas(
         # A swap with another new replica moves no kept expert (no extra weight copy).
         refilled = np.zeros(experts.size, dtype=bool)
         refilled[slot] = True
-        repair_duplicates(state, slot[doubled | again], preferred=refilled)
+        repair_duplicates(state, slot[doubled | again] // layout.num_replicas,
+                          preferred=refilled)
 
 
 def keep_previous_slots(

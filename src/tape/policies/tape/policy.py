@@ -1,4 +1,4 @@
-"""The `tape` policy's registered function, its parameters and presets.
+"""The `tape` policy's registered function (its parameters and presets: `parameters`).
 
 One call, batched over layers (docs/tape-policy.md tells the whole story):
 
@@ -17,6 +17,10 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
    GPU) and the inter-node tokens it adds (`locality_weight`), for at most `search_rounds`
    rounds of `pairs_per_round` pairs, leaving alone layers within `tolerance` of perfect
    balance and, with a previous placement, adding no copy to a layer past `copy_budget`.
+   Then, with a previous placement and two or more slots a GPU, up to `peak_rounds` rounds in
+   which each layer's heaviest GPU swaps with its best partner among the ceil(G / 2k)
+   lightest GPUs (about G / 2 partner slots), spending the copies the budget leaves unused in
+   all layers together, best peak reduction per copy first (`search.relieve_peaks`).
 5. Keep every expert that stays on its GPU in its old slot (`packing`). Starting from the
    previous placement keeps its GPU and node labels: nothing needs relabelling.
 
@@ -31,8 +35,6 @@ replicas of one expert. Deterministic: no randomness at all.
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -51,132 +53,11 @@ from tape.policies.tape.packing import (
     repair_duplicates,
     second_replicas,
 )
-from tape.policies.tape.search import balance_by_swaps
+from tape.policies.tape.parameters import settings as parameter_settings
+from tape.policies.tape.search import balance_by_swaps, relieve_peaks
 from tape.policies.tape.state import SlotState
 
-__all__ = ["PARAMETER_HELP", "PRESETS", "SEARCH_SPACE", "tape_policy"]
-
-PARAMETER_HELP: dict[str, str] = {
-    "smoothing_floor": "least weight the forecast may give the newest window (1: newest only)",
-    "node_spread": "worth of an inter-node token a replica saves by putting its expert in one "
-                   "more node (load / N tokens)",
-    "keep_margin": "bonus of an existing replica when counting replicas, x mean GPU load",
-    "migration_weight": "charge per moved expert (one expert's weights), x mean slot load "
-                        "(mean GPU load / slots per GPU)",
-    "locality_weight": "charge per inter-node token, relative to the layer's total tokens",
-    "tolerance": "a layer within (1 + tolerance) x mean GPU load is left as it is",
-    "search_rounds": "most rounds of swaps",
-    "pairs_per_round": "heavy/light GPU pairs tried per round (at most G / 2 are used)",
-    "copy_budget": "most weight copies the swaps may leave in a layer, as a fraction of its "
-                   "slots (1: no budget)",
-    "keep_balancedness": "a layer the placement in force balances at least this well (forecast "
-                         "GPU balancedness) is not replanned (1: replan every layer)",
-}
-"""What each parameter of `tape` does, one line each (docs/tape-policy.md says more)."""
-
-SEARCH_SPACE: dict[str, tuple[float, float, str]] = {
-    "smoothing_floor": (0.1, 1.0, "float"),
-    "node_spread": (0.0, 12.0, "float"),
-    "keep_margin": (0.0, 0.3, "float"),
-    "migration_weight": (0.018, 1.8, "log"),
-    "locality_weight": (0.0, 200.0, "float"),
-    "tolerance": (0.0, 0.1, "float"),
-    "search_rounds": (0, 48, "int"),
-    "pairs_per_round": (1, 8, "int"),
-    "copy_budget": (0.02, 1.0, "float"),
-    "keep_balancedness": (0.3, 1.0, "float"),
-}
-"""Ranges for tuning (`tape tune`): name -> (low, high, kind), kind "float", "int" or "log"."""
-
-PRESETS: dict[str, dict[str, float | int]] = {
-    "balance": {
-        "smoothing_floor": 0.3,
-        "node_spread": 0.0,
-        "keep_margin": 0.0,
-        "migration_weight": 0.0,
-        "locality_weight": 0.0,
-        "tolerance": 0.0,
-        "search_rounds": 32,
-        "pairs_per_round": 4,
-        "copy_budget": 1.0,
-        "keep_balancedness": 1.0,
-    },
-    "balance-migration": {
-        "smoothing_floor": 0.3,
-        "node_spread": 0.0,
-        "keep_margin": 0.08,
-        "migration_weight": 0.27,
-        "locality_weight": 0.0,
-        "tolerance": 0.03,
-        "search_rounds": 8,
-        "pairs_per_round": 4,
-        "copy_budget": 1.0,
-        "keep_balancedness": 1.0,
-    },
-    "all": {
-        "smoothing_floor": 0.3,
-        "node_spread": 1.2,
-        "keep_margin": 0.03,
-        "migration_weight": 0.1,
-        "locality_weight": 150.0,
-        "tolerance": 0.0,
-        "search_rounds": 3,
-        "pairs_per_round": 4,
-        "copy_budget": 0.08,
-        "keep_balancedness": 1.0,
-    },
-    "fast": {
-        "smoothing_floor": 1.0,
-        "node_spread": 0.0,
-        "keep_margin": 0.1,
-        "migration_weight": 0.36,
-        "locality_weight": 0.0,
-        "tolerance": 0.0,
-        "search_rounds": 1,
-        "pairs_per_round": 8,
-        "copy_budget": 1.0,
-        "keep_balancedness": 1.0,
-    },
-}
-"""Parameter sets per objective: balance only; balance and migration; all three (default);
-balance and migration at the least runtime (no forecast backtest, no locality terms, one round
-of swaps)."""
-
-_INTEGER_PARAMETERS = ("search_rounds", "pairs_per_round")
-# Charges and rounds far beyond any useful value would overflow the costs' arithmetic.
-_UPPER_BOUNDS = {"smoothing_floor": 1.0, "keep_balancedness": 1.0, "copy_budget": 1.0,
-                 "node_spread": 1e6,
-                 "keep_margin": 1e6, "migration_weight": 1e6, "locality_weight": 1e6,
-                 "tolerance": 1e6, "search_rounds": 10**6, "pairs_per_round": 10**6}
-_LOWER_BOUNDS = {"pairs_per_round": 1}
-
-
-def _settings(preset: str, params: dict[str, Any]) -> dict[str, float | int]:
-    """The preset's parameters overridden by `params`; PolicyError for anything invalid."""
-    if preset not in PRESETS:
-        raise PolicyError(f"unknown tape preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    unknown = sorted(set(params) - set(PARAMETER_HELP))
-    if unknown:
-        raise PolicyError(
-            f"unknown tape parameter(s) {', '.join(unknown)}; expected any of "
-            f"{', '.join(PARAMETER_HELP)}"
-        )
-    settings = dict(PRESETS[preset])
-    for name, value in params.items():
-        integer = name in _INTEGER_PARAMETERS
-        kind = Integral if integer else Real
-        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-            expected = "an integer" if integer else "a finite number"
-            raise PolicyError(f"tape parameter {name} must be {expected}, got {value!r}")
-        low = _LOWER_BOUNDS.get(name, 0)
-        high = _UPPER_BOUNDS.get(name, np.inf)
-        if not low <= value <= high or (name == "smoothing_floor" and value == 0):
-            bounds = {"smoothing_floor": "in (0, 1]", "keep_balancedness": "in [0, 1]"}.get(
-                name, f"in [{low}, {high:g}]")
-            raise PolicyError(f"tape parameter {name} must be {bounds}, got {value!r}")
-        settings[name] = int(value) if integer else float(value)
-    return settings
-
+__all__ = ["tape_policy"]
 
 def _finite_counts(values: np.ndarray, name: str) -> np.ndarray:
     """`values` as float64 (no copy when it is already), TraceError unless finite and >= 0."""
@@ -225,17 +106,33 @@ def _checked_inputs(
 
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
-    pairs = min(int(settings["pairs_per_round"]), state.layout.num_gpus // 2)
-    if pairs == 0 or settings["search_rounds"] == 0:
-        return
-    balance_by_swaps(
+    """Steps 4 and 5 of the module doc: rounds of heavy/light pairs, then, with a previous
+    placement, rounds that relieve each layer's heaviest GPU."""
+    layout = state.layout
+    budget = settings["copy_budget"] if settings["copy_budget"] < 1.0 else None
+    pairs = min(int(settings["pairs_per_round"]), layout.num_gpus // 2)
+    if pairs > 0 and settings["search_rounds"] > 0:
+        balance_by_swaps(
+            state,
+            rounds=int(settings["search_rounds"]),
+            pairs=pairs,
+            migration_weight=migration_weight,
+            locality_weight=settings["locality_weight"],
+            tolerance=settings["tolerance"],
+            copy_budget=budget,
+        )
+    if state.held_before is None or settings["peak_rounds"] == 0 or layout.slots_per_gpu < 2:
+        return  # with one slot a GPU a swap exchanges two GPUs' loads: it never lowers a peak
+    # About G / 2 partner slots, whatever k: the partners' slots are as many as the lighter
+    # half of the GPUs would hold at one slot each, and a round costs k * G / 2 swaps a layer.
+    partners = min(layout.num_gpus - 1, -(-layout.num_gpus // (2 * layout.slots_per_gpu)))
+    relieve_peaks(
         state,
-        rounds=int(settings["search_rounds"]),
-        pairs=pairs,
+        rounds=int(settings["peak_rounds"]),
+        partners=partners,
         migration_weight=migration_weight,
         locality_weight=settings["locality_weight"],
-        tolerance=settings["tolerance"],
-        copy_budget=settings["copy_budget"] if settings["copy_budget"] < 1.0 else None,
+        copy_budget=budget,
     )
 
 
@@ -246,7 +143,7 @@ def _fresh_plan(load: np.ndarray, layout: Layout, settings: dict[str, float | in
     )
     state = SlotState.build(load, packed_placement(load, counts, layout), layout)
     if state.duplicates:
-        repair_duplicates(state, np.flatnonzero(second_replicas(state.experts)))
+        repair_duplicates(state, np.flatnonzero(second_replicas(state.experts).any(axis=(1, 2))))
     _search(state, settings, 0.0)
     return state.experts
 
@@ -295,8 +192,8 @@ def tape_policy(
         history: [W, L, E] tokens of the earlier windows, oldest first, or None. The forecast
             reads (and checks) the last 15 (`forecast.MEMORY` - 1), none when
             `smoothing_floor` is 1.
-        preset: "balance", "balance-migration", "all" or "fast" (PRESETS).
-        **params: overrides of the preset's parameters (PARAMETER_HELP, SEARCH_SPACE).
+        preset: "balance", "balance-migration", "all" or "fast" (`parameters.PRESETS`).
+        **params: overrides of the preset's parameters (`parameters.PARAMETERS`).
 
     Returns:
         The Placement (log2phy in slot order).
@@ -305,7 +202,7 @@ def tape_policy(
         PolicyError: an unknown preset or parameter, a bad parameter value, or k > E.
         TraceError, PlacementError, LayoutError: malformed weight, history or previous.
     """
-    settings = _settings(preset, params)
+    settings = parameter_settings(preset, params)
     weight, history = _checked_inputs(weight, layout, previous, history,
                                       reads_history=settings["smoothing_floor"] < 1.0)
     num_layers, num_experts = weight.shape

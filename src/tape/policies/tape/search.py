@@ -27,7 +27,7 @@ import numpy as np
 
 from tape.policies.tape.state import SlotState
 
-__all__ = ["balance_by_swaps"]
+__all__ = ["balance_by_swaps", "relieve_peaks"]
 
 _NO_GAIN = 1e300
 """The score of a swap that does not lower the pair's larger load (charges added to it do not
@@ -164,3 +164,134 @@ def _running_sum_by(groups: np.ndarray, values: np.ndarray) -> np.ndarray:
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
     offsets = np.repeat(total[starts] - values[starts], np.diff(np.r_[starts, len(groups)]))
     return total - offsets
+
+
+def relieve_peaks(
+    state: SlotState,
+    *,
+    rounds: int,
+    partners: int,
+    migration_weight: float,
+    locality_weight: float,
+    copy_budget: float | None = None,
+) -> None:
+    """Lower each layer's heaviest GPU by swaps with its best partner among the lightest GPUs.
+
+    The pairs of `balance_by_swaps` match the i-th heaviest GPU with the i-th lightest; with few
+    slots a GPU that partner often holds no slot whose swap lowers the pair's larger load (its
+    slots are as heavy as the heavy GPU's), while a GPU a little heavier does. Here each round
+    takes every layer's heaviest GPU h and tries every swap of one of its k slots with one slot
+    of the layer's `partners` lightest GPUs (k * partners * k swaps), scored as in
+    `balance_by_swaps` (the pair's larger load after the swap, plus the charges), and makes
+    the best if that lowers the objective. One swap a layer a round, so the swaps of a round
+    share no GPU. A layer stops when no swap helps.
+
+    The copy budget is pooled over the layers: the copies the budget still allows all layers
+    together (after the refill and the pair swaps) go, round by round, to the layers' best swaps
+    in decreasing order of peak lowered per copy, so a layer whose peak falls most per copy may
+    use another layer's unused copies. The total stays within `copy_budget` of all slots.
+
+    Args:
+        state: the placement to improve.
+        rounds: the most rounds.
+        partners: how many of a layer's lightest GPUs its heaviest may swap with, 1 to G - 1.
+        migration_weight, locality_weight: as `balance_by_swaps`.
+        copy_budget: with a previous placement, the most weight copies of all layers together
+            as a fraction of all slots; None: no budget.
+    """
+    layout = state.layout
+    num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
+    num_experts = state.load.shape[1]
+    mean = state.mean_gpu_load
+    migration_charge = migration_weight * mean  # [L] tokens per weight copy
+    node_charge = locality_weight * mean / state.total_load / layout.num_nodes  # per token
+    use_migration = state.held_before is not None and migration_weight > 0
+    use_locality = locality_weight > 0 and layout.num_nodes > 1
+    penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
+    experts_flat = state.experts.reshape(-1)
+    slot_load_flat = state.slot_load.reshape(-1)
+    gpu_load_flat = state.gpu_load.reshape(-1)
+    load_flat = state.load.reshape(-1)
+    held = state.held.reshape(-1)
+    offsets = np.arange(per_gpu)
+    budgeted = copy_budget is not None and state.held_before is not None
+    counting = budgeted or use_migration
+    if counting:
+        held_before = state.held_before.reshape(-1)
+    if budgeted:
+        pool = copy_budget * experts_flat.size - np.count_nonzero(
+            ~held_before[state.slot_held + experts_flat])  # copies all layers may still add
+    active = np.ones(len(mean), dtype=bool)
+    for _ in range(rounds):
+        layers = np.flatnonzero(active)
+        if not len(layers) or (budgeted and pool < 1):
+            break
+        count = len(layers)
+        loads = state.gpu_load[layers]
+        heavy = loads.argmax(axis=1) + layers * num_gpus  # [n] flat GPUs
+        light = np.argpartition(loads, partners - 1, axis=1)[:, :partners]
+        light += (layers * num_gpus)[:, None]  # [n, m] flat GPUs
+        heavy_slots = heavy[:, None] * per_gpu + offsets  # [n, k]
+        light_slots = (light[:, :, None] * per_gpu + offsets).reshape(count, -1)  # [n, m k]
+        light_gpu = np.repeat(light, per_gpu, axis=1)  # [n, m k]
+        heavy_load = gpu_load_flat[heavy]  # [n]
+        heavy_expert, light_expert = experts_flat[heavy_slots], experts_flat[light_slots]
+        # score[n, i, j]: heavy slot i with light slot j; the pair's larger load after the
+        # swap (a swap that does not lower the heavy GPU's load is never chosen; a slot of the
+        # heavy GPU among the partners' cannot lower it), then the charges.
+        shift = slot_load_flat[heavy_slots][:, :, None] - slot_load_flat[light_slots][:, None, :]
+        score = np.maximum(heavy_load[:, None, None] - shift,
+                           gpu_load_flat[light_gpu][:, None, :] + shift)
+        np.putmask(score, score >= heavy_load[:, None, None], _NO_GAIN)
+        heavy_key = (heavy * num_experts)[:, None]  # [n, 1] flat index in `held`
+        light_key = light_gpu * num_experts  # [n, m k]
+        heavy_there = light_key[:, None, :] + heavy_expert[:, :, None]  # [n, k, m k]
+        light_here = heavy_key + light_expert  # [n, m k]
+        score += penalty * held[heavy_there]
+        score += (penalty * held[light_here])[:, None, :]
+        if counting:
+            # Copies the swap adds: an expert onto a GPU that did not hold it before, less
+            # each that leaves such a GPU.
+            copies = (~held_before[heavy_there]).astype(np.int64)
+            copies += (~held_before[light_here]).astype(np.int64)[:, None, :]
+            copies -= (~held_before[heavy_key + heavy_expert])[:, :, None]
+            copies -= (~held_before[light_key + light_expert])[:, None, :]
+            if use_migration:
+                score += migration_charge[layers][:, None, None] * copies
+        if use_locality:
+            node_replicas = state.node_replicas.reshape(-1)
+            heavy_node = (heavy // layout.gpus_per_node * num_experts)[:, None]  # [n, 1]
+            light_node = light_gpu // layout.gpus_per_node * num_experts  # [n, m k]
+            per_token = node_charge[layers][:, None] * (light_node != heavy_node)  # [n, m k]
+            # Nodes each expert gains (+1) or loses (-1); none within a node.
+            heavy_nodes = ((node_replicas[light_node[:, None, :] + heavy_expert[:, :, None]]
+                            == 0).view(np.int8)
+                           - (node_replicas[heavy_node + heavy_expert] == 1).view(np.int8)[
+                               :, :, None])
+            light_nodes = ((node_replicas[heavy_node + light_expert] == 0).view(np.int8)
+                           - (node_replicas[light_node + light_expert] == 1).view(np.int8))
+            layer_key = (layers * num_experts)[:, None]
+            score -= (load_flat[layer_key + heavy_expert][:, :, None] * heavy_nodes
+                      * per_token[:, None, :])
+            score -= (load_flat[layer_key + light_expert] * light_nodes * per_token)[:, None, :]
+        score = score.reshape(count, -1)
+        best = score.argmin(axis=1)
+        pick = np.arange(count)
+        lowered = heavy_load - score[pick, best]
+        useful = lowered > 1e-12 * mean[layers]
+        if budgeted:
+            spent = copies.reshape(count, -1)[pick, best]
+            # the best swaps per copy first, until the pool is spent
+            order = np.argsort(-lowered / np.maximum(spent, 1), kind="stable")
+            total = np.cumsum(np.where(useful[order], np.maximum(spent[order], 0), 0))
+            within = np.empty(count, dtype=bool)
+            within[order] = total <= pool
+            useful &= within
+        active[layers[~useful]] = False
+        chosen = np.flatnonzero(useful)
+        if not len(chosen):
+            break
+        if budgeted:
+            pool -= spent[chosen].sum()
+        heavy_index, light_index = np.divmod(best[chosen], per_gpu * partners)
+        state.swap(heavy_slots[chosen, heavy_index], light_slots[chosen, light_index])
