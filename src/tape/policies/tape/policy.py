@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tape.arrays import to_numpy
-from tape.errors import PlacementError, TraceError
+from tape.errors import PlacementError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
@@ -56,26 +55,18 @@ from tape.policies.tape.packing import (
 from tape.policies.tape.parameters import settings as parameter_settings
 from tape.policies.tape.search import balance_by_swaps, relieve_peaks
 from tape.policies.tape.state import SlotState
+from tape.trace import check_load, check_loads
 
 __all__ = ["tape_policy"]
-
-def _finite_counts(values: np.ndarray, name: str) -> np.ndarray:
-    """`values` as float64 (no copy when it is already), TraceError unless finite and >= 0."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size and not (values.min() >= 0.0 and values.max() < np.inf):  # NaN fails both
-        raise TraceError(f"{name} must hold finite, non-negative token counts")
-    return values
-
 
 def _checked_inputs(
     weight: Any, layout: Layout, previous: Placement | None, history: Any, reads_history: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`weight` and the history windows the forecast reads (None if it reads none) as float64;
-    TapeError subclasses for bad inputs."""
-    weight = to_numpy(weight)
-    if weight.ndim != 2 or weight.dtype.kind not in "iuf":
-        raise TraceError(f"weight must be a [layers, experts] array of numbers, got {weight.shape}")
-    weight = _finite_counts(weight, "weight")
+    TapeError subclasses for bad inputs. The loads are checked by the trace's rule set
+    (`tape.trace.check_load`): without a copy, and so at almost no cost, when `tape.api` has
+    checked them already."""
+    weight = check_load(weight)
     num_layers, num_experts = weight.shape
     layout.check_experts(num_experts)
     if layout.slots_per_gpu > num_experts:
@@ -91,18 +82,11 @@ def _checked_inputs(
             raise PlacementError(
                 f"previous placement has {previous.num_experts} experts, weight {num_experts}"
             )
-    if history is None:
+    if history is None or not reads_history or len(history) == 0:
         return weight, None
-    history = to_numpy(history)
-    if history.ndim != 3 or history.shape[1:] != weight.shape:
-        raise TraceError(
-            f"history must be [windows, {num_layers}, {num_experts}], got {history.shape}"
-        )
-    if history.dtype.kind not in "iuf":
-        raise TraceError(f"history must hold numbers, got dtype {history.dtype}")
-    if not reads_history or len(history) == 0:
-        return weight, None
-    return weight, _finite_counts(history[-(MEMORY - 1):], "history")
+    history = check_loads(history[-(MEMORY - 1):], num_layers=num_layers,
+                          num_experts=num_experts, source="history", unit="window")
+    return weight, history
 
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
@@ -239,7 +223,7 @@ def _check_values(params: dict[str, Any]) -> None:
     """The preset and parameters `params` would run with, checked without placing
     (`tape.policies.check_params`); PolicyError for anything invalid."""
     params = dict(params)
-    _settings(params.pop("preset", "all"), params)
+    parameter_settings(params.pop("preset", "all"), params)
 
 
 tape_policy.check_params = _check_values  # type: ignore[attr-defined]
