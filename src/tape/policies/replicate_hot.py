@@ -18,6 +18,7 @@ from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
 from tape.policies.packing import descending_order, placement_from_ranks, replica_ranks
+from tape.policies.vanilla import home_slots
 
 __all__ = ["replicate_hot"]
 
@@ -35,13 +36,8 @@ def replicate_hot(weight: np.ndarray, layout: Layout) -> Placement:
     """
     num_layers, num_experts = weight.shape
     num_gpus = layout.num_gpus
-    if num_experts % num_gpus:
-        raise PolicyError(
-            f"replicate-hot keeps the vanilla placement, so the number of experts "
-            f"({num_experts}) must be a multiple of num_gpus ({num_gpus})"
-        )
-    own_per_gpu = num_experts // num_gpus
-    spare = layout.slots_per_gpu - own_per_gpu
+    own_per_gpu, spare = home_slots(num_experts, layout,
+                                    "replicate-hot keeps the vanilla placement")
     if spare > num_experts - own_per_gpu:
         raise PolicyError(
             f"replicate-hot needs k ({spare}) distinct experts from other GPUs for each GPU, "

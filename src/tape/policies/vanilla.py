@@ -16,7 +16,7 @@ from tape.placement import Placement
 from tape.policies import PolicyError, register
 from tape.policies.packing import descending_order, placement_from_ranks, take_rows
 
-__all__ = ["vanilla"]
+__all__ = ["home_slots", "vanilla"]
 
 
 @register("vanilla")
@@ -32,13 +32,7 @@ def vanilla(weight: np.ndarray, layout: Layout) -> Placement:
     """
     num_layers, num_experts = weight.shape
     num_gpus = layout.num_gpus
-    if num_experts % num_gpus:
-        raise PolicyError(
-            f"vanilla puts E / G experts on each GPU, so the number of experts ({num_experts}) "
-            f"must be a multiple of num_gpus ({num_gpus})"
-        )
-    own_per_gpu = num_experts // num_gpus
-    spare = layout.slots_per_gpu - own_per_gpu
+    own_per_gpu, spare = home_slots(num_experts, layout, "vanilla puts E / G experts on each GPU")
     own = np.broadcast_to(
         np.arange(num_experts).reshape(1, num_gpus, own_per_gpu),
         (num_layers, num_gpus, own_per_gpu),
@@ -59,3 +53,15 @@ def vanilla(weight: np.ndarray, layout: Layout) -> Placement:
     return placement_from_ranks(
         phy2log.reshape(num_layers, -1), rank.reshape(num_layers, -1), num_experts
     )
+
+
+def home_slots(num_experts: int, layout: Layout, why: str) -> tuple[int, int]:
+    """(E / G experts each GPU homes, the spare slots each GPU has beside them); PolicyError,
+    starting with `why`, unless G divides E."""
+    if num_experts % layout.num_gpus:
+        raise PolicyError(
+            f"{why}, so the number of experts ({num_experts}) must be a multiple of num_gpus "
+            f"({layout.num_gpus})"
+        )
+    own_per_gpu = num_experts // layout.num_gpus
+    return own_per_gpu, layout.slots_per_gpu - own_per_gpu
