@@ -1,6 +1,7 @@
 """End-to-end tests of the `tape` command line on small traces."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -766,3 +767,15 @@ def test_compare_table_has_no_row_that_no_policy_has(small_trace):
     assert uniform.exit_code == 0, uniform.output
     assert "IB tokens" in uniform.output and "IB / fewest" not in uniform.output  # no bound
     assert "IB / fewest" in runner.invoke(app, arguments).output
+
+
+@pytest.mark.parametrize("command, module", [("evolve", "openevolve"), ("tune", "optuna")])
+def test_evolve_and_tune_without_their_extra_say_how_to_install_it(tmp_path, monkeypatch,
+                                                                     command, module):
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` fails as if not installed
+    result = runner.invoke(app, [command, "--scoring", "2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    message = (f"error: tape {command} needs the evolve extra, but {module} is not installed; "
+               "install it with pip install -e '.[evolve]' in a checkout of TAPE")
+    assert result.output.strip().splitlines() == [message]
+    assert not (tmp_path / "out").exists()

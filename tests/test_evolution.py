@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -975,21 +974,6 @@ def test_tape_evolve_without_a_key_explains_how_to_set_one(tmp_path, monkeypatch
     assert result.exit_code == 2
     assert "no API key: set OPENAI_API_KEY" in result.output
     assert not (tmp_path / "out" / "checkpoints").exists()
-
-
-def test_tape_evolve_without_openevolve_says_how_to_install_it(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    monkeypatch.setitem(sys.modules, "openevolve", None)  # as if OpenEvolve were not installed
-    result = CliRunner().invoke(make_app(), ["evolve", "--scoring", "2", "--out",
-                                             str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    message = (
-        "error: tape evolve needs the evolve extra, but openevolve is not installed; install it "
-        "with pip install -e '.[evolve]' in a checkout of TAPE"
-    )
-    assert result.output.strip().splitlines() == [message]
-    assert not (tmp_path / "out").exists()
 
 
 def small_trace_options(tmp_path) -> list[str]:

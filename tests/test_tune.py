@@ -193,18 +193,6 @@ def test_tape_tune_realistic_with_a_single_held_out_pair(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_tape_tune_without_optuna_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` fails as if not installed
-    result = tune_from_the_command_line(tmp_path, steps=600, version="2", trials=3)
-    assert result.exit_code == 2, result.output
-    message = (
-        "error: tape tune needs the evolve extra, but optuna is not installed; install it with "
-        "pip install -e '.[evolve]' in a checkout of TAPE"
-    )
-    assert result.output.strip().splitlines() == [message]
-    assert not (tmp_path / "tuned").exists()
-
-
 def test_only_finished_trials_are_listed_when_presets_outnumber_the_trials(stand_in):
     presets = {"round robin": {"hot_share": 0.0}, "greedy": {"hot_share": 1.0}}
     result = tuning.tune(SMALL, trials=1, holdout=0.0, policy=stand_in, search_space=SPACE,
