@@ -3,13 +3,11 @@ preset's with `model_trace`), for an offline default and tests.
 
 Calibration: the default model (`CALIBRATED`) is calibrated against what public runs of the
 seed's own evaluators measured on the public DeepSeek-V3 trace (abmfy/eplb-openevolve
-`expert-load.json`, 1,170 steps, windows of 100 steps, S=288, 8 groups, 4 nodes, 32 GPUs,
-rebalanced on window i and scored on window i + 1): DeepSeek EPLB's slot balancedness (the seed's
-`balancedness_score`) about 0.31, EPLB's global replica counts' slot balancedness about 0.36, and
-DeepSeek EPLB's compute balancedness (the seed's timeline) about 0.82. `SURGES` is the previous
-calibration, tuned only to a next-window GPU balancedness of 0.66 for DeepSeek EPLB: unpredictable
-single-expert surges dominate it, and it contradicts those three measurements. docs/traces.md
-gives the sources and the measured numbers.
+`expert-load.json`): DeepSeek EPLB's slot balancedness, EPLB's global replica counts' slot
+balancedness and DeepSeek EPLB's compute balancedness (the seed's timeline). `SURGES` is the
+previous calibration, to one next-window GPU balancedness of DeepSeek EPLB: unpredictable
+single-expert surges dominate it. docs/traces.md gives the measured numbers, their sources and
+how close each model comes.
 
 The model, step by step (all randomness from `np.random.default_rng(seed)`; sd: standard
 deviation; the model's parameters are the fields of a `TraceModel`, the rest are module
