@@ -298,7 +298,7 @@ def test_help_shows_the_trace_shape_and_whole_default_folders(command):
     assert ".npy/.npz [steps, layers, experts]" in text
     assert "…" not in text  # nothing cut off
     if command in ("evolve", "tune"):
-        assert f"tape-out/{command}-v4 for --version 4" in text
+        assert f"tape-out/{command}-v4 for --scoring 4" in text
 
 
 def test_command_help_paragraphs_have_no_line_breaks():

@@ -40,7 +40,7 @@ __all__ = ["register"]
 def _out_option(command: str) -> Any:
     resumed = "; with --resume, the checkpoint's run folder" if command == "evolve" else ""
     return typer.Option("--out", parser=parse_out, metavar="<path>", help=f"Output folder (new or empty); default: "
-                        f"tape-out/{command}-v4 for --version 4, tape-out/{command}-realistic for "
+                        f"tape-out/{command}-v4 for --scoring 4, tape-out/{command}-realistic for "
                         f"realistic{resumed}.")
 
 
