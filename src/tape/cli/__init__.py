@@ -55,8 +55,8 @@ def _print_version(value: bool) -> None:
 def _main(
     show_version: Annotated[
         bool, typer.Option("--version", is_eager=True, callback=_print_version,
-                           help="Print TAPE's version and exit (after a command, --version "
-                           "is the scoring version).")
+                           help="Print TAPE's version and exit (the scoring version is "
+                           "--scoring).")
     ] = False,
 ) -> None:
     """TAPE: place, score, evolve and show expert placements for MoE serving."""
