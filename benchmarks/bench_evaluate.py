@@ -20,7 +20,10 @@ in the speed score, so `combined_score` differs; balancedness, communication and
 agree).
 
 Needs torch (the seed evaluator's tensors): `pip install torch==2.13.0`.
-Run: python benchmarks/bench_evaluate.py [--steps 1200]  (a few minutes: the seed reading is slow)
+With `--fast-program` the program is one whose calls cost almost nothing (slot s holds expert
+s % E), so that the ratios measure the two evaluators alone.
+
+Run: python benchmarks/bench_evaluate.py [--steps 1200] [--fast-program]  (about a minute)
 """
 
 from __future__ import annotations
@@ -43,7 +46,23 @@ INTRA_NODE, INTER_NODE = 1.0, 18.0
 TARGETS = {"tape cold": 25.0, "tape warm": 40.0}
 
 
-def _seed_scores(path: Path) -> dict:
+FAST_PROGRAM = """
+import numpy as np
+
+def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
+    layers, experts = np.shape(weight)
+    phy2log = np.tile(np.arange(num_replicas) % experts, (layers, 1))
+    logcnt = np.stack([np.bincount(row, minlength=experts) for row in phy2log])
+    log2phy = np.full((layers, experts, int(logcnt.max())), -1)
+    for slot in range(num_replicas):
+        log2phy[:, slot % experts, slot // experts] = slot
+    return phy2log, log2phy, logcnt
+"""
+"""A program whose calls cost almost nothing (slot s holds expert s % E): with it, the ratios
+measure the evaluators alone, loading, sandbox and scoring."""
+
+
+def _seed_scores(path: Path, program_path: Path = PROGRAM) -> dict:
     """The seed evaluator's loading and version 4 scoring, read from its description."""
     import importlib.util
 
@@ -57,7 +76,7 @@ def _seed_scores(path: Path) -> dict:
         .sum(dim=0)
         for start in range(0, len(history), INTERVAL)
     ]
-    spec = importlib.util.spec_from_file_location("program", PROGRAM)
+    spec = importlib.util.spec_from_file_location("program", program_path)
     program = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(program)
     parts = {"balancedness": [], "communication": [], "weight_copy": [], "seconds": []}
@@ -138,10 +157,13 @@ def _timed(command: list[str], environment: dict) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1200, help="forward steps in the trace")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fast-program", action="store_true",
+                        help="score a program whose calls cost almost nothing instead of "
+                        "DeepSeek's EPLB: the evaluators' own time alone")
+    parser.add_argument("--child", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_seed_scores(args.child)))
+        print(json.dumps(_seed_scores(*args.child)))
         return
     try:
         import torch  # noqa: F401
@@ -155,12 +177,17 @@ def main() -> None:
         write_expert_load_json(synthetic_trace(num_steps=args.steps), trace)
         print(f"trace: {args.steps} steps, {trace.stat().st_size / 2**20:.0f} MB of JSON")
         environment = {**os.environ, "TAPE_CACHE_DIR": str(Path(folder) / "cache")}
-        tape = [shutil.which("tape") or "tape", "evaluate", str(PROGRAM), "--trace",
+        program = PROGRAM
+        if args.fast_program:
+            program = Path(folder) / "fast_program.py"
+            program.write_text(FAST_PROGRAM)
+        print(f"program: {program.name}")
+        tape = [shutil.which("tape") or "tape", "evaluate", str(program), "--trace",
                 str(trace), "--scoring", "4", "--json"]
         seconds, results = {}, {}
         seconds["tape cold"], results["tape cold"] = _timed(tape, environment)
         seconds["tape warm"], results["tape warm"] = _timed(tape, environment)
-        seed_command = [sys.executable, __file__, "--child", str(trace)]
+        seed_command = [sys.executable, __file__, "--child", str(trace), str(program)]
         seconds["seed"], results["seed"] = _timed(seed_command, environment)
 
     seed, ours = results["seed"], results["tape warm"]
