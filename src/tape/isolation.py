@@ -143,8 +143,10 @@ def _bwrap_arguments(memory_mb: int, as_nobody: bool | None = None) -> list[str]
     ]
 
 
+@cache
 def _try_bwrap(as_nobody: bool) -> str | None:
-    """Why a sandbox that imports numpy does not run, or None when it does."""
+    """Why a sandbox that imports numpy does not run, or None when it does (tried once per
+    process and user: a try takes a fifth of a second)."""
     try:
         result = subprocess.run(
             [shutil.which("bwrap") or "bwrap", *_bwrap_arguments(64, as_nobody),
