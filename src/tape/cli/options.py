@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from tape.errors import MAX_INTEGER
-from tape.settings import DEFAULT_TIMEOUT_S, Settings
+from tape.settings import Settings
 
 __all__ = ["MAX_TIMEOUT_S", "ScoringOption", "at_most", "with_settings"]
 
@@ -124,7 +124,6 @@ _SANDBOX: list[tuple[str, Any, Any]] = [
                           "where it runs, else partial isolation and a warning), strict "
                           "(bubblewrap, or refuse to run) or partial.")], _DEFAULTS.isolation),
 ]
-assert DEFAULT_TIMEOUT_S == _DEFAULTS.timeout_s
 
 
 def _settings(values: dict[str, Any]) -> Settings:
