@@ -308,18 +308,7 @@ def test_packing_replicas_follows_the_plain_masked_greedy(
 ):
     num_slots = -(-num_experts // num_packs) * num_packs + spare_per_pack * num_packs
     weight = np.random.default_rng(seed).integers(0, top + 1, (4, num_experts)).astype(float)
-    count = replica_counts(weight, num_slots)
-    load, expert, _ = expert_major_replicas(weight, count)
-    item_at = balanced_packing(load, num_packs, item_expert=expert)
-    capacity = num_slots // num_packs
-    expected = _plain_masked_greedy(load, num_packs, expert)
-    for row in range(4):
-        held = [item_at[row, p * capacity : (p + 1) * capacity] for p in range(num_packs)]
-        per_pack = [np.bincount(expert[row][h], minlength=num_experts) for h in held]
-        bound = -(-count[row] // num_packs)
-        assert all(np.all(c <= bound) for c in per_pack)
-        if not _needs_repair(expected[row], expert[row], bound):
-            assert [sorted(h.tolist()) for h in held] == [sorted(p) for p in expected[row]]
+    _assert_packs_follow_the_plain_greedy(weight, num_slots, num_packs)
 
 
 @settings(max_examples=25, deadline=None)
@@ -338,17 +327,24 @@ def test_packing_many_packs_and_long_runs_follows_the_plain_masked_greedy(
     num_slots = -(-num_experts // num_packs) * num_packs + spare_per_pack * num_packs
     rng = np.random.default_rng(seed)
     weight = np.floor(rng.zipf(1.3, size=(3, num_experts)) * top / 50)
+    _assert_packs_follow_the_plain_greedy(weight, num_slots, num_packs)
+
+
+def _assert_packs_follow_the_plain_greedy(weight, num_slots, num_packs):
+    """The batched packing of `weight`'s replicas: no pack holds more of an expert's replicas
+    than ceil(count / packs), and where the plain greedy needed no repair, the same packs."""
     count = replica_counts(weight, num_slots)
     load, expert, _ = expert_major_replicas(weight, count)
     item_at = balanced_packing(load, num_packs, item_expert=expert)
     capacity = num_slots // num_packs
     expected = _plain_masked_greedy(load, num_packs, expert)
-    for row in range(3):
+    for row in range(weight.shape[0]):
+        held = [item_at[row, p * capacity : (p + 1) * capacity] for p in range(num_packs)]
+        per_pack = [np.bincount(expert[row][h], minlength=weight.shape[1]) for h in held]
         bound = -(-count[row] // num_packs)
+        assert all(np.all(c <= bound) for c in per_pack)
         if not _needs_repair(expected[row], expert[row], bound):
-            held = [sorted(item_at[row, p * capacity : (p + 1) * capacity].tolist())
-                    for p in range(num_packs)]
-            assert held == [sorted(p) for p in expected[row]]
+            assert [sorted(h.tolist()) for h in held] == [sorted(p) for p in expected[row]]
 
 
 def _needs_repair(packs, expert, bound):
