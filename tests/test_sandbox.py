@@ -232,18 +232,20 @@ def test_a_program_that_eats_memory_is_contained(tmp_path):
                  "rebalance_experts raised MemoryError: it exceeded the memory limit of 300 MB")
 
 
+def failure_reason(tmp_path, body: str) -> str:
+    """The one-line reason of the ProgramError that one call of the program `body` raises."""
+    with sandbox(write(tmp_path, body), timeout_s=20) as program, \
+            pytest.raises(ProgramError) as caught:
+        program.call(window(), LAYOUT)
+    return str(caught.value)
+
+
 def test_a_program_that_raises_reports_the_error_and_its_line(tmp_path):
-    path = write(
-        tmp_path,
-        """
+    message = failure_reason(tmp_path, """
         def rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus):
             print("about to fail")
             raise ValueError("no placement for you")
-        """,
-    )
-    with sandbox(path, timeout_s=20) as program, pytest.raises(ProgramError) as caught:
-        program.call(window(), LAYOUT)
-    message = str(caught.value)
+        """)
     assert "rebalance_experts raised ValueError: no placement for you (line 4 of the program)" in (
         message
     )
