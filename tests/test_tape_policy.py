@@ -552,17 +552,20 @@ def test_bad_parameters_are_rejected(kwargs, message):
         tape_policy(skewed_load(0), LAYOUT, **kwargs)
 
 
-def test_bad_inputs_are_rejected():
+def test_bad_inputs_are_rejected_where_they_enter():
+    # Checked once, by the trace's rule set, in tape.api.place (the policy trusts its inputs);
+    # the policy's own need, no more slots a GPU than experts, by the policy.
+    from tape.api import place
     from tape.errors import PlacementError, TraceError
 
-    # The trace's rule set, as everywhere loads enter.
     with pytest.raises(TraceError, match="weight: load of expert 0 in layer 0 is negative"):
-        tape_policy(-skewed_load(0), LAYOUT)
-    with pytest.raises(TraceError, match="history: trace has 3 layers, expected 6"):
-        tape_policy(skewed_load(0), LAYOUT, history=np.ones((2, 3, 32)))
-    with pytest.raises(TraceError, match="history"):
-        tape_policy(skewed_load(0), LAYOUT, history=np.full((2, 6, 32), np.nan))
-    with pytest.raises(PlacementError, match="phy2log has 5 layers, expected 6"):
-        tape_policy(skewed_load(0), LAYOUT, previous=Placement(np.tile(np.arange(40) % 32, (5, 1)), 32))
+        place(-skewed_load(0), LAYOUT, "tape")
+    with pytest.raises(TraceError, match=r"history must have shape \[windows, 6, 32\]"):
+        place(skewed_load(0), LAYOUT, "tape", history=np.ones((2, 3, 32)))
+    with pytest.raises(TraceError, match="history: load of expert 0 in layer 0 at window 0"):
+        place(skewed_load(0), LAYOUT, "tape", history=np.full((2, 6, 32), np.nan))
+    with pytest.raises(PlacementError, match="the previous placement has 5 layers"):
+        place(skewed_load(0), LAYOUT, "tape",
+              previous=Placement(np.tile(np.arange(40) % 32, (5, 1)), 32))
     with pytest.raises(PolicyError, match="slots per GPU"):
         tape_policy(np.ones((1, 2)), Layout(num_replicas=4, num_groups=1, num_nodes=1, num_gpus=1))

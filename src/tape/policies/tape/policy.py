@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 
-from tape.errors import PlacementError
 from tape.layout import Layout
 from tape.placement import Placement
 from tape.policies import PolicyError, register
@@ -55,38 +54,26 @@ from tape.policies.tape.packing import (
 from tape.policies.tape.parameters import settings as parameter_settings
 from tape.policies.tape.search import balance_by_swaps, relieve_peaks
 from tape.policies.tape.state import SlotState
-from tape.trace import check_load, check_loads
 
 __all__ = ["tape_policy"]
 
-def _checked_inputs(
-    weight: Any, layout: Layout, previous: Placement | None, history: Any, reads_history: bool
+def _inputs(
+    weight: np.ndarray, layout: Layout, history: np.ndarray | None, reads_history: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`weight` and the history windows the forecast reads (None if it reads none) as float64;
-    TapeError subclasses for bad inputs. The loads are checked by the trace's rule set
-    (`tape.trace.check_load`): without a copy, and so at almost no cost, when `tape.api` has
-    checked them already."""
-    weight = check_load(weight)
-    num_layers, num_experts = weight.shape
-    layout.check_experts(num_experts)
+    """`weight` and the history windows the forecast reads (None if it reads none) as float64.
+    The loads, the placement in force and the history were checked where they entered
+    (`tape.api.place`, by the trace's rule set); what is checked here is the policy's own
+    need: no more slots a GPU than experts."""
+    weight = np.asarray(weight, dtype=np.float64)
+    num_experts = weight.shape[1]
     if layout.slots_per_gpu > num_experts:
         raise PolicyError(
             f"tape keeps an expert's replicas on distinct GPUs, which needs slots per GPU "
             f"({layout.slots_per_gpu}) <= experts ({num_experts})"
         )
-    if previous is not None:
-        if not isinstance(previous, Placement):
-            raise PlacementError(f"previous must be a Placement or None, got {type(previous)}")
-        previous.validate(layout, num_layers)
-        if previous.num_experts != num_experts:
-            raise PlacementError(
-                f"previous placement has {previous.num_experts} experts, weight {num_experts}"
-            )
     if history is None or not reads_history or len(history) == 0:
         return weight, None
-    history = check_loads(history[-(MEMORY - 1):], num_layers=num_layers,
-                          num_experts=num_experts, source="history", unit="window")
-    return weight, history
+    return weight, np.asarray(history[-(MEMORY - 1):], dtype=np.float64)
 
 
 def _search(state: SlotState, settings: dict[str, float | int], migration_weight: float) -> None:
@@ -187,8 +174,8 @@ def tape_policy(
         TraceError, PlacementError, LayoutError: malformed weight, history or previous.
     """
     settings = parameter_settings(preset, params)
-    weight, history = _checked_inputs(weight, layout, previous, history,
-                                      reads_history=settings["smoothing_floor"] < 1.0)
+    weight, history = _inputs(weight, layout, history,
+                              reads_history=settings["smoothing_floor"] < 1.0)
     num_layers, num_experts = weight.shape
     load = forecast_load(weight, history, settings["smoothing_floor"])
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
