@@ -121,3 +121,47 @@ def random_layout(rng):
         slots_per_gpu += 1
     layout = Layout(slots_per_gpu * num_gpus, 1, num_nodes, num_gpus)
     return layout, experts, int(rng.integers(1, 4))
+
+
+# ---- a snake-dealt first placement: the tape policy's tests' reference ----------------------
+
+def dealing_orders(layout: Layout, shift: int) -> np.ndarray:
+    """[k, G] int64: the order in which each round deals its replicas to GPUs.
+
+    Round 0 follows the node-interleaved GPUs; every later round reverses the round before (a
+    "snake": the GPUs that got the lightest replicas get the heaviest next), rotated by `shift`
+    places: an expert whose replicas straddle two rounds, with at most `shift` of them in the
+    first, then never has two dealt to one GPU (while its replicas are at most about G / 2).
+    """
+    num_gpus = layout.num_gpus
+    orders = np.empty((layout.slots_per_gpu, num_gpus), dtype=np.int64)
+    orders[0] = np.arange(num_gpus).reshape(layout.num_nodes, -1).T.reshape(-1)
+    turn = num_gpus - 1 - (np.arange(num_gpus) + shift) % num_gpus
+    for round_index in range(1, layout.slots_per_gpu):
+        orders[round_index] = orders[round_index - 1][turn]
+    return orders
+
+
+def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.ndarray:
+    """A first placement: replicas dealt to GPUs in snake order (module doc).
+
+    Args:
+        load: [L, E] float64 forecast tokens per expert.
+        counts: [L, E] int64 replicas per expert, in [1, G], each layer summing to S.
+        layout: the cluster.
+
+    Returns:
+        experts: [L, G, k] int64. No GPU holds two replicas of an expert, unless an expert has
+        more than about G / 2 replicas (then `repair_duplicates` fixes it).
+    """
+    num_layers, num_experts = load.shape
+    num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
+    replica_key = np.repeat(np.arange(num_layers * num_experts), counts.reshape(-1))  # [L * S]
+    replica_load = (load / counts).reshape(-1)[replica_key].reshape(num_layers, -1)
+    order = np.argsort(-replica_load, axis=1, kind="stable")
+    order += np.arange(num_layers)[:, None] * layout.num_replicas
+    dealt = (replica_key[order] % num_experts).reshape(num_layers, per_gpu, num_gpus)
+    orders = dealing_orders(layout, int(counts.max()) - 1)
+    experts = np.empty((num_layers, num_gpus, per_gpu), dtype=np.int64)
+    experts[:, orders, np.arange(per_gpu)[:, None]] = dealt
+    return experts

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import dealt_placement
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from tape.policies.tape import (
 from tape.policies.tape.counts import replica_counts
 from tape.policies.tape.forecast import CANDIDATES, forecast_load, smoothing_coefficients
 from tape.policies.tape.packing import (
-    dealt_placement,
     keep_previous_slots,
     reassign_replicas,
     repair_duplicates,

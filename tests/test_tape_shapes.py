@@ -5,12 +5,13 @@ their pooled budget."""
 
 import numpy as np
 import pytest
+from conftest import dealt_placement
 
 import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout
 from tape.policies.tape import tape_policy
 from tape.policies.tape.counts import replica_counts
-from tape.policies.tape.packing import dealt_placement, packed_placement
+from tape.policies.tape.packing import packed_placement
 from tape.policies.tape.search import relieve_peaks
 from tape.policies.tape.state import SlotState
 

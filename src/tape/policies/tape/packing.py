@@ -1,13 +1,10 @@
 """Slot assignment for the `tape` policy: a first placement, and replica-count changes in place.
 
-- `dealt_placement` deals replicas to GPUs from scratch: replicas in decreasing load, in rounds
-  of G, each round dealt in about the opposite direction of the one before (a "snake", which
-  pairs heavy replicas with light ones), over GPUs ordered so that neighbours sit in different
-  nodes (an expert's replicas, dealt one after another, land in different nodes).
 - `packed_placement` packs replicas from scratch by DeepSeek's greedy (each replica, heaviest
-  first, to the lightest GPU with room that holds fewest replicas of its expert), over the
-  same node-interleaved GPU order: a finer balance than the snake's fixed rounds when the
-  replicas' loads are uneven.
+  first, to the lightest GPU with room that holds fewest replicas of its expert), over GPUs
+  ordered so that neighbours sit in different nodes (an expert's replicas, packed one after
+  another, land in different nodes): a finer balance than dealing them in fixed rounds (a
+  "snake", which the tests keep as a reference) when the replicas' loads are uneven.
 - `reassign_replicas` changes a placement's replica counts with as few changed slots as possible:
   only the replicas that must go are freed, and each new replica takes the freed slot that
   costs the objective least (`state` module doc): the lightest GPU, preferring one that held
@@ -35,7 +32,6 @@ from tape.policies.packing import (
 from tape.policies.tape.state import SlotState
 
 __all__ = [
-    "dealt_placement",
     "keep_previous_slots",
     "packed_placement",
     "reassign_replicas",
@@ -44,46 +40,10 @@ __all__ = [
 ]
 
 
-def _dealing_orders(layout: Layout, shift: int) -> np.ndarray:
-    """[k, G] int64: the order in which each round deals its replicas to GPUs.
-
-    Round 0 follows the node-interleaved GPUs; every later round reverses the round before (a
-    "snake": the GPUs that got the lightest replicas get the heaviest next), rotated by `shift`
-    places: an expert whose replicas straddle two rounds, with at most `shift` of them in the
-    first, then never has two dealt to one GPU (while its replicas are at most about G / 2).
-    """
-    num_gpus = layout.num_gpus
-    orders = np.empty((layout.slots_per_gpu, num_gpus), dtype=np.int64)
-    orders[0] = np.arange(num_gpus).reshape(layout.num_nodes, -1).T.reshape(-1)
-    turn = num_gpus - 1 - (np.arange(num_gpus) + shift) % num_gpus
-    for round_index in range(1, layout.slots_per_gpu):
-        orders[round_index] = orders[round_index - 1][turn]
-    return orders
-
-
-def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.ndarray:
-    """A first placement: replicas dealt to GPUs in snake order (module doc).
-
-    Args:
-        load: [L, E] float64 forecast tokens per expert.
-        counts: [L, E] int64 replicas per expert, in [1, G], each layer summing to S.
-        layout: the cluster.
-
-    Returns:
-        experts: [L, G, k] int64. No GPU holds two replicas of an expert, unless an expert has
-        more than about G / 2 replicas (then `repair_duplicates` fixes it).
-    """
-    num_layers, num_experts = load.shape
-    num_gpus, per_gpu = layout.num_gpus, layout.slots_per_gpu
-    replica_key = np.repeat(np.arange(num_layers * num_experts), counts.reshape(-1))  # [L * S]
-    replica_load = (load / counts).reshape(-1)[replica_key].reshape(num_layers, -1)
-    order = np.argsort(-replica_load, axis=1, kind="stable")
-    order += np.arange(num_layers)[:, None] * layout.num_replicas
-    dealt = (replica_key[order] % num_experts).reshape(num_layers, per_gpu, num_gpus)
-    orders = _dealing_orders(layout, int(counts.max()) - 1)
-    experts = np.empty((num_layers, num_gpus, per_gpu), dtype=np.int64)
-    experts[:, orders, np.arange(per_gpu)[:, None]] = dealt
-    return experts
+def _node_interleaved(layout: Layout) -> np.ndarray:
+    """[G] int64: the GPUs in an order whose neighbours sit in different nodes (node 0's first
+    GPU, node 1's first, ..., node 0's second, ...)."""
+    return np.arange(layout.num_gpus).reshape(layout.num_nodes, -1).T.reshape(-1)
 
 
 def packed_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.ndarray:
@@ -105,7 +65,7 @@ def packed_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np
     item_at = balanced_packing(replica_load, layout.num_gpus, replica_expert)
     packed = take_rows(replica_expert, item_at).reshape(num_layers, layout.num_gpus, -1)
     experts = np.empty_like(packed)
-    experts[:, _dealing_orders(layout, 0)[0]] = packed
+    experts[:, _node_interleaved(layout)] = packed
     return experts
 
 
