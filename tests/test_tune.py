@@ -452,3 +452,30 @@ def test_a_resume_with_other_settings_or_a_bad_storage_is_a_one_line_error(tmp_p
     with pytest.raises(ConfigError, match="cannot resume: .* another holdout"):
         tuning.tune(SMALL, trials=2, holdout=0.25, storage=url, resume=True)
     assert len(tuning.tune(SMALL, trials=2, holdout=0.0, storage=url, resume=True).trials) == 2
+
+
+def test_a_trial_another_process_finished_first_does_not_end_the_search():
+    # Two processes on one SQLite study may both take the same enqueued trial; the second to
+    # finish it is told "Cannot tell a COMPLETE trial" by Optuna and must go on, while any other
+    # error still ends the search.
+    optuna = pytest.importorskip("optuna")
+
+    class Study:
+        def __init__(self, failures):
+            self.failures, self.finished, self.calls = list(failures), 0, 0
+
+        def get_trials(self, deepcopy, states):
+            return [None] * self.finished
+
+        def optimize(self, objective, n_trials, callbacks):
+            self.calls += 1
+            if self.failures:
+                self.finished += 1  # the other process's trial
+                raise self.failures.pop(0)
+            self.finished += n_trials
+
+    raced = Study([ValueError("Cannot tell a COMPLETE trial.")])
+    tuning._optimize(optuna, raced, None, trials=5)
+    assert raced.finished == 5 and raced.calls == 2
+    with pytest.raises(ValueError, match="something else"):
+        tuning._optimize(optuna, Study([ValueError("something else")]), None, trials=5)

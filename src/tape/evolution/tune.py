@@ -120,6 +120,24 @@ def split_windows(num_windows: int, holdout: float) -> tuple[slice, slice]:
     return slice(None, num_windows - held), slice(num_windows - held, None)
 
 
+def _optimize(optuna: Any, study: Any, objective: Any, trials: int) -> None:
+    """Run trials until `trials` have finished in the whole study (other processes may add to
+    it). Two processes on one SQLite study may both take the same enqueued trial (SQLite has no
+    row locks): the second to finish it is told the trial is complete already, and goes on."""
+    complete = optuna.trial.TrialState.COMPLETE
+    for _ in range(trials + 1):  # each retry follows one trial another process finished first
+        done = len(study.get_trials(deepcopy=False, states=(complete,)))
+        if done >= trials:
+            return
+        try:
+            study.optimize(objective, n_trials=trials - done, callbacks=[
+                optuna.study.MaxTrialsCallback(trials, states=(complete,))])
+            return
+        except ValueError as error:
+            if "Cannot tell a COMPLETE trial" not in str(error):
+                raise
+
+
 def _check_space(space: SearchSpace) -> None:
     if not space:
         raise ConfigError("the search space is empty: nothing to tune")
@@ -233,11 +251,8 @@ def tune(
                 start = _clipped(preset, search_space)
                 if start:
                     study.enqueue_trial(start)
-        done = len(study.get_trials(deepcopy=False, states=(complete,)))
         try:
-            if done < trials:
-                study.optimize(objective, n_trials=trials - done, callbacks=[
-                    optuna.study.MaxTrialsCallback(trials, states=(complete,))])
+            _optimize(optuna, study, objective, trials)
         except KeyboardInterrupt:
             interrupted = True
         except Exception as error:  # the storage's database failing (locked, gone), one line
