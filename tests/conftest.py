@@ -14,6 +14,7 @@ import pytest
 from hypothesis import settings
 
 from tape.layout import Layout
+from tape.policies.tape.packing import node_interleaved
 from tape.presets import ClusterSpec, ModelSpec
 from tape.trace_cache import CACHE_DIR_ENV
 
@@ -135,7 +136,7 @@ def dealing_orders(layout: Layout, shift: int) -> np.ndarray:
     """
     num_gpus = layout.num_gpus
     orders = np.empty((layout.slots_per_gpu, num_gpus), dtype=np.int64)
-    orders[0] = np.arange(num_gpus).reshape(layout.num_nodes, -1).T.reshape(-1)
+    orders[0] = node_interleaved(layout)
     turn = num_gpus - 1 - (np.arange(num_gpus) + shift) % num_gpus
     for round_index in range(1, layout.slots_per_gpu):
         orders[round_index] = orders[round_index - 1][turn]
@@ -143,7 +144,8 @@ def dealing_orders(layout: Layout, shift: int) -> np.ndarray:
 
 
 def dealt_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np.ndarray:
-    """A first placement: replicas dealt to GPUs in snake order (module doc).
+    """A first placement: replicas in decreasing load dealt to GPUs in rounds of G, each round
+    in about the opposite direction of the one before (`dealing_orders`).
 
     Args:
         load: [L, E] float64 forecast tokens per expert.

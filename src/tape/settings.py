@@ -360,37 +360,31 @@ def _groups(settings: Settings, model: ModelSpec) -> int:
 
 @lru_cache(maxsize=8)
 def _prepared(settings: Settings, replay: bool) -> Setup:
+    # S a multiple of G and G of N were checked when the settings were made (a derived N
+    # divides G); what is left needs the presets and the loads
+    from tape.protocol import check_windows
+    from tape.trace import describe
+
     model, cluster = settings.specs()
     nodes = _nodes(settings, cluster)
     groups = _groups(settings, model)
-    # the layout's own checks (G a multiple of N, S of G) before any trace is read
-    Layout(num_replicas=settings.replicas or settings.gpus, num_groups=groups, num_nodes=nodes,
-           num_gpus=settings.gpus)
     if settings.windows_file is not None:
         windows, steps, described = _saved_windows(settings.windows_file)
     else:
         loads, source = _loads(settings, model, groups)
         windows, steps = _windowed(loads, settings.interval, replay)
-        described = (f"{source}: {_describe(loads)}, {counted(windows.shape[0], 'window')} of "
+        described = (f"{source}: {describe(loads)}, {counted(windows.shape[0], 'window')} of "
                      f"{counted(settings.interval, 'step')}")
     replicas = settings.replicas
     if replicas is None:
         replicas = default_replicas(windows.shape[2], settings.gpus)
     layout = Layout(replicas, groups, nodes, settings.gpus)
-    from tape.protocol import check_windows
-
     windows = check_windows(windows, layout, replay=replay)
     windows.setflags(write=False)
     if settings.config is not None:
         _check_model_shape(settings.config, windows.shape[1:], groups)
     return Setup(layout, model, cluster, settings.dispatch, windows, described, settings.interval,
                  steps)
-
-
-def _describe(loads: np.ndarray) -> str:
-    from tape.trace import describe
-
-    return describe(loads)
 
 
 def _loads(settings: Settings, model: ModelSpec, groups: int) -> tuple[np.ndarray, str]:

@@ -233,10 +233,7 @@ def cached_read(
     path = path.resolve()
     cache = TraceCache.from_environment() if cache is None else cache
     stat = path.stat()
-    try:
-        found = cache.lookup(path, stat)
-    except OSError:
-        found = None
+    found = cache.lookup(path, stat)  # never raises: an entry it cannot read is a miss
     if found is not None:
         return found
     loads = read(path)

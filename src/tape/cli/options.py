@@ -8,11 +8,13 @@ default is the one `Settings` has.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
@@ -39,15 +41,9 @@ def at_most(limit: int, unit: str) -> Any:
     return check
 
 
-class _Defaults:
-    """`Settings`' field defaults, read from the dataclass without making one (which would
-    import the synthetic trace's model at the command line's start-up)."""
-
-    def __getattr__(self, name: str) -> Any:
-        return Settings.__dataclass_fields__[name].default
-
-
-_DEFAULTS = _Defaults()
+# Settings' field defaults, read from the dataclass without making one (which would import the
+# synthetic trace's model at the command line's start-up).
+_DEFAULTS = SimpleNamespace(**{field.name: field.default for field in dataclasses.fields(Settings)})
 
 ScoringOption = Annotated[
     str, typer.Option("--scoring", help="Scoring version: 0, 2, 3, 4 (the seed's) or "

@@ -33,6 +33,7 @@ from tape.policies.tape.state import SlotState
 
 __all__ = [
     "keep_previous_slots",
+    "node_interleaved",
     "packed_placement",
     "reassign_replicas",
     "repair_duplicates",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-def _node_interleaved(layout: Layout) -> np.ndarray:
+def node_interleaved(layout: Layout) -> np.ndarray:
     """[G] int64: the GPUs in an order whose neighbours sit in different nodes (node 0's first
     GPU, node 1's first, ..., node 0's second, ...)."""
     return np.arange(layout.num_gpus).reshape(layout.num_nodes, -1).T.reshape(-1)
@@ -65,7 +66,7 @@ def packed_placement(load: np.ndarray, counts: np.ndarray, layout: Layout) -> np
     item_at = balanced_packing(replica_load, layout.num_gpus, replica_expert)
     packed = take_rows(replica_expert, item_at).reshape(num_layers, layout.num_gpus, -1)
     experts = np.empty_like(packed)
-    experts[:, _node_interleaved(layout)] = packed
+    experts[:, node_interleaved(layout)] = packed
     return experts
 
 
