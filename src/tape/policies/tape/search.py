@@ -18,7 +18,7 @@ How a round is computed: a pair's 2k slots (the heavy GPU's k, then the light GP
 gathered by flat index. Moving a load s from the heavy GPU (load h) to the light one (load l,
 gap d = h - l) turns the pair's larger load into `(h + l) / 2 + |s - d / 2|`, so the balance
 gain is `d / 2 - |s - d / 2|`, positive only for 0 < s < d. The k * k swaps' load shifts and
-their per-slot charges are matrix products of the 2k slot values with fixed 0 / +-1 matrices.
+their charges are differences and sums of the 2k slot values, broadcast over [pairs, k, k].
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def balance_by_swaps(
     penalty = 1e6 * state.total_load.max() * (1.0 + migration_weight + locality_weight)
     # Columns of a layer's GPUs sorted by load: the heaviest `pairs`, then the lightest.
     ends = np.concatenate([np.arange(num_gpus - 1, num_gpus - 1 - pairs, -1), np.arange(pairs)])
-    slot_offset = np.arange(per_gpu)[None, :, None]
+    slot_offset = np.arange(per_gpu)[None, None, :]
     experts_flat = state.experts.reshape(-1)
     slot_load_flat = state.slot_load.reshape(-1)
     load_flat = state.load.reshape(-1)
@@ -102,50 +102,51 @@ def balance_by_swaps(
         pair_load = state.gpu_load.reshape(-1)[pair_gpu]  # [2, P]: heavy, light
         half_gap = (pair_load[0] - pair_load[1]) * 0.5  # [P]
 
-        # The pairs' slots, [2, k, P]: the heavy GPU's k slots, then the light GPU's.
-        slots = pair_gpu[:, None, :] * per_gpu + slot_offset
+        # The pairs' slots, [2, P, k]: the heavy GPUs' k slots, then the light GPUs'.
+        slots = pair_gpu[:, :, None] * per_gpu + slot_offset
         experts = experts_flat[slots]
         slot_load = slot_load_flat[slots]
         gpu_key = pair_gpu * num_experts
-        own = experts + gpu_key[:, None, :]  # flat indices into `held`
-        other = experts + gpu_key[::-1, None, :]
-        charge = penalty * held[other]  # [2, k, P] tokens
+        own = experts + gpu_key[:, :, None]  # flat indices into `held`
+        other = experts + gpu_key[::-1, :, None]
+        charge = penalty * held[other]  # [2, P, k] tokens
         if use_migration:
             held_before = state.held_before.reshape(-1)
             # +1 when the expert leaves a GPU that held it before, -1 when it returns to one.
             copies = held_before[own].view(np.int8) - held_before[other].view(np.int8)
-            charge += migration_charge[pair_layer] * copies
+            charge += migration_charge[pair_layer, None] * copies
         if use_locality:
             node_replicas = state.node_replicas.reshape(-1)
             node_key = pair_gpu // layout.gpus_per_node * num_experts  # [2, P]
             # Nodes the swap adds (+1) or removes (-1) for the expert; none within a node.
-            nodes = ((node_replicas[experts + node_key[::-1, None, :]] == 0).view(np.int8)
-                     - (node_replicas[experts + node_key[:, None, :]] == 1).view(np.int8))
+            nodes = ((node_replicas[experts + node_key[::-1, :, None]] == 0).view(np.int8)
+                     - (node_replicas[experts + node_key[:, :, None]] == 1).view(np.int8))
             per_token = node_charge[pair_layer] * (node_key[0] != node_key[1])  # [P]
-            charge -= load_flat[experts + pair_layer * num_experts] * nodes * per_token
+            charge -= load_flat[experts + (pair_layer * num_experts)[:, None]] * nodes * per_token[
+                :, None]
 
-        # score[i, j, P]: heavy slot i with light slot j; |shift - gap / 2| (the pair's larger
-        # load after the swap, less the mean of the two), then the charges; one buffer.
-        score = slot_load[0, :, None, :] - slot_load[1, None, :, :]  # load moved
-        score -= half_gap
+        # score[P, i, j]: heavy slot i with light slot j; |shift - gap / 2| (the pair's larger
+        # load after the swap, less the mean of the two), then the charges; one buffer, with
+        # the pairs first so that every operation runs over contiguous memory.
+        gap = half_gap[:, None, None]
+        score = slot_load[0, :, :, None] - slot_load[1, :, None, :]  # load moved
+        score -= gap
         np.abs(score, out=score)
-        np.putmask(score, score >= half_gap, _NO_GAIN)
-        score += charge[0, :, None, :]
-        score += charge[1, None, :, :]
-        score = score.reshape(per_gpu * per_gpu, -1)
-        best = score.argmin(axis=0)  # [P]
-        gain = half_gap - score[best, np.arange(len(best))]
+        score[score >= gap] = _NO_GAIN
+        score += charge[0, :, :, None]
+        score += charge[1, :, None, :]
+        score = score.reshape(len(half_gap), per_gpu * per_gpu)
+        best = score.argmin(axis=1)  # [P]
+        pick = np.arange(len(best))
+        gain = half_gap - score[pick, best]
         useful = (gain > 1e-12 * mean[pair_layer]) & (pair_load[0] > limit[pair_layer])
         if budgeted:
             # The copies the best swap adds: each expert that moves onto a GPU that did not
             # hold it before, less each that returns to one.
             heavy_slot, light_slot = np.divmod(best, per_gpu)
-            pick = np.arange(len(best))
-            moved = (copies_of(slots[0, heavy_slot, pick], slots[1, light_slot, pick]))
-            spend = np.zeros(len(best))
-            # pairs of one layer spend its room in turn (heaviest pair first)
-            order = np.argsort(pair_layer, kind="stable")
-            spend[order] = _running_sum_by(pair_layer[order], moved[order])
+            moved = copies_of(slots[0, pick, heavy_slot], slots[1, pick, light_slot])
+            # the pairs of one layer (adjacent, heaviest first) spend its room in turn
+            spend = moved.reshape(count, pairs).cumsum(axis=1).reshape(-1)
             useful &= (moved <= 0) | (spend <= room[pair_layer])
         active[layers[~useful.reshape(count, pairs).any(axis=1)]] = False
         chosen = np.flatnonzero(useful)
@@ -156,14 +157,6 @@ def balance_by_swaps(
             np.add.at(room, pair_layer[chosen], -moved[chosen])
         state.swap(pair_gpu[0, chosen] * per_gpu + heavy_slot,
                    pair_gpu[1, chosen] * per_gpu + light_slot)
-
-
-def _running_sum_by(groups: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Running sum of `values` within each run of equal, sorted `groups`."""
-    total = np.cumsum(values)
-    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    offsets = np.repeat(total[starts] - values[starts], np.diff(np.r_[starts, len(groups)]))
-    return total - offsets
 
 
 def relieve_peaks(
