@@ -555,3 +555,56 @@ def test_replica_counts_are_eplbs_greedy_with_ties_and_zero_loads(
         for row in range(3):
             expected = _plain_eplb_counts(weight[row], num_experts + spare, cap)
             assert capped[row].tolist() == expected.tolist()
+
+
+def _plain_counts_with_bonuses(weight, num_slots, cap, node_bonus, num_nodes, keep_bonus,
+                               previous):
+    """Plain loop: each spare slot to the first expert whose next replica (under `cap`) is
+    worth most, the j-th replica worth weight / (j - 1) + node_bonus * weight while
+    j <= num_nodes, + keep_bonus while j <= previous count."""
+    counts = np.ones(len(weight), dtype=np.int64)
+    for _ in range(num_slots - len(weight)):
+        best, best_worth = None, None
+        for expert, load in enumerate(weight):
+            j = counts[expert] + 1
+            if j > cap:
+                continue
+            worth = load / (j - 1) + (node_bonus * load if j <= num_nodes else 0.0)
+            worth += keep_bonus if j <= previous[expert] else 0.0
+            if best is None or worth > best_worth:
+                best, best_worth = expert, worth
+        counts[best] += 1
+    return counts
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_experts=st.integers(2, 16),
+    slots_per_expert=st.integers(1, 4),
+    extra=st.integers(0, 7),
+    nodes=st.sampled_from([1, 2, 4]),
+    node_bonus=st.sampled_from([0.0, 0.3]),
+    keep=st.booleans(),
+    top=st.sampled_from([1, 5, 1000]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_replica_counts_with_bonuses_and_a_cap_follow_the_plain_greedy(
+    num_experts, slots_per_expert, extra, nodes, node_bonus, keep, top, seed
+):
+    # The `tape` policy's selection, with its column bound (up to total / S), against the
+    # plain greedy: few or many spare slots (up to 3 E + 7), zero loads, ties, and a cap.
+    rng = np.random.default_rng(seed)
+    weight = rng.integers(0, top + 1, (3, num_experts)).astype(np.float64)
+    weight[:, 0] *= rng.integers(1, 20)  # one hot expert
+    num_slots = num_experts * slots_per_expert + extra
+    cap = num_slots // 2 + 1
+    previous = rng.integers(1, 4, (3, num_experts))
+    keep_bonus = np.full(3, 0.4) if keep else None
+    counts = replica_counts(weight, num_slots, max_replicas=cap, node_bonus=node_bonus,
+                            num_nodes=nodes, keep_bonus=keep_bonus,
+                            previous_counts=previous if keep else None)
+    for row in range(3):
+        expected = _plain_counts_with_bonuses(
+            weight[row], num_slots, cap, node_bonus if nodes >= 2 else 0.0, nodes,
+            0.4 if keep else 0.0, previous[row])
+        assert counts[row].tolist() == expected.tolist()

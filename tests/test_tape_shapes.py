@@ -191,3 +191,19 @@ def test_peak_rounds_leave_one_slot_a_gpu_alone():
     with_peaks = tape_policy(second, layout, previous=previous, peak_rounds=8)
     without = tape_policy(second, layout, previous=previous, peak_rounds=0)
     assert np.array_equal(with_peaks.phy2log, without.phy2log)
+
+
+def test_one_slot_a_gpu_forecasts_the_newest_window():
+    layout = Layout(num_replicas=16, num_groups=1, num_nodes=4, num_gpus=16)  # k = 1
+    rng = np.random.default_rng(7)
+    base = np.exp(rng.normal(0, 1.0, (4, 12))) * 100
+    history = np.round(base * np.exp(rng.normal(0, 0.5, (6, 4, 12))))  # noise, no trend
+    weight = np.round(base * np.exp(rng.normal(0, 0.5, base.shape)))
+    previous = tape_policy(history[-1], layout)
+    with_history = tape_policy(weight, layout, previous=previous, history=history)
+    assert with_history == tape_policy(weight, layout, previous=previous)
+    # two slots a GPU: the same history is averaged, and the plan changes
+    two = Layout(num_replicas=32, num_groups=1, num_nodes=4, num_gpus=16)
+    previous = tape_policy(history[-1], two)
+    assert (tape_policy(weight, two, previous=previous, history=history)
+            != tape_policy(weight, two, previous=previous))

@@ -132,11 +132,17 @@ def replica_counts(
     chosen = np.flatnonzero(_largest(second, candidates))  # [X * C] flat, by row
     chosen_load = weight.reshape(-1)[chosen].reshape(rows, candidates)
     # Beyond max(N, previous count) the j-th replica is worth load / (j - 1): one worth less
-    # than the worst chosen second replica is never taken.
+    # than the value of the last spare slot taken is never taken. That value is at least
+    # the worst chosen second replica's (when the candidates are the spare slots), and at
+    # least total / S: the replicas worth that much or more without bonuses, sum over e of
+    # floor(load[e] S / total), already number total S / total - E = the spare slots.
+    floor_value = weight.sum(axis=1) / num_slots  # [X]
+    if candidates == spare:
+        chosen_second = second.reshape(-1)[chosen].reshape(rows, candidates)
+        floor_value = np.maximum(floor_value, chosen_second.min(axis=1))
     widest = limit
-    threshold = second.reshape(-1)[chosen].reshape(rows, candidates).min(axis=1)  # [X]
-    if candidates == spare and threshold.min() > 0:
-        by_load = int((chosen_load.max(axis=1) / threshold).max()) + 2  # + 1 for rounding
+    if floor_value.min() > 0:  # (an idle row has no value to bound the columns by)
+        by_load = int((chosen_load.max(axis=1) / floor_value).max()) + 2  # + 1 for rounding
         by_count = int(previous_counts.max()) if keep else 1
         widest = min(limit, max(num_nodes if spread else 1, by_count, by_load))
     replica = np.arange(2, widest + 1)  # [J]: the j of each column

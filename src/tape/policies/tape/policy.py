@@ -4,7 +4,8 @@ One call, batched over layers (docs/tape-policy.md tells the whole story):
 
 1. Forecast the next window's loads from the window to balance and the earlier ones
    (`forecast`: a moving average of each window's shares, its smoothing chosen by
-   backtesting on the history, down to `smoothing_floor`).
+   backtesting on the history, down to `smoothing_floor`; with one slot a GPU, the newest
+   window).
 2. Choose replica counts: EPLB's greedy on the forecast, where a replica that adds a node to a
    hot expert is worth more (`node_spread`, per inter-node token it saves: load / N) and a
    replica that already exists is kept unless
@@ -161,8 +162,8 @@ def tape_policy(
         layout: the cluster; needs E <= S and k = S / G <= E.
         previous: the placement in force, or None (then the plan starts from scratch).
         history: [W, L, E] tokens of the earlier windows, oldest first, or None. The forecast
-            reads (and checks) the last 15 (`forecast.MEMORY` - 1), none when
-            `smoothing_floor` is 1.
+            reads the last 15 (`forecast.MEMORY` - 1), none when `smoothing_floor` is 1 or
+            the layout has one slot a GPU (the newest window is its forecast).
         preset: "balance", "balance-migration", "all" or "fast" (`parameters.PRESETS`).
         **params: overrides of the preset's parameters (`parameters.PARAMETERS`).
 
@@ -174,10 +175,10 @@ def tape_policy(
         TraceError, PlacementError, LayoutError: malformed weight, history or previous.
     """
     settings = parameter_settings(preset, params)
-    weight, history = _inputs(weight, layout, history,
-                              reads_history=settings["smoothing_floor"] < 1.0)
+    smoothing_floor = _smoothing_floor(settings["smoothing_floor"], layout)
+    weight, history = _inputs(weight, layout, history, reads_history=smoothing_floor < 1.0)
     num_layers, num_experts = weight.shape
-    load = forecast_load(weight, history, settings["smoothing_floor"])
+    load = forecast_load(weight, history, smoothing_floor)
     shape = (num_layers, layout.num_gpus, layout.slots_per_gpu)
     if previous is None:
         return Placement(_fresh_plan(load, layout, settings).reshape(num_layers, -1), num_experts)
@@ -196,6 +197,18 @@ def tape_policy(
     if np.array_equal(experts.reshape(num_layers, -1), previous.phy2log):
         return previous  # every slot kept: the placement in force is the answer
     return Placement(experts.reshape(num_layers, -1), num_experts)
+
+
+def _smoothing_floor(smoothing_floor: float, layout: Layout) -> float:
+    """The forecast's smoothing floor on `layout`: 1 (the newest window) with one slot a GPU.
+
+    There the plan is the replica counts alone and a GPU's load is one replica's, so the peak is
+    the hottest expert's load over its count. A hot expert's window count has little counting
+    noise for its size: averaging it with older windows only lags its drift. Averaging pays for
+    the cold experts, whose noisy loads add up on GPUs of several slots; with one slot a GPU
+    they never set the peak (docs/tape-policy.md, rule 6).
+    """
+    return 1.0 if layout.slots_per_gpu == 1 else smoothing_floor
 
 
 def _balancedness_in_force(load: np.ndarray, previous: Placement, layout: Layout) -> np.ndarray:
