@@ -79,7 +79,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("node_spread",
               "worth of an inter-node token a replica saves by putting its expert in one more "
               "node (load / N tokens)",
-              (0.0, 0.0, 1.2, 0.0), (0.0, 12.0, "float")),
+              (0.0, 0.0, 0.0, 0.0), (0.0, 12.0, "float")),
     Parameter("keep_margin", "bonus of an existing replica when counting replicas, x mean GPU load",
               (0.0, 0.08, 0.1, 0.1), (0.0, 0.3, "float")),
     Parameter("migration_weight",
