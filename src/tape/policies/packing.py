@@ -41,6 +41,8 @@ def _largest(values: np.ndarray, count: int) -> np.ndarray:
     """[X, M] bool: the `count` largest values of each row, ties to the lowest index (EPLB's
     greedy takes the lowest expert among equally loaded ones)."""
     width = values.shape[1]
+    if count >= width:  # every value (S - E >= E spare slots: every expert is a candidate)
+        return np.ones(values.shape, dtype=bool)
     cut = np.partition(values, width - count, axis=1)[:, width - count, None]  # [X, 1]
     chosen = values >= cut
     if np.count_nonzero(chosen) == chosen.shape[0] * count:  # no ties at the cut
