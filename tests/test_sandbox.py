@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -428,3 +430,31 @@ def test_a_multi_line_error_message_arrives_on_one_line(tmp_path):
     )
     assert_fails(sandbox(path, timeout_s=20), window(),
                  "raised ValueError: first line second line")
+
+
+def test_a_signal_another_thread_receives_stops_a_wait_for_the_child(tmp_path):
+    # The kernel may hand SIGHUP to any thread; the main thread, waiting for the child's reply,
+    # must still run the handler (which ends the command) within a poll slice, not at the
+    # call's timeout (30 s here). CI once saw `tape compare` ignore SIGHUP for over 60 s.
+    script = tmp_path / "waiter.py"
+    script.write_text(textwrap.dedent("""
+        import os, select, signal, sys, threading, time
+        from tape.sandbox import _ready
+
+        def ended(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGHUP, ended)
+        read_end, _ = os.pipe()  # never written: the wait lasts until the deadline
+        helper = threading.Thread(target=lambda: (
+            time.sleep(0.5), signal.pthread_kill(threading.get_ident(), signal.SIGHUP)))
+        helper.start()
+        deadline = time.perf_counter() + 30
+        while not _ready(read_end, select.POLLIN, deadline):
+            pass
+    """))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 129, done.stderr
+    assert time.monotonic() - start < 10

@@ -104,16 +104,24 @@ def clean_reason(text: object, limit: int = REASON_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+_POLL_SLICE_S = 0.2
+"""The longest single wait in `_ready`. The kernel may hand a signal (SIGTERM, SIGHUP) to any
+thread of the evaluator (numpy's, the progress bar's); Python then only notes it, and the main
+thread runs the handler (which ends the command, `tape.cli`) when it next runs Python code. A
+main thread asleep in one poll for the whole call's timeout would not stop for minutes."""
+
+
 def _ready(descriptor: int, event: int, deadline: float) -> bool:
     """Wait until `descriptor` is ready for `event` (select.POLLIN or POLLOUT; a closed or
     broken end counts as ready) or `deadline` (a `perf_counter` time) passes; _Timeout then.
-    poll, not select: an evaluator may hold more than FD_SETSIZE files."""
+    False: not yet (at most `_POLL_SLICE_S` waited; ask again). poll, not select: an evaluator
+    may hold more than FD_SETSIZE files."""
     wait = deadline - perf_counter()
     if wait <= 0:
         raise _Timeout
     poller = select.poll()
     poller.register(descriptor, event)
-    return bool(poller.poll(max(1, int(wait * 1000))))
+    return bool(poller.poll(max(1, int(min(wait, _POLL_SLICE_S) * 1000))))
 
 
 class _Timeout(Exception):
