@@ -136,8 +136,8 @@ def replica_counts(
     # Beyond max(N, previous count) the j-th replica is worth load / (j - 1): one worth less
     # than the value of the last spare slot taken is never taken. That value is at least
     # the worst chosen second replica's (when the candidates are the spare slots), and at
-    # least total / S: the replicas worth that much or more without bonuses, sum over e of
-    # floor(load[e] S / total), already number total S / total - E = the spare slots.
+    # least total / S: the replicas worth that much or more without bonuses number
+    # sum over e of floor(load[e] S / total) >= S - E, the spare slots, already.
     floor_value = weight.sum(axis=1) / num_slots  # [X]
     if candidates == spare:
         chosen_second = second.reshape(-1)[chosen].reshape(rows, candidates)
