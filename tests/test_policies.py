@@ -557,20 +557,20 @@ def test_replica_counts_are_eplbs_greedy_with_ties_and_zero_loads(
             assert capped[row].tolist() == expected.tolist()
 
 
-def _plain_counts_with_bonuses(weight, num_slots, cap, node_bonus, num_nodes, keep_bonus,
-                               previous):
-    """Plain loop: each spare slot to the first expert whose next replica (under `cap`) is
-    worth most, the j-th replica worth weight / (j - 1) + node_bonus * weight while
-    j <= num_nodes, + keep_bonus while j <= previous count."""
+def plain_counts_with_bonuses(weight, num_slots, cap=None, node_bonus=0.0, num_nodes=1,
+                              keep_bonus=0.0, previous=None):
+    """Plain loop: each spare slot to the first expert whose next replica (under `cap`, if
+    any) is worth most, the j-th replica worth weight / (j - 1) + node_bonus * weight while
+    j <= num_nodes, + keep_bonus while j <= the expert's `previous` count."""
     counts = np.ones(len(weight), dtype=np.int64)
     for _ in range(num_slots - len(weight)):
         best, best_worth = None, None
         for expert, load in enumerate(weight):
             j = counts[expert] + 1
-            if j > cap:
+            if cap is not None and j > cap:
                 continue
             worth = load / (j - 1) + (node_bonus * load if j <= num_nodes else 0.0)
-            worth += keep_bonus if j <= previous[expert] else 0.0
+            worth += keep_bonus if previous is not None and j <= previous[expert] else 0.0
             if best is None or worth > best_worth:
                 best, best_worth = expert, worth
         counts[best] += 1
@@ -604,7 +604,7 @@ def test_replica_counts_with_bonuses_and_a_cap_follow_the_plain_greedy(
                             num_nodes=nodes, keep_bonus=keep_bonus,
                             previous_counts=previous if keep else None)
     for row in range(3):
-        expected = _plain_counts_with_bonuses(
+        expected = plain_counts_with_bonuses(
             weight[row], num_slots, cap, node_bonus if nodes >= 2 else 0.0, nodes,
             0.4 if keep else 0.0, previous[row])
         assert counts[row].tolist() == expected.tolist()

@@ -1,11 +1,13 @@
 """The `tape` policy's rules that follow the shape: the node bonus per inter-node token saved,
 the first placement by DeepSeek's packing greedy, the copy charge in slot loads, the copy
 budget of the swaps, the peak rounds (each layer's heaviest GPU with its best partner) and
-their pooled budget."""
+their pooled budget, the newest window as the forecast at one slot a GPU."""
 
 import numpy as np
 import pytest
 from conftest import dealt_placement
+from test_policies import plain_counts_with_bonuses
+from test_tape_policy import drifted, skewed_load
 
 import tape.policies.tape  # noqa: F401  (registers "tape")
 from tape import Layout
@@ -16,29 +18,15 @@ from tape.policies.tape.search import relieve_peaks
 from tape.policies.tape.state import SlotState
 
 
-def plain_counts_with_node_bonus(load, slots, nodes, node_spread):
-    """Plain loop: each spare slot to the replica of highest worth, the j-th replica (j >= 2)
-    of expert e worth load / (j - 1) + node_spread * load / N while j <= N (N >= 2)."""
-    counts = [1] * len(load)
-
-    def worth(expert):
-        j = counts[expert] + 1
-        bonus = node_spread * load[expert] / nodes if nodes >= 2 and j <= nodes else 0.0
-        return (load[expert] / (j - 1) + bonus, -expert)
-
-    for _ in range(slots - len(load)):
-        counts[max(range(len(load)), key=worth)] += 1
-    return counts
-
-
 @pytest.mark.parametrize("gpus, nodes", [(8, 2), (16, 8), (32, 16)])
 def test_the_node_bonus_is_the_inter_node_tokens_a_replica_saves(gpus, nodes):
     layout = Layout(num_replicas=2 * gpus, num_groups=1, num_nodes=nodes, num_gpus=gpus)
     load = np.random.default_rng(gpus).random((3, gpus)) ** 3 * 1000
     counts = replica_counts(load, layout, node_spread=1.2, keep_margin=0.0, previous_counts=None)
+    # the j-th replica (j <= N) saves load / N inter-node tokens, each worth node_spread
     for layer in range(3):
-        assert counts[layer].tolist() == plain_counts_with_node_bonus(
-            load[layer].tolist(), layout.num_replicas, nodes, 1.2)
+        assert counts[layer].tolist() == plain_counts_with_bonuses(
+            load[layer], layout.num_replicas, node_bonus=1.2 / nodes, num_nodes=nodes).tolist()
 
 
 def test_more_nodes_weigh_less_per_replica():
@@ -195,10 +183,9 @@ def test_peak_rounds_leave_one_slot_a_gpu_alone():
 
 def test_one_slot_a_gpu_forecasts_the_newest_window():
     layout = Layout(num_replicas=16, num_groups=1, num_nodes=4, num_gpus=16)  # k = 1
-    rng = np.random.default_rng(7)
-    base = np.exp(rng.normal(0, 1.0, (4, 12))) * 100
-    history = np.round(base * np.exp(rng.normal(0, 0.5, (6, 4, 12))))  # noise, no trend
-    weight = np.round(base * np.exp(rng.normal(0, 0.5, base.shape)))
+    base = skewed_load(7, layers=4, experts=12)
+    history = np.stack([drifted(base, seed, 0.5) for seed in range(6)])  # noise, no trend
+    weight = drifted(base, 6, 0.5)
     previous = tape_policy(history[-1], layout)
     with_history = tape_policy(weight, layout, previous=previous, history=history)
     assert with_history == tape_policy(weight, layout, previous=previous)
